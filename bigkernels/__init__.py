@@ -1,0 +1,15 @@
+"""bigkernels: fused kernels for the building blocks of large models.
+
+    import bigkernels
+    y = bigkernels.dense(x, weight, bias, activation="gelu")   # act(x @ weight.T + bias)
+    layer = bigkernels.nn.Linear(1024, 4096, activation="gelu")
+    model = bigkernels.optimize(model)                          # swap torch.nn layers for ours
+"""
+
+from . import _ext
+from .ops.dense import dense
+from . import nn, models  # noqa: E402  (after the ops they are built on)
+from ._optimize import optimize
+from ._info import backend_info, __version__
+
+__all__ = ["dense", "optimize", "backend_info", "nn", "models", "__version__"]

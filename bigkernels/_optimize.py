@@ -1,0 +1,48 @@
+from torch import nn
+
+from .nn import Linear
+
+# torch.nn activation module -> our activation name (None: not fusable)
+def _activation_name(module):
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid"
+    if isinstance(module, nn.Tanh):
+        return "tanh"
+    return None
+
+
+def _to_fused(linear, activation):
+    """Our Linear sharing linear's parameters (so optimizers keep working)."""
+    fused = Linear(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                   device="meta")
+    fused.weight = linear.weight
+    fused.bias = linear.bias
+    fused.train(linear.training)
+    return fused
+
+
+def optimize(model):
+    """Swaps torch.nn.Linear layers for bigkernels.nn.Linear, in place, keeping
+    their parameters; inside nn.Sequential a Linear followed by ReLU, GELU,
+    SiLU, Sigmoid or Tanh becomes one fused Linear (the activation module is
+    replaced by nn.Identity). Returns the model."""
+    if type(model) is nn.Linear:
+        return _to_fused(model, None)
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if type(child) is not nn.Linear:
+                continue
+            activation = None
+            if isinstance(parent, nn.Sequential) and i + 1 < len(children):
+                activation = _activation_name(children[i + 1][1])
+            setattr(parent, name, _to_fused(child, activation))
+            if activation is not None:
+                setattr(parent, children[i + 1][0], nn.Identity())
+    return model

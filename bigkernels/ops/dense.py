@@ -1,0 +1,151 @@
+"""Dense + bias + activation: argument checks, fake implementations, autograd,
+autocast, and the fallback to the reference when the extension is absent.
+
+The ops themselves (bigkernels::dense_forward, bigkernels::dense_backward)
+are defined in csrc/bigkernels.cpp.
+"""
+
+import torch
+
+from .. import _ext, reference
+
+ACTIVATIONS = reference.ACTIVATIONS
+GATED = reference.GATED
+# Activations whose derivative backward computes from the output, which the
+# caller keeps anyway, instead of from a saved pre-activation. Mirrors
+# derivative_from_output() in csrc/include/activations.h ("none" needs neither).
+_DERIVATIVE_FROM_OUTPUT = frozenset({"relu", "sigmoid", "tanh"})
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def normalize_activation(activation):
+    """None -> "none"; checks the name."""
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a string or None, got {type(activation).__name__}")
+    name = activation.lower()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+def out_features(weight_rows, activation):
+    """Width of the output for a weight with weight_rows rows."""
+    return weight_rows // 2 if activation in GATED else weight_rows
+
+
+def check_dense_args(input, weight, bias, activation):
+    """Raises TypeError/ValueError naming the bad argument."""
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match input dtype {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if input.dim() < 1:
+        raise ValueError("input must have at least 1 dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight has {weight.shape[1]} input features but input's last dimension is {input.shape[-1]}"
+        )
+    if activation in GATED and weight.shape[0] % 2:
+        raise ValueError(
+            f"activation {activation!r} needs an even number of weight rows (2 * out_features), "
+            f"got {weight.shape[0]}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _autocast(input, weight, bias):
+    """Casts to the autocast dtype when autocast is on for input's device:
+    the custom op has no autocast kernel of its own."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    return cast(input), cast(weight), cast(bias)
+
+
+def dense(input, weight, bias=None, activation="none", *, recompute=False):
+    """act(input @ weight.T + bias), with bias and activation fused into the GEMM.
+
+    input: (..., in_features); weight: (out_features, in_features), or
+    (2 * out_features, in_features) for the gated activations swiglu/geglu,
+    whose output is act(first half) * second half; bias: (weight rows,) or None.
+    activation: one of none, relu, gelu (exact), gelu_tanh, silu, sigmoid,
+    tanh, swiglu, geglu (or None). recompute=True keeps nothing but the
+    inputs for backward and recomputes the pre-activation there instead.
+    """
+    activation = normalize_activation(activation)
+    check_dense_args(input, weight, bias, activation)
+    input, weight, bias = _autocast(input, weight, bias)
+    if not _ext.LOADED:
+        return reference.dense(input, weight, bias, activation)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    save_preactivation = (
+        needs_grad and not recompute and activation != "none" and activation not in _DERIVATIVE_FROM_OUTPUT
+    )
+    output, _ = torch.ops.bigkernels.dense_forward(input, weight, bias, activation, save_preactivation)
+    return output
+
+
+def _register():
+    """Fake implementations and autograd for the compiled ops."""
+
+    @torch.library.register_fake("bigkernels::dense_forward")
+    def _dense_forward_fake(input, weight, bias, activation, save_preactivation):
+        check_dense_args(input, weight, bias, activation)
+        lead = tuple(input.shape[:-1])
+        output = input.new_empty(lead + (out_features(weight.shape[0], activation),))
+        preact = input.new_empty(lead + (weight.shape[0],) if save_preactivation else (0,))
+        return output, preact
+
+    @torch.library.register_fake("bigkernels::dense_backward")
+    def _dense_backward_fake(grad_output, input, weight, bias, saved, activation, saved_is_output, output_mask):
+        def grad_like(t, wanted):
+            return t.new_empty(t.shape) if wanted and t is not None else input.new_empty((0,))
+
+        return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_like(bias, output_mask[2])
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, activation, _ = inputs
+        out, preact = output
+        ctx.activation = activation
+        ctx.saved_is_output = activation in _DERIVATIVE_FROM_OUTPUT
+        # preact is empty when it was not kept: backward then recomputes it.
+        ctx.save_for_backward(input, weight, bias, out if ctx.saved_is_output else preact)
+
+    def backward(ctx, grad_output, _grad_preact):
+        input, weight, bias, saved = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+        grad_input, grad_weight, grad_bias = torch.ops.bigkernels.dense_backward(
+            grad_output, input, weight, bias, saved, ctx.activation, ctx.saved_is_output, mask
+        )
+        return (
+            grad_input if mask[0] else None,
+            grad_weight if mask[1] else None,
+            grad_bias if mask[2] and bias is not None else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd("bigkernels::dense_forward", backward, setup_context=setup_context)
+
+
+if _ext.LOADED:
+    _register()

@@ -1,0 +1,104 @@
+// CUDA implementations of the dense ops: tensors in, checks, raw-pointer
+// launches on the current stream (kernels in dense_forward.cu and
+// activation_backward.cu).
+#include <ATen/Context.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../include/dense_common.h"
+#include "launchers.h"
+
+namespace bigkernels {
+namespace {
+
+cuda::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "bigkernels.dense: unsupported dtype ", t);
+  }
+}
+
+// The tensor-core kernels use cp.async and bf16 WMMA: sm_80 or newer.
+void check_device_supported(const at::Tensor& input) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        input.device().index()));
+  TORCH_CHECK(major >= 8, "bigkernels.dense: CUDA kernels need compute capability 8.0 or "
+              "newer; this GPU has ", major, ".x");
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
+                                                      const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      c10::string_view activation,
+                                                      bool save_preactivation) {
+  const Activation act = parse_activation(activation);
+  const DenseShape s = check_dense_args(input, weight, bias, act);
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_device_supported(input);
+  TORCH_CHECK_VALUE(s.Nout <= 65535LL * 64, "bigkernels.dense: at most ", 65535LL * 64,
+                    " output features on CUDA, got ", s.Nout);
+
+  const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({s.M, s.Nout}, x.options());
+  at::Tensor preact = save_preactivation ? at::empty({s.M, s.Nz}, x.options())
+                                         : at::empty({0}, x.options());
+
+  cuda::DenseForwardParams p{};
+  p.x = x.const_data_ptr();
+  p.w = w.const_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.preact = save_preactivation ? preact.mutable_data_ptr() : nullptr;
+  p.M = s.M, p.K = s.K, p.Nz = s.Nz, p.Nout = s.Nout;
+  p.act = act;
+  p.dtype = to_kernel_dtype(x.scalar_type());
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  C10_CUDA_CHECK(cuda::launch_dense_forward(p, c10::cuda::getCurrentCUDAStream()));
+
+  if (save_preactivation) preact = preact.view(leading_shape_with(input, s.Nz));
+  return {out.view(leading_shape_with(input, s.Nout)), preact};
+}
+
+void activation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& saved, Activation act,
+                              bool saved_is_output, at::Tensor& grad_preact,
+                              at::Tensor* grad_bias) {
+  if (grad_bias) grad_bias->zero_();  // the kernel accumulates into it
+  cuda::ActivationBackwardParams p{};
+  p.grad_out = grad_out.const_data_ptr();
+  p.saved = saved.const_data_ptr();
+  p.grad_preact = grad_preact.mutable_data_ptr();
+  p.grad_bias = grad_bias ? grad_bias->mutable_data_ptr() : nullptr;
+  p.M = grad_out.size(0), p.Nout = grad_out.size(1), p.Nz = grad_preact.size(1);
+  p.act = act;
+  p.saved_is_output = saved_is_output;
+  p.dtype = to_kernel_dtype(grad_out.scalar_type());
+  C10_CUDA_CHECK(cuda::launch_activation_backward(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& saved, c10::string_view activation,
+    bool saved_is_output, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return dense_backward_common(grad_output, input, weight, bias, saved, activation,
+                               saved_is_output, output_mask, &activation_backward_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
+  m.impl("dense_forward", &dense_forward_cuda);
+  m.impl("dense_backward", &dense_backward_cuda);
+}
+
+}  // namespace bigkernels

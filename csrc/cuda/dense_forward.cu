@@ -1,0 +1,375 @@
+// CUDA dense + activation forward: a tiled GEMM whose epilogue adds the bias,
+// applies the activation and stores the output (and, when asked, the
+// pre-activation) straight from the accumulators: no second pass over the
+// output.
+//
+// fp16/bf16 (and fp32 with TF32 allowed) run on tensor cores through WMMA
+// (mma.sync underneath), with a two-stage cp.async pipeline. fp32 without
+// TF32 and fp64 run a plain FMA kernel.
+//
+// Gated activations (swiglu, geglu): the block computes matching columns of
+// both halves of the weight, so act(z1) * z2 is formed in the epilogue too.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "launchers.h"
+
+namespace bigkernels {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_acc(T v);
+template <>
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v);
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ float from_acc<float, float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double, double>(double v) { return v; }
+
+template <typename Acc>
+__device__ __forceinline__ Acc activate(Activation a, Acc z) {
+  return dispatch_activation(a, [&](auto tag) { return act_forward<decltype(tag)::value>(z); });
+}
+
+// ---- epilogue: one output element, straight from the accumulator ----
+
+template <typename T, typename Acc>
+__device__ __forceinline__ Acc add_bias(const DenseForwardParams& p, Acc z, int64_t col) {
+  return p.bias ? z + to_acc(static_cast<const T*>(p.bias)[col]) : z;
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_plain(const DenseForwardParams& p, int64_t row, int64_t col,
+                                            Acc z) {
+  z = add_bias<T>(p, z, col);
+  if (p.preact) static_cast<T*>(p.preact)[row * p.Nz + col] = from_acc<T>(z);
+  static_cast<T*>(p.out)[row * p.Nout + col] = from_acc<T>(activate(p.act, z));
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_gated(const DenseForwardParams& p, int64_t row, int64_t col,
+                                            Acc z1, Acc z2) {
+  z1 = add_bias<T>(p, z1, col);
+  z2 = add_bias<T>(p, z2, p.Nout + col);
+  if (p.preact) {
+    static_cast<T*>(p.preact)[row * p.Nz + col] = from_acc<T>(z1);
+    static_cast<T*>(p.preact)[row * p.Nz + p.Nout + col] = from_acc<T>(z2);
+  }
+  static_cast<T*>(p.out)[row * p.Nout + col] =
+      from_acc<T>(activate(inner_activation(p.act), z1) * z2);
+}
+
+// Which weight row feeds column c of a block's tile. Plain: the block's
+// columns in order. Gated: groups of `group` columns alternate between the
+// first half and the matching columns of the second half, so that one warp
+// holds both z1 and z2 of each output.
+struct ColumnMap {
+  bool gated;
+  int64_t first_col;  // first output column of this block
+  int group;          // gated only: columns per half-group
+
+  __device__ __forceinline__ int64_t output_col(int c) const {
+    return gated ? first_col + (c / (2 * group)) * group + c % group : first_col + c;
+  }
+  __device__ __forceinline__ bool second_half(int c) const { return gated && (c / group) % 2; }
+  // -1 when outside the weight.
+  __device__ __forceinline__ int64_t weight_row(int c, const DenseForwardParams& p) const {
+    const int64_t col = output_col(c);
+    if (col >= p.Nout) return -1;
+    return second_half(c) ? p.Nout + col : col;
+  }
+};
+
+// ---- tensor-core kernel (WMMA) ----
+
+template <typename T>
+struct TensorCoreTraits;  // element type in shared memory and WMMA fragment type
+
+template <>
+struct TensorCoreTraits<__half> {
+  using Frag = __half;
+  static constexpr int kBK = 32, kFragK = 16;
+};
+template <>
+struct TensorCoreTraits<__nv_bfloat16> {
+  using Frag = __nv_bfloat16;
+  static constexpr int kBK = 32, kFragK = 16;
+};
+template <>
+struct TensorCoreTraits<float> {  // TF32
+  using Frag = nvcuda::wmma::precision::tf32;
+  static constexpr int kBK = 16, kFragK = 8;
+};
+
+// 128x128 block tile, 8 warps as 2 (rows) x 4 (columns), each warp 64x32
+// (4x2 fragments of 16x16). A k-slice of a tile row is 64 bytes whatever T.
+template <typename T>
+struct TileConfig {
+  static constexpr int kBM = 128, kBN = 128;
+  static constexpr int kBK = TensorCoreTraits<T>::kBK;
+  static constexpr int kFragK = TensorCoreTraits<T>::kFragK;
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
+  static constexpr int kLds = kBK + kVec;      // row pitch, padded against bank conflicts
+  static constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 x 32
+  static constexpr int kFM = kWM / 16, kFN = kWN / 16;            // 4 x 2
+  static constexpr int kStageElems = (kBM + kBN) * kLds;
+  static constexpr int kEpiLd = kWN + 4;  // per-warp fp32 staging row pitch
+  static constexpr int kSmemBytes = 2 * kStageElems * sizeof(T);
+  static_assert(kWarpsM * kWarpsN * 16 * kEpiLd * 4 <= kSmemBytes, "epilogue staging fits");
+};
+
+// Copies 16 bytes of row `src` (null: outside the matrix) starting at k into
+// shared memory, zero-filling past K. The fast path needs K % kVec == 0 and
+// 16-byte aligned rows, which the host checks (vec_ok).
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* src, int64_t k, int64_t K, bool vec_ok) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (src != nullptr && vec_ok && k < K) {
+    __pipeline_memcpy_async(dst, src + k, 16);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      dst[e] = (src != nullptr && k + e < K) ? src[k + e] : from_acc<T, float>(0.0f);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TileConfig<T>::kThreads)
+    dense_forward_tensor_core(DenseForwardParams p, bool vec_ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using Cfg = TileConfig<T>;
+  using Frag = typename TensorCoreTraits<T>::Frag;
+  __shared__ __align__(128) unsigned char smem_raw[Cfg::kSmemBytes];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::kBM;
+  const bool gated = is_gated(p.act);
+  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? Cfg::kBN / 2 : Cfg::kBN),
+                       16};
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+
+  // Each thread copies the same tile rows every k-step: resolve them once.
+  constexpr int kChunksPerRow = Cfg::kBK / Cfg::kVec;  // 4
+  constexpr int kRowsPerPass = Cfg::kThreads / kChunksPerRow;  // 64
+  constexpr int kPasses = Cfg::kBM / kRowsPerPass;  // 2 (kBM == kBN)
+  const int chunk_k = (tid % kChunksPerRow) * Cfg::kVec;
+  const T* a_src[kPasses];
+  const T* b_src[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int r = tid / kChunksPerRow + i * kRowsPerPass;
+    a_src[i] = m0 + r < p.M ? x + (m0 + r) * p.K : nullptr;
+    const int64_t wr = cols.weight_row(r, p);
+    b_src[i] = wr >= 0 ? w + wr * p.K : nullptr;
+  }
+  auto load_stage = [&](int stage, int64_t k0) {
+    T* as = smem + stage * Cfg::kStageElems;
+    T* bs = as + Cfg::kBM * Cfg::kLds;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = tid / kChunksPerRow + i * kRowsPerPass;
+      load_chunk(as + r * Cfg::kLds + chunk_k, a_src[i], k0 + chunk_k, p.K, vec_ok);
+      load_chunk(bs + r * Cfg::kLds + chunk_k, b_src[i], k0 + chunk_k, p.K, vec_ok);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, Cfg::kFragK, float> acc[Cfg::kFM][Cfg::kFN];
+#pragma unroll
+  for (int i = 0; i < Cfg::kFM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kFN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  const int64_t k_tiles = (p.K + Cfg::kBK - 1) / Cfg::kBK;
+  load_stage(0, 0);
+  __pipeline_commit();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    if (kt + 1 < k_tiles) load_stage((kt + 1) % 2, (kt + 1) * Cfg::kBK);
+    __pipeline_commit();      // possibly empty: keeps the group count regular
+    __pipeline_wait_prior(1);  // stage kt has landed
+    __syncthreads();
+    const T* as = smem + (kt % 2) * Cfg::kStageElems;
+    const T* bs = as + Cfg::kBM * Cfg::kLds;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kBK; kk += Cfg::kFragK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, Cfg::kFragK, Frag, wmma::row_major> a[Cfg::kFM];
+      wmma::fragment<wmma::matrix_b, 16, 16, Cfg::kFragK, Frag, wmma::col_major> b[Cfg::kFN];
+#pragma unroll
+      for (int i = 0; i < Cfg::kFM; ++i) {
+        wmma::load_matrix_sync(a[i], as + (warp_m * Cfg::kWM + i * 16) * Cfg::kLds + kk, Cfg::kLds);
+        if constexpr (std::is_same_v<T, float>) {
+          for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < Cfg::kFN; ++j) {
+        // The weight tile is stored [n][k]: that is B (k x n) column-major.
+        wmma::load_matrix_sync(b[j], bs + (warp_n * Cfg::kWN + j * 16) * Cfg::kLds + kk, Cfg::kLds);
+        if constexpr (std::is_same_v<T, float>) {
+          for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < Cfg::kFM; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::kFN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();  // the next iteration's copy reuses this stage
+  }
+
+  __syncthreads();  // with K == 0 the loop never ran: no warp may still be zero-filling
+
+  // Epilogue: each warp stages one 16 x 32 strip of fp32 accumulators in
+  // shared memory (reusing the tiles), then its lanes finish the strip.
+  float* strip = reinterpret_cast<float*>(smem_raw) + warp * 16 * Cfg::kEpiLd;
+  for (int i = 0; i < Cfg::kFM; ++i) {
+#pragma unroll
+    for (int j = 0; j < Cfg::kFN; ++j) {
+      wmma::store_matrix_sync(strip + j * 16, acc[i][j], Cfg::kEpiLd, wmma::mem_row_major);
+    }
+    __syncwarp();
+    const int64_t row0 = m0 + warp_m * Cfg::kWM + i * 16;
+    const int c0 = warp_n * Cfg::kWN;  // first tile column of this warp
+    if (gated) {
+      // strip columns 0..15 are z1, 16..31 the matching z2
+      for (int e = lane; e < 16 * 16; e += 32) {
+        const int r = e / 16, c = e % 16;
+        const int64_t row = row0 + r, col = cols.output_col(c0 + c);
+        if (row < p.M && col < p.Nout) {
+          store_gated<T, float>(p, row, col, strip[r * Cfg::kEpiLd + c], strip[r * Cfg::kEpiLd + 16 + c]);
+        }
+      }
+    } else {
+      for (int e = lane; e < 16 * Cfg::kWN; e += 32) {
+        const int r = e / Cfg::kWN, c = e % Cfg::kWN;
+        const int64_t row = row0 + r, col = cols.output_col(c0 + c);
+        if (row < p.M && col < p.Nout) store_plain<T, float>(p, row, col, strip[r * Cfg::kEpiLd + c]);
+      }
+    }
+    __syncwarp();
+  }
+#endif
+}
+
+// ---- FMA kernel for exact fp32 and fp64 ----
+
+// 64x64 block tile, 256 threads each computing 4x4, k-steps of 16.
+template <typename T>
+__global__ void __launch_bounds__(256) dense_forward_fma(DenseForwardParams p) {
+  constexpr int kB = 64, kBK = 16, kPad = 1;
+  __shared__ T as[kBK][kB + kPad];  // transposed: as[k][row]
+  __shared__ T bs[kBK][kB + kPad];  // bs[k][tile column]
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kB;
+  const bool gated = is_gated(p.act);
+  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? kB / 2 : kB), kB / 2};
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+
+  T acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < p.K; k0 += kBK) {
+    for (int e = tid; e < kB * kBK; e += 256) {
+      const int r = e / kBK, k = e % kBK;  // consecutive threads read along k
+      const int64_t gk = k0 + k;
+      as[k][r] = (m0 + r < p.M && gk < p.K) ? x[(m0 + r) * p.K + gk] : T(0);
+      const int64_t wr = cols.weight_row(r, p);
+      bs[k][r] = (wr >= 0 && gk < p.K) ? w[wr * p.K + gk] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kBK; ++k) {
+      T a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = as[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  // Thread (ty, tx) holds rows ty + 16i and tile columns tx + 16j. With the
+  // gated map (groups of 32) columns j = 0, 1 are z1 and j = 2, 3 their z2.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty + 16 * i;
+    if (row >= p.M) continue;
+    if (gated) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int64_t col = cols.output_col(tx + 16 * j);
+        if (col < p.Nout) store_gated<T, T>(p, row, col, acc[i][j], acc[i][j + 2]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = cols.output_col(tx + 16 * j);
+        if (col < p.Nout) store_plain<T, T>(p, row, col, acc[i][j]);
+      }
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T>
+cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream) {
+  using Cfg = TileConfig<T>;
+  const int64_t block_cols = is_gated(p.act) ? Cfg::kBN / 2 : Cfg::kBN;
+  const dim3 grid((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
+  const bool vec_ok = p.K % Cfg::kVec == 0 && aligned16(p.x) && aligned16(p.w);
+  dense_forward_tensor_core<T><<<grid, Cfg::kThreads, 0, stream>>>(p, vec_ok);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fma(const DenseForwardParams& p, cudaStream_t stream) {
+  const int64_t block_cols = is_gated(p.act) ? 32 : 64;
+  const dim3 grid((p.M + 63) / 64, (p.Nout + block_cols - 1) / block_cols);
+  dense_forward_fma<T><<<grid, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.Nout == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_tensor_core<__half>(p, stream);
+    case DType::kBFloat16: return launch_tensor_core<__nv_bfloat16>(p, stream);
+    case DType::kFloat32:
+      return p.allow_tf32 ? launch_tensor_core<float>(p, stream) : launch_fma<float>(p, stream);
+    case DType::kFloat64: return launch_fma<double>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace bigkernels

@@ -1,0 +1,124 @@
+#include "include/dense_common.h"
+
+#include <c10/util/accumulate.h>
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+namespace bigkernels {
+
+Activation parse_activation(c10::string_view name) {
+  static const std::pair<const char*, Activation> kNames[] = {
+      {"none", Activation::kNone},       {"relu", Activation::kReLU},
+      {"gelu", Activation::kGELU},       {"gelu_tanh", Activation::kGELUTanh},
+      {"silu", Activation::kSiLU},       {"sigmoid", Activation::kSigmoid},
+      {"tanh", Activation::kTanh},       {"swiglu", Activation::kSwiGLU},
+      {"geglu", Activation::kGEGLU},
+  };
+  for (const auto& [n, a] : kNames) {
+    if (name == n) return a;
+  }
+  TORCH_CHECK_VALUE(false, "bigkernels.dense: unknown activation '", std::string(name),
+                    "'; expected one of none, relu, gelu, gelu_tanh, silu, sigmoid, tanh, "
+                    "swiglu, geglu");
+}
+
+DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, Activation act) {
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
+                   "bigkernels.dense: input must be a floating-point tensor, got ",
+                   input.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(),
+                   "bigkernels.dense: weight dtype ", weight.scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == input.device(), "bigkernels.dense: weight is on ",
+                    weight.device(), " but input is on ", input.device());
+  TORCH_CHECK_VALUE(input.dim() >= 1, "bigkernels.dense: input must have at least 1 "
+                    "dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "bigkernels.dense: weight must be 2-d "
+                    "[out_features, in_features], got shape ", weight.sizes());
+  const int64_t K = input.size(-1);
+  TORCH_CHECK_VALUE(weight.size(1) == K, "bigkernels.dense: weight has ", weight.size(1),
+                    " input features but input's last dimension is ", K);
+  const int64_t Nz = weight.size(0);
+  TORCH_CHECK_VALUE(!is_gated(act) || Nz % 2 == 0, "bigkernels.dense: a gated "
+                    "activation needs an even number of weight rows, got ", Nz);
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "bigkernels.dense: bias "
+                     "dtype ", bias->scalar_type(), " does not match input dtype ",
+                     input.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == input.device(), "bigkernels.dense: bias is on ",
+                      bias->device(), " but input is on ", input.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Nz, "bigkernels.dense: bias "
+                      "must have shape [", Nz, "], got ", bias->sizes());
+  }
+  const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+  return {M, K, Nz, is_gated(act) ? Nz / 2 : Nz};
+}
+
+std::vector<int64_t> leading_shape_with(const at::Tensor& input, int64_t last) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& saved,
+    c10::string_view activation, bool saved_is_output, std::array<bool, 3> output_mask,
+    ActivationBackwardFn activation_backward) {
+  const Activation act = parse_activation(activation);
+  const DenseShape s = check_dense_args(input, weight, bias, act);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(leading_shape_with(input, s.Nout)),
+                    "bigkernels.dense_backward: grad_output has shape ", grad_output.sizes(),
+                    " but the output has shape ", at::IntArrayRef(leading_shape_with(input, s.Nout)));
+  TORCH_CHECK_VALUE(!saved_is_output || derivative_from_output(act), "bigkernels.dense_backward: "
+                    "activation '", std::string(activation), "' needs the pre-activation, not the output");
+
+  const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor g = grad_output.reshape({s.M, s.Nout}).contiguous().to(input.scalar_type());
+
+  at::Tensor grad_preact;
+  at::Tensor grad_bias_acc;  // summed in float32 (float64 for double inputs)
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool need_bias = output_mask[2] && bias.has_value();
+  if (act == Activation::kNone) {
+    grad_preact = g;  // the identity: nothing to fuse
+  } else {
+    at::Tensor z;  // what the activation derivative is computed from
+    if (saved.numel() > 0 || s.M == 0) {
+      const int64_t expected = saved_is_output ? s.Nout : s.Nz;
+      TORCH_CHECK_VALUE(saved.numel() == s.M * expected, "bigkernels.dense_backward: saved "
+                        "has ", saved.numel(), " elements, expected ", s.M * expected);
+      z = saved.reshape({s.M, expected}).contiguous();
+    } else {
+      // recompute: the caller chose not to keep the pre-activation
+      TORCH_CHECK_VALUE(!saved_is_output, "bigkernels.dense_backward: saved output is empty");
+      z = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+    }
+    grad_preact = at::empty({s.M, s.Nz}, x.options());
+    if (need_bias) grad_bias_acc = at::empty({s.Nz}, x.options().dtype(acc_dtype));
+    activation_backward(g, z, act, saved_is_output, grad_preact,
+                        need_bias ? &grad_bias_acc : nullptr);
+  }
+
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) {
+    grad_input = at::mm(grad_preact, w).reshape(input.sizes());
+  } else {
+    grad_input = at::empty({0}, x.options());
+  }
+  grad_weight = output_mask[1] ? at::mm(grad_preact.t(), x) : at::empty({0}, x.options());
+  if (need_bias) {
+    if (act == Activation::kNone) grad_bias_acc = g.sum(at::IntArrayRef{0}, false, acc_dtype);
+    grad_bias = grad_bias_acc.to(x.scalar_type());
+  } else {
+    grad_bias = at::empty({0}, x.options());
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace bigkernels

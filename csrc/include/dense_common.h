@@ -1,0 +1,51 @@
+// Host-side pieces of the dense op shared by the CPU and CUDA
+// implementations: activation names, argument checks, output shapes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "activations.h"
+
+namespace bigkernels {
+
+Activation parse_activation(c10::string_view name);
+
+// Sizes of one dense call: input is viewed as [M, K], weight is [Nz, K] and
+// the output is [M, Nout] (Nout = Nz / 2 for the gated activations).
+struct DenseShape {
+  int64_t M, K, Nz, Nout;
+};
+
+// Checks every argument of dense (dtype, device, shapes) and returns the
+// sizes. The error messages name the argument and show the bad value.
+DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, Activation act);
+
+// input.shape[:-1] + [last]
+std::vector<int64_t> leading_shape_with(const at::Tensor& input, int64_t last);
+
+// The backward that is the same on every device: recompute or take the saved
+// pre-activation, turn grad_output into grad of the pre-activation with the
+// device's fused kernel (activation gradient and bias reduction in one pass),
+// then two GEMMs for the input and weight gradients.
+using ActivationBackwardFn = void (*)(const at::Tensor& grad_out,  // [M, Nout]
+                                      const at::Tensor& saved,     // [M, Nz]
+                                      Activation act, bool saved_is_output,
+                                      at::Tensor& grad_preact,  // [M, Nz], written
+                                      at::Tensor* grad_bias);   // [Nz] or null
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& saved,
+    c10::string_view activation, bool saved_is_output, std::array<bool, 3> output_mask,
+    ActivationBackwardFn activation_backward);
+
+}  // namespace bigkernels
