@@ -3,9 +3,9 @@
 // GEMM, while it is still in cache. Rows are split over threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -186,10 +186,12 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
         const int64_t r1 = std::min(end, r0 + block_rows);
         at::Tensor zb = z.narrow(0, r0, r1 - r0);
         const at::Tensor xb = x.narrow(0, r0, r1 - r0);
+        // The CPU kernels directly: worker threads do not inherit the
+        // caller's "below autograd" dispatch state.
         if (bias.has_value()) {
-          at::addmm_out(zb, *bias, xb, wt);
+          at::cpu::addmm_out(zb, *bias, xb, wt);
         } else {
-          at::mm_out(zb, xb, wt);
+          at::cpu::mm_out(zb, xb, wt);
         }
         if (has_epilogue) {
           forward_rows<scalar_t>(act, z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),

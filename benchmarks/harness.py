@@ -1,0 +1,257 @@
+"""Family-independent benchmark machinery: timing, records, table, JSON/Markdown/PNG.
+
+A family module (benchmarks/dense.py, ...) only describes *what* to run: a
+list of Case objects, each of which builds its Variants when it is run (so the
+inputs of one case are freed before the next one allocates its own).
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SUBJECT = "bigkernels"  # the variant every other variant is compared against
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Variant:
+    fn: Callable[[], torch.Tensor]  # runs the forward, returns the output
+    wrt: tuple = ()  # tensors the backward differentiates with respect to
+    backward: bool = True  # False: fwd+bwd is recorded as "n/a"
+    note: str = ""
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    params: dict
+    flops: float  # forward FLOPs; fwd+bwd counts 3x (two more GEMMs of the same size)
+    make: Callable[[], dict]  # -> {variant name: Variant}, built only when the case runs
+
+
+# ---------------------------------------------------------------- timing
+
+def _timer(device):
+    """Returns time_once(fn) -> ms. CUDA events time the GPU work, not the
+    launch; the CPU path times the call itself."""
+    if device == "cuda":
+        def time_once(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def time_once(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return time_once
+
+
+def _step(variant, pass_, device):
+    """The callable that is timed for one pass."""
+    if pass_ == "fwd":
+        def fwd():
+            with torch.no_grad():  # inference: nothing saved for backward
+                variant.fn()
+        return fwd
+    with torch.no_grad():
+        shape_of = variant.fn()
+    # A fixed random upstream gradient (the same seed for every variant), so
+    # no activation sees an all-ones gradient it could special-case.
+    gen = torch.Generator(device=device).manual_seed(0)
+    grad = torch.randn(shape_of.shape, generator=gen, device=device).to(shape_of.dtype)
+    del shape_of
+
+    def fwd_bwd():
+        # autograd.grad instead of .backward(): nothing accumulates into .grad.
+        torch.autograd.grad(variant.fn(), variant.wrt, grad)
+    return fwd_bwd
+
+
+def measure(variant, pass_, device, warmup, repeats, budget_s):
+    """-> (status, median ms, samples, peak MiB or None, message). Never raises,
+    never asserts: a failing variant becomes an "error" record."""
+    if pass_ == "fwd+bwd" and not variant.backward:
+        return "n/a", None, 0, None, variant.note or "no backward"
+    try:
+        step = _step(variant, pass_, device)
+        for _ in range(warmup):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        time_once, times, t_end = _timer(device), [], time.perf_counter() + budget_s
+        # Stop early once the time budget is spent (keeps slow CPU cases bounded),
+        # but always take at least 3 samples for a meaningful median.
+        while len(times) < repeats and (len(times) < 3 or time.perf_counter() < t_end):
+            times.append(time_once(step))
+        # Peak memory on top of what was already live (inputs, weights).
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+        return "ok", statistics.median(times), len(times), peak, ""
+    except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return "error", None, 0, None, msg[:200]
+
+
+# ---------------------------------------------------------------- running
+
+def run_case(case, device, warmup, repeats, budget_s, log):
+    """Measures every variant x pass of one case; returns its records."""
+    records = []
+    try:
+        variants = case.make()
+    except Exception as e:  # noqa: BLE001 -- e.g. out of memory for the inputs
+        log(f"  setup failed: {type(e).__name__}: {e}")
+        return records
+    for pass_ in PASSES:
+        for vname, variant in variants.items():
+            status, ms, n, peak, msg = measure(variant, pass_, device, warmup, repeats, budget_s)
+            flops = case.flops * (3 if pass_ == "fwd+bwd" else 1)
+            records.append(dict(
+                family=case.family, case=case.name, params=case.params, variant=vname, pass_=pass_,
+                status=status, median_ms=ms, samples=n,
+                tflops=flops / (ms * 1e-3) / 1e12 if ms else None,
+                peak_mem_mib=peak, note=msg or variant.note,
+            ))
+            shown = f"{ms:10.3f} ms" if ms is not None else f"{status:>13}"
+            log(f"  {pass_:7} {vname:17} {shown}  {msg}".rstrip())
+    del variants
+    # speed-up of the subject over each baseline: baseline_ms / subject_ms
+    for pass_ in PASSES:
+        same = [r for r in records if r["pass_"] == pass_]
+        subj = next((r["median_ms"] for r in same if r["variant"] == SUBJECT), None)
+        for r in same:
+            r["speedup"] = r["median_ms"] / subj if subj and r["median_ms"] else None
+    return records
+
+
+def machine_info(device):
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import bigkernels
+    info = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        device=device,
+        device_name=torch.cuda.get_device_name() if device == "cuda" else cpu,
+        cpu_model=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        bigkernels=bigkernels.backend_info(), argv=sys.argv,
+    )
+    return info
+
+
+# ---------------------------------------------------------------- reporting
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table_rows(records):
+    """One row per case x pass: each variant's median ms, the subject's
+    TFLOP/s, its speed-up vs eager and vs matmul."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    header = ["case", "pass"] + [f"{v} ms" for v in variants] + [f"{SUBJECT} TFLOP/s", "x eager", "x matmul"]
+    rows = []
+    for key in dict.fromkeys((r["case"], r["pass_"]) for r in records):
+        got = {r["variant"]: r for r in records if (r["case"], r["pass_"]) == key}
+        cell = lambda v: (_fmt(got[v]["median_ms"], ".3f") if got[v]["status"] == "ok"  # noqa: E731
+                          else got[v]["status"]) if v in got else "-"
+        subj = got.get(SUBJECT, {})
+        speed = lambda v: _fmt(got[v].get("speedup"), ".2f") if v in got else "-"  # noqa: E731
+        rows.append(list(key) + [cell(v) for v in variants]
+                    + [_fmt(subj.get("tflops"), ".3f"), speed("eager"), speed("matmul")])
+    return header, rows
+
+
+def format_table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(  # noqa: E731 -- text left, numbers right
+        str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown(info, header, rows, records):
+    out = [
+        "# bigkernels benchmark", "",
+        f"{info['date']} on {info['device']} ({info['device_name']}), torch {info['torch']}, "
+        f"bigkernels {info['bigkernels'].get('version')}.", "",
+        "Median ms; TFLOP/s counts 2·M·K·N_rows per forward GEMM, 3x that for fwd+bwd; "
+        f"x eager / x matmul = baseline ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    notes = sorted({f"{r['variant']} {r['pass_']}: {r['note']}" for r in records
+                    if r["status"] != "ok" and r["note"]})
+    if notes:
+        out += ["", "Not measured:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def _write(path, text):
+    """Write-then-rename, so an interrupted run never leaves a half file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot(records, path):
+    """Bar plot of the subject's speed-ups; skipped silently without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in records if r["variant"] != SUBJECT and r.get("speedup")]
+    baselines = list(dict.fromkeys(r["variant"] for r in ok))
+    keys = list(dict.fromkeys((r["case"], r["pass_"]) for r in ok))
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) * len(baselines)), 5))
+    width = 0.8 / len(baselines)
+    for i, b in enumerate(baselines):
+        vals = {(r["case"], r["pass_"]): r["speedup"] for r in ok if r["variant"] == b}
+        ax.bar([k + i * width for k in range(len(keys))], [vals.get(k, 0) for k in keys], width, label=b)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
+    ax.set_xticklabels([f"{c}\n{p}" for c, p in keys], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"speed-up of {SUBJECT} (baseline ms / {SUBJECT} ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out_dir, info, records):
+    """results.json, report.md and (maybe) speedup.png; returns the printed table."""
+    os.makedirs(out_dir, exist_ok=True)
+    header, rows = table_rows(records)
+    # "pass_" avoids the keyword in Python; the files say "pass".
+    clean = [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in records]
+    _write(os.path.join(out_dir, "results.json"),
+           json.dumps(dict(machine=info, records=clean), indent=1) + "\n")
+    _write(os.path.join(out_dir, "report.md"), markdown(info, header, rows, records))
+    plot(records, os.path.join(out_dir, "speedup.png"))
+    return format_table(header, rows)

@@ -1,0 +1,282 @@
+"""bigkernels.dense against a float64 PyTorch reference: forward and every
+gradient, every activation, on CPU and (when present) CUDA."""
+
+import math
+
+import pytest
+import torch
+
+import bigkernels
+from bigkernels import reference
+from bigkernels.ops.dense import ACTIVATIONS, GATED
+from conftest import FLOOR, assert_close, device_params
+
+ALL_DTYPES = device_params(
+    cpu_dtypes=[torch.float32, torch.bfloat16, torch.float16, torch.float64],
+    cuda_dtypes=[torch.float16, torch.bfloat16, torch.float32],
+)
+# (leading dims, in_features, out_features): odd sizes, 1, and 1000+ rows
+SHAPES = [((1,), 1, 1), ((7,), 33, 127), ((33,), 127, 7), ((1031,), 65, 96), ((2, 3, 5), 17, 9)]
+
+
+def transposed_copy(t):
+    """The same values in a non-contiguous layout."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() >= 2 else t[::1]
+
+
+def run_dense(fn, tensors, grad, device, dtype, noncontiguous=False):
+    """Calls fn(x, w, b) on copies of the float64 tensors in dtype, runs backward
+    with grad, and returns the output and the gradients."""
+    leaves = []
+    for t in tensors:
+        if t is None:
+            leaves.append(None)
+            continue
+        t = t.to(device, dtype)
+        if noncontiguous:
+            t = transposed_copy(t)
+        leaves.append(t.detach().requires_grad_())
+    out = fn(*leaves)
+    out.backward(grad.to(device, dtype))
+    return [out.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def check_against_reference(device, dtype, activation, lead, K, N, bias=True, noncontiguous=False,
+                            recompute=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * N if activation in GATED else N
+    x = torch.randn(*lead, K, generator=gen, dtype=torch.float64)
+    w = torch.randn(rows, K, generator=gen, dtype=torch.float64) / math.sqrt(max(K, 1))
+    b = torch.randn(rows, generator=gen, dtype=torch.float64) if bias else None
+    grad = torch.randn(*lead, N, generator=gen, dtype=torch.float64)
+
+    def ours(x, w, b):
+        return bigkernels.dense(x, w, b, activation, recompute=recompute)
+
+    def torch_ref(x, w, b):
+        return reference.dense(x, w, b, activation)
+
+    got = run_dense(ours, (x, w, b), grad, device, dtype, noncontiguous)
+    same_dtype = run_dense(torch_ref, (x, w, b), grad, device, dtype)
+    exact = run_dense(torch_ref, (x, w, b), grad, "cpu", torch.float64)
+    for name, a, t, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, same_dtype, exact):
+        if r is None:
+            assert a is None, f"{name}: expected no gradient"
+            continue
+        assert a.device.type == device
+        assert_close(name, a.cpu(), t.cpu(), r)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lead,K,N", SHAPES, ids=lambda v: str(v).replace(" ", ""))
+def test_matches_reference(device, dtype, activation, bias, lead, K, N):
+    check_against_reference(device, dtype, activation, lead, K, N, bias=bias)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_noncontiguous_inputs(device, dtype, activation):
+    check_against_reference(device, dtype, activation, (37,), 29, 23, noncontiguous=True)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "geglu"])
+def test_recompute_matches_reference(device, dtype, activation):
+    check_against_reference(device, dtype, activation, (45,), 31, 19, recompute=True)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
+def test_zero_size_batch(device, dtype, lead):
+    w = torch.randn(6, 5, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, 5, device=device, dtype=dtype, requires_grad=True)
+    out = bigkernels.dense(x, w, b, "swiglu")
+    assert out.shape == (*lead, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "sigmoid"])
+def test_zero_in_features(device, dtype, activation):
+    # act(bias) on every row; only the bias gets a nonzero gradient
+    check_against_reference(device, dtype, activation, (4,), 0, 6)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+def test_one_dimensional_input(device, dtype):
+    check_against_reference(device, dtype, "silu", (), 13, 11)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_gradcheck_cpu_float64(activation, bias, recompute):
+    gen = torch.Generator().manual_seed(1)
+    rows = 8 if activation in GATED else 4
+    x = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rows, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(rows, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+
+    def fn(x, w, b=None):
+        return bigkernels.dense(x, w, b, activation, recompute=recompute)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def sample_forward_args(activation, save_preactivation, requires_grad):
+    gen = torch.Generator().manual_seed(2)
+    rows = 10 if activation in GATED else 5
+    x = torch.randn(3, 4, 7, generator=gen, requires_grad=requires_grad)
+    w = torch.randn(rows, 7, generator=gen, requires_grad=requires_grad)
+    b = torch.randn(rows, generator=gen, requires_grad=requires_grad)
+    return (x, w, b, activation, save_preactivation)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("save_preactivation", [False, True])
+def test_opcheck_dense_forward(activation, save_preactivation):
+    args = sample_forward_args(activation, save_preactivation, requires_grad=True)
+    torch.library.opcheck(torch.ops.bigkernels.dense_forward.default, args)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_dense_backward(activation):
+    x, w, b, _, _ = sample_forward_args(activation, True, requires_grad=False)
+    out, preact = torch.ops.bigkernels.dense_forward(x, w, b, activation, True)
+    from_output = activation in ("relu", "sigmoid", "tanh")
+    saved = out if from_output else preact
+    grad = torch.randn_like(out)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        args = (grad, x, w, b, saved, activation, from_output, mask)
+        torch.library.opcheck(torch.ops.bigkernels.dense_backward.default, args)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_compile_fullgraph_no_graph_breaks(activation):
+    torch._dynamo.reset()  # one code object per activation: don't hit the recompile limit
+    x, w, b, _, _ = sample_forward_args(activation, False, requires_grad=True)
+
+    def loss(x, w, b):
+        return bigkernels.dense(x, w, b, activation).square().sum()
+
+    def value_and_grads(fn):
+        for t in (x, w, b):
+            t.grad = None
+        value = fn(x, w, b)
+        value.backward()  # through the compiled backward graph when fn is compiled
+        return [value.detach()] + [t.grad for t in (x, w, b)]
+
+    expected = value_and_grads(loss)
+    got = value_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_compile_inductor():
+    torch._dynamo.reset()
+    layer = bigkernels.nn.Linear(16, 8, activation="gelu")
+    x = torch.randn(4, 16)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((torch.ones(2, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32)), {}, TypeError, "input"),
+        ((torch.ones(2, 3), torch.ones(4, 3, dtype=torch.float64)), {}, TypeError, "weight dtype"),
+        ((torch.ones(2, 3), torch.ones(4, 3), torch.ones(4, dtype=torch.float64)), {}, TypeError, "bias dtype"),
+        ((torch.ones(2, 3), torch.ones(4, 3, device="meta")), {}, ValueError, "weight is on meta"),
+        ((torch.ones(2, 3), torch.ones(4, 5)), {}, ValueError, "input's last dimension"),
+        ((torch.ones(2, 3), torch.ones(3)), {}, ValueError, "weight must be 2-d"),
+        ((torch.ones(2, 3), torch.ones(4, 3), torch.ones(5)), {}, ValueError, "bias must have shape"),
+        ((torch.ones(2, 3), torch.ones(4, 3), torch.ones(4, 1)), {}, ValueError, "bias must have shape"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "gleu"}, ValueError, "unknown activation 'gleu'"),
+        ((torch.ones(2, 3), torch.ones(5, 3)), {"activation": "swiglu"}, ValueError, "even number of weight rows"),
+        ((torch.tensor(1.0), torch.ones(4, 1)), {}, ValueError, "at least 1 dimension"),
+        (("x", torch.ones(4, 3)), {}, TypeError, "input must be a torch.Tensor"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": 3}, TypeError, "activation must be a string"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input_raises_naming_the_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bigkernels.dense(*args, **kwargs)
+
+
+@pytest.mark.parametrize("activation", ["gleu", "swiglu"])
+def test_op_called_directly_checks_too(activation):
+    # the C++ op guards itself: a clear error, never a crash or wrong memory access
+    with pytest.raises((ValueError, RuntimeError), match="activation|even number"):
+        torch.ops.bigkernels.dense_forward(torch.ones(2, 3), torch.ones(5, 3), None, activation, False)
+
+
+def test_autocast_cpu_bfloat16():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 24, generator=gen)
+    w = torch.randn(16, 24, generator=gen) / 5
+    b = torch.randn(16, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bigkernels.dense(x, w, b, "gelu")
+        expected = reference.dense(x, w, b, "gelu")
+    assert out.dtype == torch.bfloat16 == expected.dtype
+    assert_close("output", out, expected, reference.dense(x.double(), w.double(), b.double(), "gelu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_autocast_cuda():
+    x = torch.randn(33, 64, device="cuda")
+    w = torch.randn(48, 64, device="cuda") / 8
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            out = bigkernels.dense(x, w, None, "silu")
+            expected = reference.dense(x, w, None, "silu")
+        assert out.dtype == dtype
+        assert_close("output", out.cpu(), expected.cpu(), reference.dense(x.double(), w.double(), None, "silu").cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cuda_float32_with_tf32(activation, monkeypatch):
+    # TF32 follows torch.backends.cuda.matmul.allow_tf32; compare with cuBLAS in TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    gen = torch.Generator().manual_seed(4)
+    rows = 2 * 160 if activation in GATED else 160
+    x = torch.randn(300, 257, generator=gen)
+    w = torch.randn(rows, 257, generator=gen) / 16
+    out = bigkernels.dense(x.cuda(), w.cuda(), None, activation)
+    theirs = reference.dense(x.cuda(), w.cuda(), None, activation)
+    assert_close("output", out.cpu(), theirs.cpu(), reference.dense(x.double(), w.double(), None, activation))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cuda_large_tiles(dtype, activation):
+    # several 128x128 tiles in both directions, K not a multiple of the k-step
+    check_against_reference("cuda", dtype, activation, (515,), 1000, 390)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_misaligned_rows_take_the_scalar_path():
+    # K % 8 != 0 and an offset storage: the 16-byte copies must not be used
+    base = torch.randn(1 + 70 * 131, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(70, 131)
+    w = torch.randn(50, 131, device="cuda", dtype=torch.bfloat16)
+    out = bigkernels.dense(x, w, None, "relu")
+    ref = reference.dense(x.double().cpu(), w.double().cpu(), None, "relu")
+    assert_close("output", out.cpu(), reference.dense(x, w, None, "relu").cpu(), ref)
+
+
+def test_floor_table_covers_every_dtype():
+    assert set(FLOOR) >= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
