@@ -154,7 +154,7 @@ def machine_info(device):
         device_name=torch.cuda.get_device_name() if device == "cuda" else cpu,
         cpu_model=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-        bigkernels=bigkernels.backend_info(), argv=sys.argv,
+        bigkernels=bigkernels.backend_info(), command=" ".join(["python -m benchmarks"] + sys.argv[1:]),
     )
     return info
 
@@ -253,5 +253,8 @@ def write_outputs(out_dir, info, records):
     _write(os.path.join(out_dir, "results.json"),
            json.dumps(dict(machine=info, records=clean), indent=1) + "\n")
     _write(os.path.join(out_dir, "report.md"), markdown(info, header, rows, records))
-    plot(records, os.path.join(out_dir, "speedup.png"))
+    try:
+        plot(records, os.path.join(out_dir, "speedup.png"))
+    except Exception as e:  # noqa: BLE001 -- the plot is a nicety; the data is already written
+        print(f"speedup.png not written: {type(e).__name__}: {e}", flush=True)
     return format_table(header, rows)
