@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs bigkernels (scripts/install.sh) and runs the benchmark suite on
+# whatever device is present. Extra arguments go to `python -m benchmarks`
+# (--full, --only dense, --device cpu|cuda, --out DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/python -m benchmarks "$@"
