@@ -80,32 +80,57 @@ def _step(variant, pass_, device):
     return fwd_bwd
 
 
-def measure(variant, pass_, device, warmup, repeats, budget_s):
-    """-> (status, median ms, samples, peak MiB or None, message). Never raises,
-    never asserts: a failing variant becomes an "error" record."""
-    if pass_ == "fwd+bwd" and not variant.backward:
-        return "n/a", None, 0, None, variant.note or "no backward"
-    try:
-        step = _step(variant, pass_, device)
-        for _ in range(warmup):
-            step()
-        if device == "cuda":
+def _error(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
+def measure_pass(variants, pass_, device, warmup, repeats, budget_s):
+    """-> {name: (status, median ms, samples, peak MiB or None, message)}.
+
+    The variants take turns, one timed run each per round, so that a slow
+    spell of a shared or throttled machine hits them all alike. Never raises,
+    never asserts: a failing variant becomes an "error" result."""
+    results, steps = {}, {}
+    for name, variant in variants.items():
+        if pass_ == "fwd+bwd" and not variant.backward:
+            results[name] = ("n/a", None, 0, None, variant.note or "no backward")
+            continue
+        try:
+            step = _step(variant, pass_, device)
+            for _ in range(warmup):
+                step()
+            steps[name] = step
+        except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
+            results[name] = ("error", None, 0, None, _error(e))
+    time_once = _timer(device)
+    times = {name: [] for name in steps}
+    t_end = time.perf_counter() + budget_s * max(1, len(steps))
+    # Stop early once the time budget is spent (keeps slow CPU cases bounded),
+    # but always take at least 3 samples for a meaningful median.
+    for round_ in range(repeats):
+        if round_ >= 3 and time.perf_counter() > t_end:
+            break
+        names = list(steps)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate who goes first
+            try:
+                times[name].append(time_once(steps[name]))
+            except Exception as e:  # noqa: BLE001
+                results[name] = ("error", None, 0, None, _error(e))
+                del steps[name]
+    for name in steps:
+        peak = None
+        if device == "cuda":  # peak memory of this variant alone, on top of the live inputs
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        time_once, times, t_end = _timer(device), [], time.perf_counter() + budget_s
-        # Stop early once the time budget is spent (keeps slow CPU cases bounded),
-        # but always take at least 3 samples for a meaningful median.
-        while len(times) < repeats and (len(times) < 3 or time.perf_counter() < t_end):
-            times.append(time_once(step))
-        # Peak memory on top of what was already live (inputs, weights).
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-        return "ok", statistics.median(times), len(times), peak, ""
-    except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        return "error", None, 0, None, msg[:200]
+            steps[name]()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        results[name] = ("ok", statistics.median(times[name]), len(times[name]), peak, "")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return results
 
 
 # ---------------------------------------------------------------- running
@@ -119,8 +144,9 @@ def run_case(case, device, warmup, repeats, budget_s, log):
         log(f"  setup failed: {type(e).__name__}: {e}")
         return records
     for pass_ in PASSES:
+        measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s)
         for vname, variant in variants.items():
-            status, ms, n, peak, msg = measure(variant, pass_, device, warmup, repeats, budget_s)
+            status, ms, n, peak, msg = measured[vname]
             flops = case.flops * (3 if pass_ == "fwd+bwd" else 1)
             records.append(dict(
                 family=case.family, case=case.name, params=case.params, variant=vname, pass_=pass_,

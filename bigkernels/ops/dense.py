@@ -125,6 +125,7 @@ def _register():
     def setup_context(ctx, inputs, output):
         input, weight, bias, activation, _ = inputs
         out, preact = output
+        ctx.set_materialize_grads(False)  # preact's gradient is always None: don't fill zeros
         ctx.activation = activation
         ctx.saved_is_output = activation in _DERIVATIVE_FROM_OUTPUT
         # preact is empty when it was not kept: backward then recomputes it.

@@ -3,9 +3,9 @@
 // threads; backward fuses the activation gradient with the bias reduction.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>  // at::cpu::: ATen's CPU kernels, no dispatch
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -198,9 +198,9 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   // so that each block's activation runs while it is in L2 was slower here:
   // BLAS packs the weight again for every block (docs/PERFORMANCE.md).
   if (bias.has_value()) {
-    at::cpu::addmm_out(z, *bias, x, wt);
+    at::addmm_out(z, *bias, x, wt);
   } else {
-    at::cpu::mm_out(z, x, wt);
+    at::mm_out(z, x, wt);
   }
   if (has_epilogue) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu", [&] {
