@@ -155,7 +155,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* src, int64_t k, int6
 }
 
 template <typename T>
-__global__ void __launch_bounds__(TileConfig<T>::kThreads)
+__global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
     dense_forward_tensor_core(DenseForwardParams p, bool vec_ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
