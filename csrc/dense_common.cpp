@@ -1,5 +1,6 @@
 #include "include/dense_common.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 
 #include <ATen/ops/addmm.h>
@@ -71,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     ActivationBackwardFn activation_backward) {
   const Activation act = parse_activation(activation);
   const DenseShape s = check_dense_args(input, weight, bias, act);
+  const c10::DeviceGuard guard(input.device());
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(leading_shape_with(input, s.Nout)),
                     "bigkernels.dense_backward: grad_output has shape ", grad_output.sizes(),
                     " but the output has shape ", at::IntArrayRef(leading_shape_with(input, s.Nout)));

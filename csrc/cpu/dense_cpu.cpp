@@ -240,19 +240,11 @@ void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved
   if (grad_bias) *grad_bias = partial.sum(at::IntArrayRef{0});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& saved, c10::string_view activation,
-    bool saved_is_output, std::array<bool, 3> output_mask) {
-  return dense_backward_common(grad_output, input, weight, bias, saved, activation,
-                               saved_is_output, output_mask, &activation_backward_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("dense_forward", &dense_forward_cpu);
-  m.impl("dense_backward", &dense_backward_cpu);
+  m.impl("dense_backward", &dense_backward<&activation_backward_cpu>);
 }
 
 }  // namespace bigkernels

@@ -85,20 +85,11 @@ void activation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& save
   C10_CUDA_CHECK(cuda::launch_activation_backward(p, c10::cuda::getCurrentCUDAStream()));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& saved, c10::string_view activation,
-    bool saved_is_output, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return dense_backward_common(grad_output, input, weight, bias, saved, activation,
-                               saved_is_output, output_mask, &activation_backward_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
   m.impl("dense_forward", &dense_forward_cuda);
-  m.impl("dense_backward", &dense_backward_cuda);
+  m.impl("dense_backward", &dense_backward<&activation_backward_cuda>);
 }
 
 }  // namespace bigkernels

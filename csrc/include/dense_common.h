@@ -48,4 +48,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     c10::string_view activation, bool saved_is_output, std::array<bool, 3> output_mask,
     ActivationBackwardFn activation_backward);
 
+// The dense_backward op of a device, given its activation-backward kernel.
+template <ActivationBackwardFn activation_backward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& saved, c10::string_view activation,
+    bool saved_is_output, std::array<bool, 3> output_mask) {
+  return dense_backward_common(grad_output, input, weight, bias, saved, activation,
+                               saved_is_output, output_mask, activation_backward);
+}
+
 }  // namespace bigkernels
