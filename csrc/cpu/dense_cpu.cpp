@@ -83,26 +83,20 @@ BK_ALWAYS_INLINE void backward_row(Activation act, bool saved_is_output, const T
   }
 }
 
-BK_CPU_CLONES void forward_row_f32(Activation act, const float* z, float* y, int64_t nout) {
+// The row loops as called: float through the ISA clones, double as is.
+BK_CPU_CLONES void activation_forward_row(Activation act, const float* z, float* y, int64_t nout) {
   forward_row<float>(act, z, y, nout);
 }
-BK_CPU_CLONES void backward_row_f32(Activation act, bool saved_is_output, const float* g,
-                                    const float* s, float* dz, float* dbias, int64_t nout) {
-  backward_row<float, float>(act, saved_is_output, g, s, dz, dbias, nout);
-}
-void forward_row_any(Activation act, const float* z, float* y, int64_t nout) {
-  forward_row_f32(act, z, y, nout);
-}
-void forward_row_any(Activation act, const double* z, double* y, int64_t nout) {
+void activation_forward_row(Activation act, const double* z, double* y, int64_t nout) {
   forward_row<double>(act, z, y, nout);
 }
-void backward_row_any(Activation act, bool from_output, const float* g, const float* s,
-                      float* dz, float* dbias, int64_t nout) {
-  backward_row_f32(act, from_output, g, s, dz, dbias, nout);
+BK_CPU_CLONES void activation_backward_row(Activation act, bool saved_is_output, const float* g,
+                                           const float* s, float* dz, float* dbias, int64_t nout) {
+  backward_row<float, float>(act, saved_is_output, g, s, dz, dbias, nout);
 }
-void backward_row_any(Activation act, bool from_output, const double* g, const double* s,
-                      double* dz, double* dbias, int64_t nout) {
-  backward_row<double, double>(act, from_output, g, s, dz, dbias, nout);
+void activation_backward_row(Activation act, bool saved_is_output, const double* g, const double* s,
+                             double* dz, double* dbias, int64_t nout) {
+  backward_row<double, double>(act, saved_is_output, g, s, dz, dbias, nout);
 }
 
 // float for float/bf16/half, double for double.
@@ -149,10 +143,10 @@ void forward_rows(Activation act, const scalar_t* z, scalar_t* out, int64_t r0, 
     scalar_t* yr = out + r * nout;
     if constexpr (kNeedsConversion<scalar_t>) {
       convert(zr, zbuf.data(), nz);
-      forward_row_any(act, zbuf.data(), ybuf.data(), nout);
+      activation_forward_row(act, zbuf.data(), ybuf.data(), nout);
       convert(ybuf.data(), yr, nout);
     } else {
-      forward_row_any(act, zr, yr, nout);
+      activation_forward_row(act, zr, yr, nout);
     }
   }
 }
@@ -170,10 +164,10 @@ void backward_rows(Activation act, bool saved_is_output, const scalar_t* g, cons
     if constexpr (kNeedsConversion<scalar_t>) {
       convert(g + r * nout, gbuf.data(), nout);
       convert(saved + r * ns, sbuf.data(), ns);
-      backward_row_any(act, saved_is_output, gbuf.data(), sbuf.data(), dbuf.data(), dbias, nout);
+      activation_backward_row(act, saved_is_output, gbuf.data(), sbuf.data(), dbuf.data(), dbias, nout);
       convert(dbuf.data(), dz + r * nz, nz);
     } else {
-      backward_row_any(act, saved_is_output, g + r * nout, saved + r * ns, dz + r * nz, dbias, nout);
+      activation_backward_row(act, saved_is_output, g + r * nout, saved + r * ns, dz + r * nz, dbias, nout);
     }
   }
 }
