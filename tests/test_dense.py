@@ -129,25 +129,33 @@ def test_gradcheck_cpu_float64(activation, bias, recompute):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def sample_forward_args(activation, save_preactivation, requires_grad):
+def sample_forward_args(activation, save_preactivation, requires_grad, device="cpu"):
     gen = torch.Generator().manual_seed(2)
     rows = 10 if activation in GATED else 5
-    x = torch.randn(3, 4, 7, generator=gen, requires_grad=requires_grad)
-    w = torch.randn(rows, 7, generator=gen, requires_grad=requires_grad)
-    b = torch.randn(rows, generator=gen, requires_grad=requires_grad)
+    x = torch.randn(3, 4, 7, generator=gen).to(device).requires_grad_(requires_grad)
+    w = torch.randn(rows, 7, generator=gen).to(device).requires_grad_(requires_grad)
+    b = torch.randn(rows, generator=gen).to(device).requires_grad_(requires_grad)
     return (x, w, b, activation, save_preactivation)
 
 
+OPCHECK_DEVICES = [
+    pytest.param(p.values[0], id=p.values[0], marks=p.marks)
+    for p in device_params([torch.float32], [torch.float32])
+]
+
+
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("save_preactivation", [False, True])
-def test_opcheck_dense_forward(activation, save_preactivation):
-    args = sample_forward_args(activation, save_preactivation, requires_grad=True)
+def test_opcheck_dense_forward(device, activation, save_preactivation):
+    args = sample_forward_args(activation, save_preactivation, requires_grad=True, device=device)
     torch.library.opcheck(torch.ops.bigkernels.dense_forward.default, args)
 
 
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_opcheck_dense_backward(activation):
-    x, w, b, _, _ = sample_forward_args(activation, True, requires_grad=False)
+def test_opcheck_dense_backward(device, activation):
+    x, w, b, _, _ = sample_forward_args(activation, True, requires_grad=False, device=device)
     out, preact = torch.ops.bigkernels.dense_forward(x, w, b, activation, True)
     from_output = activation in ("relu", "sigmoid", "tanh")
     saved = out if from_output else preact
@@ -178,12 +186,27 @@ def test_compile_fullgraph_no_graph_breaks(activation):
         torch.testing.assert_close(g, e)
 
 
-def test_compile_inductor():
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+def test_compile_inductor(device):
     torch._dynamo.reset()
-    layer = bigkernels.nn.Linear(16, 8, activation="gelu")
-    x = torch.randn(4, 16)
+    layer = bigkernels.nn.Linear(16, 8, activation="gelu", device=device)
+    x = torch.randn(4, 16, device=device)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_compile_under_autocast():
+    torch._dynamo.reset()
+    layer = bigkernels.nn.Linear(16, 8, activation="silu")
+    x = torch.randn(4, 16)
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    out = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, run(x))
 
 
 @pytest.mark.parametrize(
