@@ -181,21 +181,16 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   const DenseShape s = check_dense_args(input, weight, bias, act);
   const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
   const at::Tensor wt = weight.contiguous().t();
-  at::Tensor z = at::empty({s.M, s.Nz}, x.options());
+  // One GEMM with the bias folded in, which BLAS parallelises well, then the
+  // activation in one parallel pass. Splitting the GEMM into blocks of rows
+  // so that each block's activation runs while it is in L2 was slower here:
+  // BLAS packs the weight again for every block (docs/PERFORMANCE.md).
+  at::Tensor z = bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
   // Without a pre-activation to keep, the activation runs in place.
   const bool in_place = !is_gated(act) && !save_preactivation;
   at::Tensor out = in_place ? z : at::empty({s.M, s.Nout}, x.options());
   const bool has_epilogue = !(in_place && act == Activation::kNone);
 
-  // One GEMM with the bias folded in, which BLAS parallelises well, then the
-  // activation in one parallel pass. Splitting the GEMM into blocks of rows
-  // so that each block's activation runs while it is in L2 was slower here:
-  // BLAS packs the weight again for every block (docs/PERFORMANCE.md).
-  if (bias.has_value()) {
-    at::addmm_out(z, *bias, x, wt);
-  } else {
-    at::mm_out(z, x, wt);
-  }
   if (has_epilogue) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu", [&] {
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
