@@ -250,6 +250,9 @@ def test_autocast_cpu_bfloat16():
         expected = reference.dense(x, w, b, "gelu")
     assert out.dtype == torch.bfloat16 == expected.dtype
     assert_close("output", out, expected, reference.dense(x.double(), w.double(), b.double(), "gelu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed input dtypes are cast, as for F.linear
+        mixed = bigkernels.dense(x.bfloat16(), w, b, "gelu")
+    assert mixed.dtype == torch.bfloat16
 
 
 @pytest.mark.cuda

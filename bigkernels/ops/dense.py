@@ -69,13 +69,17 @@ def check_dense_args(input, weight, bias, activation):
 
 
 def _autocast(input, weight, bias):
-    """Casts to the autocast dtype when autocast is on for input's device:
-    the custom op has no autocast kernel of its own."""
-    device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
+    """Casts to the autocast dtype when autocast is on for input's device, as
+    torch.autocast would for F.linear: the custom op has no autocast kernel of
+    its own. Like autocast, leaves float64 and non-float tensors alone."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
         return input, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        castable = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dtype) if castable and t.dtype != dtype else t
+
     return cast(input), cast(weight), cast(bias)
 
 
@@ -90,8 +94,8 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
     inputs for backward and recomputes the pre-activation there instead.
     """
     activation = normalize_activation(activation)
-    check_dense_args(input, weight, bias, activation)
     input, weight, bias = _autocast(input, weight, bias)
+    check_dense_args(input, weight, bias, activation)
     if not _ext.LOADED:
         return reference.dense(input, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and any(
