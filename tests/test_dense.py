@@ -129,6 +129,16 @@ def test_gradcheck_cpu_float64(activation, bias, recompute):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "swiglu"])
+def test_double_backward_cpu_float64(activation):
+    gen = torch.Generator().manual_seed(6)
+    rows = 6 if activation in GATED else 3
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rows, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(rows, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *t: bigkernels.dense(*t, activation=activation), (x, w, b))
+
+
 def sample_forward_args(activation, save_preactivation, requires_grad, device="cpu"):
     gen = torch.Generator().manual_seed(2)
     rows = 10 if activation in GATED else 5

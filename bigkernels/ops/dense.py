@@ -140,6 +140,13 @@ def _register():
             return None, None, None, None, None
         input, weight, bias, saved = ctx.saved_tensors
         mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the backward must itself be
+            # differentiable, so take it through the reference's PyTorch ops.
+            wanted = [t for t, m in zip((input, weight, bias), mask) if m]
+            grads = iter(torch.autograd.grad(reference.dense(input, weight, bias, ctx.activation), wanted,
+                                             grad_output, create_graph=True))
+            return tuple(next(grads) if m else None for m in mask) + (None, None)
         grad_input, grad_weight, grad_bias = torch.ops.bigkernels.dense_backward(
             grad_output, input, weight, bias, saved, ctx.activation, ctx.saved_is_output, mask
         )
