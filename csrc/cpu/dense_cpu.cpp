@@ -30,147 +30,125 @@ namespace {
 #endif
 #define BK_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// ---- row loops: T is float or double; the caller converts bf16/half rows ----
+// ---- row loops over the storage type T, computing in float (double for double) ----
 
-// y[j] = act(z[j]) (y may be z), or act(z[j]) * z[nout + j] when gated.
 template <typename T>
-BK_ALWAYS_INLINE void forward_row(Activation act, const T* z, T* y, int64_t nout) {
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+BK_ALWAYS_INLINE compute_t<T> load(const T* p, int64_t j) {
+  return static_cast<compute_t<T>>(p[j]);
+}
+template <typename T>
+BK_ALWAYS_INLINE void store(T* p, int64_t j, compute_t<T> v) {
+  p[j] = static_cast<T>(v);
+}
+// bf16 by bit manipulation (round to nearest even, NaN kept quiet, as c10
+// does), so that the loops vectorize with the conversion inside them.
+template <>
+BK_ALWAYS_INLINE float load(const c10::BFloat16* p, int64_t j) {
+  const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <>
+BK_ALWAYS_INLINE void store(c10::BFloat16* p, int64_t j, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  reinterpret_cast<uint16_t*>(p)[j] = v != v ? uint16_t{0x7FC0} : rounded;
+}
+
+// Rows [r0, r1): out = act(z), or act(z1) * z2 when gated (z is [rows, nz],
+// out [rows, nout]; out may be z).
+template <typename T>
+BK_ALWAYS_INLINE void forward_rows(Activation act, const T* z, T* out, int64_t r0, int64_t r1,
+                                   int64_t nz, int64_t nout) {
   const bool gated = is_gated(act);
   dispatch_activation(inner_activation(act), [&](auto tag) __attribute__((always_inline)) {
     constexpr Activation A = decltype(tag)::value;
-    if (gated) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* zr = z + r * nz;
+      T* y = out + r * nout;
+      if (gated) {
 #pragma omp simd
-      for (int64_t j = 0; j < nout; ++j) y[j] = act_forward<A>(z[j]) * z[nout + j];
-    } else {
+        for (int64_t j = 0; j < nout; ++j) store(y, j, act_forward<A>(load(zr, j)) * load(zr, nout + j));
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < nout; ++j) y[j] = act_forward<A>(z[j]);
+        for (int64_t j = 0; j < nout; ++j) store(y, j, act_forward<A>(load(zr, j)));
+      }
     }
   });
 }
 
-// dz = g * act'(...) from the saved row s (output or pre-activation, width
-// nout or 2*nout when gated); dbias += dz when dbias is not null.
-template <typename T, typename Acc>
-BK_ALWAYS_INLINE void backward_row(Activation act, bool saved_is_output, const T* g, const T* s,
-                                   T* dz, Acc* dbias, int64_t nout) {
-  if (saved_is_output) {
-    dispatch_output_activation(act, [&](auto tag) __attribute__((always_inline)) {
-      constexpr Activation A = decltype(tag)::value;
-#pragma omp simd
-      for (int64_t j = 0; j < nout; ++j) dz[j] = g[j] * act_grad_from_output<A>(s[j]);
-    });
-  } else if (is_gated(act)) {
-    dispatch_activation(inner_activation(act), [&](auto tag) __attribute__((always_inline)) {
-      constexpr Activation A = decltype(tag)::value;
-#pragma omp simd
-      for (int64_t j = 0; j < nout; ++j) {
-        const T z1 = s[j], z2 = s[nout + j];
-        dz[j] = g[j] * z2 * act_grad_from_input<A>(z1);
-        dz[nout + j] = g[j] * act_forward<A>(z1);
-      }
-    });
-  } else {
-    dispatch_activation(act, [&](auto tag) __attribute__((always_inline)) {
-      constexpr Activation A = decltype(tag)::value;
-#pragma omp simd
-      for (int64_t j = 0; j < nout; ++j) dz[j] = g[j] * act_grad_from_input<A>(s[j]);
-    });
-  }
-  if (dbias != nullptr) {
-    const int64_t width = is_gated(act) ? 2 * nout : nout;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) dbias[j] += static_cast<Acc>(dz[j]);
-  }
-}
-
-// The row loops as called: float through the ISA clones, double as is.
-BK_CPU_CLONES void activation_forward_row(Activation act, const float* z, float* y, int64_t nout) {
-  forward_row<float>(act, z, y, nout);
-}
-void activation_forward_row(Activation act, const double* z, double* y, int64_t nout) {
-  forward_row<double>(act, z, y, nout);
-}
-BK_CPU_CLONES void activation_backward_row(Activation act, bool saved_is_output, const float* g,
-                                           const float* s, float* dz, float* dbias, int64_t nout) {
-  backward_row<float, float>(act, saved_is_output, g, s, dz, dbias, nout);
-}
-void activation_backward_row(Activation act, bool saved_is_output, const double* g, const double* s,
-                             double* dz, double* dbias, int64_t nout) {
-  backward_row<double, double>(act, saved_is_output, g, s, dz, dbias, nout);
-}
-
-// float for float/bf16/half, double for double.
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename scalar_t>
-constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, compute_t<scalar_t>>;
-
-template <typename From, typename To>
-BK_ALWAYS_INLINE void convert(const From* src, To* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<To>(src[j]);
-}
-
-// bf16 <-> fp32 by bit manipulation (round to nearest even, as c10 does), so
-// that these loops vectorize too.
-BK_CPU_CLONES void convert(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = static_cast<uint32_t>(bits[j]) << 16;
-    std::memcpy(dst + j, &u, sizeof u);
-  }
-}
-BK_CPU_CLONES void convert(const float* src, c10::BFloat16* dst, int64_t n) {
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, src + j, sizeof u);
-    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    bits[j] = src[j] != src[j] ? uint16_t{0x7FC0} : rounded;  // NaN stays a quiet NaN
-  }
-}
-
-// Rows [r0, r1) of the activation epilogue: out = act(z) (z is [rows, nz]).
-template <typename scalar_t>
-void forward_rows(Activation act, const scalar_t* z, scalar_t* out, int64_t r0, int64_t r1,
-                  int64_t nz, int64_t nout) {
-  using C = compute_t<scalar_t>;
-  std::vector<C> zbuf(kNeedsConversion<scalar_t> ? nz : 0), ybuf(zbuf.size() ? nout : 0);
+// Rows [r0, r1): dz = g * act'(...) from the saved rows (output, width nout,
+// or pre-activation, width nz), and dz's column sums added to dbias (when
+// not null) in the same loop.
+template <typename T>
+BK_ALWAYS_INLINE void backward_rows(Activation act, bool saved_is_output, const T* g, const T* saved,
+                                    T* dz, compute_t<T>* dbias, int64_t r0, int64_t r1, int64_t nz,
+                                    int64_t nout) {
+  using C = compute_t<T>;
+  const bool sum = dbias != nullptr;
+  const int64_t ns = saved_is_output ? nout : nz;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* zr = z + r * nz;
-    scalar_t* yr = out + r * nout;
-    if constexpr (kNeedsConversion<scalar_t>) {
-      convert(zr, zbuf.data(), nz);
-      activation_forward_row(act, zbuf.data(), ybuf.data(), nout);
-      convert(ybuf.data(), yr, nout);
+    const T* gr = g + r * nout;
+    const T* sr = saved + r * ns;
+    T* d = dz + r * nz;
+    if (saved_is_output) {
+      dispatch_output_activation(act, [&](auto tag) __attribute__((always_inline)) {
+        constexpr Activation A = decltype(tag)::value;
+#pragma omp simd
+        for (int64_t j = 0; j < nout; ++j) {
+          const C v = load(gr, j) * act_grad_from_output<A>(load(sr, j));
+          store(d, j, v);
+          if (sum) dbias[j] += v;
+        }
+      });
+    } else if (is_gated(act)) {
+      dispatch_activation(inner_activation(act), [&](auto tag) __attribute__((always_inline)) {
+        constexpr Activation A = decltype(tag)::value;
+#pragma omp simd
+        for (int64_t j = 0; j < nout; ++j) {
+          const C go = load(gr, j), z1 = load(sr, j), z2 = load(sr, nout + j);
+          const C v1 = go * z2 * act_grad_from_input<A>(z1), v2 = go * act_forward<A>(z1);
+          store(d, j, v1);
+          store(d, nout + j, v2);
+          if (sum) dbias[j] += v1, dbias[nout + j] += v2;
+        }
+      });
     } else {
-      activation_forward_row(act, zr, yr, nout);
+      dispatch_activation(act, [&](auto tag) __attribute__((always_inline)) {
+        constexpr Activation A = decltype(tag)::value;
+#pragma omp simd
+        for (int64_t j = 0; j < nout; ++j) {
+          const C v = load(gr, j) * act_grad_from_input<A>(load(sr, j));
+          store(d, j, v);
+          if (sum) dbias[j] += v;
+        }
+      });
     }
   }
 }
 
-// Rows [r0, r1) of the activation backward: dz = g * act'(saved), and the
-// column sums of dz added to dbias (when not null).
-template <typename scalar_t>
-void backward_rows(Activation act, bool saved_is_output, const scalar_t* g, const scalar_t* saved,
-                   scalar_t* dz, compute_t<scalar_t>* dbias, int64_t r0, int64_t r1, int64_t ns,
-                   int64_t nz, int64_t nout) {
-  using C = compute_t<scalar_t>;
-  std::vector<C> gbuf, sbuf, dbuf;
-  if constexpr (kNeedsConversion<scalar_t>) gbuf.resize(nout), sbuf.resize(ns), dbuf.resize(nz);
-  for (int64_t r = r0; r < r1; ++r) {
-    if constexpr (kNeedsConversion<scalar_t>) {
-      convert(g + r * nout, gbuf.data(), nout);
-      convert(saved + r * ns, sbuf.data(), ns);
-      activation_backward_row(act, saved_is_output, gbuf.data(), sbuf.data(), dbuf.data(), dbias, nout);
-      convert(dbuf.data(), dz + r * nz, nz);
-    } else {
-      activation_backward_row(act, saved_is_output, g + r * nout, saved + r * ns, dz + r * nz, dbias, nout);
-    }
+// The loops as called, per storage type: float and bf16 through the ISA
+// clones; double and half (rare on CPUs) compiled once.
+#define BK_ROW_LOOPS(T, ATTRIBUTES)                                                            \
+  ATTRIBUTES void activation_forward_rows(Activation act, const T* z, T* out, int64_t r0,      \
+                                          int64_t r1, int64_t nz, int64_t nout) {              \
+    forward_rows<T>(act, z, out, r0, r1, nz, nout);                                            \
+  }                                                                                            \
+  ATTRIBUTES void activation_backward_rows(Activation act, bool saved_is_output, const T* g,   \
+                                           const T* saved, T* dz, compute_t<T>* dbias,         \
+                                           int64_t r0, int64_t r1, int64_t nz, int64_t nout) { \
+    backward_rows<T>(act, saved_is_output, g, saved, dz, dbias, r0, r1, nz, nout);             \
   }
-}
+BK_ROW_LOOPS(float, BK_CPU_CLONES)
+BK_ROW_LOOPS(c10::BFloat16, BK_CPU_CLONES)
+BK_ROW_LOOPS(double, )
+BK_ROW_LOOPS(c10::Half, )
+#undef BK_ROW_LOOPS
 
 std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                                                      const at::Tensor& weight,
@@ -196,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, s.M, 16, [&](int64_t r0, int64_t r1) {
-        forward_rows<scalar_t>(act, zp, op, r0, r1, s.Nz, s.Nout);
+        activation_forward_rows(act, zp, op, r0, r1, s.Nz, s.Nout);
       });
     });
   }
@@ -210,20 +188,18 @@ void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved
                              bool saved_is_output, at::Tensor& grad_preact,
                              at::Tensor* grad_bias) {
   const int64_t M = grad_out.size(0), nout = grad_out.size(1), nz = grad_preact.size(1);
-  const int64_t ns = saved.size(1);
-  const int num_threads = at::get_num_threads();
   // One partial bias sum per thread, added up at the end.
   at::Tensor partial;
-  if (grad_bias) partial = at::zeros({num_threads, nz}, grad_bias->options());
+  if (grad_bias) partial = at::zeros({at::get_num_threads(), nz}, grad_bias->options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "activation_backward_cpu", [&] {
-    using C = compute_t<scalar_t>;
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* sv = saved.const_data_ptr<scalar_t>();
     scalar_t* dz = grad_preact.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
-      C* dbias = grad_bias ? partial.mutable_data_ptr<C>() + at::get_thread_num() * nz : nullptr;
-      backward_rows(act, saved_is_output, g, sv, dz, dbias, r0, r1, ns, nz, nout);
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      auto* dbias = grad_bias ? partial.mutable_data_ptr<compute_t<scalar_t>>() + at::get_thread_num() * nz
+                              : nullptr;
+      activation_backward_rows(act, saved_is_output, g, sv, dz, dbias, r0, r1, nz, nout);
     });
   });
   if (grad_bias) *grad_bias = partial.sum(at::IntArrayRef{0});
