@@ -1,4 +1,4 @@
-"""python -m benchmarks [--full] [--only FAMILY] [--device cpu|cuda] [--out DIR] [--repeats N]"""
+"""python -m benchmarks [--full] [--only FAMILY] [--device cpu|cuda] [--out DIR] [--repeats N] [--skip VARIANT]"""
 
 import argparse
 import importlib
@@ -21,6 +21,8 @@ def main(argv=None):
                    help="output directory (default: benchmarks/results)")
     p.add_argument("--repeats", type=int, help="timed runs per measurement (default: 20 cuda, 10 cpu)")
     p.add_argument("--warmup", type=int, help="untimed runs first (default: 5 cuda, 2 cpu)")
+    p.add_argument("--skip", action="append", default=[], metavar="VARIANT",
+                   help="leave out a variant, e.g. --skip compile (repeatable; never the subject)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop a measurement early after this long, with >= 3 samples (default: 5 cuda, 2 cpu)")
     args = p.parse_args(argv)
@@ -44,7 +46,7 @@ def main(argv=None):
     t0, records = time.perf_counter(), []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.family}: {case.name}")
-        records += harness.run_case(case, args.device, warmup, repeats, budget, log)
+        records += harness.run_case(case, args.device, warmup, repeats, budget, log, set(args.skip) - {harness.SUBJECT})
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     table = harness.write_outputs(args.out, info, records)
     log("\n" + table)

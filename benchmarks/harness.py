@@ -135,11 +135,12 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s):
 
 # ---------------------------------------------------------------- running
 
-def run_case(case, device, warmup, repeats, budget_s, log):
-    """Measures every variant x pass of one case; returns its records."""
+def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
+    """Measures every variant x pass of one case (but those named in skip);
+    returns its records."""
     records = []
     try:
-        variants = case.make()
+        variants = {name: v for name, v in case.make().items() if name not in skip}
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory for the inputs
         log(f"  setup failed: {type(e).__name__}: {e}")
         return records
