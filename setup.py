@@ -2,7 +2,8 @@
 
 CUDA kernels are compiled when a CUDA toolkit and a CUDA build of torch are
 both present; BIGKERNELS_CUDA=0 or 1 forces the choice. Architectures follow
-TORCH_CUDA_ARCH_LIST, default "8.0;9.0a". MAX_JOBS bounds parallel compiles.
+TORCH_CUDA_ARCH_LIST, default "8.0+PTX;9.0a" (the PTX lets GPUs newer than
+sm_90 JIT the kernels). MAX_JOBS bounds parallel compiles.
 BIGKERNELS_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared
 memory.
 """
@@ -16,7 +17,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
-DEFAULT_ARCHS = "8.0;9.0a"
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 
 # torch.utils.cpp_extension decides CUDA_HOME when it is imported. On our
 # machines /usr/local/bin/nvcc is a wrapper, which would make it pick
