@@ -107,19 +107,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
                         need_bias ? &grad_bias_acc : nullptr);
   }
 
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) {
-    grad_input = at::mm(grad_preact, w).reshape(input.sizes());
-  } else {
-    grad_input = at::empty({0}, x.options());
-  }
-  grad_weight = output_mask[1] ? at::mm(grad_preact.t(), x) : at::empty({0}, x.options());
-  if (need_bias) {
-    if (act == Activation::kNone) grad_bias_acc = g.sum(at::IntArrayRef{0}, false, acc_dtype);
-    grad_bias = grad_bias_acc.to(x.scalar_type());
-  } else {
-    grad_bias = at::empty({0}, x.options());
-  }
+  // Gradients not asked for come back empty (each its own tensor: outputs must not alias).
+  auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_input = output_mask[0] ? at::mm(grad_preact, w).reshape(input.sizes()) : none();
+  at::Tensor grad_weight = output_mask[1] ? at::mm(grad_preact.t(), x) : none();
+  if (need_bias && act == Activation::kNone) grad_bias_acc = g.sum(at::IntArrayRef{0}, false, acc_dtype);
+  at::Tensor grad_bias = need_bias ? grad_bias_acc.to(x.scalar_type()) : none();
   return {grad_input, grad_weight, grad_bias};
 }
 
