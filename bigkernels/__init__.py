@@ -6,9 +6,9 @@
     model = bigkernels.optimize(model)                          # swap torch.nn layers for ours
 """
 
-from . import _ext
+from . import _ext  # noqa: F401  (first: loads the compiled ops, or warns why not)
 from .ops.dense import dense
-from . import nn, models  # noqa: E402  (after the ops they are built on)
+from . import nn, models
 from ._optimize import optimize
 from ._info import backend_info, __version__
 

@@ -2,8 +2,9 @@ from torch import nn
 
 from .nn import Linear
 
-# torch.nn activation module -> our activation name (None: not fusable)
+
 def _activation_name(module):
+    """Our name for a torch.nn activation module, or None if it cannot be fused."""
     if isinstance(module, nn.ReLU):
         return "relu"
     if isinstance(module, nn.GELU):

@@ -1,4 +1,3 @@
-import torch
 from torch import nn
 
 from ..ops.dense import GATED, dense, normalize_activation
