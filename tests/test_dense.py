@@ -108,6 +108,22 @@ def test_zero_in_features(device, dtype, activation):
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_extreme_values_match_torch(device, dtype, activation):
+    # in_features = 0 makes the pre-activation exactly the bias: NaN must stay
+    # NaN, and large finite values must saturate as torch's do
+    values = [float("nan"), 0.0, -0.0, 1e-30, 1.5, -1.5, 30.0, -30.0, 100.0, -100.0]
+    b = torch.tensor(values * 2, dtype=dtype, device=device)
+    x = torch.empty(3, 0, dtype=dtype, device=device)
+    w = torch.empty(len(b), 0, dtype=dtype, device=device)
+    out, expected = bigkernels.dense(x, w, b, activation), reference.dense(x, w, b, activation)
+    assert torch.equal(out.isnan(), expected.isnan())
+    # half precision: torch rounds act(z1) before the gate product, we round once
+    rtol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
 def test_one_dimensional_input(device, dtype):
     check_against_reference(device, dtype, "silu", (), 13, 11)
 
