@@ -1,0 +1,1 @@
+// Emulation shim: the __pipeline_* primitives come from emu_cuda.h.

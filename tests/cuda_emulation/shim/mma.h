@@ -1,0 +1,1 @@
+// Emulation shim: nvcuda::wmma comes from emu_cuda.h.
