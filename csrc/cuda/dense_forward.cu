@@ -277,61 +277,92 @@ __global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
 
 // ---- FMA kernel for exact fp32 and fp64 ----
 
-// 64x64 block tile, 256 threads each computing 4x4, k-steps of 16.
+// The classic register-blocked GEMM: a 128x128 block tile, 256 threads each
+// computing 8x8 (rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise
+// with tx), k-steps of 8, the next k-tile fetched into registers while the
+// current one is multiplied from shared memory (double-buffered, one barrier
+// per step). With the gated map (groups of 64) a thread's columns j and j + 4
+// are z1 and z2 of the same output.
+struct FmaTile {
+  static constexpr int kB = 128, kHalf = kB / 2, kBK = 8, kThreads = 256;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(256) dense_forward_fma(DenseForwardParams p) {
-  constexpr int kB = 64, kBK = 16, kPad = 1;
-  __shared__ T as[kBK][kB + kPad];  // transposed: as[k][row]
-  __shared__ T bs[kBK][kB + kPad];  // bs[k][tile column]
+__global__ void __launch_bounds__(FmaTile::kThreads) dense_forward_fma(DenseForwardParams p) {
+  constexpr int kB = FmaTile::kB, kHalf = FmaTile::kHalf, kBK = FmaTile::kBK;
+  __shared__ T as[2][kBK][kB];  // [buffer][k][tile row]
+  __shared__ T bs[2][kBK][kB];  // [buffer][k][tile column]
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kB;
   const bool gated = is_gated(p.act);
-  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? kB / 2 : kB), kB / 2};
+  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? kHalf : kB), kHalf};
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
 
-  T acc[4][4] = {};
-  for (int64_t k0 = 0; k0 < p.K; k0 += kBK) {
-    for (int e = tid; e < kB * kBK; e += 256) {
-      const int r = e / kBK, k = e % kBK;  // consecutive threads read along k
-      const int64_t gk = k0 + k;
-      as[k][r] = (m0 + r < p.M && gk < p.K) ? x[(m0 + r) * p.K + gk] : T(0);
-      const int64_t wr = cols.weight_row(r, p);
-      bs[k][r] = (wr >= 0 && gk < p.K) ? w[wr * p.K + gk] : T(0);
+  // This thread copies 4 consecutive k of tile row/column `copy_row`.
+  const int copy_row = tid / 2, copy_k = (tid % 2) * 4;
+  const T* a_src = m0 + copy_row < p.M ? x + (m0 + copy_row) * p.K : nullptr;
+  const int64_t w_row = cols.weight_row(copy_row, p);
+  const T* b_src = w_row >= 0 ? w + w_row * p.K : nullptr;
+  T a_next[4], b_next[4];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t k = k0 + copy_k + e;
+      a_next[e] = a_src != nullptr && k < p.K ? a_src[k] : T(0);
+      b_next[e] = b_src != nullptr && k < p.K ? b_src[k] : T(0);
     }
-    __syncthreads();
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      as[buf][copy_k + e][copy_row] = a_next[e];
+      bs[buf][copy_k + e][copy_row] = b_next[e];
+    }
+  };
+
+  T acc[8][8] = {};
+  const int64_t k_tiles = (p.K + kBK - 1) / kBK;
+  if (k_tiles > 0) {
+    fetch(0);
+    stash(0);
+  }
+  __syncthreads();
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    const int buf = kt % 2;
+    if (kt + 1 < k_tiles) fetch((kt + 1) * kBK);  // in flight during the math below
 #pragma unroll
     for (int k = 0; k < kBK; ++k) {
-      T a[4], b[4];
+      T a[8], b[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = as[k][ty + 16 * i];
+      for (int i = 0; i < 4; ++i) {
+        a[i] = as[buf][k][ty * 4 + i];
+        a[i + 4] = as[buf][k][kHalf + ty * 4 + i];
+        b[i] = bs[buf][k][tx * 4 + i];
+        b[i + 4] = bs[buf][k][kHalf + tx * 4 + i];
+      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = bs[k][tx + 16 * j];
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < 8; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
     }
+    // The other buffer was last read before the previous barrier.
+    if (kt + 1 < k_tiles) stash(buf ^ 1);
     __syncthreads();
   }
 
-  // Thread (ty, tx) holds rows ty + 16i and tile columns tx + 16j. With the
-  // gated map (groups of 32) columns j = 0, 1 are z1 and j = 2, 3 their z2.
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t row = m0 + ty + 16 * i;
+  for (int i = 0; i < 8; ++i) {
+    const int64_t row = m0 + (i < 4 ? ty * 4 + i : kHalf + ty * 4 + i - 4);
     if (row >= p.M) continue;
-    if (gated) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int64_t col = cols.output_col(tx + 16 * j);
-        if (col < p.Nout) store_gated<T, T>(p, row, col, acc[i][j], acc[i][j + 2]);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = cols.output_col(tx + 16 * j);
-        if (col < p.Nout) store_plain<T, T>(p, row, col, acc[i][j]);
+    for (int j = 0; j < 8; ++j) {
+      const int64_t col = cols.output_col(j < 4 ? tx * 4 + j : kHalf + tx * 4 + j - 4);
+      if (col >= p.Nout) continue;
+      if (!gated) {
+        store_plain<T, T>(p, row, col, acc[i][j]);
+      } else if (j < 4) {
+        store_gated<T, T>(p, row, col, acc[i][j], acc[i][j + 4]);
       }
     }
   }
@@ -351,9 +382,9 @@ cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream)
 
 template <typename T>
 cudaError_t launch_fma(const DenseForwardParams& p, cudaStream_t stream) {
-  const int64_t block_cols = is_gated(p.act) ? 32 : 64;
-  const dim3 grid((p.M + 63) / 64, (p.Nout + block_cols - 1) / block_cols);
-  dense_forward_fma<T><<<grid, 256, 0, stream>>>(p);
+  const int64_t block_cols = is_gated(p.act) ? FmaTile::kHalf : FmaTile::kB;
+  const dim3 grid((p.M + FmaTile::kB - 1) / FmaTile::kB, (p.Nout + block_cols - 1) / block_cols);
+  dense_forward_fma<T><<<grid, FmaTile::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
