@@ -43,8 +43,6 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   const DenseShape s = check_dense_args(input, weight, bias, act);
   const c10::cuda::CUDAGuard guard(input.device());
   check_device_supported(input);
-  TORCH_CHECK_VALUE(s.Nout <= 65535LL * 64, "bigkernels.dense: at most ", 65535LL * 64,
-                    " output features on CUDA, got ", s.Nout);
 
   const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
   const at::Tensor w = weight.contiguous();

@@ -99,6 +99,30 @@ struct ColumnMap {
   }
 };
 
+// Which (row tile, column tile) this block computes. Blocks run roughly in
+// launch order; walking the tiles in groups of kGroupRows row tiles, column
+// by column, keeps a group's rows of x and the columns of w in flight in L2
+// (row-major order would stream all of x once per column of tiles).
+struct TileCoords {
+  int64_t row_tile, col_tile;
+};
+__device__ __forceinline__ TileCoords grouped_tile(int64_t row_tiles, int64_t col_tiles) {
+  constexpr int64_t kGroupRows = 8;
+  const int64_t id = blockIdx.x;
+  const int64_t per_group = kGroupRows * col_tiles;
+  const int64_t first_row = id / per_group * kGroupRows;
+  const int64_t rows_here = row_tiles - first_row < kGroupRows ? row_tiles - first_row : kGroupRows;
+  const int64_t in_group = id % per_group;
+  return {first_row + in_group % rows_here, in_group / rows_here};
+}
+
+// Launch grid for grouped_tile: one dimension, every tile once. (The
+// 2^31 - 1 limit needs an output of over 10^13 elements; checked anyway.)
+inline dim3 tile_grid(int64_t row_tiles, int64_t col_tiles) {
+  const int64_t tiles = row_tiles * col_tiles;
+  return dim3(tiles <= 0x7fffffff ? static_cast<unsigned>(tiles) : 0u);  // 0 blocks: a launch error
+}
+
 // ---- tensor-core kernel (WMMA) ----
 
 template <typename T>
@@ -166,10 +190,11 @@ __global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::kBM;
   const bool gated = is_gated(p.act);
-  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? Cfg::kBN / 2 : Cfg::kBN),
-                       16};
+  const int block_cols = gated ? Cfg::kBN / 2 : Cfg::kBN;  // output columns per block
+  const TileCoords tile = grouped_tile((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
+  const int64_t m0 = tile.row_tile * Cfg::kBM;
+  const ColumnMap cols{gated, tile.col_tile * block_cols, 16};
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
 
@@ -293,9 +318,11 @@ __global__ void __launch_bounds__(FmaTile::kThreads) dense_forward_fma(DenseForw
   __shared__ T as[2][kBK][kB];  // [buffer][k][tile row]
   __shared__ T bs[2][kBK][kB];  // [buffer][k][tile column]
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kB;
   const bool gated = is_gated(p.act);
-  const ColumnMap cols{gated, static_cast<int64_t>(blockIdx.y) * (gated ? kHalf : kB), kHalf};
+  const int block_cols = gated ? kHalf : kB;  // output columns per block
+  const TileCoords tile = grouped_tile((p.M + kB - 1) / kB, (p.Nout + block_cols - 1) / block_cols);
+  const int64_t m0 = tile.row_tile * kB;
+  const ColumnMap cols{gated, tile.col_tile * block_cols, kHalf};
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
 
@@ -374,7 +401,7 @@ template <typename T>
 cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream) {
   using Cfg = TileConfig<T>;
   const int64_t block_cols = is_gated(p.act) ? Cfg::kBN / 2 : Cfg::kBN;
-  const dim3 grid((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
+  const dim3 grid = tile_grid((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
   const bool vec_ok = p.K % Cfg::kVec == 0 && aligned16(p.x) && aligned16(p.w);
   dense_forward_tensor_core<T><<<grid, Cfg::kThreads, 0, stream>>>(p, vec_ok);
   return cudaGetLastError();
@@ -383,7 +410,7 @@ cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream)
 template <typename T>
 cudaError_t launch_fma(const DenseForwardParams& p, cudaStream_t stream) {
   const int64_t block_cols = is_gated(p.act) ? FmaTile::kHalf : FmaTile::kB;
-  const dim3 grid((p.M + FmaTile::kB - 1) / FmaTile::kB, (p.Nout + block_cols - 1) / block_cols);
+  const dim3 grid = tile_grid((p.M + FmaTile::kB - 1) / FmaTile::kB, (p.Nout + block_cols - 1) / block_cols);
   dense_forward_fma<T><<<grid, FmaTile::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -163,6 +163,12 @@ int main() {
   check_forward<__nv_bfloat16>(70, 64, 50, Activation::kReLU, true, true, false, 1, 1e-2);
   check_forward<float>(70, 64, 50, Activation::kGELU, true, true, true, 1, 5e-3);
   std::printf("misaligned: %d checks, %d failures\n", checks, failures);
+  // more than one group of 8 row tiles (the last one partial), two column tiles
+  for (Activation a : {Activation::kReLU, Activation::kSwiGLU}) {
+    check_forward<__nv_bfloat16>(1100, 8, 140, a, true, false, false, 0, 1e-2);
+    check_forward<float>(1100, 8, 140, a, true, true, false, 0, 1e-5);
+  }
+  std::printf("grouped tiles: %d checks, %d failures\n", checks, failures);
   for (Activation a : acts)
     for (int64_t M : {1, 63, 200})
       for (int64_t N : {1, 45}) {
