@@ -5,7 +5,7 @@ from . import _ext
 try:
     from ._build_info import BUILD_INFO
 except ImportError:  # running from a source tree that was never built
-    BUILD_INFO = {"version": "0.1.0", "cuda_compiled": False, "cuda_archs": [],
+    BUILD_INFO = {"version": "0+unbuilt", "cuda_compiled": False, "cuda_archs": [],  # setup.py owns the version
                   "torch_version": None, "cuda_version": None}
 
 __version__ = BUILD_INFO["version"]

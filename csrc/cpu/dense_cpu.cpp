@@ -96,15 +96,18 @@ BK_ALWAYS_INLINE void backward_rows(Activation act, bool saved_is_output, const 
     const T* gr = g + r * nout;
     const T* sr = saved + r * ns;
     T* d = dz + r * nz;
+    // dz = g * grad(saved), for a derivative taken from the output or the input
+    auto plain = [&](auto grad) __attribute__((always_inline)) {
+#pragma omp simd
+      for (int64_t j = 0; j < nout; ++j) {
+        const C v = load(gr, j) * grad(load(sr, j));
+        store(d, j, v);
+        if (sum) dbias[j] += v;
+      }
+    };
     if (saved_is_output) {
       dispatch_output_activation(act, [&](auto tag) __attribute__((always_inline)) {
-        constexpr Activation A = decltype(tag)::value;
-#pragma omp simd
-        for (int64_t j = 0; j < nout; ++j) {
-          const C v = load(gr, j) * act_grad_from_output<A>(load(sr, j));
-          store(d, j, v);
-          if (sum) dbias[j] += v;
-        }
+        plain([](C y) __attribute__((always_inline)) { return act_grad_from_output<decltype(tag)::value>(y); });
       });
     } else if (is_gated(act)) {
       dispatch_activation(inner_activation(act), [&](auto tag) __attribute__((always_inline)) {
@@ -120,13 +123,7 @@ BK_ALWAYS_INLINE void backward_rows(Activation act, bool saved_is_output, const 
       });
     } else {
       dispatch_activation(act, [&](auto tag) __attribute__((always_inline)) {
-        constexpr Activation A = decltype(tag)::value;
-#pragma omp simd
-        for (int64_t j = 0; j < nout; ++j) {
-          const C v = load(gr, j) * act_grad_from_input<A>(load(sr, j));
-          store(d, j, v);
-          if (sum) dbias[j] += v;
-        }
+        plain([](C z) __attribute__((always_inline)) { return act_grad_from_input<decltype(tag)::value>(z); });
       });
     }
   }

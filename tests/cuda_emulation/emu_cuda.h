@@ -76,25 +76,26 @@ inline float to_f(float v) { return v; }
 inline float to_f(__half v) { return __half2float(v); }
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename Frag, typename T>
+template <typename T>
 void check_load(const T* p, unsigned ldm) {
   require(reinterpret_cast<uintptr_t>(p) % 32 == 0, "wmma pointer 256-bit alignment");
   require((ldm * sizeof(T)) % 16 == 0, "wmma ldm multiple of 16 bytes");
 }
 
+// Element (r, c) of the fragment is p[r * ldm + c] (row-major) or p[c * ldm + r].
+template <typename F, typename S>
+void load_fragment(F& f, const S* p, unsigned ldm, bool col_major) {
+  check_load(p, ldm);
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = col_major ? p[c * ldm + r] : p[r * ldm + c];
+}
 template <typename Use, int M, int N, int K, typename T, typename S>
 void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const S* p, unsigned ldm) {
-  check_load<decltype(f)>(p, ldm);
-  using F = std::remove_reference_t<decltype(f)>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[r * ldm + c];
+  load_fragment(f, p, ldm, false);
 }
 template <typename Use, int M, int N, int K, typename T, typename S>
 void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& f, const S* p, unsigned ldm) {
-  check_load<decltype(f)>(p, ldm);
-  using F = std::remove_reference_t<decltype(f)>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[c * ldm + r];
+  load_fragment(f, p, ldm, true);
 }
 template <int M, int N, int K>
 void fill_fragment(fragment<accumulator, M, N, K, float>& f, float v) {
@@ -116,7 +117,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   require(layout == mem_row_major, "row-major store");
-  check_load<void>(p, ldm);
+  check_load(p, ldm);
   if (threadIdx.x % 32 != 0) return;  // one lane writes; the kernel syncs the warp after
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) p[r * ldm + c] = f.x[r * N + c];
