@@ -4,12 +4,15 @@ CUDA kernels are compiled when a CUDA toolkit and a CUDA build of torch are
 both present; BIGKERNELS_CUDA=0 or 1 forces the choice. Architectures follow
 TORCH_CUDA_ARCH_LIST, default "8.0+PTX;9.0a" (the PTX lets GPUs newer than
 sm_90 JIT the kernels). MAX_JOBS bounds parallel compiles.
+The CPU kernels in CPU_CAPABILITY_SOURCES are compiled once per CPU
+capability (csrc/cpu/capability.h says how one is picked at run time).
 BIGKERNELS_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared
 memory.
 """
 
 import glob
 import os
+import platform
 import site
 import sys
 
@@ -27,6 +30,45 @@ if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"
 
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
+
+
+# Compiled once per CPU capability, with that capability's flags (those ATen
+# uses for its own per-capability kernels).
+CPU_CAPABILITY_SOURCES = ["csrc/cpu/dense_kernels.cpp"]
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+CPU_CAPABILITIES = {"DEFAULT": []}
+if X86_64:
+    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"]
+    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                                  "-mf16c", "-mbmi", "-mbmi2"]
+# On aarch64 DEFAULT is ATen's NEON code; its SVE builds are not made here
+# (no toolchain to test them on).
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus: each file of CPU_CAPABILITY_SOURCES is
+    compiled once per capability, into its own folder, with its flags."""
+
+    def build_extension(self, ext):
+        compile_sources = self.compiler.compile  # torch's wrapper (ninja or not)
+
+        def compile_with_capabilities(sources, output_dir=None, extra_postargs=None, **kwargs):
+            # The ordinary sources first: their objects come first at link time, so
+            # where an inline function from a header is emitted by several objects,
+            # the linker keeps the copy compiled without any ISA flags.
+            objects = compile_sources(sources, output_dir=output_dir, extra_postargs=extra_postargs, **kwargs)
+            for name, flags in CPU_CAPABILITIES.items():
+                post = dict(extra_postargs) if isinstance(extra_postargs, dict) else {"cxx": list(extra_postargs or [])}
+                post["cxx"] = post["cxx"] + flags + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+                objects += compile_sources(CPU_CAPABILITY_SOURCES, output_dir=os.path.join(output_dir, name.lower()),
+                                           extra_postargs=post, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_with_capabilities
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sources
 
 
 def want_cuda():
@@ -65,11 +107,15 @@ def write_build_info(with_cuda, archs):
 
 def extension():
     with_cuda = want_cuda()
-    sources = ["csrc/bigkernels.cpp", "csrc/dense_common.cpp", "csrc/cpu/dense_cpu.cpp"]
-    cxx_flags = ["-O3", "-fopenmp", "-fopenmp-simd"]
+    sources = ["csrc/bigkernels.cpp", "csrc/dense_common.cpp", "csrc/cpu/capability.cpp",
+               "csrc/cpu/dense_cpu.cpp"]
+    cxx_flags = ["-O3", "-fopenmp"]
     args = dict(
         name="bigkernels._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("BK_CPU_X86_CAPABILITIES", None)] if X86_64 else [],
+        # rebuild when these change too (they are compiled outside `sources`)
+        depends=CPU_CAPABILITY_SOURCES + glob.glob("csrc/**/*.h", recursive=True),
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
@@ -97,7 +143,7 @@ setup(
     description="Fused dense + activation, attention and RNN kernels for PyTorch",
     packages=find_packages(include=["bigkernels", "bigkernels.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     zip_safe=False,

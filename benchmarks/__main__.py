@@ -1,6 +1,7 @@
 """python -m benchmarks [--full] [--only FAMILY] [--device cpu|cuda] [--out DIR] [--repeats N] [--skip VARIANT]"""
 
 import argparse
+import datetime
 import importlib
 import os
 import sys
@@ -10,28 +11,51 @@ import torch
 
 from . import FAMILIES, harness
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _number(kind, minimum, inclusive):
+    """An argparse type: a kind (int/float) >= minimum (> minimum if not inclusive)."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        return value
+    return parse
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--full", action="store_true", help="all shapes and activations (default: a short run)")
     p.add_argument("--only", choices=FAMILIES, action="append", help="run only this family (repeatable)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="output directory (default: benchmarks/results)")
-    p.add_argument("--repeats", type=int, help="timed runs per measurement (default: 20 cuda, 10 cpu)")
-    p.add_argument("--warmup", type=int, help="untimed runs first (default: 5 cuda, 2 cpu)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device,
+                   help=f"where to run (default here: {default_device}; cuda whenever a GPU is visible)")
+    p.add_argument("--out", help="output directory (default: a new folder under benchmarks/runs/, "
+                   "which git ignores; benchmarks/results/ holds the published report)")
+    p.add_argument("--repeats", type=_number(int, 1, True),
+                   help="timed runs per measurement, >= 1 (default: 20 cuda, 10 cpu)")
+    p.add_argument("--warmup", type=_number(int, 0, True), help="untimed runs first (default: 5 cuda, 2 cpu)")
     p.add_argument("--skip", action="append", default=[], metavar="VARIANT",
-                   help="leave out a variant, e.g. --skip compile (repeatable; never the subject)")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop a measurement early after this long, with >= 3 samples (default: 5 cuda, 2 cpu)")
+                   help="leave out a baseline variant, e.g. --skip compile (repeatable)")
+    p.add_argument("--max-seconds", type=_number(float, 0, False), default=None,
+                   help="stop a measurement early after this long per variant, with >= 3 samples "
+                   "(default: 5 cuda, 2 cpu)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    repeats = args.repeats or (20 if cuda else 10)
+    families = [importlib.import_module(f"{__package__}.{fam}") for fam in (args.only or FAMILIES)]
+    known = {v for fam in families for v in fam.VARIANTS} - {harness.SUBJECT}
+    for name in args.skip:
+        if name == harness.SUBJECT:
+            p.error(f"--skip {name}: the subject is what every other variant is compared with")
+        if name not in known:
+            p.error(f"--skip {name}: unknown variant; known: {', '.join(sorted(known))}")
+    repeats = args.repeats if args.repeats is not None else (20 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    budget = args.max_seconds or (5.0 if cuda else 2.0)
+    budget = args.max_seconds if args.max_seconds is not None else (5.0 if cuda else 2.0)
+    out = args.out or os.path.join(HERE, "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + args.device)
 
     def log(msg):
         print(msg, flush=True)  # progress must show while a long run goes on
@@ -41,16 +65,18 @@ def main(argv=None):
     log(f"device {args.device} ({info['device_name']}), torch {info['torch']}, "
         f"bigkernels {info['bigkernels'].get('version')}, extension loaded: "
         f"{info['bigkernels'].get('extension_loaded')}; repeats {repeats}, warmup {warmup}")
-    cases = [c for fam in (args.only or FAMILIES)
-             for c in importlib.import_module(f"{__package__}.{fam}").cases(args.device, args.full)]
+    if not cuda:
+        log(f"CPU capability: ATen {info['cpu_capability']}, bigkernels {info['bigkernels'].get('cpu_capability')}; "
+            f"native bf16: {info['cpu_native_bf16']}")
+    cases = [c for fam in families for c in fam.cases(args.device, args.full, log)]
     t0, records = time.perf_counter(), []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.family}: {case.name}")
         records += harness.run_case(case, args.device, warmup, repeats, budget, log, set(args.skip) - {harness.SUBJECT})
     info["wall_s"] = round(time.perf_counter() - t0, 1)
-    table = harness.write_outputs(args.out, info, records)
+    table = harness.write_outputs(out, info, records)
     log("\n" + table)
-    log(f"\n{len(records)} measurements in {info['wall_s']} s; results in {args.out}")
+    log(f"\n{len(records)} measurements in {info['wall_s']} s; results in {out}")
     return 0
 
 

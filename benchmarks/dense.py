@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import bigkernels
 from bigkernels import reference
 
+from . import harness
 from .harness import Case, Variant
 
 # (M, K, N) with N = the weight's row count, i.e. the GEMM's N. A gated
@@ -18,9 +19,10 @@ GPU_SHAPES = [(512, 1024, 4096), (4096, 1024, 4096), (4096, 4096, 4096),
               (16384, 4096, 16384), (16384, 16384, 4096)]
 CPU_SHAPES = [(256, 1024, 1024), (1024, 1024, 4096), (4096, 1024, 1024)]  # sized for a few cores
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+VARIANTS = ("bigkernels", "eager", "addmm_activation", "matmul", "compile")
 
 
-def _grid(device, full):
+def _grid(device, full, log):
     if device == "cuda":
         shapes = GPU_SHAPES if full else GPU_SHAPES[:3]
         acts = ("gelu", "relu", "swiglu") if full else ("gelu",)
@@ -29,6 +31,12 @@ def _grid(device, full):
         shapes = CPU_SHAPES if full else CPU_SHAPES[:2]
         acts = ("gelu", "relu", "silu", "swiglu") if full else ("gelu", "relu")
         dtypes = (torch.float32, torch.bfloat16)
+        if not full and not harness.cpu_has_native_bf16():
+            # ATen's bf16 GEMM is 10-100x slower than fp32 on such CPUs: the
+            # short run would take many minutes for numbers nobody should use
+            dtypes = (torch.float32,)
+            log("this CPU has no native bf16 (AVX512-BF16/AMX/ARM BF16): the short run leaves bf16 out "
+                "(--full includes it)")
     return [(shape, dtype, act) for dtype in dtypes for shape in shapes for act in acts]
 
 
@@ -77,10 +85,10 @@ def _make(device, M, K, N, dtype, act):
     return make
 
 
-def cases(device, full):
+def cases(device, full, log=print):
     return [
         Case(family="dense", name=f"{DTYPE_NAMES[dtype]} {M}x{K}x{N} {act}",
              params=dict(M=M, K=K, N=N, dtype=DTYPE_NAMES[dtype], activation=act, bias=True),
              flops=2.0 * M * K * N, make=_make(device, M, K, N, dtype, act))
-        for (M, K, N), dtype, act in _grid(device, full)
+        for (M, K, N), dtype, act in _grid(device, full, log)
     ]

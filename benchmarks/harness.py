@@ -167,6 +167,17 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
     return records
 
 
+def cpu_has_native_bf16():
+    """Whether the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16,
+    ARM BF16), which ATen's bf16 GEMM needs to be fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def machine_info(device):
     cpu = platform.processor()
     try:
@@ -181,6 +192,10 @@ def machine_info(device):
         device_name=torch.cuda.get_device_name() if device == "cuda" else cpu,
         cpu_model=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_native_bf16=cpu_has_native_bf16(),
+        # variables that lower the instruction set of ATen, oneDNN and MKL (to measure an older CPU)
+        isa_env={k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                 if k in os.environ},
         bigkernels=bigkernels.backend_info(), command=" ".join(["python -m benchmarks"] + sys.argv[1:]),
     )
     return info
@@ -220,7 +235,9 @@ def markdown(info, header, rows, records):
     out = [
         "# bigkernels benchmark", "",
         f"{info['date']} on {info['device']} ({info['device_name']}), torch {info['torch']}, "
-        f"bigkernels {info['bigkernels'].get('version')}.", "",
+        f"bigkernels {info['bigkernels'].get('version')}; CPU capability {info['cpu_capability']}"
+        + (f" ({', '.join(f'{k}={v}' for k, v in info['isa_env'].items())})" if info["isa_env"] else "")
+        + f", {info['torch_threads']} threads.", "",
         "Median ms; TFLOP/s counts 2·M·K·N_rows per forward GEMM, 3x that for fwd+bwd; "
         f"x eager / x matmul = baseline ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
         "| " + " | ".join(header) + " |",

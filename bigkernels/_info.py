@@ -23,4 +23,6 @@ def backend_info():
         "built_with_cuda": BUILD_INFO["cuda_version"],
         "torch_version": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
+        # the CPU instruction set our CPU kernels run at (ATen's; ATEN_CPU_CAPABILITY lowers it)
+        "cpu_capability": torch.ops.bigkernels.cpu_capability() if _ext.LOADED else None,
     }

@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/capability.h"
+
 extern "C" {
 // Importing bigkernels._C loads this library, which runs the static
 // registrations below; the module itself holds nothing.
@@ -14,6 +18,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(bigkernels, m) {
+  // The CPU capability our CPU kernels run at now (DEFAULT, AVX2, AVX512):
+  // ATen's, which ATEN_CPU_CAPABILITY can lower.
+  m.def("cpu_capability() -> str", [] { return std::string(bigkernels::cpu_capability_name()); });
   // act(input @ weight.T + bias). `preactivation` is input @ weight.T + bias
   // when save_preactivation is true (backward needs it for some activations),
   // else an empty tensor.

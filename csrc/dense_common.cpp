@@ -11,19 +11,14 @@
 namespace bigkernels {
 
 Activation parse_activation(c10::string_view name) {
-  static const std::pair<const char*, Activation> kNames[] = {
-      {"none", Activation::kNone},       {"relu", Activation::kReLU},
-      {"gelu", Activation::kGELU},       {"gelu_tanh", Activation::kGELUTanh},
-      {"silu", Activation::kSiLU},       {"sigmoid", Activation::kSigmoid},
-      {"tanh", Activation::kTanh},       {"swiglu", Activation::kSwiGLU},
-      {"geglu", Activation::kGEGLU},
-  };
-  for (const auto& [n, a] : kNames) {
-    if (name == n) return a;
-  }
+#define BK_MATCH(python_name, value) \
+  if (name == #python_name) return Activation::value;
+  BK_FOR_EACH_ACTIVATION(BK_MATCH)
+#undef BK_MATCH
+#define BK_LIST(python_name, value) " " #python_name
   TORCH_CHECK_VALUE(false, "bigkernels.dense: unknown activation '", std::string(name),
-                    "'; expected one of none, relu, gelu, gelu_tanh, silu, sigmoid, tanh, "
-                    "swiglu, geglu");
+                    "'; expected one of:" BK_FOR_EACH_ACTIVATION(BK_LIST));
+#undef BK_LIST
 }
 
 DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
@@ -91,14 +86,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     grad_preact = g;  // the identity: nothing to fuse
   } else {
     at::Tensor z;  // what the activation derivative is computed from
-    if (saved.numel() > 0 || s.M == 0) {
-      const int64_t expected = saved_is_output ? s.Nout : s.Nz;
-      TORCH_CHECK_VALUE(saved.numel() == s.M * expected, "bigkernels.dense_backward: saved "
-                        "has ", saved.numel(), " elements, expected ", s.M * expected);
-      z = saved.reshape({s.M, expected}).contiguous();
+    const int64_t saved_width = saved_is_output ? s.Nout : s.Nz;
+    // An empty `saved` where a non-empty one was due asks for a recompute; an
+    // empty one that is due (M or the width is 0) is simply empty.
+    if (saved.numel() > 0 || s.M * saved_width == 0) {
+      TORCH_CHECK_VALUE(saved.numel() == s.M * saved_width, "bigkernels.dense_backward: saved "
+                        "has ", saved.numel(), " elements, expected ", s.M * saved_width);
+      z = saved.reshape({s.M, saved_width}).contiguous();
     } else {
       // recompute: the caller chose not to keep the pre-activation
-      TORCH_CHECK_VALUE(!saved_is_output, "bigkernels.dense_backward: saved output is empty");
+      TORCH_CHECK_VALUE(!saved_is_output, "bigkernels.dense_backward: the saved output is empty "
+                        "but the output has ", s.M * s.Nout, " elements");
       z = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
     }
     grad_preact = at::empty({s.M, s.Nz}, x.options());

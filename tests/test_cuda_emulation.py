@@ -17,7 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC_CUDA = os.path.join(os.path.dirname(HERE), "csrc", "cuda")
 EMULATION = os.path.join(HERE, "cuda_emulation")
-LAUNCH = re.compile(r"(\w+(?:<[^<>]*>)?)<<<([^,]+),\s*([^,]+),\s*0,\s*stream>>>\(([^;]*)\);")
+LAUNCH = re.compile(r"(\w+(?:<[^<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+),\s*stream>>>\(([^;]*)\);")
 
 
 def cuda_include_dir():
@@ -43,7 +43,7 @@ def test_cuda_kernels_under_host_emulation(tmp_path):
     units = []
     for name in ("dense_forward.cu", "activation_backward.cu"):
         with open(os.path.join(CSRC_CUDA, name)) as f:
-            source, launches = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4);", f.read())
+            source, launches = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4, \5);", f.read())
         assert launches > 0, f"no kernel launch found in {name}"
         (tmp_path / (name + ".cc")).write_text(source)
         unit = tmp_path / f"emulated_{name}.cc"

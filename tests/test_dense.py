@@ -2,13 +2,18 @@
 gradient, every activation, on CPU and (when present) CUDA."""
 
 import math
+import os
+import random
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bigkernels
 from bigkernels import reference
-from bigkernels.ops.dense import ACTIVATIONS, GATED
+from bigkernels.reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 from conftest import FLOOR, assert_close, device_params
 
 ALL_DTYPES = device_params(
@@ -183,7 +188,7 @@ def test_opcheck_dense_forward(device, activation, save_preactivation):
 def test_opcheck_dense_backward(device, activation):
     x, w, b, _, _ = sample_forward_args(activation, True, requires_grad=False, device=device)
     out, preact = torch.ops.bigkernels.dense_forward(x, w, b, activation, True)
-    from_output = activation in ("relu", "sigmoid", "tanh")
+    from_output = activation in DERIVATIVE_FROM_OUTPUT
     saved = out if from_output else preact
     grad = torch.randn_like(out)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
@@ -251,6 +256,9 @@ def test_compile_under_autocast():
         ((torch.tensor(1.0), torch.ones(4, 1)), {}, ValueError, "at least 1 dimension"),
         (("x", torch.ones(4, 3)), {}, TypeError, "input must be a torch.Tensor"),
         ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": 3}, TypeError, "activation must be a string"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "Gelu"}, ValueError, "did you mean 'gelu'"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"recompute": "yes"}, TypeError, "recompute must be a bool"),
+        ((torch.ones(2, 3, device="meta"), torch.ones(4, 3)), {}, ValueError, "weight is on cpu but input is on meta"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -320,11 +328,13 @@ def test_cuda_large_tiles(dtype, activation):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_misaligned_rows_take_the_scalar_path():
-    # K % 8 != 0 and an offset storage: the 16-byte copies must not be used
-    base = torch.randn(1 + 70 * 131, device="cuda", dtype=torch.bfloat16)
-    x = base[1:].view(70, 131)
-    w = torch.randn(50, 131, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("K", [128, 131], ids=["K128", "K131"])
+def test_cuda_misaligned_rows_take_the_scalar_path(K):
+    # rows start 2 bytes past a 16-byte boundary: with K % 8 == 0 only the
+    # misaligned start can turn the 16-byte copies off; K = 131 also misaligns rows
+    base = torch.randn(1 + 70 * K, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(70, K)
+    w = torch.randn(50, K, device="cuda", dtype=torch.bfloat16)
     out = bigkernels.dense(x, w, None, "relu")
     ref = reference.dense(x.double().cpu(), w.double().cpu(), None, "relu")
     assert_close("output", out.cpu(), reference.dense(x, w, None, "relu").cpu(), ref)
@@ -332,3 +342,206 @@ def test_cuda_misaligned_rows_take_the_scalar_path():
 
 def test_floor_table_covers_every_dtype():
     assert set(FLOOR) >= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+# ---------------------------------------------------------------- one list per concept
+
+def test_activation_list_matches_the_cpp_one():
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        torch.ops.bigkernels.dense_forward(torch.ones(2, 3), torch.ones(4, 3), None, "bogus", False)
+    cpp_names = re.search(r"expected one of:([\w ]+)", str(info.value)).group(1).split()
+    assert tuple(cpp_names) == ACTIVATIONS
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_derivative_from_output_list_matches_the_cpp_one(activation):
+    x, w, b, _, _ = sample_forward_args(activation, True, requires_grad=False)
+    out, _ = torch.ops.bigkernels.dense_forward(x, w, b, activation, True)
+    args = (torch.ones_like(out), x, w, b, out, activation, True, [True, True, True])
+    if activation in DERIVATIVE_FROM_OUTPUT or activation == "none":
+        torch.ops.bigkernels.dense_backward(*args)
+    else:
+        with pytest.raises((ValueError, RuntimeError), match="needs the pre-activation"):
+            torch.ops.bigkernels.dense_backward(*args)
+
+
+# ---------------------------------------------------------------- edges
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_zero_width_layer(device, dtype, activation):
+    # a weight with no rows: the output and the saved tensor are empty, which
+    # must not be taken for "recompute"
+    x = torch.randn(4, 3, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(0, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(0, device=device, dtype=dtype, requires_grad=True)
+    out = bigkernels.dense(x, w, b, activation)
+    assert out.shape == (4, 0)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 3) and b.grad.shape == (0,)
+
+
+# True limits at +-inf (torch's formulas give NaN for some: -inf * 0).
+LIMITS = {  # activation: (act(-inf), act(+inf), act'(-inf), act'(+inf))
+    "none": (-math.inf, math.inf, 1.0, 1.0),
+    "relu": (0.0, math.inf, 0.0, 1.0),
+    "gelu": (0.0, math.inf, 0.0, 1.0),
+    "gelu_tanh": (0.0, math.inf, 0.0, 1.0),
+    "silu": (0.0, math.inf, 0.0, 1.0),
+    "sigmoid": (0.0, 1.0, 0.0, 0.0),
+    "tanh": (-1.0, 1.0, 0.0, 0.0),
+}
+
+
+def expected_at(activation, z):
+    """act(z) and act'(z) in float64: the limits at +-inf, else the reference."""
+    z = z.double()
+    t = z.clone().requires_grad_()
+    value = reference.activation(t, activation)
+    (grad,) = torch.autograd.grad(value.sum(), t)
+    value, grad = value.detach(), grad.clone()
+    lo, hi, dlo, dhi = LIMITS[activation]
+    for where, v, d in ((z == -math.inf, lo, dlo), (z == math.inf, hi, dhi)):
+        value[where], grad[where] = v, d
+    return value, grad
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", list(LIMITS))
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_extreme_values(device, dtype, activation, recompute):
+    # in_features = 0 makes the pre-activation exactly the bias, and the bias
+    # gradient exactly act'(bias) for an upstream gradient of ones
+    tiny = torch.finfo(dtype).tiny
+    values = [-math.inf, -1e30, -100.0, -88.8, -tiny / 4, -0.0, 0.0, tiny / 4, 1.0, 88.8, 100.0, 1e30,
+              math.inf, math.nan]
+    b = torch.tensor(values, dtype=dtype, device=device)  # 1e30 is inf in float16, denormals too small flush
+    want, want_grad = expected_at(activation, b.cpu())
+    b.requires_grad_()
+    x = torch.empty(1, 0, dtype=dtype, device=device)
+    w = torch.zeros(len(values), 0, dtype=dtype, device=device, requires_grad=True)
+    out = bigkernels.dense(x, w, b, activation, recompute=recompute)
+    out.sum().backward()
+    for name, got, expected in (("output", out[0], want.to(dtype)), ("gradient", b.grad, want_grad.to(dtype))):
+        got = got.cpu()
+        assert torch.equal(got.isnan(), expected.isnan()), f"{name}: NaN at {got.isnan() ^ expected.isnan()}"
+        assert torch.equal(got.isinf(), expected.isinf()), f"{name}: {got} where {expected} was due"
+        rtol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+        torch.testing.assert_close(got, expected, equal_nan=True, rtol=rtol, atol=1e-30, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gated_extreme_values(activation):
+    # act(z1) * z2 with z1 = -inf is 0 for any finite gate
+    b = torch.tensor([-math.inf, math.inf, 2.0, 3.0], requires_grad=True)
+    out = bigkernels.dense(torch.empty(1, 0), torch.zeros(4, 0), b, activation)
+    assert out.tolist() == [[0.0, math.inf]]
+
+
+def test_bias_gradient_is_accurate_at_many_rows():
+    # the bias gradient sums 100k rows: blocked, not naively (issue 5)
+    check_against_reference("cpu", torch.float32, "tanh", (100_000,), 0, 8, seed=5)
+    check_against_reference("cpu", torch.float32, "gelu", (64_007,), 3, 5, seed=6)
+
+
+def test_random_shapes_fuzz():
+    # random sizes, leading dims up to ~120k rows, every activation and dtype
+    rng = random.Random(2026)
+    for case in range(24):
+        M = int(10 ** rng.uniform(0, 5.08))
+        K, N = rng.randint(0, 40), rng.randint(1, 40)
+        lead = (M,) if rng.random() < 0.7 else (max(1, M // 7), 7)
+        check_against_reference("cpu", rng.choice([torch.float32, torch.bfloat16, torch.float64]),
+                                rng.choice(ACTIVATIONS), lead, K, N, bias=rng.random() < 0.8,
+                                recompute=rng.random() < 0.3, seed=case)
+
+
+def test_bias_gradient_does_not_depend_on_the_thread_count():
+    # our reduction alone (the GEMMs are BLAS's, whose sums follow its threads)
+    gen = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(20_000, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24)
+    preact, grad = torch.randn(20_000, 24, generator=gen), torch.randn(20_000, 24, generator=gen)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(torch.ops.bigkernels.dense_backward(grad, x, w, b, preact, "gelu", False,
+                                                             [False, False, True])[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+def test_deterministic_mode_gives_identical_gradients(device):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3000, 32, generator=gen).to(device)
+    w = torch.randn(40, 32, generator=gen).to(device).requires_grad_()
+    b = torch.randn(40, generator=gen).to(device).requires_grad_()
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(bigkernels.dense(x, w, b, "silu").sum(), (w, b)) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert all(torch.equal(a, c) for run in runs for a, c in zip(run, runs[0]))
+
+
+# ---------------------------------------------------------------- meta tensors
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_meta_tensors(activation):
+    rows = 16 if activation in GATED else 8
+    x = torch.empty(5, 3, 12, device="meta", requires_grad=True)
+    w = torch.empty(rows, 12, device="meta", requires_grad=True)
+    b = torch.empty(rows, device="meta", requires_grad=True)
+    out = bigkernels.dense(x, w, b, activation)
+    assert out.device.type == "meta" and out.shape == (5, 3, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    with torch.no_grad():
+        assert bigkernels.dense(x, w, b, activation).shape == (5, 3, 8)
+
+
+def test_deferred_initialisation_on_meta():
+    # how accelerate's init_empty_weights and FSDP build big models: shapes on
+    # meta, then to_empty() and load_state_dict()
+    layer = bigkernels.nn.Linear(12, 7, activation="gelu", device="meta")
+    assert layer(torch.empty(2, 12, device="meta")).shape == (2, 7)
+    theirs = torch.nn.Linear(12, 7)
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(layer(x), reference.activation(theirs(x), "gelu"))
+
+
+# ---------------------------------------------------------------- CPU capabilities
+
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
+
+
+def host_capabilities():
+    """The capabilities ATen can run at here, lowest first."""
+    top = torch.backends.cpu.get_cpu_capability()
+    return CAPABILITIES[: CAPABILITIES.index(top) + 1] if top in CAPABILITIES else ["DEFAULT"]
+
+
+def test_kernels_run_at_atens_capability():
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    expected = torch.backends.cpu.get_cpu_capability()
+    assert torch.ops.bigkernels.cpu_capability() == (expected if expected in CAPABILITIES else "DEFAULT")
+    if forced:
+        assert expected == forced.upper()
+
+
+@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")), reason="already inside a forced run")
+@pytest.mark.parametrize("capability", host_capabilities())
+def test_every_capability_matches_the_reference(capability):
+    # the kernels of each capability, forced as ATen's are, against the reference
+    selection = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}, capture_output=True, text=True,
+        timeout=900, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -1,6 +1,6 @@
 from torch import nn
 
-from ..ops.dense import GATED, dense, normalize_activation
+from ..ops.dense import GATED, check_recompute, dense, normalize_activation
 
 
 class Linear(nn.Linear):
@@ -14,6 +14,7 @@ class Linear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, activation=None, device=None, dtype=None,
                  recompute=False):
         activation = normalize_activation(activation)
+        check_recompute(recompute)
         rows = 2 * out_features if activation in GATED else out_features
         super().__init__(in_features, rows, bias=bias, device=device, dtype=dtype)
         self.out_features = out_features

@@ -9,25 +9,27 @@ import torch
 
 from .. import _ext, reference
 
-ACTIVATIONS = reference.ACTIVATIONS
-GATED = reference.GATED
-# Activations whose derivative backward computes from the output, which the
-# caller keeps anyway, instead of from a saved pre-activation. Mirrors
-# derivative_from_output() in csrc/include/activations.h ("none" needs neither).
-_DERIVATIVE_FROM_OUTPUT = frozenset({"relu", "sigmoid", "tanh"})
+from ..reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def normalize_activation(activation):
-    """None -> "none"; checks the name."""
+    """None -> "none"; checks the name. Names are exact (lower case), as
+    torch's own string options are: "Gelu" is refused, not guessed."""
     if activation is None:
         return "none"
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a string or None, got {type(activation).__name__}")
-    name = activation.lower()
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-    return name
+    if activation not in ACTIVATIONS:
+        hint = f" (did you mean {activation.lower()!r}?)" if activation.lower() in ACTIVATIONS else ""
+        raise ValueError(f"unknown activation {activation!r}{hint}; expected one of {', '.join(ACTIVATIONS)}")
+    return activation
+
+
+def check_recompute(recompute):
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {recompute!r}")
 
 
 def out_features(weight_rows, activation):
@@ -68,11 +70,18 @@ def check_dense_args(input, weight, bias, activation):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast, such as "meta"
+        return False
+
+
 def _autocast(input, weight, bias):
     """Casts to the autocast dtype when autocast is on for input's device, as
     torch.autocast would for F.linear: the custom op has no autocast kernel of
     its own. Like autocast, leaves float64 and non-float tensors alone."""
-    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+    if not isinstance(input, torch.Tensor) or not _autocast_enabled(input.device.type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(input.device.type)
 
@@ -90,10 +99,13 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
     (2 * out_features, in_features) for the gated activations swiglu/geglu,
     whose output is act(first half) * second half; bias: (weight rows,) or None.
     activation: one of none, relu, gelu (exact), gelu_tanh, silu, sigmoid,
-    tanh, swiglu, geglu (or None). recompute=True keeps nothing but the
-    inputs for backward and recomputes the pre-activation there instead.
+    tanh, swiglu, geglu (or None), spelt exactly so. recompute=True keeps
+    nothing but the inputs for backward and recomputes the pre-activation
+    there instead. At +-inf every activation and gradient gives its true
+    limit where that is finite (silu(-inf) = 0, where torch gives NaN).
     """
     activation = normalize_activation(activation)
+    check_recompute(recompute)
     input, weight, bias = _autocast(input, weight, bias)
     check_dense_args(input, weight, bias, activation)
     if not _ext.LOADED:
@@ -102,7 +114,7 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
     save_preactivation = (
-        needs_grad and not recompute and activation != "none" and activation not in _DERIVATIVE_FROM_OUTPUT
+        needs_grad and not recompute and activation != "none" and activation not in DERIVATIVE_FROM_OUTPUT
     )
     output, _ = torch.ops.bigkernels.dense_forward(input, weight, bias, activation, save_preactivation)
     return output
@@ -131,7 +143,7 @@ def _register():
         out, preact = output
         ctx.set_materialize_grads(False)  # preact's gradient is always None: don't fill zeros
         ctx.activation = activation
-        ctx.saved_is_output = activation in _DERIVATIVE_FROM_OUTPUT
+        ctx.saved_is_output = activation in DERIVATIVE_FROM_OUTPUT
         # preact is empty when it was not kept: backward then recomputes it.
         ctx.save_for_backward(input, weight, bias, out if ctx.saved_is_output else preact)
 

@@ -3,7 +3,7 @@
 // activation_backward.cu).
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,13 +25,10 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
-// The tensor-core kernels use cp.async and bf16 WMMA: sm_80 or newer.
-void check_device_supported(const at::Tensor& input) {
+int compute_capability_major(const at::Tensor& t) {
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        input.device().index()));
-  TORCH_CHECK(major >= 8, "bigkernels.dense: CUDA kernels need compute capability 8.0 or "
-              "newer; this GPU has ", major, ".x");
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
+  return major;
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
@@ -42,7 +39,6 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   const Activation act = parse_activation(activation);
   const DenseShape s = check_dense_args(input, weight, bias, act);
   const c10::cuda::CUDAGuard guard(input.device());
-  check_device_supported(input);
 
   const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
   const at::Tensor w = weight.contiguous();
@@ -60,7 +56,13 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   p.M = s.M, p.K = s.K, p.Nz = s.Nz, p.Nout = s.Nout;
   p.act = act;
   p.dtype = to_kernel_dtype(x.scalar_type());
-  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  // TF32 exists from sm_80 on; before that fp32 runs on the exact FMA kernel.
+  const int major = compute_capability_major(input);
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS() && major >= 8;
+  // The tensor-core kernel (cp.async, bf16 mma) needs sm_80; the FMA one does not.
+  TORCH_CHECK(!cuda::dense_forward_uses_tensor_cores(p) || major >= 8, "bigkernels.dense: ",
+              x.scalar_type(), " runs on tensor cores, which need compute capability 8.0 or newer; "
+              "this GPU has ", major, ".x (float32 and float64 run on any GPU)");
   C10_CUDA_CHECK(cuda::launch_dense_forward(p, c10::cuda::getCurrentCUDAStream()));
 
   if (save_preactivation) preact = preact.view(leading_shape_with(input, s.Nz));
@@ -70,17 +72,22 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
 void activation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& saved, Activation act,
                               bool saved_is_output, at::Tensor& grad_preact,
                               at::Tensor* grad_bias) {
-  if (grad_bias) grad_bias->zero_();  // the kernel accumulates into it
+  const int64_t M = grad_out.size(0), Nz = grad_preact.size(1);
+  // Partial column sums, one row per row of the kernel's grid, added up by
+  // ATen's (deterministic) sum: no atomics, the same bits every run.
+  at::Tensor partials;
+  if (grad_bias) partials = at::empty({cuda::activation_backward_partial_rows(M), Nz}, grad_bias->options());
   cuda::ActivationBackwardParams p{};
   p.grad_out = grad_out.const_data_ptr();
   p.saved = saved.const_data_ptr();
   p.grad_preact = grad_preact.mutable_data_ptr();
-  p.grad_bias = grad_bias ? grad_bias->mutable_data_ptr() : nullptr;
-  p.M = grad_out.size(0), p.Nout = grad_out.size(1), p.Nz = grad_preact.size(1);
+  p.bias_partials = grad_bias ? partials.mutable_data_ptr() : nullptr;
+  p.M = M, p.Nout = grad_out.size(1), p.Nz = Nz;
   p.act = act;
   p.saved_is_output = saved_is_output;
   p.dtype = to_kernel_dtype(grad_out.scalar_type());
   C10_CUDA_CHECK(cuda::launch_activation_backward(p, c10::cuda::getCurrentCUDAStream()));
+  if (grad_bias) *grad_bias = partials.sum(0);
 }
 
 }  // namespace

@@ -16,34 +16,12 @@
 
 #include <type_traits>
 
+#include "dtype.cuh"
 #include "launchers.h"
 
 namespace bigkernels {
 namespace cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_acc(T v);
-template <>
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v);
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ float from_acc<float, float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double, double>(double v) { return v; }
 
 template <typename Acc>
 __device__ __forceinline__ Acc activate(Activation a, Acc z) {
@@ -140,7 +118,11 @@ struct TensorCoreTraits<__nv_bfloat16> {
 };
 template <>
 struct TensorCoreTraits<float> {  // TF32
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using Frag = nvcuda::wmma::precision::tf32;
+#else
+  using Frag = float;  // no TF32 before sm_80: the kernel body is compiled out there
+#endif
   static constexpr int kBK = 16, kFragK = 8;
 };
 
@@ -173,7 +155,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* src, int64_t k, int6
   } else {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      dst[e] = (src != nullptr && k + e < K) ? src[k + e] : from_acc<T, float>(0.0f);
+      dst[e] = (src != nullptr && k + e < K) ? src[k + e] : from_acc<T>(0.0f);
     }
   }
 }

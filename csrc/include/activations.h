@@ -1,13 +1,20 @@
-// Activation functions and their derivatives, written once for the CPU and
-// CUDA kernels so that both compute the same thing.
+// Activation functions and their derivatives, written once for every kernel:
+// the CUDA kernels run them on float/double scalars, the CPU kernels on
+// at::vec::Vectorized (csrc/cpu/vec_math.h supplies the MathOps for those).
 //
 // This header is deliberately free of torch headers: it is included by .cu
 // files, whose compile time the torch headers would dominate.
+//
+// Infinities: wherever the true limit at +-inf is finite, the result is that
+// limit (silu(-inf) = 0, gelu(-inf) = 0, gelu'(+-inf) = 1 or 0, ...), where
+// torch's formulas give NaN (inf * 0). NaN in gives NaN out. sigmoid is
+// computed from exp(-|z|), so it neither overflows nor flushes: sigmoid(-100)
+// is 3.7e-44 (a float denormal), where torch gives 0.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
 
 #if defined(__CUDACC__)
 #define BK_HD __host__ __device__ __forceinline__
@@ -17,18 +24,36 @@
 
 namespace bigkernels {
 
-// The order is part of nothing public: Python passes activations by name.
+// The one list of activations: X(python name, enum name). The order is part
+// of nothing public: Python passes activations by name. bigkernels/reference.py
+// holds the Python list; tests/test_dense.py checks that the two agree.
+#define BK_FOR_EACH_ACTIVATION(X) \
+  X(none, kNone)                  \
+  X(relu, kReLU)                  \
+  X(gelu, kGELU) /* exact: z * Phi(z), with erf */ \
+  X(gelu_tanh, kGELUTanh) /* tanh approximation */ \
+  X(silu, kSiLU)                  \
+  X(sigmoid, kSigmoid)            \
+  X(tanh, kTanh)                  \
+  X(swiglu, kSwiGLU) /* gated: silu(first half) * second half */ \
+  X(geglu, kGEGLU)   /* gated: gelu(first half) * second half */
+
 enum class Activation : int {
-  kNone = 0,
-  kReLU,
-  kGELU,      // exact: z * Phi(z), with erf
-  kGELUTanh,  // tanh approximation
-  kSiLU,
-  kSigmoid,
-  kTanh,
-  kSwiGLU,  // gated: silu(first half) * second half
-  kGEGLU,   // gated: gelu(first half) * second half
+#define BK_ENUM(name, value) value,
+  BK_FOR_EACH_ACTIVATION(BK_ENUM)
+#undef BK_ENUM
 };
+
+// Reached only if an Activation holds a value outside the enum, which
+// parse_activation() makes impossible: loud, never a silent identity.
+[[noreturn]] BK_HD void unreachable_activation() {
+#if defined(__CUDA_ARCH__) && defined(__CUDACC__)
+  __trap();
+  __builtin_unreachable();
+#else
+  std::abort();
+#endif
+}
 
 BK_HD bool is_gated(Activation a) {
   return a == Activation::kSwiGLU || a == Activation::kGEGLU;
@@ -43,143 +68,105 @@ BK_HD Activation inner_activation(Activation a) {
 
 // True where the derivative can be computed from the activation's output
 // alone, so backward can keep the output (which the caller holds anyway)
-// instead of the pre-activation. Python's ops/dense.py mirrors this list.
+// instead of the pre-activation. Python: reference.DERIVATIVE_FROM_OUTPUT.
 BK_HD bool derivative_from_output(Activation a) {
   return a == Activation::kNone || a == Activation::kReLU ||
          a == Activation::kSigmoid || a == Activation::kTanh;
 }
 
-namespace math {
+// The few primitives the formulas below need, for float and double (host and
+// device). csrc/cpu/vec_math.h specializes MathOps for at::vec::Vectorized.
+// Every comparison is false for NaN, so each primitive passes NaN through.
+template <typename T>
+struct MathOps {
+  static BK_HD T exp(T x) { return ::exp(x); }
+  static BK_HD T erf(T x) { return ::erf(x); }
+  static BK_HD T tanh(T x) { return ::tanh(x); }
+  static BK_HD T abs(T x) { return x < T(0) ? T(0) - x : x; }
+  static BK_HD T if_negative(T c, T a, T b) { return c < T(0) ? a : b; }
+  static BK_HD T at_least(T x, T lo) { return x < lo ? lo : x; }
+  static BK_HD T clamp(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
+  static BK_HD T relu(T x) { return x <= T(0) ? T(0) : x; }
+  static BK_HD T step(T x) { return x <= T(0) ? T(0) : T(1); }  // relu's derivative (1 at NaN, as torch)
+};
+template <>
+BK_HD float MathOps<float>::exp(float x) { return ::expf(x); }
+template <>
+BK_HD float MathOps<float>::erf(float x) { return ::erff(x); }
+template <>
+BK_HD float MathOps<float>::tanh(float x) { return ::tanhf(x); }
 
-#if !defined(__CUDA_ARCH__)
-// Host float versions written without calls or branches so that the CPU
-// loops vectorize (glibc's scalar expf/erff would not).
-BK_HD float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
+// Beyond +-kSaturate every activation and derivative has reached its limit in
+// float and double alike (exp(-1e4) is 0), so clamping there turns inf * 0
+// into the limit without changing any finite result.
+constexpr double kSaturate = 1e4;
 
-// exp(x) by Cody-Waite range reduction and the Cephes polynomial; ~1 ulp.
-BK_HD float host_expf(float x) {
-  x = x > 88.3f ? 88.3f : x;  // keep 2^n finite
-  x = x < -87.3f ? -87.3f : x;  // and normal
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to int
-  float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+// 1 / (1 + exp(-z)) from exp(-|z|) <= 1: no overflow, no early flush to 0.
+template <typename T>
+BK_HD T stable_sigmoid(T z) {
+  using M = MathOps<T>;
+  const T e = M::exp(T(0) - M::abs(z));
+  const T r = T(1) / (T(1) + e);
+  return M::if_negative(z, e * r, r);
 }
-
-// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the
-// same formula ATen's vectorized erf uses): short enough to keep GELU cheap.
-BK_HD float host_erff(float x) {
-  float z = x < 0.0f ? -x : x;
-  float t = 1.0f / (1.0f + 0.3275911f * z);
-  float poly = t * (0.254829592f +
-                    t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  float r = 1.0f - poly * host_expf(-z * z);
-  return x < 0.0f ? -r : r;
-}
-
-// tanh(x): Cephes' odd polynomial near 0 (where 1 - 2/(e^2x + 1) would
-// cancel), the exp form elsewhere.
-BK_HD float host_tanhf(float x) {
-  float z = x < 0.0f ? -x : x;
-  float x2 = x * x;
-  float small =
-      ((((-5.70498872745e-3f * x2 + 2.06390887954e-2f) * x2 - 5.37397155531e-2f) * x2 +
-        1.33314422036e-1f) * x2 - 3.33332819422e-1f) * x2 * x + x;
-  float large = 1.0f - 2.0f / (host_expf(2.0f * z) + 1.0f);
-  large = x < 0.0f ? -large : large;
-  return z < 0.625f ? small : large;
-}
-#endif
-
-BK_HD float exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::expf(x);
-#else
-  return host_expf(x);
-#endif
-}
-BK_HD float erf(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::erff(x);
-#else
-  return host_erff(x);
-#endif
-}
-BK_HD float tanh(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::tanhf(x);
-#else
-  return host_tanhf(x);
-#endif
-}
-BK_HD double exp(double x) { return ::exp(x); }
-BK_HD double erf(double x) { return ::erf(x); }
-BK_HD double tanh(double x) { return ::tanh(x); }
-
-}  // namespace math
 
 // y = act(z) for the non-gated activations (A is never a gated one).
 template <Activation A, typename T>
 BK_HD T act_forward(T z) {
-  constexpr T kHalf = T(0.5), kOne = T(1);
+  using M = MathOps<T>;
   if constexpr (A == Activation::kNone) {
     return z;
   } else if constexpr (A == Activation::kReLU) {
-    return z > T(0) ? z : (z != z ? z : T(0));  // NaN stays NaN, as in torch
+    return M::relu(z);
   } else if constexpr (A == Activation::kGELU) {
-    return kHalf * z * (kOne + math::erf(z * T(0.70710678118654752440)));
+    z = M::at_least(z, T(-kSaturate));
+    return T(0.5) * z * (T(1) + M::erf(z * T(0.70710678118654752440)));
   } else if constexpr (A == Activation::kGELUTanh) {
-    T inner = T(0.79788456080286535588) * (z + T(0.044715) * z * z * z);
-    return kHalf * z * (kOne + math::tanh(inner));
+    z = M::at_least(z, T(-kSaturate));
+    const T inner = T(0.79788456080286535588) * (z + T(0.044715) * z * z * z);
+    return T(0.5) * z * (T(1) + M::tanh(inner));
   } else if constexpr (A == Activation::kSiLU) {
-    return z / (kOne + math::exp(-z));
+    z = M::at_least(z, T(-kSaturate));
+    return z * stable_sigmoid(z);
   } else if constexpr (A == Activation::kSigmoid) {
-    return kOne / (kOne + math::exp(-z));
+    return stable_sigmoid(z);
   } else {
     static_assert(A == Activation::kTanh, "gated activations are not elementwise");
-    return math::tanh(z);
+    return M::tanh(z);
   }
 }
 
 // d act / dz at the pre-activation z.
 template <Activation A, typename T>
 BK_HD T act_grad_from_input(T z) {
-  constexpr T kHalf = T(0.5), kOne = T(1);
+  using M = MathOps<T>;
   if constexpr (A == Activation::kNone) {
-    return kOne;
+    return T(1);
   } else if constexpr (A == Activation::kReLU) {
-    return z > T(0) ? kOne : T(0);
+    return M::step(z);
   } else if constexpr (A == Activation::kGELU) {
-    T cdf = kHalf * (kOne + math::erf(z * T(0.70710678118654752440)));
-    T pdf = T(0.39894228040143267794) * math::exp(-kHalf * z * z);
+    z = M::clamp(z, T(-kSaturate), T(kSaturate));
+    const T cdf = T(0.5) * (T(1) + M::erf(z * T(0.70710678118654752440)));
+    const T pdf = T(0.39894228040143267794) * M::exp(T(-0.5) * z * z);
     return cdf + z * pdf;
   } else if constexpr (A == Activation::kGELUTanh) {
-    constexpr T kBeta = T(0.79788456080286535588), kKappa = T(0.044715);
-    T t = math::tanh(kBeta * (z + kKappa * z * z * z));
-    return kHalf * (kOne + t) +
-           kHalf * z * (kOne - t * t) * kBeta * (kOne + T(3) * kKappa * z * z);
+    constexpr double kBeta = 0.79788456080286535588, kKappa = 0.044715;
+    z = M::clamp(z, T(-kSaturate), T(kSaturate));
+    const T z2 = z * z;
+    const T t = M::tanh(T(kBeta) * (z + T(kKappa) * z2 * z));
+    return T(0.5) * (T(1) + t) +
+           T(0.5) * z * (T(1) - t * t) * T(kBeta) * (T(1) + T(3 * kKappa) * z2);
   } else if constexpr (A == Activation::kSiLU) {
-    T s = kOne / (kOne + math::exp(-z));
-    return s * (kOne + z * (kOne - s));
+    z = M::clamp(z, T(-kSaturate), T(kSaturate));
+    const T s = stable_sigmoid(z);
+    return s * (T(1) + z * (T(1) - s));
   } else if constexpr (A == Activation::kSigmoid) {
-    T s = kOne / (kOne + math::exp(-z));
-    return s * (kOne - s);
+    const T s = stable_sigmoid(z);
+    return s * (T(1) - s);
   } else {
     static_assert(A == Activation::kTanh, "gated activations are not elementwise");
-    T t = math::tanh(z);
-    return kOne - t * t;
+    const T t = M::tanh(z);
+    return T(1) - t * t;
   }
 }
 
@@ -189,7 +176,7 @@ BK_HD T act_grad_from_output(T y) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kReLU) {
-    return y > T(0) ? T(1) : T(0);
+    return MathOps<T>::step(y);
   } else if constexpr (A == Activation::kSigmoid) {
     return y * (T(1) - y);
   } else {
@@ -198,8 +185,9 @@ BK_HD T act_grad_from_output(T y) {
   }
 }
 
-// Calls f(std::integral_constant<Activation, A>{}) for the runtime value a,
-// turning the activation into a template parameter once, outside the loops.
+// Calls f(ActivationTag<A>{}) for the runtime value a, turning the activation
+// into a template parameter once, outside the loops. Gated activations are
+// dispatched by their inner activation (the caller handles the gate).
 template <Activation A>
 struct ActivationTag {
   static constexpr Activation value = A;
@@ -207,14 +195,15 @@ struct ActivationTag {
 
 template <typename F>
 BK_HD auto dispatch_activation(Activation a, F&& f) {
-  switch (a) {
+  switch (inner_activation(a)) {
+    case Activation::kNone: return f(ActivationTag<Activation::kNone>{});
     case Activation::kReLU: return f(ActivationTag<Activation::kReLU>{});
     case Activation::kGELU: return f(ActivationTag<Activation::kGELU>{});
     case Activation::kGELUTanh: return f(ActivationTag<Activation::kGELUTanh>{});
     case Activation::kSiLU: return f(ActivationTag<Activation::kSiLU>{});
     case Activation::kSigmoid: return f(ActivationTag<Activation::kSigmoid>{});
     case Activation::kTanh: return f(ActivationTag<Activation::kTanh>{});
-    default: return f(ActivationTag<Activation::kNone>{});
+    default: unreachable_activation();
   }
 }
 
@@ -222,10 +211,11 @@ BK_HD auto dispatch_activation(Activation a, F&& f) {
 template <typename F>
 BK_HD auto dispatch_output_activation(Activation a, F&& f) {
   switch (a) {
+    case Activation::kNone: return f(ActivationTag<Activation::kNone>{});
     case Activation::kReLU: return f(ActivationTag<Activation::kReLU>{});
     case Activation::kSigmoid: return f(ActivationTag<Activation::kSigmoid>{});
     case Activation::kTanh: return f(ActivationTag<Activation::kTanh>{});
-    default: return f(ActivationTag<Activation::kNone>{});
+    default: unreachable_activation();
   }
 }
 

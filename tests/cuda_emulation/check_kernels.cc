@@ -6,6 +6,7 @@
 #include "emu_cuda.h"
 #include "launchers.h"
 #include <cmath>
+#include <limits>
 #include <random>
 #include <string>
 
@@ -107,7 +108,8 @@ void check_backward(int64_t M, int64_t Nout, Activation act, bool from_output, b
   std::mt19937 gen(M * 17 + Nout);
   std::normal_distribution<double> nd;
   Buffer<T> g(M * Nout), s(M * ns), dz(M * Nz);
-  std::vector<Acc> db(Nz, Acc(0));
+  // every partial the kernel owes is written: start from NaN so a gap shows
+  std::vector<Acc> partials(activation_backward_partial_rows(M) * Nz, std::numeric_limits<Acc>::quiet_NaN());
   for (int64_t i = 0; i < M * Nout; ++i) g.p[i] = from_d<T>(nd(gen));
   for (int64_t i = 0; i < M * ns; ++i) {
     double v = nd(gen);
@@ -115,7 +117,7 @@ void check_backward(int64_t M, int64_t Nout, Activation act, bool from_output, b
     s.p[i] = from_d<T>(v);
   }
   ActivationBackwardParams p{};
-  p.grad_out = g.p; p.saved = s.p; p.grad_preact = dz.p; p.grad_bias = bias ? db.data() : nullptr;
+  p.grad_out = g.p; p.saved = s.p; p.grad_preact = dz.p; p.bias_partials = bias ? partials.data() : nullptr;
   p.M = M; p.Nz = Nz; p.Nout = Nout; p.act = act; p.saved_is_output = from_output; p.dtype = dtype_of<T>();
   require(launch_activation_backward(p, nullptr) == cudaSuccess, "launch");
   const std::string tag = "bwd M" + std::to_string(M) + " N" + std::to_string(Nout) + " act" +
@@ -140,7 +142,11 @@ void check_backward(int64_t M, int64_t Nout, Activation act, bool from_output, b
       sums[n] += d1;
     }
   if (bias)
-    for (int64_t n = 0; n < Nz; ++n) expect_close("dbias", tag, (double)db[n], sums[n], tol * 4);
+    for (int64_t n = 0; n < Nz; ++n) {
+      double db = 0;
+      for (int64_t r = 0; r < activation_backward_partial_rows(M); ++r) db += partials[r * Nz + n];
+      expect_close("dbias", tag, db, sums[n], tol * 4);
+    }
 }
 
 int main() {
@@ -178,6 +184,24 @@ int main() {
         if (a == Activation::kReLU || a == Activation::kSigmoid || a == Activation::kTanh)
           check_backward<float, float>(M, N, a, true, true, 1e-5);
       }
+  // A launch the hardware would refuse is refused here too, and the launcher
+  // reports it: an output of more tiles than a grid can hold (never touched).
+  {
+    DenseForwardParams p{};
+    p.M = int64_t(1) << 40; p.K = 8; p.Nz = p.Nout = int64_t(1) << 20; p.act = Activation::kReLU;
+    p.dtype = DType::kBFloat16;
+    ++checks;
+    if (launch_dense_forward(p, nullptr) != cudaErrorInvalidConfiguration) {
+      std::printf("MISMATCH launch: a grid of 2^45 tiles was not refused\n");
+      ++failures;
+    }
+    ++checks;
+    bk_emulate_launch([] { std::abort(); }, dim3(1), dim3(2048), 0);  // too many threads: must not run
+    if (cudaGetLastError() != cudaErrorInvalidConfiguration || cudaGetLastError() != cudaSuccess) {
+      std::printf("MISMATCH launch: 2048 threads a block were not refused, or the error did not clear\n");
+      ++failures;
+    }
+  }
   std::printf("total: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -3,7 +3,9 @@
 // a GPU: one std::thread per CUDA thread, std::barrier for __syncthreads and
 // __syncwarp, WMMA fragments as whole per-thread matrices (the API's
 // semantics, not the hardware's register layout), cp.async as memcpy. The
-// WMMA and cp.async calls check the API's alignment rules. Not covered:
+// WMMA and cp.async calls check the API's alignment rules, and a launch
+// checks its configuration against the hardware limits (the error comes back
+// from cudaGetLastError, as on a GPU). Not covered:
 // hardware timing (races that only show on a GPU), real fragment layouts,
 // the tensor cores' rounding, speed.
 #pragma once
@@ -32,7 +34,6 @@
 #define __device__
 #undef __host__
 #define __host__
-#define cudaGetLastError() cudaSuccess
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
@@ -127,9 +128,32 @@ inline float __float_to_tf32(float v) {  // round to a 10-bit mantissa
 }
 }}  // namespace nvcuda::wmma
 
+// What cudaGetLastError() returns (and clears): set by a bad launch.
+inline cudaError_t g_last_error = cudaSuccess;
+inline cudaError_t bk_emulated_get_last_error() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+#define cudaGetLastError() bk_emulated_get_last_error()
+
+// The launch limits of every GPU since sm_30 (and of the H200): at most 1024
+// threads a block, grid x < 2^31, grid y and z <= 65535, no empty grid or
+// block, at most 48 KB of dynamic shared memory without opting in (the
+// kernels here use none: the LAUNCH rewrite passes it through).
+inline bool bk_valid_launch(dim3 grid, dim3 block, size_t dynamic_smem) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  return threads >= 1 && threads <= 1024 && block.z <= 64 && grid.x >= 1 && grid.x <= 0x7fffffffu &&
+         grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535 && dynamic_smem <= 48 * 1024;
+}
+
 template <typename Kernel, typename... Args>
-void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
-  require(block.y == 1 && block.z == 1 && grid.z == 1, "1-d blocks");
+void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem, Args... args) {
+  if (!bk_valid_launch(grid, block, dynamic_smem)) {
+    g_last_error = cudaErrorInvalidConfiguration;  // nothing runs, as on a GPU
+    return;
+  }
+  require(block.y == 1 && block.z == 1 && grid.z == 1, "1-d blocks, 2-d grids (all the emulation runs)");
   gridDim = grid;
   blockDim = block;
   const int n = block.x;

@@ -1,0 +1,127 @@
+// The dense family's CPU row loops on at::vec::Vectorized. Compiled once per
+// CPU capability (setup.py; capability.h): everything here lives in a
+// capability-named namespace, and only the table at the end is seen outside.
+#include "dense_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include "vec_math.h"
+
+namespace bigkernels {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+void forward_rows(Activation act, const T* z, T* out, int64_t r0, int64_t r1, int64_t nz,
+                  int64_t nout) {
+  using IO = VecIO<T>;
+  const bool gated = is_gated(act);
+  dispatch_activation(act, [&](auto tag) {
+    const auto f = [](const auto& v) { return act_forward<decltype(tag)::value>(v); };
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* zr = z + r * nz;
+      T* y = out + r * nout;
+      for (int64_t j = 0; j < nout; j += IO::kWidth) {
+        const int64_t n = std::min(IO::kWidth, nout - j);
+        auto a = map_parts(f, IO::load(zr + j, n));
+        if (gated) a = map_parts([](const auto& u, const auto& v) { return u * v; }, a, IO::load(zr + nout + j, n));
+        IO::store(y + j, a, n);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(Activation act, bool saved_is_output, const T* g, const T* saved, T* dz,
+                   typename VecIO<T>::C* dbias, int64_t r0, int64_t r1, int64_t nz, int64_t nout) {
+  using IO = VecIO<T>;
+  const auto mul = [](const auto& u, const auto& v) { return u * v; };
+  const int64_t ns = saved_is_output ? nout : nz;
+  // dz = g * grad(saved), for a derivative taken from the output or the input
+  const auto plain = [&](auto grad) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *gr = g + r * nout, *sr = saved + r * ns;
+      T* d = dz + r * nz;
+      for (int64_t j = 0; j < nout; j += IO::kWidth) {
+        const int64_t n = std::min(IO::kWidth, nout - j);
+        const auto v = map_parts(mul, IO::load(gr + j, n), map_parts(grad, IO::load(sr + j, n)));
+        IO::store(d + j, v, n);
+        if (dbias) IO::accumulate(dbias + j, v, n);
+      }
+    }
+  };
+  if (saved_is_output) {
+    dispatch_output_activation(act, [&](auto tag) {
+      plain([](const auto& y) { return act_grad_from_output<decltype(tag)::value>(y); });
+    });
+  } else if (!is_gated(act)) {
+    dispatch_activation(act, [&](auto tag) {
+      plain([](const auto& z) { return act_grad_from_input<decltype(tag)::value>(z); });
+    });
+  } else {
+    // act(z1) * z2: dz1 = g * z2 * act'(z1), dz2 = g * act(z1)
+    dispatch_activation(act, [&](auto tag) {
+      constexpr Activation A = decltype(tag)::value;
+      const auto grad = [](const auto& v) { return act_grad_from_input<A>(v); };
+      const auto forward = [](const auto& v) { return act_forward<A>(v); };
+      for (int64_t r = r0; r < r1; ++r) {
+        const T *gr = g + r * nout, *sr = saved + r * nz;
+        T* d = dz + r * nz;
+        for (int64_t j = 0; j < nout; j += IO::kWidth) {
+          const int64_t n = std::min(IO::kWidth, nout - j);
+          const auto go = IO::load(gr + j, n), z1 = IO::load(sr + j, n), z2 = IO::load(sr + nout + j, n);
+          const auto d1 = map_parts(mul, map_parts(mul, go, z2), map_parts(grad, z1));
+          const auto d2 = map_parts(mul, go, map_parts(forward, z1));
+          IO::store(d + j, d1, n);
+          IO::store(d + nout + j, d2, n);
+          if (dbias) {
+            IO::accumulate(dbias + j, d1, n);
+            IO::accumulate(dbias + nout + j, d2, n);
+          }
+        }
+      }
+    });
+  }
+}
+
+// Turns the dtype into the storage type, once per call.
+template <typename F>
+void dispatch_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return f(float{});
+    case c10::ScalarType::Double: return f(double{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
+    case c10::ScalarType::Half: return f(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "bigkernels.dense: unsupported dtype ", dtype);
+  }
+}
+
+void forward_rows_any(c10::ScalarType dtype, Activation act, const void* z, void* out, int64_t r0,
+                      int64_t r1, int64_t nz, int64_t nout) {
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    forward_rows(act, static_cast<const T*>(z), static_cast<T*>(out), r0, r1, nz, nout);
+  });
+}
+
+void backward_rows_any(c10::ScalarType dtype, Activation act, bool saved_is_output, const void* g,
+                       const void* saved, void* dz, void* dbias, int64_t r0, int64_t r1, int64_t nz,
+                       int64_t nout) {
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    backward_rows(act, saved_is_output, static_cast<const T*>(g), static_cast<const T*>(saved),
+                  static_cast<T*>(dz), static_cast<typename VecIO<T>::C*>(dbias), r0, r1, nz, nout);
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+extern const DenseCpuKernels BK_CAPABILITY_NAME(dense_cpu_kernels) = {
+    &CPU_CAPABILITY::forward_rows_any,
+    &CPU_CAPABILITY::backward_rows_any,
+};
+
+}  // namespace bigkernels

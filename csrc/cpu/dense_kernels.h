@@ -1,0 +1,30 @@
+// The dense family's CPU row loops, compiled once per CPU capability
+// (dense_kernels.cpp; capability.h) and called through this table.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "../include/activations.h"
+#include "capability.h"
+
+namespace bigkernels {
+
+struct DenseCpuKernels {
+  // Rows [r0, r1): out = act(z), or act(z1) * z2 for a gated activation (z is
+  // [rows, nz], out [rows, nout]); out may be z when the activation is not gated.
+  void (*forward_rows)(c10::ScalarType dtype, Activation act, const void* z, void* out, int64_t r0,
+                       int64_t r1, int64_t nz, int64_t nout);
+  // Rows [r0, r1): dz = g * act'(...), from the saved rows (the output, width
+  // nout, when saved_is_output, else the pre-activation, width nz). When
+  // dbias (float; double for double) is not null, the column sums of these
+  // rows of dz are added to it, in the same loop.
+  void (*backward_rows)(c10::ScalarType dtype, Activation act, bool saved_is_output, const void* g,
+                        const void* saved, void* dz, void* dbias, int64_t r0, int64_t r1,
+                        int64_t nz, int64_t nout);
+};
+
+BK_DECLARE_CAPABILITY_TABLE(DenseCpuKernels, dense_cpu_kernels)
+
+}  // namespace bigkernels

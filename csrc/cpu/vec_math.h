@@ -1,0 +1,146 @@
+// What the shared activation formulas (include/activations.h) and the CPU
+// row loops need from at::vec::Vectorized, for the CPU capability this file
+// is compiled for (see cpu/capability.h). Included only by files compiled
+// once per capability.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+
+#include "../include/activations.h"
+
+namespace bigkernels {
+
+// Shared by every Vectorized type: selections by comparison (blendv(a, b,
+// mask) = mask ? b : a; comparisons are false for NaN, so NaN passes through).
+template <typename C>
+struct VecSelectOps {
+  using V = at::vec::Vectorized<C>;
+  static V abs(const V& x) { return x.abs(); }
+  static V if_negative(const V& c, const V& a, const V& b) { return V::blendv(b, a, c < V(0)); }
+  static V at_least(const V& x, const V& lo) { return V::blendv(x, lo, x < lo); }
+  static V clamp(const V& x, const V& lo, const V& hi) { return at_least(V::blendv(x, hi, x > hi), lo); }
+  static V relu(const V& x) { return V::blendv(x, V(0), x <= V(0)); }
+  static V step(const V& x) { return V::blendv(V(1), V(0), x <= V(0)); }  // relu's derivative
+};
+
+// double: ATen's vectorized exp/erf/tanh (Sleef on AVX2 and AVX-512).
+template <>
+struct MathOps<at::vec::Vectorized<double>> : VecSelectOps<double> {
+  static V exp(const V& x) { return x.exp(); }
+  static V erf(const V& x) { return x.erf(); }
+  static V tanh(const V& x) { return x.tanh(); }
+};
+
+// float: inline polynomials around ATen's exp_u20 (2 ulp, no function call),
+// which run 1.5-2x faster than the Sleef calls on AVX2 (docs/PERFORMANCE.md);
+// oneDNN's JIT GELU, which eager F.gelu runs, is the bar. The activation
+// formulas only call exp with arguments <= 0 (or, in tanh, where a saturated
+// result is harmless): exp_u20 flushes below -87.3 to 0 (no denormals) and
+// saturates above 88.7.
+template <>
+struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
+  static V exp(const V& x) { return V::blendv(x.exp_u20(), x, x != x); }  // exp_u20 drops NaN
+  // Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), as ATen's own erf.
+  static V erf(const V& x) {
+    const V a = x.abs();
+    const V t = (at::vec::fmadd(V(0.3275911f), a, V(1))).reciprocal();
+    V p = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+    p = at::vec::fmadd(p, t, V(1.421413741f));
+    p = at::vec::fmadd(p, t, V(-0.284496736f));
+    p = at::vec::fmadd(p, t, V(0.254829592f));
+    const V r = V(1) - p * t * exp(V(0) - a * a);
+    return if_negative(x, V(0) - r, r);
+  }
+  // Cephes' odd polynomial for |x| < 0.625 (where the exp form would cancel),
+  // 1 - 2 / (exp(2|x|) + 1) with x's sign elsewhere.
+  static V tanh(const V& x) {
+    const V a = x.abs(), x2 = x * x;
+    V p = at::vec::fmadd(V(-5.70498872745e-3f), x2, V(2.06390887954e-2f));
+    p = at::vec::fmadd(p, x2, V(-5.37397155531e-2f));
+    p = at::vec::fmadd(p, x2, V(1.33314422036e-1f));
+    p = at::vec::fmadd(p, x2, V(-3.33332819422e-1f));
+    const V small = at::vec::fmadd(p * x2, x, x);
+    const V large = V(1) - V(2) / (exp(a + a) + V(1));
+    return V::blendv(if_negative(x, V(0) - large, large), small, a < V(0.625f));
+  }
+};
+
+// Everything that is not keyed on a Vectorized type goes in a namespace per
+// capability, so that the builds for different capabilities never define the
+// same symbol (the linker would keep just one of them).
+namespace CPU_CAPABILITY {
+
+// Storage type T as vectors of its compute type C (float; double for
+// double): a chunk is two vectors of C, kWidth elements. bf16 and half are
+// converted in registers, inside the loops; two independent vectors per
+// chunk give the long exp/erf dependency chains something to overlap with.
+template <typename T>
+struct VecIO {
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<T>;
+  using C = std::conditional_t<kReduced, float, T>;
+  using V = at::vec::Vectorized<C>;
+  static constexpr int64_t kPart = V::size();
+  static constexpr int64_t kWidth = 2 * kPart;
+  using Chunk = std::array<V, 2>;
+
+  // Loads n <= kWidth elements (the rest of the chunk is zero).
+  static Chunk load(const T* p, int64_t n) {
+    if constexpr (kReduced) {
+      static_assert(at::vec::Vectorized<T>::size() == kWidth);
+      const auto v = n == kWidth ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
+      auto [lo, hi] = at::vec::convert_to_float<T>(v);
+      return {lo, hi};
+    } else if (n == kWidth) {
+      return {V::loadu(p), V::loadu(p + kPart)};
+    } else {
+      return {V::loadu(p, std::min(n, kPart)), n > kPart ? V::loadu(p + kPart, n - kPart) : V(0)};
+    }
+  }
+  static void store(T* p, const Chunk& c, int64_t n) {
+    if constexpr (kReduced) {
+      const auto v = at::vec::convert_from_float<T>(c[0], c[1]);
+      if (n == kWidth) {
+        v.store(p);
+      } else {
+        v.store(p, static_cast<int>(n));
+      }
+    } else if (n == kWidth) {
+      c[0].store(p);
+      c[1].store(p + kPart);
+    } else {
+      c[0].store(p, static_cast<int>(std::min(n, kPart)));
+      if (n > kPart) c[1].store(p + kPart, static_cast<int>(n - kPart));
+    }
+  }
+  // acc[0, n) += c, acc in the compute type (the bias-gradient partial sums).
+  static void accumulate(C* acc, const Chunk& c, int64_t n) {
+    if (n == kWidth) {
+      (V::loadu(acc) + c[0]).store(acc);
+      (V::loadu(acc + kPart) + c[1]).store(acc + kPart);
+      return;
+    }
+    for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {
+      const int m = static_cast<int>(std::min(kPart, n - part * kPart));
+      C* a = acc + part * kPart;
+      (V::loadu(a, m) + c[part]).store(a, m);
+    }
+  }
+};
+
+// {f(a[0]), f(a[1])}, or {f(a[0], b[0]), f(a[1], b[1])}.
+template <typename Chunk, typename F>
+inline Chunk map_parts(F&& f, const Chunk& a) {
+  return {f(a[0]), f(a[1])};
+}
+template <typename Chunk, typename F>
+inline Chunk map_parts(F&& f, const Chunk& a, const Chunk& b) {
+  return {f(a[0], b[0]), f(a[1], b[1])};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace bigkernels
