@@ -1,4 +1,5 @@
-"""python -m benchmarks [--full] [--only FAMILY] [--device cpu|cuda] [--out DIR] [--repeats N] [--skip VARIANT]"""
+"""python -m benchmarks [--full] [--only FAMILY] [--device cpu|cuda] [--out DIR] [--repeats N] [--skip VARIANT]
+[--case TEXT]"""
 
 import argparse
 import datetime
@@ -38,6 +39,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=_number(int, 0, True), help="untimed runs first (default: 5 cuda, 2 cpu)")
     p.add_argument("--skip", action="append", default=[], metavar="VARIANT",
                    help="leave out a baseline variant, e.g. --skip compile (repeatable)")
+    p.add_argument("--case", action="append", default=[], metavar="TEXT",
+                   help="run only the cases whose name contains TEXT, e.g. --case 8192x256x512 "
+                   "(repeatable; names as in the report: 'f32 8192x256x512 gelu')")
     p.add_argument("--max-seconds", type=_number(float, 0, False), default=None,
                    help="stop a measurement early after this long per variant, with >= 3 samples "
                    "(default: 5 cuda, 2 cpu)")
@@ -68,7 +72,10 @@ def main(argv=None):
     if not cuda:
         log(f"CPU capability: ATen {info['cpu_capability']}, bigkernels {info['bigkernels'].get('cpu_capability')}; "
             f"native bf16: {info['cpu_native_bf16']}")
-    cases = [c for fam in families for c in fam.cases(args.device, args.full, log)]
+    cases = [c for fam in families for c in fam.cases(args.device, args.full, log)
+             if not args.case or any(text in c.name for text in args.case)]
+    if not cases:
+        p.error(f"--case {' / '.join(args.case)}: no case of this run matches (try --full)")
     t0, records = time.perf_counter(), []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.family}: {case.name}")

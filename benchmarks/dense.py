@@ -17,7 +17,8 @@ from .harness import Case, Variant
 # shape runs the same GEMM, so its matmul floor and FLOP count are shared.
 GPU_SHAPES = [(512, 1024, 4096), (4096, 1024, 4096), (4096, 4096, 4096),
               (16384, 4096, 16384), (16384, 16384, 4096)]
-CPU_SHAPES = [(256, 1024, 1024), (1024, 1024, 4096), (4096, 1024, 1024)]  # sized for a few cores
+# sized for a few cores; the last is an MLP layer over 8192 tokens (issue 5's shape)
+CPU_SHAPES = [(256, 1024, 1024), (1024, 1024, 4096), (4096, 1024, 1024), (8192, 256, 512)]
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 VARIANTS = ("bigkernels", "eager", "addmm_activation", "matmul", "compile")
 
@@ -29,7 +30,7 @@ def _grid(device, full, log):
         dtypes = (torch.bfloat16, torch.float32)
     else:
         shapes = CPU_SHAPES if full else CPU_SHAPES[:2]
-        acts = ("gelu", "relu", "silu", "swiglu") if full else ("gelu", "relu")
+        acts = ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "swiglu") if full else ("gelu", "relu")
         dtypes = (torch.float32, torch.bfloat16)
         if not full and not harness.cpu_has_native_bf16():
             # ATen's bf16 GEMM is 10-100x slower than fp32 on such CPUs: the

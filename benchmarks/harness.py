@@ -170,6 +170,9 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
 def cpu_has_native_bf16():
     """Whether the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16,
     ARM BF16), which ATen's bf16 GEMM needs to be fast."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if limit != "ALL" and "BF16" not in limit and "AMX" not in limit:
+        return False  # oneDNN, which runs ATen's bf16 GEMMs, was told not to use it
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())

@@ -5,7 +5,13 @@
 # BIGKERNELS_CUDA=0|1, TORCH_CUDA_ARCH_LIST and MAX_JOBS go to setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+say() { echo "[install $(date +%H:%M:%S)] $*"; }
+[ -x .venv/bin/python ] || { say "creating .venv"; "${PYTHON:-python3}" -m venv .venv; }
+say "installing torch ${BIGKERNELS_TORCH:-2.14.1}, ninja, pytest into .venv (about 1-3 minutes the first time)"
 .venv/bin/python -m pip install -q "torch==${BIGKERNELS_TORCH:-2.14.1}" ninja pytest numpy setuptools wheel
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then what="C++ and CUDA kernels: about 2-5 minutes on 2 cores"
+else what="C++ kernels: about 1-2 minutes on 2 cores"; fi
+say "building bigkernels ($what; the CPU kernels are compiled once per instruction set)"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+say "built:"
 .venv/bin/python -c "import bigkernels, json; print(json.dumps(bigkernels.backend_info()))"

@@ -22,9 +22,11 @@ struct VecSelectOps {
   using V = at::vec::Vectorized<C>;
   static V abs(const V& x) { return x.abs(); }
   static V if_negative(const V& c, const V& a, const V& b) { return V::blendv(b, a, c < V(0)); }
-  static V at_least(const V& x, const V& lo) { return V::blendv(x, lo, x < lo); }
-  static V clamp(const V& x, const V& lo, const V& hi) { return at_least(V::blendv(x, hi, x > hi), lo); }
-  static V relu(const V& x) { return V::blendv(x, V(0), x <= V(0)); }
+  // ATen's clamp_min/clamp_max keep NaN on every capability (max_ps(lo, x)
+  // returns x when x is NaN): one instruction each.
+  static V at_least(const V& x, const V& lo) { return at::vec::clamp_min(x, lo); }
+  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp_min(at::vec::clamp_max(x, hi), lo); }
+  static V relu(const V& x) { return at::vec::clamp_min(x, V(0)); }
   static V step(const V& x) { return V::blendv(V(1), V(0), x <= V(0)); }  // relu's derivative
 };
 
@@ -54,7 +56,7 @@ struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
     p = at::vec::fmadd(p, t, V(-0.284496736f));
     p = at::vec::fmadd(p, t, V(0.254829592f));
     const V r = V(1) - p * t * exp(V(0) - a * a);
-    return if_negative(x, V(0) - r, r);
+    return r ^ (x & V(-0.0f));  // x's sign bit onto r >= 0
   }
   // Cephes' odd polynomial for |x| < 0.625 (where the exp form would cancel),
   // 1 - 2 / (exp(2|x|) + 1) with x's sign elsewhere.
