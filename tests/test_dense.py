@@ -545,3 +545,30 @@ def test_every_capability_matches_the_reference(capability):
         env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}, capture_output=True, text=True,
         timeout=900, cwd=os.path.dirname(__file__))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="x86-64 Linux only")
+def test_wide_vector_code_only_in_its_capability_build():
+    # Every function of the extension that uses AVX2 (ymm) or AVX-512 (zmm)
+    # registers must belong to that capability's build: code that an AVX2-only
+    # CPU would run must never carry AVX-512 instructions, which would kill it
+    # with SIGILL (capability.h: how the builds are kept apart).
+    import shutil
+
+    from bigkernels import _C
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True,
+                          text=True, timeout=600).stdout
+    function, offenders = None, set()
+    for line in dump.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif "%zmm" in line and "AVX512" not in function:
+            offenders.add(("zmm", function))
+        elif "%ymm" in line and "AVX2" not in function and "AVX512" not in function:
+            offenders.add(("ymm", function))
+    assert not offenders, sorted(offenders)[:10]
