@@ -149,6 +149,50 @@ void check_backward(int64_t M, int64_t Nout, Activation act, bool from_output, b
     }
 }
 
+// act(z) and act'(z) at extreme z, the true limits where torch's formulas
+// give NaN (activations.h): the K = 0 forward gives act(bias) exactly, and
+// the backward of a unit gradient gives act'(z).
+void check_extremes() {
+  const double inf = INFINITY;
+  const double z[] = {-inf, -1e30, -100, 0, 100, 1e30, inf};
+  struct Row { Activation act; double y[7], dy[7]; };
+  const Row rows[] = {
+      {Activation::kNone, {-inf, -1e30, -100, 0, 100, 1e30, inf}, {1, 1, 1, 1, 1, 1, 1}},
+      {Activation::kReLU, {0, 0, 0, 0, 100, 1e30, inf}, {0, 0, 0, 0, 1, 1, 1}},
+      {Activation::kGELU, {0, 0, 0, 0, 100, 1e30, inf}, {0, 0, 0, 0.5, 1, 1, 1}},
+      {Activation::kGELUTanh, {0, 0, 0, 0, 100, 1e30, inf}, {0, 0, 0, 0.5, 1, 1, 1}},
+      {Activation::kSiLU, {0, 0, 0, 0, 100, 1e30, inf}, {0, 0, 0, 0.5, 1, 1, 1}},
+      {Activation::kSigmoid, {0, 0, 0, 0.5, 1, 1, 1}, {0, 0, 0, 0.25, 0, 0, 0}},
+      {Activation::kTanh, {-1, -1, -1, 0, 1, 1, 1}, {0, 0, 0, 1, 0, 0, 0}},
+  };
+  auto same = [](double got, double want) {
+    return std::isinf(want) ? got == want : std::fabs(got - want) <= 1e-6 * (1 + std::fabs(want));
+  };
+  for (const Row& row : rows) {
+    const std::string tag = "extremes act" + std::to_string((int)row.act);
+    std::vector<float> bias(z, z + 7), out(7), g(7, 1.0f), dz(7);
+    DenseForwardParams p{};  // K = 0: out = act(bias)
+    p.x = out.data(); p.w = out.data(); p.bias = bias.data(); p.out = out.data();
+    p.M = 1; p.K = 0; p.Nz = p.Nout = 7; p.act = row.act; p.dtype = DType::kFloat32;
+    require(launch_dense_forward(p, nullptr) == cudaSuccess, "launch");
+    ActivationBackwardParams q{};
+    q.grad_out = g.data(); q.saved = bias.data(); q.grad_preact = dz.data();
+    q.M = 1; q.Nz = q.Nout = 7; q.act = row.act; q.dtype = DType::kFloat32;
+    require(launch_activation_backward(q, nullptr) == cudaSuccess, "launch");
+    for (int i = 0; i < 7; ++i) {
+      checks += 2;
+      if (!same(out[i], row.y[i])) {
+        std::printf("MISMATCH %s: act(%g) = %g, want %g\n", tag.c_str(), z[i], out[i], row.y[i]);
+        ++failures;
+      }
+      if (!same(dz[i], row.dy[i])) {
+        std::printf("MISMATCH %s: act'(%g) = %g, want %g\n", tag.c_str(), z[i], dz[i], row.dy[i]);
+        ++failures;
+      }
+    }
+  }
+}
+
 int main() {
   const Activation acts[] = {Activation::kNone, Activation::kReLU, Activation::kGELU, Activation::kGELUTanh,
                              Activation::kSiLU, Activation::kSigmoid, Activation::kTanh, Activation::kSwiGLU,
@@ -175,6 +219,8 @@ int main() {
     check_forward<float>(1100, 8, 140, a, true, true, false, 0, 1e-5);
   }
   std::printf("grouped tiles: %d checks, %d failures\n", checks, failures);
+  check_extremes();
+  std::printf("extremes: %d checks, %d failures\n", checks, failures);
   for (Activation a : acts)
     for (int64_t M : {1, 63, 200})
       for (int64_t N : {1, 45}) {
