@@ -5,7 +5,7 @@ both present; BIGKERNELS_CUDA=0 or 1 forces the choice. Architectures follow
 TORCH_CUDA_ARCH_LIST, default "8.0+PTX;9.0a" (the PTX lets GPUs newer than
 sm_90 JIT the kernels). MAX_JOBS bounds parallel compiles.
 The CPU kernels in CPU_CAPABILITY_SOURCES are compiled once per CPU
-capability (csrc/cpu/capability.h says how one is picked at run time).
+capability (csrc/common/capability.h says how one is picked at run time).
 BIGKERNELS_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared
 memory.
 """
@@ -34,7 +34,7 @@ from torch.utils import cpp_extension  # noqa: E402
 
 # Compiled once per CPU capability, with that capability's flags (those ATen
 # uses for its own per-capability kernels).
-CPU_CAPABILITY_SOURCES = ["csrc/cpu/dense_kernels.cpp"]
+CPU_CAPABILITY_SOURCES = ["csrc/dense/cpu/dense_kernels.cpp"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_CAPABILITIES = {"DEFAULT": []}
 if X86_64:
@@ -107,8 +107,9 @@ def write_build_info(with_cuda, archs):
 
 def extension():
     with_cuda = want_cuda()
-    sources = ["csrc/bigkernels.cpp", "csrc/dense_common.cpp", "csrc/cpu/capability.cpp",
-               "csrc/cpu/dense_cpu.cpp"]
+    # csrc/bigkernels.cpp, csrc/common/, and per family csrc/<family>/{,cpu/,cuda/}
+    sources = [f for f in sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+               if f not in CPU_CAPABILITY_SOURCES and "/cuda/" not in f]
     cxx_flags = ["-O3", "-fopenmp"]
     args = dict(
         name="bigkernels._C",
@@ -123,7 +124,7 @@ def extension():
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension
-        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/*/cuda/*.cpp")) + sorted(glob.glob("csrc/*/cuda/*.cu"))
         nvcc_flags = ["-O3", "-lineinfo", "-std=c++17"]
         if os.environ.get("BIGKERNELS_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")

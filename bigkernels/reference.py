@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # The Python list of activations (the C++ one is BK_FOR_EACH_ACTIVATION in
-# csrc/include/activations.h; tests/test_dense.py checks that they agree).
+# csrc/common/activations.h; tests/test_dense.py checks that they agree).
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "swiglu", "geglu")
 GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated activation -> its inner activation
 # Activations whose derivative backward computes from the output, which the

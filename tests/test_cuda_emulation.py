@@ -1,12 +1,14 @@
-"""The CUDA kernels' logic, tested without a GPU: csrc/cuda/*.cu compiled as
-host C++ against a small emulation of CUDA (tests/cuda_emulation/emu_cuda.h)
-and checked against a float64 reference by check_kernels.cc.
+"""The CUDA kernels' logic, tested without a GPU: for each family, the
+csrc/<family>/cuda/*.cu files compiled as host C++ against a small emulation of
+CUDA (tests/cuda_emulation/emu_cuda.h) and checked against a float64 reference
+by tests/cuda_emulation/<family>/check_kernels.cc.
 
 The .cu sources are used as they are, except that each `kernel<<<grid,
 block, 0, stream>>>(args)` launch is rewritten into a call of the emulator.
 This catches indexing, tiling, bounds, epilogue and API-alignment mistakes;
 it cannot catch what only the hardware shows (see emu_cuda.h)."""
 
+import glob
 import os
 import re
 import shutil
@@ -15,8 +17,9 @@ import subprocess
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC_CUDA = os.path.join(os.path.dirname(HERE), "csrc", "cuda")
+CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 EMULATION = os.path.join(HERE, "cuda_emulation")
+FAMILIES = sorted(d for d in os.listdir(EMULATION) if os.path.exists(os.path.join(EMULATION, d, "check_kernels.cc")))
 LAUNCH = re.compile(r"(\w+(?:<[^<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+),\s*stream>>>\(([^;]*)\);")
 
 
@@ -36,24 +39,27 @@ def cuda_include_dir():
     return next((d for d in candidates if os.path.exists(os.path.join(d, "cuda_bf16.h"))), None)
 
 
-def test_cuda_kernels_under_host_emulation(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_kernels_under_host_emulation(family, tmp_path):
     include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("needs g++ and the CUDA headers")
     units = []
-    for name in ("dense_forward.cu", "activation_backward.cu"):
-        with open(os.path.join(CSRC_CUDA, name)) as f:
+    for path in sorted(glob.glob(os.path.join(CSRC, family, "cuda", "*.cu"))):
+        name = os.path.basename(path)
+        with open(path) as f:
             source, launches = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4, \5);", f.read())
         assert launches > 0, f"no kernel launch found in {name}"
         (tmp_path / (name + ".cc")).write_text(source)
         unit = tmp_path / f"emulated_{name}.cc"
         unit.write_text(f'#include "emu_cuda.h"\n#define __CUDA_ARCH__ 800\n#include "{name}.cc"\n')
         units.append(str(unit))
+    assert units, f"no .cu file in csrc/{family}/cuda"
     flags = ["-std=c++20", "-O1", "-w", "-pthread", f"-I{os.path.join(EMULATION, 'shim')}", f"-I{EMULATION}",
-             f"-I{CSRC_CUDA}", f"-I{tmp_path}", f"-I{include}"]
+             f"-I{CSRC}", f"-I{tmp_path}", f"-I{include}"]
     binary = str(tmp_path / "check_kernels")
-    build = subprocess.run(["g++", *flags, *units, os.path.join(EMULATION, "check_kernels.cc"), "-o", binary],
-                           capture_output=True, text=True, timeout=600)
+    checker = os.path.join(EMULATION, family, "check_kernels.cc")
+    build = subprocess.run(["g++", *flags, *units, checker, "-o", binary], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([binary], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -1,4 +1,6 @@
-#include "include/dense_common.h"
+// The dense family's ops (schemas), argument checks and the backward that is
+// the same on every device.
+#include "dense/dense.h"
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
@@ -7,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <torch/library.h>
 
 namespace bigkernels {
 
@@ -117,3 +120,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
 }
 
 }  // namespace bigkernels
+
+TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
+  // act(input @ weight.T + bias). `preactivation` is input @ weight.T + bias
+  // when save_preactivation is true (backward needs it for some activations),
+  // else an empty tensor.
+  m.def(
+      "dense_forward(Tensor input, Tensor weight, Tensor? bias, str activation, "
+      "bool save_preactivation) -> (Tensor output, Tensor preactivation)");
+  // Gradients of dense_forward. `saved` is the output when saved_is_output,
+  // else the pre-activation, or empty to recompute it. Gradients not asked
+  // for in output_mask come back as empty tensors.
+  m.def(
+      "dense_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor saved, str activation, bool saved_is_output, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}

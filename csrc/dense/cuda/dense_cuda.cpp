@@ -9,8 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../include/dense_common.h"
-#include "launchers.h"
+#include "dense/dense.h"
+#include "dense/cuda/launchers.h"
 
 namespace bigkernels {
 namespace {

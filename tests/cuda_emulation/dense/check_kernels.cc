@@ -1,10 +1,10 @@
-// Runs the CUDA kernels (csrc/cuda/*.cu) under host emulation (emu_cuda.h)
+// Runs the dense CUDA kernels (csrc/dense/cuda/*.cu) under host emulation (emu_cuda.h)
 // and checks them against a float64 reference: every activation, every
 // dtype, TF32, odd sizes, K = 0, the pre-activation output, misaligned
 // storage, and the fused activation/bias backward. Built and run by
 // tests/test_cuda_emulation.py; exits non-zero on any mismatch.
 #include "emu_cuda.h"
-#include "launchers.h"
+#include "dense/cuda/launchers.h"
 #include <cmath>
 #include <limits>
 #include <random>

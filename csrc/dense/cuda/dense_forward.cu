@@ -16,8 +16,8 @@
 
 #include <type_traits>
 
-#include "dtype.cuh"
-#include "launchers.h"
+#include "common/cuda_dtype.cuh"
+#include "dense/cuda/launchers.h"
 
 namespace bigkernels {
 namespace cuda {

@@ -6,8 +6,8 @@
 
 #include <cstdint>
 
-#include "../include/activations.h"
-#include "capability.h"
+#include "common/activations.h"
+#include "common/capability.h"
 
 namespace bigkernels {
 

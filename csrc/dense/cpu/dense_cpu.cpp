@@ -12,8 +12,8 @@
 
 #include <algorithm>
 
-#include "../include/dense_common.h"
-#include "dense_kernels.h"
+#include "dense/dense.h"
+#include "dense/cpu/dense_kernels.h"
 
 namespace bigkernels {
 namespace {

@@ -1,4 +1,4 @@
-#include "capability.h"
+#include "common/capability.h"
 
 #include <ATen/Version.h>
 

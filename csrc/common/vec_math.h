@@ -1,6 +1,6 @@
-// What the shared activation formulas (include/activations.h) and the CPU
+// What the shared activation formulas (common/activations.h) and the CPU
 // row loops need from at::vec::Vectorized, for the CPU capability this file
-// is compiled for (see cpu/capability.h). Included only by files compiled
+// is compiled for (see common/capability.h). Included only by files compiled
 // once per capability.
 #pragma once
 
@@ -11,7 +11,7 @@
 #include <array>
 #include <type_traits>
 
-#include "../include/activations.h"
+#include "common/activations.h"
 
 namespace bigkernels {
 

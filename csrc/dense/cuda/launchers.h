@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../include/activations.h"
+#include "common/activations.h"
 
 namespace bigkernels {
 namespace cuda {

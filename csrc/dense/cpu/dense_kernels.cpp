@@ -1,13 +1,13 @@
 // The dense family's CPU row loops on at::vec::Vectorized. Compiled once per
 // CPU capability (setup.py; capability.h): everything here lives in a
 // capability-named namespace, and only the table at the end is seen outside.
-#include "dense_kernels.h"
+#include "dense/cpu/dense_kernels.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
-#include "vec_math.h"
+#include "common/vec_math.h"
 
 namespace bigkernels {
 namespace CPU_CAPABILITY {

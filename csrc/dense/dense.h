@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "activations.h"
+#include "common/activations.h"
 
 namespace bigkernels {
 

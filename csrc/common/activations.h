@@ -1,6 +1,6 @@
 // Activation functions and their derivatives, written once for every kernel:
 // the CUDA kernels run them on float/double scalars, the CPU kernels on
-// at::vec::Vectorized (csrc/cpu/vec_math.h supplies the MathOps for those).
+// at::vec::Vectorized (csrc/common/vec_math.h supplies the MathOps for those).
 //
 // This header is deliberately free of torch headers: it is included by .cu
 // files, whose compile time the torch headers would dominate.
@@ -75,7 +75,7 @@ BK_HD bool derivative_from_output(Activation a) {
 }
 
 // The few primitives the formulas below need, for float and double (host and
-// device). csrc/cpu/vec_math.h specializes MathOps for at::vec::Vectorized.
+// device). csrc/common/vec_math.h specializes MathOps for at::vec::Vectorized.
 // Every comparison is false for NaN, so each primitive passes NaN through.
 template <typename T>
 struct MathOps {

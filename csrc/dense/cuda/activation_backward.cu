@@ -3,8 +3,8 @@
 // pre-activation and sums its columns, one partial row per grid row, which
 // the caller adds up (deterministic: no atomics). The GEMMs for the input and
 // weight gradients follow in dense_cuda.cpp.
-#include "dtype.cuh"
-#include "launchers.h"
+#include "common/cuda_dtype.cuh"
+#include "dense/cuda/launchers.h"
 
 namespace bigkernels {
 namespace cuda {
