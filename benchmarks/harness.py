@@ -34,8 +34,9 @@ class Case:
     family: str
     name: str
     params: dict
-    flops: float  # forward FLOPs; fwd+bwd counts 3x (two more GEMMs of the same size)
+    flops: float  # forward FLOPs
     make: Callable[[], dict]  # -> {variant name: Variant}, built only when the case runs
+    backward_flops_factor: float = 2.0  # backward = this x forward (dense: two GEMMs of the same size)
 
 
 # ---------------------------------------------------------------- timing
@@ -148,7 +149,7 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
         measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s)
         for vname, variant in variants.items():
             status, ms, n, peak, msg = measured[vname]
-            flops = case.flops * (3 if pass_ == "fwd+bwd" else 1)
+            flops = case.flops * (1 + case.backward_flops_factor if pass_ == "fwd+bwd" else 1)
             records.append(dict(
                 family=case.family, case=case.name, params=case.params, variant=vname, pass_=pass_,
                 status=status, median_ms=ms, samples=n,
@@ -241,7 +242,8 @@ def markdown(info, header, rows, records):
         f"bigkernels {info['bigkernels'].get('version')}; CPU capability {info['cpu_capability']}"
         + (f" ({', '.join(f'{k}={v}' for k, v in info['isa_env'].items())})" if info["isa_env"] else "")
         + f", {info['torch_threads']} threads.", "",
-        "Median ms; TFLOP/s counts 2·M·K·N_rows per forward GEMM, 3x that for fwd+bwd; "
+        "Median ms; TFLOP/s counts dense 2·M·K·N_rows per forward (3x for fwd+bwd), attention "
+        "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); "
         f"x eager / x matmul = baseline ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",

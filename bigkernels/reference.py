@@ -48,3 +48,54 @@ def activation(z, name):
 def dense(x, weight, bias=None, activation_name="none"):
     """act(x @ weight.T + bias), F.linear's convention."""
     return activation(F.linear(x, weight, bias), activation_name)
+
+
+def attention_allowed(L, S, is_causal=False, causal_align="top_left", window=None, device=None):
+    """[L, S] bool: which keys each query may attend to under causality and a
+    sliding window. Query i sits at key position i (top_left, SDPA's
+    alignment) or i + S - L (bottom_right, flash-attention's); window = (left,
+    right) keeps keys within [pos - left, pos + right], -1 = unbounded."""
+    left, right = window if window is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    pos = torch.arange(L, device=device)[:, None] + (S - L if causal_align == "bottom_right" else 0)
+    j = torch.arange(S, device=device)[None, :]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= j >= pos - left
+    if right >= 0:
+        allowed &= j <= pos + right
+    return allowed
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, causal_align="top_left",
+                                 window=None):
+    """softmax(q k^T * scale + mask) v, F.scaled_dot_product_attention's
+    semantics on [..., H, L, E] inputs (3-d or 4-d), computed in the inputs'
+    dtype and written for clarity: it materialises the L x S scores.
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to
+    [..., H, L, S]. dropout_mask: bool keep-mask of the scores' shape, applied
+    as keep / (1 - dropout_p) after the softmax. Rows whose every key is
+    masked give 0 (and zero gradients). Returns (output, lse), lse the
+    log-sum-exp of each row's scaled, masked scores (float32, float64 for
+    float64 inputs; -inf for a fully masked row)."""
+    L, S = query.shape[-2], key.shape[-2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and query.dim() == 4 and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    allowed = attention_allowed(L, S, is_causal, causal_align, window, query.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # nothing to attend: output 0
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs @ value, lse

@@ -538,10 +538,12 @@ def test_kernels_run_at_atens_capability():
 @pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")), reason="already inside a forced run")
 @pytest.mark.parametrize("capability", host_capabilities())
 def test_every_capability_matches_the_reference(capability):
-    # the kernels of each capability, forced as ATen's are, against the reference
-    selection = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
+    # the kernels of each capability (dense and attention), forced as ATen's are, against the reference
+    dense = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
+    attention = "test_attention and (matches_reference or head_dims or long_sequence or nothing_to_attend)"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         os.path.join(os.path.dirname(__file__), "test_attention.py"), "-k", f"({dense}) or ({attention})"],
         env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}, capture_output=True, text=True,
         timeout=900, cwd=os.path.dirname(__file__))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

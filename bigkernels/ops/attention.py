@@ -1,0 +1,223 @@
+"""Fused attention: argument checks and F.scaled_dot_product_attention's
+semantics on top of the bigkernels::attention_* ops (csrc/attention/), their
+fake implementations and autograd; the reference when the extension is absent.
+"""
+
+import numbers
+import warnings
+
+import torch
+
+from .. import _ext, reference
+
+CAUSAL_ALIGNS = ("top_left", "bottom_right")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_align, window):
+    """Raises TypeError/ValueError naming the bad argument; returns the window
+    as (left, right) with -1 for unbounded."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if query.dim() not in (3, 4):
+        raise ValueError(f"query must be 3-d [B, L, E] or 4-d [B, H, L, E], got shape {tuple(query.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(f"{name} must have as many dimensions as query ({query.dim()}), got shape "
+                             f"{tuple(t.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key's head dim {key.shape[-1]} does not match query's {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"value has {value.shape[-2]} positions but key has {key.shape[-2]}: they must match")
+    if not (query.shape[0] == key.shape[0] == value.shape[0]):
+        raise ValueError(f"query, key and value batch sizes differ: {query.shape[0]}, {key.shape[0]}, "
+                         f"{value.shape[0]}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {enable_gqa!r}")
+    if query.dim() == 4:
+        hq, hk, hv = query.shape[1], key.shape[1], value.shape[1]
+        if hk != hv:
+            raise ValueError(f"key has {hk} heads but value has {hv}")
+        if enable_gqa:
+            if hk == 0 or hq % hk:
+                raise ValueError(f"enable_gqa: query's {hq} heads must be a multiple of key's {hk}")
+        elif hq != hk:
+            raise ValueError(f"query has {hq} heads but key has {hk}; pass enable_gqa=True for grouped-query "
+                             "attention")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if is_causal:
+            raise ValueError("attn_mask and is_causal=True cannot be combined (as in SDPA): put the causal "
+                             "structure into the mask, or use window=")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"attn_mask must be bool (True = attend) or query's dtype {query.dtype} (added to "
+                            f"the scores), got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        full = tuple(query.shape[:-1]) + (key.shape[-2],)
+        try:
+            ok = torch.broadcast_shapes(tuple(attn_mask.shape), full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+                             f"shape {full}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a number or None, got {scale!r}")
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"causal_align must be one of {', '.join(CAUSAL_ALIGNS)}, got {causal_align!r}")
+    if window is None:
+        return (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+    if min(window) < -1:
+        raise ValueError(f"window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
+    return tuple(window)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, causal_align="top_left", window=None, return_lse=False):
+    """F.scaled_dot_product_attention, with flash-attention's extras.
+
+    query [B, H, L, E] or [B, L, E]; key [.., Hkv, S, E]; value [.., Hkv, S, Ev].
+    attn_mask: bool (True = attend) or additive float, broadcastable to
+    [B, H, L, S] (never expanded in memory). is_causal: query i attends keys
+    j <= i (top-left, as SDPA). enable_gqa: H a multiple of Hkv. Rows that
+    may attend to nothing give 0.
+    Extras: causal_align="bottom_right" aligns the last query with the last
+    key (flash-attention's convention); window=(left, right) keeps keys
+    within left before and right after the query's position (-1: no limit);
+    return_lse=True also returns the log-sum-exp of each row's scaled scores
+    ([B, H, L] float32 (float64 for float64 inputs), -inf for a row that
+    attends to nothing).
+    """
+    left, right = _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                              causal_align, window)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if _uses_kernel(query, attn_mask, dropout_p):
+        out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right)
+    else:
+        # dropout, devices without a kernel yet (CUDA), or a mask that wants a gradient
+        _warn_reference_once(query, attn_mask, dropout_p)
+        dropout_mask = None
+        if dropout_p > 0:
+            scores_shape = tuple(query.shape[:-1]) + (key.shape[-2],)
+            dropout_mask = torch.rand(scores_shape, device=query.device) >= dropout_p
+        out, lse = reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_mask, dropout_p, is_causal, scale, enable_gqa, causal_align,
+            (left, right))
+    return (out, lse) if return_lse else out
+
+
+_WARNED = set()
+
+
+def _warn_reference_once(query, attn_mask, dropout_p):
+    """Says once per reason that a call runs on the slow reference."""
+    if not _ext.LOADED:
+        return  # importing bigkernels already warned
+    reason = ("dropout_p > 0" if dropout_p > 0 else f"{query.device.type} tensors"
+              if query.device.type not in ("cpu", "meta") else "an attn_mask that requires grad")
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"bigkernels.scaled_dot_product_attention: no kernel yet for {reason}; this runs on the "
+                      "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
+
+
+def _uses_kernel(query, attn_mask, dropout_p):
+    """Whether the compiled kernels run this call. Not yet: dropout (the
+    counter-based generator comes with the CUDA kernels), CUDA tensors, a
+    float mask that requires grad (the kernels give masks no gradient)."""
+    return (_ext.LOADED and dropout_p == 0 and query.device.type in ("cpu", "meta")
+            and not (attn_mask is not None and attn_mask.requires_grad))
+
+
+def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right):
+    """The op on 4-d views of 3- or 4-d inputs; returns (out, lse) shaped like the inputs."""
+    three_d = query.dim() == 3
+    if three_d:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    L, S = query.shape[-2], key.shape[-2]
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    offset = S - L if causal_align == "bottom_right" else 0
+    out, lse = torch.ops.bigkernels.attention_forward(query, key, value, attn_mask, scale, left, right, offset)
+    return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
+
+
+def _register():
+    """Fake implementations and autograd for the compiled ops."""
+
+    @torch.library.register_fake("bigkernels::attention_forward")
+    def _forward_fake(query, key, value, attn_mask, scale, window_left, window_right, diagonal_offset):
+        B, H, L, _ = query.shape
+        lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        return query.new_empty((B, H, L, value.shape[-1])), query.new_empty((B, H, L), dtype=lse_dtype)
+
+    @torch.library.register_fake("bigkernels::attention_backward")
+    def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,
+                       diagonal_offset):
+        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, attn_mask, scale, left, right, offset = inputs
+        out, lse = output
+        ctx.set_materialize_grads(False)
+        ctx.args = (scale, left, right, offset)
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None
+        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        scale, left, right, offset = ctx.args
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): through the reference's PyTorch ops
+            wanted = [t for t, m in zip((query, key, value), ctx.needs_input_grad[:3]) if m]
+            L, S = query.shape[-2], key.shape[-2]
+            allowed = _window_mask(L, S, left, right, offset, query.device)
+            mask = allowed if attn_mask is None else (
+                allowed & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~allowed, float("-inf")))
+            again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale,
+                                                              enable_gqa=True)
+            grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
+            return tuple(next(grads) if m else None for m in ctx.needs_input_grad[:3]) + (None,) * 5
+        grads = torch.ops.bigkernels.attention_backward(grad_out, query, key, value, attn_mask, out, lse, scale,
+                                                        left, right, offset)
+        return tuple(g if m else None for g, m in zip(grads, ctx.needs_input_grad[:3])) + (None,) * 5
+
+    torch.library.register_autograd("bigkernels::attention_forward", backward, setup_context=setup_context)
+
+
+def _window_mask(L, S, left, right, offset, device):
+    """[L, S] bool: the keys each query may see under window (left, right) around position i + offset."""
+    pos = torch.arange(L, device=device)[:, None] + offset
+    j = torch.arange(S, device=device)[None, :]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= j >= pos - left
+    if right >= 0:
+        allowed &= j <= pos + right
+    return allowed
+
+
+if _ext.LOADED and hasattr(torch.ops.bigkernels, "attention_forward"):
+    _register()

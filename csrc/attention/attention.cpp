@@ -1,0 +1,69 @@
+// The attention family's ops (schemas) and argument checks.
+#include "attention/attention.h"
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace bigkernels {
+
+AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const std::optional<at::Tensor>& mask, int64_t window_left,
+                                    int64_t window_right) {
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "bigkernels.attention: query must be a "
+                   "floating-point tensor, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "bigkernels.attention: key (", k.scalar_type(), ") and value (", v.scalar_type(),
+                   ") must have query's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), "bigkernels.attention: "
+                    "query, key and value must be on one device");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "bigkernels.attention: query, key "
+                    "and value must be 4-d [B, H, L, E], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK_VALUE(k.size(0) == s.B && v.size(0) == s.B, "bigkernels.attention: batch sizes differ");
+  TORCH_CHECK_VALUE(v.size(1) == s.Hkv && s.Hkv > 0 && s.Hq % s.Hkv == 0, "bigkernels.attention: "
+                    "query's heads (", s.Hq, ") must be a multiple of key's (", s.Hkv, "), which value's (",
+                    v.size(1), ") must equal");
+  TORCH_CHECK_VALUE(k.size(3) == s.E, "bigkernels.attention: key's head dim ", k.size(3),
+                    " does not match query's ", s.E);
+  TORCH_CHECK_VALUE(v.size(2) == s.S, "bigkernels.attention: value has ", v.size(2),
+                    " positions but key has ", s.S);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "bigkernels.attention: window sizes "
+                    "must be >= -1, got (", window_left, ", ", window_right, ")");
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type(),
+                     "bigkernels.attention: attn_mask must be bool or query's dtype, got ",
+                     mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->device() == q.device(), "bigkernels.attention: attn_mask is on ",
+                      mask->device(), " but query is on ", q.device());
+    TORCH_CHECK_VALUE(mask->dim() <= 4, "bigkernels.attention: attn_mask has ", mask->dim(),
+                      " dimensions, at most 4");
+    const int64_t full[4] = {s.B, s.Hq, s.L, s.S};
+    for (int64_t d = 0; d < mask->dim(); ++d) {
+      const int64_t size = mask->size(mask->dim() - 1 - d), want = full[3 - d];
+      TORCH_CHECK_VALUE(size == want || size == 1, "bigkernels.attention: attn_mask of shape ",
+                        mask->sizes(), " does not broadcast to [", s.B, ", ", s.Hq, ", ", s.L, ", ", s.S, "]");
+    }
+  }
+  return s;
+}
+
+}  // namespace bigkernels
+
+TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
+  // softmax(query @ key^T * scale + mask) @ value over [B, H, L, E] inputs,
+  // never materialising the L x S scores. Query i may attend key j when
+  // j - (i + diagonal_offset) lies in [-window_left, window_right] (-1: no
+  // bound) and the mask allows it (bool: True = attend; float: added). Key
+  // heads are shared by groups of Hq / Hkv query heads. `lse` is each row's
+  // log-sum-exp ([B, H, L], float32, float64 for float64 inputs; -inf for a
+  // row that attends to nothing, whose output is 0).
+  m.def(
+      "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
+      "int window_left, int window_right, int diagonal_offset) -> (Tensor output, Tensor lse)");
+  // Gradients of attention_forward from its output and lse (the scores are
+  // recomputed block by block).
+  m.def(
+      "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}

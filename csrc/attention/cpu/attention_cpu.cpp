@@ -1,0 +1,112 @@
+// CPU attention ops: checks, layouts, and the block loops of
+// attention_kernels.cpp (compiled per CPU capability) spread over threads:
+// forward by (batch, head, block of query rows), backward by (batch, key
+// head), so that every gradient has one writer (deterministic).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "attention/attention.h"
+#include "attention/cpu/attention_kernels.h"
+
+namespace bigkernels {
+namespace {
+
+// float32, or float64 for float64 inputs (whose backward a float32 lse would
+// limit to float32 precision).
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The kernels need a contiguous last dim; other strides are honoured.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask, at::Tensor& mask4,
+                               double scale, int64_t window_left, int64_t window_right,
+                               int64_t diagonal_offset) {
+  AttentionCpuParams p{};
+  p.dtype = q.scalar_type();
+  p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = q.stride(d), p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
+  }
+  if (mask.has_value()) {
+    // A broadcast view: dims of size 1 get stride 0, nothing is copied.
+    mask4 = *mask;
+    while (mask4.dim() < 4) mask4 = mask4.unsqueeze(0);
+    mask4 = mask4.expand({s.B, s.Hq, s.L, s.S});
+    p.mask = mask4.const_data_ptr();
+    p.mask_is_bool = mask4.scalar_type() == at::kBool;
+    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask4.stride(d);
+  }
+  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.L = s.L, p.S = s.S, p.E = s.E, p.Ev = s.Ev;
+  p.scale = scale;
+  p.window_left = window_left, p.window_right = window_right, p.diagonal_offset = diagonal_offset;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                         const at::Tensor& value,
+                                                         const std::optional<at::Tensor>& attn_mask,
+                                                         double scale, int64_t window_left,
+                                                         int64_t window_right, int64_t diagonal_offset) {
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
+  at::Tensor mask4;
+  AttentionCpuParams p = make_params(s, q, k, v, attn_mask, mask4, scale, window_left, window_right,
+                                     diagonal_offset);
+  at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+  const int64_t blocks = (s.L + kAttentionBlockRows - 1) / kAttentionBlockRows;
+  at::parallel_for(0, s.B * s.Hq * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / blocks, i0 = (t % blocks) * kAttentionBlockRows;
+      kernels.forward_block(p, bh / s.Hq, bh % s.Hq, i0, std::min(s.L, i0 + kAttentionBlockRows));
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
+                    "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
+  const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();
+  at::Tensor mask4;
+  AttentionCpuParams p = make_params(s, q, k, v, attn_mask, mask4, scale, window_left, window_right,
+                                     diagonal_offset);
+  at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, s.E}, q.options());
+  at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, s.E}, q.options());
+  at::Tensor grad_v = at::empty({s.B, s.Hkv, s.S, s.Ev}, q.options());
+  p.out = const_cast<void*>(o.const_data_ptr());  // read only in backward
+  p.lse = const_cast<void*>(l.const_data_ptr());
+  p.grad_out = g.const_data_ptr();
+  p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) kernels.backward_head(p, t / s.Hkv, t % s.Hkv);
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace bigkernels

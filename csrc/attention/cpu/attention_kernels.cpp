@@ -1,0 +1,301 @@
+// The attention family's CPU block loops on at::vec::Vectorized, compiled
+// once per CPU capability (common/capability.h). Flash-style: a block of
+// query rows walks the key blocks its window allows, with an online softmax;
+// the L x S scores never exist beyond one block. Backward recomputes each
+// block's probabilities from the saved log-sum-exp.
+//
+// Everything is computed in C = float (double for double inputs); each block
+// of q/k/v is converted once into float scratch (which also transposes K and
+// V where a product needs it), and the products are one small routine,
+// gemm_acc, vectorized over the output columns.
+#include "attention/cpu/attention_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/vec_math.h"
+
+namespace bigkernels {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = 64;
+
+// c[i][0:n] (+)= sum_k A(i, k) * b[k][0:n], with A(i, k) = a[i * a_row + k * a_col]
+// (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
+// Register-blocked: two rows of c by 4 vectors of columns at a time, so that
+// each vector of b loaded feeds two FMAs.
+template <typename C>
+void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
+              int64_t ldb, C* c, int64_t ldc, bool accumulate) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  for (int64_t n0 = 0; n0 < n; n0 += 4 * W) {
+    const int64_t nn = std::min<int64_t>(4 * W, n - n0);
+    const auto count = [&](int v) { return static_cast<int>(std::min<int64_t>(W, nn - v * W)); };
+    int64_t i = 0;
+    if (nn == 4 * W) {
+      for (; i + 2 <= m; i += 2) {
+        C* c0 = c + i * ldc + n0;
+        C* c1 = c0 + ldc;
+        V x[4], y[4];
+        for (int v = 0; v < 4; ++v) {
+          x[v] = accumulate ? V::loadu(c0 + v * W) : V(0);
+          y[v] = accumulate ? V::loadu(c1 + v * W) : V(0);
+        }
+        const C* a0 = a + i * a_row;
+        const C* a1 = a0 + a_row;
+        for (int64_t kk = 0; kk < kdim; ++kk) {
+          const V s0(a0[kk * a_col]), s1(a1[kk * a_col]);
+          const C* bk = b + kk * ldb + n0;
+          for (int v = 0; v < 4; ++v) {
+            const V bv = V::loadu(bk + v * W);
+            x[v] = at::vec::fmadd(s0, bv, x[v]);
+            y[v] = at::vec::fmadd(s1, bv, y[v]);
+          }
+        }
+        for (int v = 0; v < 4; ++v) {
+          x[v].store(c0 + v * W);
+          y[v].store(c1 + v * W);
+        }
+      }
+    }
+    for (; i < m; ++i) {  // the odd row, or a partial column chunk
+      C* ci = c + i * ldc + n0;
+      V x[4];
+      for (int v = 0; v * W < nn; ++v) x[v] = accumulate ? V::loadu(ci + v * W, count(v)) : V(0);
+      for (int64_t kk = 0; kk < kdim; ++kk) {
+        const V s0(a[i * a_row + kk * a_col]);
+        const C* bk = b + kk * ldb + n0;
+        for (int v = 0; v * W < nn; ++v) x[v] = at::vec::fmadd(s0, V::loadu(bk + v * W, count(v)), x[v]);
+      }
+      for (int v = 0; v * W < nn; ++v) x[v].store(ci + v * W, count(v));
+    }
+  }
+}
+
+// x[0:n] = exp(x[0:n] - shift) (0 where x is -inf); returns their sum.
+template <typename C>
+C exp_shifted(C* x, int64_t n, C shift) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  V sum(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = MathOps<V>::exp(V::loadu(x + j) - V(shift));
+    e.store(x + j);
+    sum = sum + e;
+  }
+  C total = at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, sum);
+  for (; j < n; ++j) total += x[j] = std::exp(x[j] - shift);
+  return total;
+}
+
+// max(x[0:n]), -inf for n = 0.
+template <typename C>
+C row_max(const C* x, int64_t n) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  V best(-std::numeric_limits<C>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) best = at::vec::maximum(best, V::loadu(x + j));
+  C total = at::vec::vec_reduce_all<C>([](V a, V b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j) total = std::max(total, x[j]);
+  return total;
+}
+
+// The part of the query block [i0, i1) x key range that causality, the window
+// and the mask can touch.
+struct Band {
+  const AttentionCpuParams& p;
+  int64_t b, h;
+  bool allowed(int64_t i, int64_t j) const {
+    const int64_t pos = i + p.diagonal_offset;
+    return (p.window_left < 0 || j >= pos - p.window_left) && (p.window_right < 0 || j <= pos + p.window_right);
+  }
+  // Keys any row of [i0, i1) may see.
+  std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
+    int64_t lo = 0, hi = p.S;
+    if (p.window_left >= 0) lo = std::max<int64_t>(0, i0 + p.diagonal_offset - p.window_left);
+    if (p.window_right >= 0) hi = std::min<int64_t>(p.S, i1 - 1 + p.diagonal_offset + p.window_right + 1);
+    return {lo, std::max(lo, hi)};
+  }
+  // Whether every (i, j) of the block is allowed by the window (no per-element work).
+  bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return allowed(i1 - 1, j0) && allowed(i0, j1 - 1);
+  }
+  // Scores row i over keys [j0, j0 + n): masked entries become -inf, a float mask is added.
+  template <typename T, typename C>
+  void apply(C* s, int64_t i, int64_t j0, int64_t n, bool whole_block) const {
+    const int64_t* ms = p.mask_strides;
+    const int64_t row = b * ms[0] + h * ms[1] + i * ms[2];
+    constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t j = j0 + jj;
+      bool ok = whole_block || allowed(i, j);
+      if (p.mask != nullptr) {
+        if (p.mask_is_bool) {
+          ok = ok && static_cast<const bool*>(p.mask)[row + j * ms[3]];
+        } else {
+          s[jj] += static_cast<C>(static_cast<const T*>(p.mask)[row + j * ms[3]]);
+        }
+      }
+      if (!ok) s[jj] = kNegInf;
+    }
+  }
+};
+
+// dst[r][e] = C(src[r * stride + e]) * factor, r < rows, e < cols (dst row-major, ld cols).
+template <typename T, typename C>
+void load_rows(C* dst, const T* src, int64_t rows, int64_t cols, int64_t stride, C factor = C(1)) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < cols; ++e) dst[r * cols + e] = static_cast<C>(src[r * stride + e]) * factor;
+}
+// dst[e][r] = C(src[r * stride + e]): the transposed block, ld = ld_dst.
+template <typename T, typename C>
+void load_rows_transposed(C* dst, int64_t ld_dst, const T* src, int64_t rows, int64_t cols, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < cols; ++e) dst[e * ld_dst + r] = static_cast<C>(src[r * stride + e]);
+}
+
+template <typename T, typename C>
+void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+  const int64_t hk = h / (p.Hq / p.Hkv), E = p.E, Ev = p.Ev, bq = i1 - i0;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  std::vector<C> qf(bq * E), kt(E * kBlockK), vf(kBlockK * Ev), s(bq * kBlockK), acc(bq * Ev, C(0));
+  std::vector<C> m(bq, kNegInf), l(bq, C(0));
+  load_rows(qf.data(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
+  const Band band{p, b, h};
+  const auto [jlo, jhi] = band.key_range(i0, i1);
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+    const int64_t jn = std::min(kBlockK, jhi - j0);
+    const bool whole = band.whole(i0, i1, j0, j0 + jn);
+    load_rows_transposed(kt.data(), kBlockK, k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
+    gemm_acc(bq, jn, E, qf.data(), E, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
+    for (int64_t r = 0; r < bq; ++r) {
+      C* sr = s.data() + r * kBlockK;
+      if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
+      const C m_new = std::max(m[r], row_max(sr, jn));
+      if (m_new == kNegInf) {  // nothing to attend to so far
+        std::fill(sr, sr + jn, C(0));
+        continue;
+      }
+      const C alpha = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
+      l[r] = l[r] * alpha + exp_shifted(sr, jn, m_new);
+      m[r] = m_new;
+      if (alpha != C(1)) {
+        for (int64_t e = 0; e < Ev; ++e) acc[r * Ev + e] *= alpha;
+      }
+    }
+    load_rows(vf.data(), v + j0 * p.v_strides[2], jn, Ev, p.v_strides[2]);
+    gemm_acc(bq, Ev, jn, s.data(), kBlockK, 1, vf.data(), Ev, acc.data(), Ev, true);
+  }
+  T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.L + i0) * Ev;
+  C* lse = static_cast<C*>(p.lse) + (b * p.Hq + h) * p.L + i0;
+  for (int64_t r = 0; r < bq; ++r) {
+    const C inv = l[r] > C(0) ? C(1) / l[r] : C(0);  // a row that attends to nothing gives 0
+    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = static_cast<T>(acc[r * Ev + e] * inv);
+    lse[r] = l[r] > C(0) ? m[r] + std::log(l[r]) : kNegInf;
+  }
+}
+
+template <typename T, typename C>
+void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
+  const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  std::vector<C> dk(S * E, C(0)), dv(S * Ev, C(0));
+  std::vector<C> qf(kBlockQ * E), dof(kBlockQ * Ev), d(kBlockQ), lse(kBlockQ), dq(kBlockQ * E);
+  std::vector<C> kf(kBlockK * E), kt(E * kBlockK), vt(Ev * kBlockK), s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+    const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in out/grad_out/lse/grad_q
+    const Band band{p, b, h};
+    for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
+      const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0;
+      load_rows(qf.data(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
+      load_rows(dof.data(), static_cast<const T*>(p.grad_out) + (row0 + i0) * Ev, bq, Ev, Ev);
+      const T* out = static_cast<const T*>(p.out) + (row0 + i0) * Ev;
+      for (int64_t r = 0; r < bq; ++r) {
+        C sum = 0;  // D = rowsum(dO * O)
+        for (int64_t e = 0; e < Ev; ++e) sum += dof[r * Ev + e] * static_cast<C>(out[r * Ev + e]);
+        d[r] = sum;
+        lse[r] = static_cast<const C*>(p.lse)[row0 + i0 + r];
+      }
+      std::fill(dq.begin(), dq.begin() + bq * E, C(0));
+      const auto [jlo, jhi] = band.key_range(i0, i1);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const int64_t jn = std::min(kBlockK, jhi - j0);
+        const bool whole = band.whole(i0, i1, j0, j0 + jn);
+        load_rows(kf.data(), k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
+        load_rows_transposed(kt.data(), kBlockK, k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
+        load_rows_transposed(vt.data(), kBlockK, v + j0 * p.v_strides[2], jn, Ev, p.v_strides[2]);
+        // P = exp(scores - lse), recomputed
+        gemm_acc(bq, jn, E, qf.data(), E, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
+        for (int64_t r = 0; r < bq; ++r) {
+          C* sr = s.data() + r * kBlockK;
+          if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
+          if (std::isinf(lse[r])) {  // attends to nothing: no gradient
+            std::fill(sr, sr + jn, C(0));
+          } else {
+            exp_shifted(sr, jn, lse[r]);
+          }
+        }
+        // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dK += dS^T (Q scale);  dQ += dS K
+        gemm_acc(jn, Ev, bq, s.data(), 1, kBlockK, dof.data(), Ev, dv.data() + j0 * Ev, Ev, true);
+        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);
+        for (int64_t r = 0; r < bq; ++r)
+          for (int64_t jj = 0; jj < jn; ++jj) {
+            C& x = dp[r * kBlockK + jj];
+            x = s[r * kBlockK + jj] * (x - d[r]);
+          }
+        gemm_acc(jn, E, bq, dp.data(), 1, kBlockK, qf.data(), E, dk.data() + j0 * E, E, true);
+        gemm_acc(bq, E, jn, dp.data(), kBlockK, 1, kf.data(), E, dq.data(), E, true);
+      }
+      T* gq = static_cast<T*>(p.grad_q) + (row0 + i0) * E;
+      for (int64_t x = 0; x < bq * E; ++x) gq[x] = static_cast<T>(dq[x] * static_cast<C>(p.scale));
+    }
+  }
+  T* gk = static_cast<T*>(p.grad_k) + (b * p.Hkv + hk) * S * E;
+  T* gv = static_cast<T*>(p.grad_v) + (b * p.Hkv + hk) * S * Ev;
+  for (int64_t x = 0; x < S * E; ++x) gk[x] = static_cast<T>(dk[x]);
+  for (int64_t x = 0; x < S * Ev; ++x) gv[x] = static_cast<T>(dv[x]);
+}
+
+template <typename F>
+void dispatch_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return f(float{}, float{});
+    case c10::ScalarType::Double: return f(double{}, double{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{}, float{});
+    case c10::ScalarType::Half: return f(c10::Half{}, float{});
+    default: TORCH_CHECK_TYPE(false, "bigkernels.attention: unsupported dtype ", dtype);
+  }
+}
+
+void forward_block_any(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  dispatch_dtype(p.dtype, [&](auto t, auto c) { forward_block<decltype(t), decltype(c)>(p, b, h, i0, i1); });
+}
+
+void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
+  dispatch_dtype(p.dtype, [&](auto t, auto c) { backward_head<decltype(t), decltype(c)>(p, b, hk); });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+extern const AttentionCpuKernels BK_CAPABILITY_NAME(attention_cpu_kernels) = {
+    &CPU_CAPABILITY::forward_block_any,
+    &CPU_CAPABILITY::backward_head_any,
+};
+
+}  // namespace bigkernels

@@ -1,0 +1,45 @@
+// The attention family's CPU block loops, compiled once per CPU capability
+// (attention_kernels.cpp; common/capability.h) and called through this table.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "common/capability.h"
+
+namespace bigkernels {
+
+// Raw pointers and strides (in elements) of one attention call. The last dim
+// of every tensor is contiguous; out/grad tensors are contiguous [B, H, L, *].
+struct AttentionCpuParams {
+  c10::ScalarType dtype;
+  const void *q, *k, *v;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, position
+  const void* mask;  // null, bool, or dtype; broadcast dims have stride 0
+  bool mask_is_bool;
+  int64_t mask_strides[4];  // batch, head, query, key
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+  double scale;
+  int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
+  // forward: out [B, Hq, L, Ev] (dtype), lse [B, Hq, L] (float; double for double)
+  void* out;
+  void* lse;
+  // backward: also grad_out [B, Hq, L, Ev] (contiguous), grads (contiguous, like q, k, v)
+  const void* grad_out;
+  void *grad_q, *grad_k, *grad_v;
+};
+
+// Query rows per forward task (and per backward block).
+constexpr int64_t kAttentionBlockRows = 64;
+
+struct AttentionCpuKernels {
+  // Query rows [i0, i1) of head h of batch b.
+  void (*forward_block)(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
+  // Every gradient of key head hkv of batch b (and of the query heads that share it).
+  void (*backward_head)(const AttentionCpuParams& p, int64_t b, int64_t hkv);
+};
+
+BK_DECLARE_CAPABILITY_TABLE(AttentionCpuKernels, attention_cpu_kernels)
+
+}  // namespace bigkernels

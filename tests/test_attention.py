@@ -1,0 +1,248 @@
+"""bigkernels' scaled_dot_product_attention against a float64 reference:
+forward, lse and every gradient, with F.scaled_dot_product_attention's
+semantics (and flash-attention's extras). The CPU kernels run here; dropout
+and CUDA still take the reference path (see bigkernels/ops/attention.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigkernels import reference
+from bigkernels.ops.attention import scaled_dot_product_attention as attention
+from conftest import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+SDPA_FEATURES = {"plain", "causal", "key_padding", "float_mask", "gqa", "three_d"}
+
+
+def make_inputs(B, Hq, Hkv, L, S, E, Ev, seed, logit_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=gen, dtype=torch.float64) * logit_scale
+    k = torch.randn(B, Hkv, S, E, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, Ev, generator=gen, dtype=torch.float64)
+    grad = torch.randn(B, Hq, L, Ev, generator=gen, dtype=torch.float64)
+    return q, k, v, grad
+
+
+def feature_kwargs(feature, B, L, S, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    if feature == "causal":
+        return dict(is_causal=True)
+    if feature == "causal_bottom_right":
+        return dict(is_causal=True, causal_align="bottom_right")
+    if feature == "window":
+        return dict(window=(7, 3))
+    if feature == "key_padding":  # [B, 1, 1, S], never expanded
+        return dict(attn_mask=torch.rand(B, 1, 1, S, generator=gen) > 0.3)
+    if feature == "float_mask":
+        return dict(attn_mask=torch.randn(L, S, generator=gen, dtype=torch.float64))
+    return {}
+
+
+def run(fn, tensors, grad, dtype, kwargs, lse=False):
+    leaves = [t.to(dtype).detach().requires_grad_() for t in tensors]
+    kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in kwargs.items()}
+    out = fn(*leaves, **kwargs)
+    out.backward(grad.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def ours(q, k, v, **kw):
+    return attention(q, k, v, enable_gqa=True, **kw)
+
+
+def torch_same_dtype(q, k, v, **kw):
+    # what PyTorch users run: SDPA where it has the feature, else the reference in this dtype
+    if "window" in kw or kw.get("causal_align") == "bottom_right":
+        mask = reference.attention_allowed(q.shape[-2], k.shape[-2], kw.pop("is_causal", False),
+                                           kw.pop("causal_align", "top_left"), kw.pop("window", None))
+        return reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)[0]
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+
+def exact(q, k, v, **kw):
+    return reference.scaled_dot_product_attention(q, k, v, kw.pop("attn_mask", None), enable_gqa=True, **kw)[0]
+
+
+def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, logit_scale=1.0):
+    if feature == "gqa":
+        Hq, Hkv = 4, 2
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, S, E, Ev, seed, logit_scale)
+    kw = feature_kwargs(feature, B, L, S, seed)
+    if feature == "three_d":
+        q, k, v, grad = q[:, 0], k[:, 0], v[:, 0], grad[:, 0]
+    got = run(ours, (q, k, v), grad, dtype, kw)
+    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, kw)
+    truth = run(exact, (q, k, v), grad, torch.float64, kw)
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "key_padding",
+                                     "float_mask", "gqa", "three_d"])
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (113, 203), (127, 65), (70, 1)], ids=str)
+def test_matches_reference(dtype, feature, L, S):
+    check(dtype, feature, L=L, S=S)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,Ev", [(8, 8), (40, 24), (64, 64), (128, 96)], ids=str)
+def test_head_dims(dtype, E, Ev):
+    check(dtype, "causal", L=67, S=131, E=E, Ev=Ev, seed=E)
+
+
+def test_long_sequence_several_blocks_both_ways():
+    check(torch.float32, "window", L=300, S=500, seed=3)
+    check(torch.bfloat16, "key_padding", B=1, L=260, S=390, seed=4)
+
+
+def test_large_logits_stay_finite():
+    # scores of order +-1e4: the online softmax must not overflow
+    check(torch.float32, "causal", L=40, S=40, E=16, logit_scale=2500.0)
+
+
+def test_strided_inputs():
+    # Hugging Face passes [B, L, H, D] tensors transposed to [B, H, L, D]
+    q, k, v, grad = make_inputs(2, 3, 3, 33, 47, 16, 8, seed=5)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    got = run(ours, (qt, kt, vt), grad, torch.float32, {})
+    want = run(exact, (q, k, v), grad, torch.float64, {})
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_with_nothing_to_attend_give_zero(dtype):
+    q, k, v, grad = make_inputs(1, 2, 2, 5, 6, 8, 8, seed=6)
+    mask = torch.ones(1, 2, 5, 6, dtype=torch.bool)
+    mask[0, 0, 1] = False  # row 1 of head 0 sees nothing
+    mask[0, 1, :, :] = False  # head 1 sees nothing at all
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = attention(*leaves, attn_mask=mask, return_lse=True)
+    out.backward(grad.to(dtype))
+    assert torch.equal(out[0, 0, 1], torch.zeros_like(out[0, 0, 1])) and not out.isnan().any()
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert torch.isneginf(lse[0, 0, 1]) and torch.isneginf(lse[0, 1]).all() and lse[0, 0, 0].isfinite()
+    assert torch.equal(leaves[0].grad[0, 1], torch.zeros_like(leaves[0].grad[0, 1]))
+    assert not any(t.grad.isnan().any() for t in leaves)
+    empty_window = attention(*leaves, window=(0, 0), causal_align="bottom_right")  # S > L: all rows see a key
+    assert empty_window.isfinite().all()
+
+
+def test_return_lse_matches_reference():
+    q, k, v, _ = make_inputs(2, 2, 2, 30, 50, 16, 16, seed=7)
+    mask = torch.rand(30, 50) > 0.2
+    _, lse = attention(q, k, v, attn_mask=mask, return_lse=True)
+    _, want = reference.scaled_dot_product_attention(q, k, v, mask)
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(lse, want)
+    _, lse32 = attention(q.float(), k.float(), v.float(), attn_mask=mask, return_lse=True)
+    assert lse32.dtype == torch.float32 and lse32.shape == (2, 2, 30)
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal_bottom_right", "window", "float_mask", "gqa"])
+def test_gradcheck_float64(feature):
+    q, k, v, _ = make_inputs(1, 4 if feature == "gqa" else 2, 2, 6, 9, 4, 3, seed=8)
+    kw = feature_kwargs(feature, 1, 6, 9, seed=8)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *t: ours(*t, **kw), inputs)
+
+
+def test_double_backward_float64():
+    q, k, v, _ = make_inputs(1, 2, 2, 5, 7, 4, 3, seed=9)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda *t: ours(*t, is_causal=True), inputs)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_opcheck(mask):
+    q, k, v, grad = (t.float() for t in make_inputs(2, 4, 2, 9, 11, 8, 6, seed=10))
+    m = None if mask is None else (torch.rand(2, 1, 1, 11) > 0.3 if mask == "bool" else torch.randn(9, 11))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), m, 0.35, 3, 0, 2)
+    torch.library.opcheck(torch.ops.bigkernels.attention_forward.default, args)
+    out, lse = torch.ops.bigkernels.attention_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                        for a in args])
+    torch.library.opcheck(torch.ops.bigkernels.attention_backward.default,
+                          (grad, q.detach(), k.detach(), v.detach(), m, out, lse, 0.35, 3, 0, 2))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v, _ = (t.float().requires_grad_() for t in make_inputs(1, 2, 2, 9, 9, 8, 8, seed=11))
+
+    def loss(q, k, v):
+        return ours(q, k, v, is_causal=True, window=(4, -1)).square().sum()
+
+    def value_and_grads(fn):
+        value = fn(q, k, v)
+        return [value.detach()] + list(torch.autograd.grad(value, (q, k, v)))
+
+    for g, e in zip(value_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager")),
+                    value_and_grads(loss)):
+        torch.testing.assert_close(g, e)
+
+
+def test_meta_tensors():
+    q = torch.empty(2, 4, 10, 8, device="meta", requires_grad=True)
+    k = torch.empty(2, 2, 12, 8, device="meta", requires_grad=True)
+    v = torch.empty(2, 2, 12, 6, device="meta", requires_grad=True)
+    out = attention(q, k, v, enable_gqa=True, is_causal=True)
+    assert out.shape == (2, 4, 10, 6) and out.device.type == "meta"
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.filterwarnings("ignore:bigkernels.scaled_dot_product_attention")
+def test_dropout_same_seed_same_result():
+    q, k, v, _ = make_inputs(1, 2, 2, 16, 16, 8, 8, seed=12)
+    torch.manual_seed(3)
+    a = attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    b = attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, attention(q, k, v))
+
+
+def test_empty_inputs():
+    q, k, v = torch.randn(2, 3, 0, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 4)
+    assert attention(q, k, v).shape == (2, 3, 0, 4)
+    out = attention(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 4))
+    assert torch.equal(out, torch.zeros(2, 3, 4, 4))  # no keys: nothing to attend to
+
+
+OK_Q, OK_K, OK_V = torch.ones(1, 2, 3, 4), torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 6)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((OK_Q.int(), OK_K.int(), OK_V.int()), {}, TypeError, "query must be float16"),
+    ((OK_Q, OK_K.double(), OK_V), {}, TypeError, "key dtype"),
+    ((OK_Q, OK_K, torch.ones(1, 2, 5, 6, device="meta")), {}, ValueError, "value is on meta"),
+    ((OK_Q[0, 0], OK_K[0, 0], OK_V[0, 0]), {}, ValueError, "3-d .* or 4-d"),
+    ((OK_Q, torch.ones(1, 2, 5, 3), OK_V), {}, ValueError, "key's head dim 3"),
+    ((OK_Q, OK_K, torch.ones(1, 2, 4, 6)), {}, ValueError, "value has 4 positions but key has 5"),
+    ((OK_Q, torch.ones(1, 1, 5, 4), torch.ones(1, 1, 5, 6)), {}, ValueError, "enable_gqa=True"),
+    ((torch.ones(1, 3, 3, 4), OK_K, OK_V), {"enable_gqa": True}, ValueError, "multiple of key's 2"),
+    ((OK_Q, OK_K, OK_V), {"attn_mask": torch.ones(3, 4, dtype=torch.bool)}, ValueError, "does not broadcast"),
+    ((OK_Q, OK_K, OK_V), {"attn_mask": torch.ones(3, 5, dtype=torch.int32)}, TypeError, "attn_mask must be bool"),
+    ((OK_Q, OK_K, OK_V), {"attn_mask": torch.ones(3, 5, dtype=torch.bool), "is_causal": True}, ValueError,
+     "cannot be combined"),
+    ((OK_Q, OK_K, OK_V), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ((OK_Q, OK_K, OK_V), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    ((OK_Q, OK_K, OK_V), {"causal_align": "top-left"}, ValueError, "causal_align"),
+    ((OK_Q, OK_K, OK_V), {"window": (3, -2)}, ValueError, "window"),
+    ((OK_Q, OK_K, OK_V), {"window": 3}, TypeError, "window"),
+    ((OK_Q, OK_K, OK_V), {"scale": "big"}, TypeError, "scale"),
+    ((OK_Q, OK_K, OK_V), {"is_causal": 1}, TypeError, "is_causal"),
+    (("q", OK_K, OK_V), {}, TypeError, "query must be a torch.Tensor"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_naming_the_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention(*args, **kwargs)
+
+
+def test_op_called_directly_checks_too():
+    with pytest.raises((ValueError, RuntimeError), match="value has 4 positions"):
+        torch.ops.bigkernels.attention_forward(OK_Q, OK_K, torch.ones(1, 2, 4, 6), None, 1.0, -1, -1, 0)
