@@ -50,6 +50,19 @@ def dense(x, weight, bias=None, activation_name="none"):
     return activation(F.linear(x, weight, bias), activation_name)
 
 
+def window_mask(L, S, left, right, offset, device=None):
+    """[L, S] bool: query i may see key j when j - (i + offset) lies in
+    [-left, right] (-1: no bound on that side)."""
+    pos = torch.arange(L, device=device)[:, None] + offset
+    j = torch.arange(S, device=device)[None, :]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= j >= pos - left
+    if right >= 0:
+        allowed &= j <= pos + right
+    return allowed
+
+
 def attention_allowed(L, S, is_causal=False, causal_align="top_left", window=None, device=None):
     """[L, S] bool: which keys each query may attend to under causality and a
     sliding window. Query i sits at key position i (top_left, SDPA's
@@ -58,14 +71,7 @@ def attention_allowed(L, S, is_causal=False, causal_align="top_left", window=Non
     left, right = window if window is not None else (-1, -1)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
-    pos = torch.arange(L, device=device)[:, None] + (S - L if causal_align == "bottom_right" else 0)
-    j = torch.arange(S, device=device)[None, :]
-    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
-    if left >= 0:
-        allowed &= j >= pos - left
-    if right >= 0:
-        allowed &= j <= pos + right
-    return allowed
+    return window_mask(L, S, left, right, S - L if causal_align == "bottom_right" else 0, device)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask=None, dropout_p=0.0,

@@ -193,7 +193,7 @@ def _register():
             # create_graph=True (double backward): through the reference's PyTorch ops
             wanted = [t for t, m in zip((query, key, value), ctx.needs_input_grad[:3]) if m]
             L, S = query.shape[-2], key.shape[-2]
-            allowed = _window_mask(L, S, left, right, offset, query.device)
+            allowed = reference.window_mask(L, S, left, right, offset, query.device)
             mask = allowed if attn_mask is None else (
                 allowed & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~allowed, float("-inf")))
             again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale,
@@ -205,18 +205,6 @@ def _register():
         return tuple(g if m else None for g, m in zip(grads, ctx.needs_input_grad[:3])) + (None,) * 5
 
     torch.library.register_autograd("bigkernels::attention_forward", backward, setup_context=setup_context)
-
-
-def _window_mask(L, S, left, right, offset, device):
-    """[L, S] bool: the keys each query may see under window (left, right) around position i + offset."""
-    pos = torch.arange(L, device=device)[:, None] + offset
-    j = torch.arange(S, device=device)[None, :]
-    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
-    if left >= 0:
-        allowed &= j >= pos - left
-    if right >= 0:
-        allowed &= j <= pos + right
-    return allowed
 
 
 if _ext.LOADED and hasattr(torch.ops.bigkernels, "attention_forward"):
