@@ -1,6 +1,7 @@
 from torch import nn
 
 from .nn import Linear
+from .nn.transformer import adopt
 
 
 def _activation_name(module):
@@ -29,13 +30,20 @@ def _to_fused(linear, activation):
 
 
 def optimize(model):
-    """Swaps torch.nn.Linear layers for bigkernels.nn.Linear, in place, keeping
-    their parameters; inside nn.Sequential a Linear followed by ReLU, GELU,
-    SiLU, Sigmoid or Tanh becomes one fused Linear (the activation module is
-    replaced by nn.Identity). Returns the model."""
+    """Swaps torch.nn layers for bigkernels' in place, keeping their
+    parameters: nn.MultiheadAttention and nn.TransformerEncoderLayer become
+    ours (same parameters, the fused attention inside), nn.Linear becomes
+    bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
+    GELU, SiLU, Sigmoid or Tanh becomes one fused Linear (the activation
+    module is replaced by nn.Identity). Returns the model."""
     if type(model) is nn.Linear:
         return _to_fused(model, None)
+    for module in model.modules():
+        if type(module) in (nn.MultiheadAttention, nn.TransformerEncoderLayer):
+            adopt(module)
     for parent in model.modules():
+        if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            continue  # their Linears are read as weights by the attention code
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
             if type(child) is not nn.Linear:
