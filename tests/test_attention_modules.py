@@ -127,3 +127,51 @@ def test_optimize_swaps_attention_layers_and_keeps_outputs():
     assert [p.data_ptr() for p in model.parameters()] == params  # the same parameters, not copies
     torch.testing.assert_close(model(x), want)
     torch.testing.assert_close(mha(x, x, x, need_weights=False)[0], want_mha)
+
+
+def test_transformer_language_model_is_causal_and_trains():
+    torch.manual_seed(5)
+    vocab, T = 16, 12
+    model = bigkernels.models.Transformer(vocab, d_model=32, nhead=4, num_layers=2, max_len=T)
+    tokens = torch.randint(vocab, (4, T))
+    logits = model(tokens)
+    assert logits.shape == (4, T, vocab)
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % vocab  # the future must not change the past
+    torch.testing.assert_close(model(changed)[:, :7], logits[:, :7])
+    assert not torch.allclose(model(changed)[:, 7:], logits[:, 7:])
+    # the article's loop: loss, backward, Adam step, on sequences that count up
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        seq = (torch.randint(vocab, (16, 1)) + torch.arange(T + 1)) % vocab
+        loss = nn.functional.cross_entropy(model(seq[:, :-1]).reshape(-1, vocab), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+
+
+def test_transformer_classifier_ignores_padding():
+    torch.manual_seed(6)
+    model = bigkernels.models.Transformer(20, d_model=32, nhead=4, num_layers=1, num_classes=3).eval()
+    tokens = torch.randint(20, (2, 9))
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[:, 6:] = True
+    out = model(tokens, padding)
+    assert out.shape == (2, 3)
+    other = tokens.clone()
+    other[:, 6:] = 0  # what sits under the padding does not matter
+    torch.testing.assert_close(model(other, padding), out)
+    torch.testing.assert_close(model(tokens[:, :6]), out)
+
+
+def test_transformer_rejects_bad_input():
+    model = bigkernels.models.Transformer(10, d_model=16, nhead=2, num_layers=1, max_len=8)
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_mask"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4))
