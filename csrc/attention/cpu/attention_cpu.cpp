@@ -4,6 +4,7 @@
 // head), so that every gradient has one writer (deterministic).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_to_copy.h>
 #include <torch/library.h>
 
 #include "attention/attention.h"
@@ -12,25 +13,27 @@
 namespace bigkernels {
 namespace {
 
-// float32, or float64 for float64 inputs (whose backward a float32 lse would
-// limit to float32 precision).
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// The kernels compute in float, or double for double inputs; the lse is kept
+// in the same type (a float32 lse would limit a float64 backward to float32
+// precision).
+at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+at::ScalarType lse_dtype(const at::Tensor& q) { return compute_dtype(q); }
 
 // The kernels need a contiguous last dim; other strides are honoured.
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const std::optional<at::Tensor>& mask, at::Tensor& mask4,
+AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
+                               const std::optional<at::Tensor>& mask, at::Tensor& mask4,
                                double scale, int64_t window_left, int64_t window_right,
                                int64_t diagonal_offset) {
   AttentionCpuParams p{};
   p.dtype = q.scalar_type();
-  p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    p.q_strides[d] = q.stride(d), p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
-  }
+  p.q = q.const_data_ptr();
+  for (int d = 0; d < 3; ++d) p.q_strides[d] = q.stride(d);
   if (mask.has_value()) {
     // A broadcast view: dims of size 1 get stride 0, nothing is copied.
     mask4 = *mask;
@@ -52,10 +55,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          double scale, int64_t window_left,
                                                          int64_t window_right, int64_t diagonal_offset) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
-  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
+  const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   at::Tensor mask4;
-  AttentionCpuParams p = make_params(s, q, k, v, attn_mask, mask4, scale, window_left, window_right,
-                                     diagonal_offset);
+  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset);
+  // K^T and V in the compute type, once per call (ATen's parallel copies):
+  // no block of the loops converts or transposes them again.
+  const at::Tensor k_t = k.to(compute_dtype(q)).transpose(-1, -2).contiguous();
+  const at::Tensor v_c = v.to(compute_dtype(q)).contiguous();
+  p.k_t = k_t.const_data_ptr(), p.v_c = v_c.const_data_ptr();
   at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
   p.out = out.mutable_data_ptr();
@@ -83,11 +90,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
                     "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
                     lse.scalar_type(), " ", lse.sizes());
-  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
+  const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();
   at::Tensor mask4;
-  AttentionCpuParams p = make_params(s, q, k, v, attn_mask, mask4, scale, window_left, window_right,
-                                     diagonal_offset);
+  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset);
+  const at::Tensor k_c = k.to(compute_dtype(q)).contiguous();
+  const at::Tensor k_t = k_c.transpose(-1, -2).contiguous();
+  const at::Tensor v_t = v.to(compute_dtype(q)).transpose(-1, -2).contiguous();
+  p.k_c = k_c.const_data_ptr(), p.k_t = k_t.const_data_ptr(), p.v_t = v_t.const_data_ptr();
   at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, s.E}, q.options());
   at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, s.E}, q.options());
   at::Tensor grad_v = at::empty({s.B, s.Hkv, s.S, s.Ev}, q.options());

@@ -4,10 +4,11 @@
 // the L x S scores never exist beyond one block. Backward recomputes each
 // block's probabilities from the saved log-sum-exp.
 //
-// Everything is computed in C = float (double for double inputs); each block
-// of q/k/v is converted once into float scratch (which also transposes K and
-// V where a product needs it), and the products are one small routine,
-// gemm_acc, vectorized over the output columns.
+// Everything is computed in C = float (double for double inputs): the op
+// hands over K and V already converted (and transposed where a product needs
+// it), each block of queries is converted once into scratch, and the
+// products are one small routine, gemm_acc, vectorized over the output
+// columns.
 #include "attention/cpu/attention_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -157,21 +158,14 @@ void load_rows(C* dst, const T* src, int64_t rows, int64_t cols, int64_t stride,
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < cols; ++e) dst[r * cols + e] = static_cast<C>(src[r * stride + e]) * factor;
 }
-// dst[e][r] = C(src[r * stride + e]): the transposed block, ld = ld_dst.
-template <typename T, typename C>
-void load_rows_transposed(C* dst, int64_t ld_dst, const T* src, int64_t rows, int64_t cols, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t e = 0; e < cols; ++e) dst[e * ld_dst + r] = static_cast<C>(src[r * stride + e]);
-}
-
 template <typename T, typename C>
 void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hk = h / (p.Hq / p.Hkv), E = p.E, Ev = p.Ev, bq = i1 - i0;
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-  std::vector<C> qf(bq * E), kt(E * kBlockK), vf(kBlockK * Ev), s(bq * kBlockK), acc(bq * Ev, C(0));
+  const C* kt = static_cast<const C*>(p.k_t) + (b * p.Hkv + hk) * E * p.S;  // [E, S]
+  const C* vc = static_cast<const C*>(p.v_c) + (b * p.Hkv + hk) * p.S * Ev;  // [S, Ev]
+  std::vector<C> qf(bq * E), s(bq * kBlockK), acc(bq * Ev, C(0));
   std::vector<C> m(bq, kNegInf), l(bq, C(0));
   load_rows(qf.data(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
   const Band band{p, b, h};
@@ -179,8 +173,7 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
     const bool whole = band.whole(i0, i1, j0, j0 + jn);
-    load_rows_transposed(kt.data(), kBlockK, k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
-    gemm_acc(bq, jn, E, qf.data(), E, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
+    gemm_acc(bq, jn, E, qf.data(), E, 1, kt + j0, p.S, s.data(), kBlockK, false);
     for (int64_t r = 0; r < bq; ++r) {
       C* sr = s.data() + r * kBlockK;
       if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
@@ -196,8 +189,7 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
         for (int64_t e = 0; e < Ev; ++e) acc[r * Ev + e] *= alpha;
       }
     }
-    load_rows(vf.data(), v + j0 * p.v_strides[2], jn, Ev, p.v_strides[2]);
-    gemm_acc(bq, Ev, jn, s.data(), kBlockK, 1, vf.data(), Ev, acc.data(), Ev, true);
+    gemm_acc(bq, Ev, jn, s.data(), kBlockK, 1, vc + j0 * Ev, Ev, acc.data(), Ev, true);
   }
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.L + i0) * Ev;
   C* lse = static_cast<C*>(p.lse) + (b * p.Hq + h) * p.L + i0;
@@ -211,11 +203,13 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
 template <typename T, typename C>
 void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const int64_t head = b * p.Hkv + hk;
+  const C* kc = static_cast<const C*>(p.k_c) + head * S * E;   // [S, E]
+  const C* kt = static_cast<const C*>(p.k_t) + head * E * S;   // [E, S]
+  const C* vt = static_cast<const C*>(p.v_t) + head * Ev * S;  // [Ev, S]
   std::vector<C> dk(S * E, C(0)), dv(S * Ev, C(0));
   std::vector<C> qf(kBlockQ * E), dof(kBlockQ * Ev), d(kBlockQ), lse(kBlockQ), dq(kBlockQ * E);
-  std::vector<C> kf(kBlockK * E), kt(E * kBlockK), vt(Ev * kBlockK), s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+  std::vector<C> s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
     const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in out/grad_out/lse/grad_q
@@ -236,11 +230,8 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
-        load_rows(kf.data(), k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
-        load_rows_transposed(kt.data(), kBlockK, k + j0 * p.k_strides[2], jn, E, p.k_strides[2]);
-        load_rows_transposed(vt.data(), kBlockK, v + j0 * p.v_strides[2], jn, Ev, p.v_strides[2]);
         // P = exp(scores - lse), recomputed
-        gemm_acc(bq, jn, E, qf.data(), E, 1, kt.data(), kBlockK, s.data(), kBlockK, false);
+        gemm_acc(bq, jn, E, qf.data(), E, 1, kt + j0, S, s.data(), kBlockK, false);
         for (int64_t r = 0; r < bq; ++r) {
           C* sr = s.data() + r * kBlockK;
           if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
@@ -252,14 +243,14 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         }
         // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dK += dS^T (Q scale);  dQ += dS K
         gemm_acc(jn, Ev, bq, s.data(), 1, kBlockK, dof.data(), Ev, dv.data() + j0 * Ev, Ev, true);
-        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);
+        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, vt + j0, S, dp.data(), kBlockK, false);
         for (int64_t r = 0; r < bq; ++r)
           for (int64_t jj = 0; jj < jn; ++jj) {
             C& x = dp[r * kBlockK + jj];
             x = s[r * kBlockK + jj] * (x - d[r]);
           }
         gemm_acc(jn, E, bq, dp.data(), 1, kBlockK, qf.data(), E, dk.data() + j0 * E, E, true);
-        gemm_acc(bq, E, jn, dp.data(), kBlockK, 1, kf.data(), E, dq.data(), E, true);
+        gemm_acc(bq, E, jn, dp.data(), kBlockK, 1, kc + j0 * E, E, dq.data(), E, true);
       }
       T* gq = static_cast<T*>(p.grad_q) + (row0 + i0) * E;
       for (int64_t x = 0; x < bq * E; ++x) gq[x] = static_cast<T>(dq[x] * static_cast<C>(p.scale));

@@ -10,16 +10,21 @@
 
 namespace bigkernels {
 
-// Raw pointers and strides (in elements) of one attention call. The last dim
-// of every tensor is contiguous; out/grad tensors are contiguous [B, H, L, *].
+// Raw pointers and strides (in elements) of one attention call. q is read in
+// place (any strides, contiguous last dim); every other tensor is contiguous.
 struct AttentionCpuParams {
   c10::ScalarType dtype;
-  const void *q, *k, *v;
-  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, position
+  const void* q;
+  int64_t q_strides[3];  // batch, head, position
   const void* mask;  // null, bool, or dtype; broadcast dims have stride 0
   bool mask_is_bool;
   int64_t mask_strides[4];  // batch, head, query, key
   int64_t B, Hq, Hkv, L, S, E, Ev;
+  // K and V in the compute type (float; double for double), converted once
+  // per call by the op: k_t [B, Hkv, E, S] (K transposed) and v_c
+  // [B, Hkv, S, Ev] for the forward; k_c [B, Hkv, S, E], k_t and v_t
+  // [B, Hkv, Ev, S] for the backward.
+  const void *k_t, *v_c, *k_c, *v_t;
   double scale;
   int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
   // forward: out [B, Hq, L, Ev] (dtype), lse [B, Hq, L] (float; double for double)
