@@ -1,7 +1,7 @@
 """bigkernels' scaled_dot_product_attention against a float64 reference:
 forward, lse and every gradient, with F.scaled_dot_product_attention's
-semantics (and flash-attention's extras). The CPU kernels run here; dropout
-and CUDA still take the reference path (see bigkernels/ops/attention.py)."""
+semantics (and flash-attention's extras). The CPU kernels run here; CUDA
+still takes the reference path (see bigkernels/ops/attention.py)."""
 
 import math
 
@@ -162,12 +162,13 @@ def test_double_backward_float64():
 def test_opcheck(mask):
     q, k, v, grad = (t.float() for t in make_inputs(2, 4, 2, 9, 11, 8, 6, seed=10))
     m = None if mask is None else (torch.rand(2, 1, 1, 11) > 0.3 if mask == "bool" else torch.randn(9, 11))
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), m, 0.35, 3, 0, 2)
-    torch.library.opcheck(torch.ops.bigkernels.attention_forward.default, args)
-    out, lse = torch.ops.bigkernels.attention_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
-                                                        for a in args])
-    torch.library.opcheck(torch.ops.bigkernels.attention_backward.default,
-                          (grad, q.detach(), k.detach(), v.detach(), m, out, lse, 0.35, 3, 0, 2))
+    for dropout in ((0.0, 0), (0.25, 1234)):
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), m, 0.35, 3, 0, 2) + dropout
+        torch.library.opcheck(torch.ops.bigkernels.attention_forward.default, args)
+        out, lse = torch.ops.bigkernels.attention_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                            for a in args])
+        torch.library.opcheck(torch.ops.bigkernels.attention_backward.default,
+                              (grad, q.detach(), k.detach(), v.detach(), m, out, lse, 0.35, 3, 0, 2) + dropout)
 
 
 def test_compile_fullgraph():
@@ -196,14 +197,70 @@ def test_meta_tensors():
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
-@pytest.mark.filterwarnings("ignore:bigkernels.scaled_dot_product_attention")
 def test_dropout_same_seed_same_result():
     q, k, v, _ = make_inputs(1, 2, 2, 16, 16, 8, 8, seed=12)
     torch.manual_seed(3)
     a = attention(q, k, v, dropout_p=0.3)
     torch.manual_seed(3)
     b = attention(q, k, v, dropout_p=0.3)
-    assert torch.equal(a, b) and not torch.equal(a, attention(q, k, v))
+    assert torch.equal(a, b) and not torch.equal(a, attention(q, k, v)) and not torch.equal(a, attention(q, k, v, dropout_p=0.3))
+
+
+def kernel_dropout_mask(B, H, L, S, p, seed):
+    """The kept-and-scaled mask the kernel draws, read back through the kernel
+    itself: with q = k = 0 every probability is 1/S, and with V = identity
+    row i of the output is mask[i] / S."""
+    q, k = torch.zeros(B, H, L, 4, dtype=torch.float64), torch.zeros(B, H, S, 4, dtype=torch.float64)
+    v = torch.eye(S, dtype=torch.float64).expand(B, H, S, S)
+    out, _ = torch.ops.bigkernels.attention_forward(q, k, v, None, 1.0, -1, -1, 0, p, seed)
+    return out * S
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal", "key_padding", "gqa"])
+def test_dropout_matches_reference_with_the_same_mask(dtype, feature):
+    B, L, S, p, seed = 2, 37, 70, 0.3, 99
+    Hq, Hkv = (4, 2) if feature == "gqa" else (2, 2)
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, S, 16, 8, seed=13)
+    mask = kernel_dropout_mask(B, Hq, L, S, p, seed)
+    keep = mask > 0
+    assert torch.allclose(mask[keep], torch.tensor(1 / (1 - p), dtype=torch.float64))
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.02
+    kw = feature_kwargs(feature, B, L, S, seed=13)
+
+    def ours_with_seed(q, k, v, **kw):
+        left, right = (-1, 0) if kw.get("is_causal") else (-1, -1)
+        return torch.ops.bigkernels.attention_forward(q, k, v, kw.get("attn_mask"), 16 ** -0.5, left, right, 0,
+                                                      p, seed)[0]
+
+    def with_mask(q, k, v, **kw):
+        return reference.scaled_dot_product_attention(q, k, v, kw.pop("attn_mask", None), keep, p,
+                                                      enable_gqa=True, **kw)[0]
+
+    got = run(ours_with_seed, (q, k, v), grad, dtype, kw)
+    theirs = run(with_mask, (q, k, v), grad, dtype, kw)
+    truth = run(with_mask, (q, k, v), grad, torch.float64, kw)
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+
+
+def test_dropout_is_unbiased():
+    # the mean over many seeds approaches the output without dropout
+    q, k, v, _ = make_inputs(1, 2, 2, 8, 24, 8, 8, seed=14)
+    torch.manual_seed(0)
+    mean = sum(attention(q, k, v, dropout_p=0.4) for _ in range(400)) / 400
+    torch.testing.assert_close(mean, attention(q, k, v), atol=0.06, rtol=0)
+
+
+def test_gradcheck_with_dropout():
+    q, k, v, _ = make_inputs(1, 2, 2, 6, 9, 4, 3, seed=15)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def fn(*t):
+        torch.manual_seed(7)  # the same mask at every evaluation
+        return attention(*t, dropout_p=0.3, is_causal=True)
+
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_empty_inputs():
@@ -245,4 +302,6 @@ def test_bad_input_raises_naming_the_argument(args, kwargs, error, match):
 
 def test_op_called_directly_checks_too():
     with pytest.raises((ValueError, RuntimeError), match="value has 4 positions"):
-        torch.ops.bigkernels.attention_forward(OK_Q, OK_K, torch.ones(1, 2, 4, 6), None, 1.0, -1, -1, 0)
+        torch.ops.bigkernels.attention_forward(OK_Q, OK_K, torch.ones(1, 2, 4, 6), None, 1.0, -1, -1, 0, 0.0, 0)
+    with pytest.raises((ValueError, RuntimeError), match="dropout_p"):
+        torch.ops.bigkernels.attention_forward(OK_Q, OK_K, OK_V, None, 1.0, -1, -1, 0, 1.5, 0)

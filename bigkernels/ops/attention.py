@@ -109,11 +109,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               causal_align, window)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    if _uses_kernel(query, attn_mask, dropout_p):
-        out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right)
+    if _uses_kernel(query, attn_mask):
+        out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p)
     else:
-        # dropout, devices without a kernel yet (CUDA), or a mask that wants a gradient
-        _warn_reference_once(query, attn_mask, dropout_p)
+        # devices without a kernel yet (CUDA), or a mask that wants a gradient
+        _warn_reference_once(query, attn_mask)
         dropout_mask = None
         if dropout_p > 0:
             scores_shape = tuple(query.shape[:-1]) + (key.shape[-2],)
@@ -127,27 +127,32 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 _WARNED = set()
 
 
-def _warn_reference_once(query, attn_mask, dropout_p):
+def _warn_reference_once(query, attn_mask):
     """Says once per reason that a call runs on the slow reference."""
     if not _ext.LOADED:
         return  # importing bigkernels already warned
-    reason = ("dropout_p > 0" if dropout_p > 0 else f"{query.device.type} tensors"
-              if query.device.type not in ("cpu", "meta") else "an attn_mask that requires grad")
+    reason = (f"{query.device.type} tensors" if query.device.type not in ("cpu", "meta")
+              else "an attn_mask that requires grad")
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"bigkernels.scaled_dot_product_attention: no kernel yet for {reason}; this runs on the "
                       "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
 
 
-def _uses_kernel(query, attn_mask, dropout_p):
-    """Whether the compiled kernels run this call. Not yet: dropout (the
-    counter-based generator comes with the CUDA kernels), CUDA tensors, a
+def _uses_kernel(query, attn_mask):
+    """Whether the compiled kernels run this call. Not yet: CUDA tensors, a
     float mask that requires grad (the kernels give masks no gradient)."""
-    return (_ext.LOADED and dropout_p == 0 and query.device.type in ("cpu", "meta")
+    return (_ext.LOADED and query.device.type in ("cpu", "meta")
             and not (attn_mask is not None and attn_mask.requires_grad))
 
 
-def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right):
+def _dropout_seed(device):
+    """A seed for the kernels' counter-based dropout, drawn from torch's
+    generator of the device: the same torch.manual_seed gives the same masks."""
+    return int(torch.randint(-2**63, 2**63 - 1, (), device=device if device.type != "meta" else "cpu"))
+
+
+def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p):
     """The op on 4-d views of 3- or 4-d inputs; returns (out, lse) shaped like the inputs."""
     three_d = query.dim() == 3
     if three_d:
@@ -159,7 +164,9 @@ def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, lef
         right = 0 if right < 0 else min(right, 0)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     offset = S - L if causal_align == "bottom_right" else 0
-    out, lse = torch.ops.bigkernels.attention_forward(query, key, value, attn_mask, scale, left, right, offset)
+    seed = _dropout_seed(query.device) if dropout_p > 0 else 0
+    out, lse = torch.ops.bigkernels.attention_forward(query, key, value, attn_mask, scale, left, right, offset,
+                                                      float(dropout_p), seed)
     return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
 
 
@@ -167,29 +174,34 @@ def _register():
     """Fake implementations and autograd for the compiled ops."""
 
     @torch.library.register_fake("bigkernels::attention_forward")
-    def _forward_fake(query, key, value, attn_mask, scale, window_left, window_right, diagonal_offset):
+    def _forward_fake(query, key, value, attn_mask, scale, window_left, window_right, diagonal_offset, dropout_p,
+                      dropout_seed):
         B, H, L, _ = query.shape
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         return query.new_empty((B, H, L, value.shape[-1])), query.new_empty((B, H, L), dtype=lse_dtype)
 
     @torch.library.register_fake("bigkernels::attention_backward")
     def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,
-                       diagonal_offset):
+                       diagonal_offset, dropout_p, dropout_seed):
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
     def setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, scale, left, right, offset = inputs
+        query, key, value, attn_mask, scale, left, right, offset, dropout_p, seed = inputs
         out, lse = output
         ctx.set_materialize_grads(False)
-        ctx.args = (scale, left, right, offset)
+        ctx.args = (scale, left, right, offset, dropout_p, seed)
         ctx.save_for_backward(query, key, value, attn_mask, out, lse)
 
     def backward(ctx, grad_out, _grad_lse):
+        nones = (None,) * 7  # attn_mask, scale, the window, offset, dropout_p, seed: no gradient
         if grad_out is None:
-            return None, None, None, None, None, None, None, None
+            return (None, None, None) + nones
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
-        scale, left, right, offset = ctx.args
+        scale, left, right, offset, dropout_p, seed = ctx.args
         if torch.is_grad_enabled():
+            if dropout_p > 0:
+                raise NotImplementedError("bigkernels.scaled_dot_product_attention: double backward "
+                                          "(create_graph=True) with dropout_p > 0 is not supported")
             # create_graph=True (double backward): through the reference's PyTorch ops
             wanted = [t for t, m in zip((query, key, value), ctx.needs_input_grad[:3]) if m]
             L, S = query.shape[-2], key.shape[-2]
@@ -199,10 +211,10 @@ def _register():
             again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale,
                                                               enable_gqa=True)
             grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
-            return tuple(next(grads) if m else None for m in ctx.needs_input_grad[:3]) + (None,) * 5
+            return tuple(next(grads) if m else None for m in ctx.needs_input_grad[:3]) + nones
         grads = torch.ops.bigkernels.attention_backward(grad_out, query, key, value, attn_mask, out, lse, scale,
-                                                        left, right, offset)
-        return tuple(g if m else None for g, m in zip(grads, ctx.needs_input_grad[:3])) + (None,) * 5
+                                                        left, right, offset, dropout_p, seed)
+        return tuple(g if m else None for g, m in zip(grads, ctx.needs_input_grad[:3])) + nones
 
     torch.library.register_autograd("bigkernels::attention_forward", backward, setup_context=setup_context)
 

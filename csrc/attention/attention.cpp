@@ -56,14 +56,17 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // bound) and the mask allows it (bool: True = attend; float: added). Key
   // heads are shared by groups of Hq / Hkv query heads. `lse` is each row's
   // log-sum-exp ([B, H, L], float32, float64 for float64 inputs; -inf for a
-  // row that attends to nothing, whose output is 0).
+  // row that attends to nothing, whose output is 0). dropout_p > 0 drops
+  // probabilities after the softmax with common/counter_rng.h under
+  // dropout_seed, so the backward regenerates the same mask.
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
-      "int window_left, int window_right, int diagonal_offset) -> (Tensor output, Tensor lse)");
+      "int window_left, int window_right, int diagonal_offset, float dropout_p, int dropout_seed) "
+      "-> (Tensor output, Tensor lse)");
   // Gradients of attention_forward from its output and lse (the scores are
   // recomputed block by block).
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
+      "float dropout_p, int dropout_seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }

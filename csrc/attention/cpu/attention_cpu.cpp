@@ -29,8 +29,12 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
                                const std::optional<at::Tensor>& mask, at::Tensor& mask4,
                                double scale, int64_t window_left, int64_t window_right,
-                               int64_t diagonal_offset) {
+                               int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "bigkernels.attention: dropout_p must be in [0, 1), got ",
+                    dropout_p);
   AttentionCpuParams p{};
+  p.dropout_p = dropout_p;
+  p.dropout_seed = static_cast<uint64_t>(dropout_seed);
   p.dtype = q.scalar_type();
   p.q = q.const_data_ptr();
   for (int d = 0; d < 3; ++d) p.q_strides[d] = q.stride(d);
@@ -53,11 +57,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          const at::Tensor& value,
                                                          const std::optional<at::Tensor>& attn_mask,
                                                          double scale, int64_t window_left,
-                                                         int64_t window_right, int64_t diagonal_offset) {
+                                                         int64_t window_right, int64_t diagonal_offset,
+                                                         double dropout_p, int64_t dropout_seed) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   at::Tensor mask4;
-  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset);
+  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
+                                     dropout_p, dropout_seed);
   // K^T and V in the compute type, once per call (ATen's parallel copies):
   // no block of the loops converts or transposes them again.
   const at::Tensor k_t = k.to(compute_dtype(q)).transpose(-1, -2).contiguous();
@@ -81,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
-    int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
   const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
@@ -93,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();
   at::Tensor mask4;
-  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset);
+  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
+                                     dropout_p, dropout_seed);
   const at::Tensor k_c = k.to(compute_dtype(q)).contiguous();
   const at::Tensor k_t = k_c.transpose(-1, -2).contiguous();
   const at::Tensor v_t = v.to(compute_dtype(q)).transpose(-1, -2).contiguous();

@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/counter_rng.h"
 #include "common/vec_math.h"
 
 namespace bigkernels {
@@ -152,6 +153,18 @@ struct Band {
   }
 };
 
+// Multiplies row i's probabilities over keys [j0, j0 + n) by the dropout
+// keep-mask scaled by 1 / (1 - p): kept ones grow, dropped ones become 0.
+template <typename C>
+void apply_dropout(const AttentionCpuParams& p, C* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) {
+  const uint64_t row = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j0);
+  const float drop = static_cast<float>(p.dropout_p);
+  const C keep_scale = static_cast<C>(1.0 / (1.0 - p.dropout_p));
+  for (int64_t jj = 0; jj < n; ++jj) {
+    x[jj] *= counter_uniform(p.dropout_seed, row + jj) >= drop ? keep_scale : C(0);
+  }
+}
+
 // dst[r][e] = C(src[r * stride + e]) * factor, r < rows, e < cols (dst row-major, ld cols).
 template <typename T, typename C>
 void load_rows(C* dst, const T* src, int64_t rows, int64_t cols, int64_t stride, C factor = C(1)) {
@@ -183,11 +196,12 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
         continue;
       }
       const C alpha = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
-      l[r] = l[r] * alpha + exp_shifted(sr, jn, m_new);
+      l[r] = l[r] * alpha + exp_shifted(sr, jn, m_new);  // the normaliser counts every key
       m[r] = m_new;
       if (alpha != C(1)) {
         for (int64_t e = 0; e < Ev; ++e) acc[r * Ev + e] *= alpha;
       }
+      if (p.dropout_p > 0) apply_dropout(p, sr, b, h, i0 + r, j0, jn);  // the values only the kept ones
     }
     gemm_acc(bq, Ev, jn, s.data(), kBlockK, 1, vc + j0 * Ev, Ev, acc.data(), Ev, true);
   }
@@ -241,14 +255,23 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
             exp_shifted(sr, jn, lse[r]);
           }
         }
-        // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dK += dS^T (Q scale);  dQ += dS K
-        gemm_acc(jn, Ev, bq, s.data(), 1, kBlockK, dof.data(), Ev, dv.data() + j0 * Ev, Ev, true);
+        // With the dropout mask M (scaled by 1 / (1 - p); all ones without dropout):
+        // dP = dO V^T;  dS = P * (dP * M - D);  dV += (P * M)^T dO;  dK += dS^T (Q scale);  dQ += dS K
         gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, vt + j0, S, dp.data(), kBlockK, false);
+        if (p.dropout_p > 0) {
+          for (int64_t r = 0; r < bq; ++r) {
+            apply_dropout(p, dp.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // dP * M
+          }
+        }
         for (int64_t r = 0; r < bq; ++r)
           for (int64_t jj = 0; jj < jn; ++jj) {
             C& x = dp[r * kBlockK + jj];
             x = s[r * kBlockK + jj] * (x - d[r]);
           }
+        if (p.dropout_p > 0) {
+          for (int64_t r = 0; r < bq; ++r) apply_dropout(p, s.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // P * M
+        }
+        gemm_acc(jn, Ev, bq, s.data(), 1, kBlockK, dof.data(), Ev, dv.data() + j0 * Ev, Ev, true);
         gemm_acc(jn, E, bq, dp.data(), 1, kBlockK, qf.data(), E, dk.data() + j0 * E, E, true);
         gemm_acc(bq, E, jn, dp.data(), kBlockK, 1, kc + j0 * E, E, dq.data(), E, true);
       }

@@ -26,6 +26,10 @@ struct AttentionCpuParams {
   // [B, Hkv, Ev, S] for the backward.
   const void *k_t, *v_c, *k_c, *v_t;
   double scale;
+  // Dropout of the probabilities (0: none): element (b, h, i, j) is kept when
+  // counter_uniform(dropout_seed, ((b * Hq + h) * L + i) * S + j) >= dropout_p.
+  double dropout_p;
+  uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
   // forward: out [B, Hq, L, Ev] (dtype), lse [B, Hq, L] (float; double for double)
   void* out;
