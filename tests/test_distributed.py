@@ -1,0 +1,70 @@
+"""The Transformer trains under torch.distributed DDP (gloo, 2 CPU processes)
+to the same parameters as one process on the same data."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bigkernels
+
+STEPS, VOCAB, T, BATCH = 8, 16, 10, 8
+
+
+def make_model():
+    torch.manual_seed(0)
+    return bigkernels.models.Transformer(VOCAB, d_model=32, nhead=4, num_layers=2, max_len=T)
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randint(VOCAB, (1, 1), generator=gen) + torch.arange(T + 1)).remainder(VOCAB).repeat(BATCH, 1)
+            + torch.randint(0, 2, (BATCH, T + 1), generator=gen) for _ in range(STEPS)]
+
+
+def train(model, batches, rank=0, world=1):
+    # SGD, not Adam: Adam divides by the gradient's size, so the key bias's
+    # gradient (exactly 0 in exact arithmetic: softmax ignores it) would turn
+    # rounding noise into full-size steps and the two runs could not agree.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for seq in batches:
+        seq = seq.remainder(VOCAB).chunk(world)[rank]  # each process its share of the batch
+        logits = model(seq[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        train(model, data(), rank, world)
+        if rank == 0:
+            torch.save(model.module.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ddp_two_processes_match_one(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+    ddp = torch.load(out)
+    single = train(make_model(), data()).state_dict()
+    assert ddp.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
