@@ -305,3 +305,24 @@ def test_op_called_directly_checks_too():
         torch.ops.bigkernels.attention_forward(OK_Q, OK_K, torch.ones(1, 2, 4, 6), None, 1.0, -1, -1, 0, 0.0, 0)
     with pytest.raises((ValueError, RuntimeError), match="dropout_p"):
         torch.ops.bigkernels.attention_forward(OK_Q, OK_K, OK_V, None, 1.0, -1, -1, 0, 1.5, 0)
+
+
+def test_forward_memory_stays_far_below_the_scores():
+    # L = S = 4096: one fp32 score matrix per head would be 64 MiB; the
+    # kernel's extra memory is the lse, a float copy of K and V, and block
+    # buffers. Peak resident memory, measured in a fresh process.
+    script = """
+import resource, torch, bigkernels
+q, k, v = (torch.randn(1, 1, 4096, 64) for _ in range(3))
+bigkernels.scaled_dot_product_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64])  # load everything once
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = bigkernels.scaled_dot_product_attention(q, k, v)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    extra_mib = float(run.stdout.split()[-1])
+    assert extra_mib < 16, f"the forward grew the peak memory by {extra_mib:.1f} MiB (one score matrix: 64 MiB)"
