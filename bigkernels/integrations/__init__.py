@@ -1,0 +1,1 @@
+"""Optional glue to other libraries; each module imports its library lazily."""
