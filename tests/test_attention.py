@@ -326,3 +326,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
     assert run.returncode == 0, run.stderr[-2000:]
     extra_mib = float(run.stdout.split()[-1])
     assert extra_mib < 16, f"the forward grew the peak memory by {extra_mib:.1f} MiB (one score matrix: 64 MiB)"
+
+
+def test_autocast_casts_like_sdpa():
+    q, k, v, _ = (t.float() for t in make_inputs(2, 2, 2, 9, 13, 8, 8, seed=16))
+    mask = torch.randn(9, 13)  # a float mask is cast too; a bool one is left alone
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, attn_mask=mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(out, attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q, k, v, attn_mask=mask > 0).dtype == torch.bfloat16

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
+from ._autocast import autocast_inputs
 
 CAUSAL_ALIGNS = ("top_left", "bottom_right")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -103,8 +104,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     within left before and right after the query's position (-1: no limit);
     return_lse=True also returns the log-sum-exp of each row's scaled scores
     ([B, H, L] float32 (float64 for float64 inputs), -inf for a row that
-    attends to nothing).
+    attends to nothing). Under torch.autocast the inputs are cast to the
+    autocast dtype, as for F.scaled_dot_product_attention.
     """
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     left, right = _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                               causal_align, window)
     if not isinstance(return_lse, bool):

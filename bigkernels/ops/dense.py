@@ -8,6 +8,7 @@ are defined in csrc/bigkernels.cpp.
 import torch
 
 from .. import _ext, reference
+from ._autocast import autocast_inputs
 
 from ..reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 
@@ -70,28 +71,6 @@ def check_dense_args(input, weight, bias, activation):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _autocast_enabled(device_type):
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type without autocast, such as "meta"
-        return False
-
-
-def _autocast(input, weight, bias):
-    """Casts to the autocast dtype when autocast is on for input's device, as
-    torch.autocast would for F.linear: the custom op has no autocast kernel of
-    its own. Like autocast, leaves float64 and non-float tensors alone."""
-    if not isinstance(input, torch.Tensor) or not _autocast_enabled(input.device.type):
-        return input, weight, bias
-    dtype = torch.get_autocast_dtype(input.device.type)
-
-    def cast(t):
-        castable = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        return t.to(dtype) if castable and t.dtype != dtype else t
-
-    return cast(input), cast(weight), cast(bias)
-
-
 def dense(input, weight, bias=None, activation="none", *, recompute=False):
     """act(input @ weight.T + bias), with bias and activation fused into the GEMM.
 
@@ -106,7 +85,7 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
     """
     activation = normalize_activation(activation)
     check_recompute(recompute)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias = autocast_inputs(input, weight, bias)
     check_dense_args(input, weight, bias, activation)
     if not _ext.LOADED:
         return reference.dense(input, weight, bias, activation)

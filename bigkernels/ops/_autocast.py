@@ -1,0 +1,26 @@
+"""Autocast for the custom ops, which have no autocast kernels of their own:
+the Python entry points cast their inputs as torch.autocast casts those of
+the torch op they replace (F.linear, F.scaled_dot_product_attention)."""
+
+import torch
+
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast, such as "meta"
+        return False
+
+
+def autocast_inputs(first, *others):
+    """(first, *others), cast to the autocast dtype when autocast is on for
+    first's device. Like autocast, leaves float64, non-float tensors (bool
+    masks) and non-tensors alone."""
+    tensors = (first,) + others
+    if not isinstance(first, torch.Tensor) or not _autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.dtype != dtype else t
+                 for t in tensors)
