@@ -1,22 +1,7 @@
 from torch import nn
 
 from .nn import Linear
-from .nn.transformer import adopt
-
-
-def _activation_name(module):
-    """Our name for a torch.nn activation module, or None if it cannot be fused."""
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else "gelu_tanh"
-    if isinstance(module, nn.SiLU):
-        return "silu"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    return None
+from .nn.transformer import adopt, fused_activation_name
 
 
 def _to_fused(linear, activation):
@@ -50,7 +35,7 @@ def optimize(model):
                 continue
             activation = None
             if isinstance(parent, nn.Sequential) and i + 1 < len(children):
-                activation = _activation_name(children[i + 1][1])
+                activation = fused_activation_name(children[i + 1][1])
             setattr(parent, name, _to_fused(child, activation))
             if activation is not None:
                 setattr(parent, children[i + 1][0], nn.Identity())

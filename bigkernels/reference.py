@@ -68,10 +68,16 @@ def attention_allowed(L, S, is_causal=False, causal_align="top_left", window=Non
     sliding window. Query i sits at key position i (top_left, SDPA's
     alignment) or i + S - L (bottom_right, flash-attention's); window = (left,
     right) keeps keys within [pos - left, pos + right], -1 = unbounded."""
+    left, right = causal_window(is_causal, window)
+    return window_mask(L, S, left, right, S - L if causal_align == "bottom_right" else 0, device)
+
+
+def causal_window(is_causal, window):
+    """(left, right) with causality folded in: a causal query sees no key after itself."""
     left, right = window if window is not None else (-1, -1)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
-    return window_mask(L, S, left, right, S - L if causal_align == "bottom_right" else 0, device)
+    return left, right
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask=None, dropout_p=0.0,

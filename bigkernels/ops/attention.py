@@ -163,8 +163,7 @@ def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, lef
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
     L, S = query.shape[-2], key.shape[-2]
-    if is_causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = reference.causal_window(is_causal, (left, right))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     offset = S - L if causal_align == "bottom_right" else 0
     seed = _dropout_seed(query.device) if dropout_p > 0 else 0

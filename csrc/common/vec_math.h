@@ -6,6 +6,10 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <array>
@@ -134,6 +138,19 @@ struct VecIO {
     }
   }
 };
+
+// Calls f(T{}) with the storage type T of dtype, once per call, outside the
+// loops; VecIO<T>::C is then its compute type.
+template <typename F>
+void dispatch_storage_type(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return f(float{});
+    case c10::ScalarType::Double: return f(double{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
+    case c10::ScalarType::Half: return f(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "bigkernels: no CPU kernel for dtype ", dtype);
+  }
+}
 
 // {f(a[0]), f(a[1])}, or {f(a[0], b[0]), f(a[1], b[1])}.
 template <typename Chunk, typename F>

@@ -11,10 +11,6 @@
 // columns.
 #include "attention/cpu/attention_kernels.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -285,23 +281,18 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   for (int64_t x = 0; x < S * Ev; ++x) gv[x] = static_cast<T>(dv[x]);
 }
 
-template <typename F>
-void dispatch_dtype(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return f(float{}, float{});
-    case c10::ScalarType::Double: return f(double{}, double{});
-    case c10::ScalarType::BFloat16: return f(c10::BFloat16{}, float{});
-    case c10::ScalarType::Half: return f(c10::Half{}, float{});
-    default: TORCH_CHECK_TYPE(false, "bigkernels.attention: unsupported dtype ", dtype);
-  }
-}
-
 void forward_block_any(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
-  dispatch_dtype(p.dtype, [&](auto t, auto c) { forward_block<decltype(t), decltype(c)>(p, b, h, i0, i1); });
+  dispatch_storage_type(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    forward_block<T, typename VecIO<T>::C>(p, b, h, i0, i1);
+  });
 }
 
 void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
-  dispatch_dtype(p.dtype, [&](auto t, auto c) { backward_head<decltype(t), decltype(c)>(p, b, hk); });
+  dispatch_storage_type(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    backward_head<T, typename VecIO<T>::C>(p, b, hk);
+  });
 }
 
 }  // namespace

@@ -3,10 +3,6 @@
 // capability-named namespace, and only the table at the end is seen outside.
 #include "dense/cpu/dense_kernels.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Exception.h>
-
 #include "common/vec_math.h"
 
 namespace bigkernels {
@@ -86,21 +82,9 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
   }
 }
 
-// Turns the dtype into the storage type, once per call.
-template <typename F>
-void dispatch_dtype(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return f(float{});
-    case c10::ScalarType::Double: return f(double{});
-    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
-    case c10::ScalarType::Half: return f(c10::Half{});
-    default: TORCH_CHECK_TYPE(false, "bigkernels.dense: unsupported dtype ", dtype);
-  }
-}
-
 void forward_rows_any(c10::ScalarType dtype, Activation act, const void* z, void* out, int64_t r0,
                       int64_t r1, int64_t nz, int64_t nout) {
-  dispatch_dtype(dtype, [&](auto t) {
+  dispatch_storage_type(dtype, [&](auto t) {
     using T = decltype(t);
     forward_rows(act, static_cast<const T*>(z), static_cast<T*>(out), r0, r1, nz, nout);
   });
@@ -109,7 +93,7 @@ void forward_rows_any(c10::ScalarType dtype, Activation act, const void* z, void
 void backward_rows_any(c10::ScalarType dtype, Activation act, bool saved_is_output, const void* g,
                        const void* saved, void* dz, void* dbias, int64_t r0, int64_t r1, int64_t nz,
                        int64_t nout) {
-  dispatch_dtype(dtype, [&](auto t) {
+  dispatch_storage_type(dtype, [&](auto t) {
     using T = decltype(t);
     backward_rows(act, saved_is_output, static_cast<const T*>(g), static_cast<const T*>(saved),
                   static_cast<T*>(dz), static_cast<typename VecIO<T>::C*>(dbias), r0, r1, nz, nout);

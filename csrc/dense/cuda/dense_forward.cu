@@ -405,7 +405,7 @@ cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t strea
     case DType::kFloat16: return launch_tensor_core<__half>(p, stream);
     case DType::kBFloat16: return launch_tensor_core<__nv_bfloat16>(p, stream);
     case DType::kFloat32:
-      return p.allow_tf32 ? launch_tensor_core<float>(p, stream) : launch_fma<float>(p, stream);
+      return dense_forward_uses_tensor_cores(p) ? launch_tensor_core<float>(p, stream) : launch_fma<float>(p, stream);
     case DType::kFloat64: return launch_fma<double>(p, stream);
   }
   return cudaErrorInvalidValue;
