@@ -49,6 +49,11 @@ def worker(rank, world, port, out_path):
         train(model, data(), rank, world)
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
+        # Without this barrier torch 2.14's gloo aborts about one exit in five
+        # ("terminate called without an active exception"), with plain
+        # torch.nn modules too: a rank tore its group down while the other
+        # still had work in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
