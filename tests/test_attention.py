@@ -1,7 +1,7 @@
 """bigkernels' scaled_dot_product_attention against a float64 reference:
 forward, lse and every gradient, with F.scaled_dot_product_attention's
-semantics (and flash-attention's extras). The CPU kernels run here; CUDA
-still takes the reference path (see bigkernels/ops/attention.py)."""
+semantics (and flash-attention's extras), on the CPU kernels; the CUDA ones
+are held to the same checks by test_attention_cuda.py."""
 
 import math
 
@@ -41,13 +41,14 @@ def feature_kwargs(feature, B, L, S, seed):
     return {}
 
 
-def run(fn, tensors, grad, dtype, kwargs, lse=False):
-    leaves = [t.to(dtype).detach().requires_grad_() for t in tensors]
-    kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+def run(fn, tensors, grad, dtype, kwargs, device="cpu"):
+    """fn's output and input gradients (on the CPU) for float64 tensors cast to dtype on device."""
+    leaves = [t.to(device, dtype).detach().requires_grad_() for t in tensors]
+    kwargs = {k: (v.to(device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v)
               for k, v in kwargs.items()}
     out = fn(*leaves, **kwargs)
-    out.backward(grad.to(dtype))
-    return [out.detach()] + [t.grad for t in leaves]
+    out.backward(grad.to(device, dtype))
+    return [t.cpu() for t in [out.detach()] + [t.grad for t in leaves]]
 
 
 def ours(q, k, v, **kw):
@@ -67,15 +68,15 @@ def exact(q, k, v, **kw):
     return reference.scaled_dot_product_attention(q, k, v, kw.pop("attn_mask", None), enable_gqa=True, **kw)[0]
 
 
-def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, logit_scale=1.0):
+def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, logit_scale=1.0, device="cpu"):
     if feature == "gqa":
         Hq, Hkv = 4, 2
     q, k, v, grad = make_inputs(B, Hq, Hkv, L, S, E, Ev, seed, logit_scale)
     kw = feature_kwargs(feature, B, L, S, seed)
     if feature == "three_d":
         q, k, v, grad = q[:, 0], k[:, 0], v[:, 0], grad[:, 0]
-    got = run(ours, (q, k, v), grad, dtype, kw)
-    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, kw)
+    got = run(ours, (q, k, v), grad, dtype, kw, device)
+    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, kw, device)
     truth = run(exact, (q, k, v), grad, torch.float64, kw)
     for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
         assert_close(name, a, t, r)

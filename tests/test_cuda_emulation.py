@@ -3,8 +3,10 @@ csrc/<family>/cuda/*.cu files compiled as host C++ against a small emulation of
 CUDA (tests/cuda_emulation/emu_cuda.h) and checked against a float64 reference
 by tests/cuda_emulation/<family>/check_kernels.cc.
 
-The .cu sources are used as they are, except that each `kernel<<<grid,
-block, 0, stream>>>(args)` launch is rewritten into a call of the emulator.
+The .cu (and .cuh) sources are used as they are, except that each
+`kernel<<<grid, block, smem, stream>>>(args)` launch is rewritten into a call
+of the emulator, and that tests/cuda_emulation/shim/ stands in for a few CUDA
+headers and for common/ptx_sm80.cuh (the PTX wrappers).
 This catches indexing, tiling, bounds, epilogue and API-alignment mistakes;
 it cannot catch what only the hardware shows (see emu_cuda.h)."""
 
@@ -44,19 +46,24 @@ def test_cuda_kernels_under_host_emulation(family, tmp_path):
     include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("needs g++ and the CUDA headers")
-    units = []
-    for path in sorted(glob.glob(os.path.join(CSRC, family, "cuda", "*.cu"))):
+    units, launches = [], 0
+    for path in sorted(glob.glob(os.path.join(CSRC, family, "cuda", "*.cu*"))):
         name = os.path.basename(path)
         with open(path) as f:
-            source, launches = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4, \5);", f.read())
-        assert launches > 0, f"no kernel launch found in {name}"
+            source, found = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4, \5);", f.read())
+        launches += found
+        if name.endswith(".cuh"):  # kernel headers: rewritten in place of the originals
+            (tmp_path / family / "cuda").mkdir(parents=True, exist_ok=True)
+            (tmp_path / family / "cuda" / name).write_text(source)
+            continue
         (tmp_path / (name + ".cc")).write_text(source)
         unit = tmp_path / f"emulated_{name}.cc"
         unit.write_text(f'#include "emu_cuda.h"\n#define __CUDA_ARCH__ 800\n#include "{name}.cc"\n')
         units.append(str(unit))
+    assert launches > 0, f"no kernel launch found in csrc/{family}/cuda"
     assert units, f"no .cu file in csrc/{family}/cuda"
     flags = ["-std=c++20", "-O1", "-w", "-pthread", f"-I{os.path.join(EMULATION, 'shim')}", f"-I{EMULATION}",
-             f"-I{CSRC}", f"-I{tmp_path}", f"-I{include}"]
+             f"-I{tmp_path}", f"-I{CSRC}", f"-I{include}"]
     binary = str(tmp_path / "check_kernels")
     checker = os.path.join(EMULATION, family, "check_kernels.cc")
     build = subprocess.run(["g++", *flags, *units, checker, "-o", binary], capture_output=True, text=True, timeout=600)

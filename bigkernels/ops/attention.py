@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
+from .._info import BUILD_INFO
 from ._autocast import autocast_inputs
 
 CAUSAL_ALIGNS = ("top_left", "bottom_right")
@@ -112,11 +113,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               causal_align, window)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    if _uses_kernel(query, attn_mask):
+    refusal = _kernel_refusal(query, key, value, attn_mask)
+    if refusal is None:
         out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p)
     else:
-        # devices without a kernel yet (CUDA), or a mask that wants a gradient
-        _warn_reference_once(query, attn_mask)
+        _warn_reference_once(refusal)
         dropout_mask = None
         if dropout_p > 0:
             scores_shape = tuple(query.shape[:-1]) + (key.shape[-2],)
@@ -130,23 +131,36 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 _WARNED = set()
 
 
-def _warn_reference_once(query, attn_mask):
+def _warn_reference_once(reason):
     """Says once per reason that a call runs on the slow reference."""
     if not _ext.LOADED:
         return  # importing bigkernels already warned
-    reason = (f"{query.device.type} tensors" if query.device.type not in ("cpu", "meta")
-              else "an attn_mask that requires grad")
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"bigkernels.scaled_dot_product_attention: no kernel yet for {reason}; this runs on the "
+        warnings.warn(f"bigkernels.scaled_dot_product_attention: no kernel for {reason}; this runs on the "
                       "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
 
 
-def _uses_kernel(query, attn_mask):
-    """Whether the compiled kernels run this call. Not yet: CUDA tensors, a
-    float mask that requires grad (the kernels give masks no gradient)."""
-    return (_ext.LOADED and query.device.type in ("cpu", "meta")
-            and not (attn_mask is not None and attn_mask.requires_grad))
+def _kernel_refusal(query, key, value, attn_mask):
+    """None when the compiled kernels run this call, else why not: no
+    extension; a float mask that requires grad (the kernels give masks no
+    gradient); on CUDA, dtypes other than float16/bfloat16, head dims over
+    256, GPUs older than sm_80, or a build without CUDA."""
+    if not _ext.LOADED:
+        return "a build without the extension"
+    if attn_mask is not None and attn_mask.requires_grad:
+        return "an attn_mask that requires grad"
+    if query.device.type in ("cpu", "meta"):
+        return None
+    if query.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
+        return f"{query.device.type} tensors in this build"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"{query.dtype} CUDA tensors (the CUDA kernels take float16 and bfloat16)"
+    if max(query.shape[-1], value.shape[-1]) > 256:
+        return "CUDA head dims over 256"
+    if torch.cuda.get_device_capability(query.device)[0] < 8:
+        return "GPUs older than compute capability 8.0"
+    return None
 
 
 def _dropout_seed(device):

@@ -47,6 +47,17 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   return s;
 }
 
+void check_dropout(double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "bigkernels.attention: dropout_p must be in [0, 1), got ",
+                    dropout_p);
+}
+
+at::Tensor broadcast_mask(const at::Tensor& mask, const AttentionShape& s) {
+  at::Tensor m = mask;
+  while (m.dim() < 4) m = m.unsqueeze(0);
+  return m.expand({s.B, s.Hq, s.L, s.S});
+}
+
 }  // namespace bigkernels
 
 TORCH_LIBRARY_FRAGMENT(bigkernels, m) {

@@ -18,4 +18,9 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                                     const std::optional<at::Tensor>& attn_mask, int64_t window_left,
                                     int64_t window_right);
 
+void check_dropout(double dropout_p);
+
+// The mask as a [B, Hq, L, S] view: broadcast dims get stride 0, nothing is copied.
+at::Tensor broadcast_mask(const at::Tensor& mask, const AttentionShape& s);
+
 }  // namespace bigkernels

@@ -1,13 +1,17 @@
 // Host emulation of the CUDA features our kernels use, so that the kernels'
-// logic (tiling, bounds, pipelines, epilogues) is tested on machines without
-// a GPU: one std::thread per CUDA thread, std::barrier for __syncthreads and
-// __syncwarp, WMMA fragments as whole per-thread matrices (the API's
-// semantics, not the hardware's register layout), cp.async as memcpy. The
-// WMMA and cp.async calls check the API's alignment rules, and a launch
-// checks its configuration against the hardware limits (the error comes back
-// from cudaGetLastError, as on a GPU). Not covered:
-// hardware timing (races that only show on a GPU), real fragment layouts,
-// the tensor cores' rounding, speed.
+// logic (tiling, bounds, pipelines, fragment layouts, epilogues) is tested
+// on machines without a GPU: one std::thread per CUDA thread, std::barrier
+// for __syncthreads and __syncwarp, warp shuffles and the sm_80 warp-level
+// instructions (mma.sync m16n8k16, ldmatrix; shim/common/ptx_sm80.cuh)
+// through per-warp exchange slots with the PTX ISA's register layouts, WMMA
+// fragments as whole per-thread matrices (the API's semantics, not the
+// hardware's register layout), cp.async as memcpy, dynamic shared memory
+// filled with 0xFF bytes (NaN in every float type) so that reading what was
+// never written shows. The WMMA, ldmatrix and cp.async calls check their
+// alignment rules, and a launch checks its configuration against the
+// hardware limits (the error comes back from cudaGetLastError, as on a GPU).
+// Not covered: hardware timing (races that only show on a GPU), the tensor
+// cores' rounding, bank conflicts, speed.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -19,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -40,6 +45,24 @@ inline dim3 gridDim, blockDim;
 inline std::unique_ptr<std::barrier<>> g_block_barrier;
 inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_barriers;
 
+// Per warp: slots through which warp-collective operations (shuffles,
+// ldmatrix, mma) exchange registers and addresses.
+struct WarpExchange {
+  uint64_t words[32][8];
+  const void* address[32];
+};
+inline std::vector<WarpExchange> g_warp_exchange;
+inline WarpExchange& warp_exchange() { return g_warp_exchange[threadIdx.x / 32]; }
+
+// The block's dynamic shared memory (blocks run one after another).
+inline std::vector<unsigned char> g_dynamic_smem_storage;
+inline unsigned char* g_dynamic_smem = nullptr;
+inline size_t g_dynamic_smem_size = 0;
+inline bool in_dynamic_smem(const void* p, size_t n) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= g_dynamic_smem && c + n <= g_dynamic_smem + g_dynamic_smem_size;
+}
+
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
@@ -47,6 +70,37 @@ inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p
 
 inline void require(bool ok, const char* what) {
   if (!ok) { std::fprintf(stderr, "EMULATION CHECK FAILED: %s\n", what); std::abort(); }
+}
+
+// Warp shuffles over the full warp (the kernels never use partial masks).
+template <typename T, typename SourceLane>
+T bk_shuffle(unsigned mask, T v, SourceLane source_of) {
+  static_assert(sizeof(T) <= 8, "shuffles move 4- or 8-byte values");
+  require(mask == 0xffffffffu, "shuffle over the full warp");
+  WarpExchange& x = warp_exchange();
+  const int lane = threadIdx.x % 32;
+  std::memcpy(&x.words[lane][0], &v, sizeof(T));
+  __syncwarp();
+  const int src = source_of(lane);
+  T out = v;  // a source lane outside the warp keeps the caller's own value, as on the GPU
+  if (src >= 0 && src < 32) std::memcpy(&out, &x.words[src][0], sizeof(T));
+  __syncwarp();
+  return out;
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  require(width == 32, "shuffle width 32");
+  return bk_shuffle(mask, v, [&](int lane) { return lane ^ lane_mask; });
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  require(width == 32, "shuffle width 32");
+  return bk_shuffle(mask, v, [&](int) { return src_lane % 32; });
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  require(width == 32, "shuffle width 32");
+  return bk_shuffle(mask, v, [&](int lane) { return lane + static_cast<int>(delta); });
 }
 
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) {
@@ -137,19 +191,34 @@ inline cudaError_t bk_emulated_get_last_error() {
 }
 #define cudaGetLastError() bk_emulated_get_last_error()
 
+// Dynamic shared memory: 48 KB per block unless the kernel opts in with
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize), up to 99 KB, the least
+// that an sm_80+ GPU allows (sm_86/sm_89; the A100 gives 163 KB, the H200 227).
+constexpr int kEmulatedMaxOptInSmem = 99 * 1024;
+inline std::map<const void*, int> g_max_dynamic_smem;
+template <typename Kernel>
+cudaError_t bk_emulated_func_set_attribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  require(attribute == cudaFuncAttributeMaxDynamicSharedMemorySize, "the emulated function attribute");
+  if (value < 0 || value > kEmulatedMaxOptInSmem) return cudaErrorInvalidValue;
+  g_max_dynamic_smem[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
+}
+#define cudaFuncSetAttribute bk_emulated_func_set_attribute
+
 // The launch limits of every GPU since sm_30 (and of the H200): at most 1024
 // threads a block, grid x < 2^31, grid y and z <= 65535, no empty grid or
-// block, at most 48 KB of dynamic shared memory without opting in (the
-// kernels here use none: the LAUNCH rewrite passes it through).
-inline bool bk_valid_launch(dim3 grid, dim3 block, size_t dynamic_smem) {
+// block, dynamic shared memory within the kernel's limit (above).
+inline bool bk_valid_launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  const auto limit = g_max_dynamic_smem.find(kernel);
+  const size_t smem_limit = limit == g_max_dynamic_smem.end() ? 48 * 1024 : limit->second;
   return threads >= 1 && threads <= 1024 && block.z <= 64 && grid.x >= 1 && grid.x <= 0x7fffffffu &&
-         grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535 && dynamic_smem <= 48 * 1024;
+         grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535 && dynamic_smem <= smem_limit;
 }
 
 template <typename Kernel, typename... Args>
 void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem, Args... args) {
-  if (!bk_valid_launch(grid, block, dynamic_smem)) {
+  if (!bk_valid_launch(reinterpret_cast<const void*>(kernel), grid, block, dynamic_smem)) {
     g_last_error = cudaErrorInvalidConfiguration;  // nothing runs, as on a GPU
     return;
   }
@@ -162,6 +231,11 @@ void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem
       g_block_barrier = std::make_unique<std::barrier<>>(n);
       g_warp_barriers.clear();
       for (int w = 0; w < (n + 31) / 32; ++w) g_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+      g_warp_exchange.assign((n + 31) / 32, WarpExchange{});
+      g_dynamic_smem_storage.assign(dynamic_smem + 128, 0xFF);
+      g_dynamic_smem = reinterpret_cast<unsigned char*>(
+          (reinterpret_cast<uintptr_t>(g_dynamic_smem_storage.data()) + 127) / 128 * 128);
+      g_dynamic_smem_size = dynamic_smem;
       std::vector<std::thread> threads;
       for (int t = 0; t < n; ++t)
         threads.emplace_back([&, t] {

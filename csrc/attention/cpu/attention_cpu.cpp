@@ -30,8 +30,7 @@ AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
                                const std::optional<at::Tensor>& mask, at::Tensor& mask4,
                                double scale, int64_t window_left, int64_t window_right,
                                int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
-  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "bigkernels.attention: dropout_p must be in [0, 1), got ",
-                    dropout_p);
+  check_dropout(dropout_p);
   AttentionCpuParams p{};
   p.dropout_p = dropout_p;
   p.dropout_seed = static_cast<uint64_t>(dropout_seed);
@@ -39,10 +38,7 @@ AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
   p.q = q.const_data_ptr();
   for (int d = 0; d < 3; ++d) p.q_strides[d] = q.stride(d);
   if (mask.has_value()) {
-    // A broadcast view: dims of size 1 get stride 0, nothing is copied.
-    mask4 = *mask;
-    while (mask4.dim() < 4) mask4 = mask4.unsqueeze(0);
-    mask4 = mask4.expand({s.B, s.Hq, s.L, s.S});
+    mask4 = broadcast_mask(*mask, s);
     p.mask = mask4.const_data_ptr();
     p.mask_is_bool = mask4.scalar_type() == at::kBool;
     for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask4.stride(d);

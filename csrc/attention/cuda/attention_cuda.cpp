@@ -1,0 +1,176 @@
+// CUDA implementations of the attention ops for fp16 and bf16 (tensor cores,
+// sm_80+): checks, the layout the kernels need, raw-pointer launches on the
+// current stream (kernels in attention_kernels.cuh). float32 and float64 on
+// CUDA have no kernel yet: bigkernels/ops/attention.py sends them to the
+// reference, and the op says so if called directly.
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include "attention/attention.h"
+#include "attention/cuda/launchers.h"
+
+namespace bigkernels {
+namespace {
+
+int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// What the kernels' 16-byte copies need: a contiguous last dim of a multiple
+// of 8 elements, strides of 8 elements (where the dim has more than one
+// entry), a 16-byte aligned start.
+bool copyable_in_chunks(const at::Tensor& t) {
+  if (t.size(-1) % 8 != 0 || (t.size(-1) > 1 && t.stride(-1) != 1)) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  return true;
+}
+
+// t itself when the kernels can read it in place, else a contiguous copy
+// with the last dim zero-padded to a multiple of 8 (zeros change no score
+// and give output columns that are cut off again).
+at::Tensor kernel_layout(const at::Tensor& t) {
+  if (copyable_in_chunks(t)) return t;
+  return at::constant_pad_nd(t, {0, round_up8(t.size(-1)) - t.size(-1)}).contiguous();
+}
+
+// The first `n` entries of the last dim, contiguous.
+at::Tensor cut_last_dim(const at::Tensor& t, int64_t n) {
+  return t.size(-1) == n ? t : t.narrow(-1, 0, n).contiguous();
+}
+
+void check_cuda_args(const at::Tensor& q, const AttentionShape& s) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "bigkernels.attention: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type(),
+                   " (bigkernels.scaled_dot_product_attention runs other dtypes on the reference)");
+  TORCH_CHECK_VALUE(cuda::attention_head_dim_bucket(std::max(s.E, s.Ev)) != 0, "bigkernels.attention: the CUDA "
+                    "kernels take head dims up to 256, got ", s.E, " and ", s.Ev);
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  TORCH_CHECK(major >= 8, "bigkernels.attention: the CUDA kernels need compute capability 8.0 or newer "
+              "(mma.sync bf16, cp.async); this GPU has ", major, ".x");
+  TORCH_CHECK_VALUE((s.L + 63) / 64 <= 65535 && (s.S + 63) / 64 <= 65535 && s.B * s.Hq <= INT32_MAX,
+                    "bigkernels.attention: sequence too long for the CUDA grid (", s.L, ", ", s.S, ")");
+}
+
+cuda::AttentionParams make_params(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& mask4, double scale, int64_t window_left,
+                                  int64_t window_right, int64_t diagonal_offset, double dropout_p,
+                                  int64_t dropout_seed) {
+  cuda::AttentionParams p{};
+  p.dtype = q.scalar_type() == at::kHalf ? cuda::AttentionDType::kFloat16 : cuda::AttentionDType::kBFloat16;
+  p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = q.stride(d), p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
+  }
+  if (mask4.defined()) {
+    p.mask = mask4.const_data_ptr();
+    p.mask_is_bool = mask4.scalar_type() == at::kBool;
+    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask4.stride(d);
+  }
+  p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.L = s.L, p.S = s.S;
+  p.E = q.size(3), p.Ev = v.size(3);  // the padded widths
+  // With no head dim every score is 0 whatever the scale (1 / sqrt(0) would make it NaN).
+  p.scale = s.E == 0 ? 0.f : static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_seed = static_cast<uint64_t>(dropout_seed);
+  p.window_left = window_left, p.window_right = window_right, p.diagonal_offset = diagonal_offset;
+  return p;
+}
+
+template <bool kForward>
+void launch(const cuda::AttentionParams& p) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int bucket = cuda::attention_head_dim_bucket(std::max(p.E, p.Ev));
+  const auto go = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    switch (bucket) {
+      case 64: return kForward ? cuda::launch_attention_forward<T, 64>(p, stream)
+                               : cuda::launch_attention_backward<T, 64>(p, stream);
+      case 128: return kForward ? cuda::launch_attention_forward<T, 128>(p, stream)
+                                : cuda::launch_attention_backward<T, 128>(p, stream);
+      default: return kForward ? cuda::launch_attention_forward<T, 256>(p, stream)
+                               : cuda::launch_attention_backward<T, 256>(p, stream);
+    }
+  };
+  C10_CUDA_CHECK(p.dtype == cuda::AttentionDType::kFloat16 ? go(__half{}) : go(__nv_bfloat16{}));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                          const at::Tensor& value,
+                                                          const std::optional<at::Tensor>& attn_mask,
+                                                          double scale, int64_t window_left,
+                                                          int64_t window_right, int64_t diagonal_offset,
+                                                          double dropout_p, int64_t dropout_seed) {
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  check_dropout(dropout_p);
+  check_cuda_args(query, s);
+  const c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(at::kFloat));
+  if (s.B * s.Hq * s.L == 0) return {at::empty({s.B, s.Hq, s.L, s.Ev}, query.options()), lse};
+  const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
+  const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
+  cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
+                                        dropout_p, dropout_seed);
+  at::Tensor out = at::empty({s.B, s.Hq, s.L, p.Ev}, query.options());
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  launch<true>(p);
+  return {cut_last_dim(out, s.Ev), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  check_dropout(dropout_p);
+  check_cuda_args(query, s);
+  const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
+                    "bigkernels.attention_backward: lse must be float32 [B, H, L], got ", lse.scalar_type(), " ",
+                    lse.sizes());
+  const c10::cuda::CUDAGuard guard(query.device());
+  if (s.B * s.Hq * s.L == 0 || s.S == 0) {  // no score: every gradient is 0
+    return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
+            at::zeros_like(value, at::MemoryFormat::Contiguous)};
+  }
+  const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
+  const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
+  cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
+                                        dropout_p, dropout_seed);
+  // delta = rowsum(dO * O), the softmax gradient's shared term, in float
+  const at::Tensor delta = at::mul(grad_output.to(at::kFloat), output.to(at::kFloat)).sum(-1).contiguous();
+  at::Tensor grad_out = grad_output.to(query.scalar_type());
+  grad_out = (p.Ev == s.Ev ? grad_out : at::constant_pad_nd(grad_out, {0, p.Ev - s.Ev})).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, p.E}, query.options());
+  at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, p.E}, query.options());
+  at::Tensor grad_v = at::empty({s.B, s.Hkv, s.S, p.Ev}, query.options());
+  p.lse = const_cast<float*>(lse_c.const_data_ptr<float>());  // read only in backward
+  p.delta = delta.const_data_ptr<float>();
+  p.grad_out = grad_out.const_data_ptr();
+  p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  launch<false>(p);
+  return {cut_last_dim(grad_q, s.E), cut_last_dim(grad_k, s.E), cut_last_dim(grad_v, s.Ev)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace bigkernels

@@ -1,0 +1,9 @@
+// The attention kernels for __half, head dims up to 128 (one instantiation per file).
+#include "attention/cuda/attention_kernels.cuh"
+
+namespace bigkernels {
+namespace cuda {
+template cudaError_t launch_attention_forward<__half, 128>(const AttentionParams&, cudaStream_t);
+template cudaError_t launch_attention_backward<__half, 128>(const AttentionParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace bigkernels

@@ -1,0 +1,61 @@
+// Raw-pointer entry points of the CUDA attention kernels (fp16 and bf16 on
+// tensor cores, sm_80+). The .cu files see only this header and CUDA's own;
+// tensors, streams and checks live in attention_cuda.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace bigkernels {
+namespace cuda {
+
+enum class AttentionDType : int { kFloat16, kBFloat16 };
+
+// One attention call, strides in elements. q, k, v: any batch/head/position
+// strides, contiguous last dim; base pointers 16-byte aligned, position
+// strides multiples of 8, E and Ev multiples of 8 (the op pads otherwise).
+struct AttentionParams {
+  AttentionDType dtype;
+  const void *q, *k, *v;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, position
+  const void* mask;  // null, bool, or the inputs' dtype; broadcast dims have stride 0
+  bool mask_is_bool;
+  int64_t mask_strides[4];  // batch, head, query, key
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+  float scale;
+  // Element (b, h, i, j) is kept when counter_uniform(dropout_seed,
+  // ((b * Hq + h) * L + i) * S + j) >= dropout_p (common/counter_rng.h),
+  // as on the CPU: the same seed drops the same elements on both devices.
+  float dropout_p;
+  uint64_t dropout_seed;
+  int64_t window_left, window_right, diagonal_offset;  // key j is allowed for query i when
+                                                       // j - (i + offset) is in [-left, right]; -1: unbounded
+  void* out;   // [B, Hq, L, Ev], contiguous
+  float* lse;  // [B, Hq, L]
+  // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out);
+  // grads contiguous [B, H, positions, dims].
+  const void* grad_out;
+  const float* delta;
+  void *grad_q, *grad_k, *grad_v;
+};
+
+// The head dims the kernels are built for: E and Ev are padded (with zeros,
+// in shared memory) up to the next of these.
+constexpr int kAttentionHeadDims[] = {64, 128, 256};
+
+inline int attention_head_dim_bucket(int64_t dim) {
+  for (int d : kAttentionHeadDims)
+    if (dim <= d) return d;
+  return 0;  // too large
+}
+
+// One instantiation per (dtype, head-dim bucket) and .cu file
+// (attention_<dtype>_hdim<D>.cu), so that the build runs in parallel.
+template <typename T, int kD>
+cudaError_t launch_attention_forward(const AttentionParams& p, cudaStream_t stream);
+template <typename T, int kD>
+cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace bigkernels

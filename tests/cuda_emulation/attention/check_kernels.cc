@@ -1,0 +1,335 @@
+// Runs the attention CUDA kernels (csrc/attention/cuda/) under host emulation
+// (emu_cuda.h, shim/common/ptx_sm80.cuh) and checks them against a float64
+// reference: forward (output, lse) and backward (dQ, dK, dV), fp16 and bf16,
+// every head-dim bucket with padded and unequal E/Ev, odd L and S, causal
+// both alignments, windows, bool / float / key-padding masks, fully masked
+// rows, GQA/MQA, dropout, strided query and key. First it checks the
+// emulated ldmatrix and mma.sync against the fragment tables of the PTX ISA.
+// Built and run by tests/test_cuda_emulation.py; exits non-zero on any mismatch.
+#include "emu_cuda.h"
+#include "attention/cuda/launchers.h"
+#include "common/counter_rng.h"
+#include "common/ptx_sm80.cuh"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace bigkernels;
+using namespace bigkernels::cuda;
+
+static int failures = 0, checks = 0;
+static void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    if (failures < 30) std::printf("MISMATCH %s\n", what.c_str());
+    ++failures;
+  }
+}
+
+// ---- the emulated warp instructions against the PTX ISA's tables ----
+
+static uint16_t bf16_bits(float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+static uint32_t two(float lo, float hi) { return bf16_bits(lo) | (uint32_t(bf16_bits(hi)) << 16); }
+
+// A[r][c] = r * 16 + c (exact in bf16), B[k][n] = k - n, both 16 x 16 / 16 x 8.
+static float a_at(int r, int c) { return float(r * 16 + c); }
+static float b_at(int k, int n) { return float(k - n); }
+
+static void fragment_kernel(int* bad) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  auto* m = reinterpret_cast<uint16_t*>(dynamic_smem());  // A, 16 rows of 16
+  if (lane == 0)
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) m[r * 16 + c] = bf16_bits(a_at(r, c));
+  __syncwarp();
+  // ldmatrix.x4: lanes 0-15 address rows 0-15 at column 0, lanes 16-31 at column 8,
+  // so matrices 0..3 are A's quarters (rows 0-7 | 8-15) x (cols 0-7 | 8-15): A's fragment.
+  uint32_t r4[4];
+  ldmatrix<4, false>(r4, m + (lane % 16) * 16 + (lane / 16) * 8);
+  const uint32_t want_a[4] = {two(a_at(g, 2 * t), a_at(g, 2 * t + 1)), two(a_at(g + 8, 2 * t), a_at(g + 8, 2 * t + 1)),
+                              two(a_at(g, 2 * t + 8), a_at(g, 2 * t + 9)),
+                              two(a_at(g + 8, 2 * t + 8), a_at(g + 8, 2 * t + 9))};
+  for (int i = 0; i < 4; ++i) bad[lane] |= (r4[i] != want_a[i]) << i;
+  // .trans x1 on rows 0-7, cols 0-7: lane gets column g, rows 2t and 2t+1.
+  uint32_t r1[1];
+  ldmatrix<1, true>(r1, m + (lane % 8) * 16);
+  bad[lane] |= (r1[0] != two(a_at(2 * t, g), a_at(2 * t + 1, g))) << 4;
+  // x2 on rows 0-7 at cols 0 and 8: lane gets row g of each.
+  uint32_t r2[2];
+  ldmatrix<2, false>(r2, m + (lane % 8) * 16 + ((lane / 8) % 2) * 8);
+  bad[lane] |= (r2[1] != two(a_at(g, 2 * t + 8), a_at(g, 2 * t + 9))) << 5;
+  // mma: fragments built by hand from the tables; D = A B must land at
+  // c[0..1] = D[g][2t..2t+1], c[2..3] = D[g+8][2t..2t+1].
+  const uint32_t b[2] = {two(b_at(2 * t, g), b_at(2 * t + 1, g)), two(b_at(2 * t + 8, g), b_at(2 * t + 9, g))};
+  float c[4] = {1.f, 2.f, 3.f, 4.f};
+  mma_m16n8k16<__nv_bfloat16>(c, want_a, b);
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    double d = 1 + i;
+    for (int k = 0; k < 16; ++k) d += a_at(row, k) * b_at(k, col);
+    bad[lane] |= (c[i] != d) << (6 + i);
+  }
+  // shuffles
+  bad[lane] |= (__shfl_xor_sync(0xffffffffu, lane * 10, 5) != (lane ^ 5) * 10) << 10;
+  bad[lane] |= (__shfl_sync(0xffffffffu, float(lane), 7) != 7.f) << 11;
+}
+
+static void check_fragments() {
+  int bad[32] = {};
+  auto kernel = fragment_kernel;
+  bk_emulate_launch(kernel, dim3(1), dim3(32), 16 * 16 * 2, bad);
+  for (int lane = 0; lane < 32; ++lane) expect(bad[lane] == 0, "fragment layout, lane " + std::to_string(lane) +
+                                                                   " bits " + std::to_string(bad[lane]));
+}
+
+// ---- attention ----
+
+template <typename T> T from_d(double v);
+template <> __half from_d(double v) { return __float2half_rn((float)v); }
+template <> __nv_bfloat16 from_d(double v) { return __float2bfloat16_rn((float)v); }
+static double to_d(__half v) { return __half2float(v); }
+static double to_d(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> AttentionDType dtype_of();
+template <> AttentionDType dtype_of<__half>() { return AttentionDType::kFloat16; }
+template <> AttentionDType dtype_of<__nv_bfloat16>() { return AttentionDType::kBFloat16; }
+
+// 16-byte aligned storage.
+template <typename T>
+struct Buffer {
+  std::vector<unsigned char> raw;
+  T* p;
+  explicit Buffer(size_t n) : raw(n * sizeof(T) + 64) {
+    p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) / 64 * 64);
+  }
+};
+
+enum class Mask { kNone, kBool, kFloat, kKeyPadding };
+
+struct Case {
+  int B, Hq, Hkv, L, S, E, Ev;
+  int64_t left = -1, right = -1;
+  bool bottom_right = false;
+  Mask mask = Mask::kNone;
+  float dropout = 0.f;
+  bool strided = false;  // q and k as [B, positions, H, D] (transposed views, as Hugging Face passes)
+  std::string name() const {
+    char s[200];
+    std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s", B, Hq, Hkv, L, S,
+                  E, Ev, (long long)left, (long long)right, bottom_right ? " bottom-right" : "", (int)mask, dropout,
+                  strided ? " strided" : "");
+    return s;
+  }
+};
+
+// Dispatch on the head-dim bucket as the op does.
+template <typename T, bool kForward>
+cudaError_t launch(const AttentionParams& p) {
+  switch (attention_head_dim_bucket(std::max(p.E, p.Ev))) {
+    case 64: return kForward ? launch_attention_forward<T, 64>(p, nullptr) : launch_attention_backward<T, 64>(p, nullptr);
+    case 128:
+      return kForward ? launch_attention_forward<T, 128>(p, nullptr) : launch_attention_backward<T, 128>(p, nullptr);
+    case 256:
+      return kForward ? launch_attention_forward<T, 256>(p, nullptr) : launch_attention_backward<T, 256>(p, nullptr);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+void run_case(const Case& c, double tol) {
+  const int64_t B = c.B, Hq = c.Hq, Hkv = c.Hkv, L = c.L, S = c.S, E = c.E, Ev = c.Ev;
+  const std::string tag = std::string(sizeof(T) == 2 && std::is_same_v<T, __half> ? "fp16 " : "bf16 ") + c.name();
+  std::mt19937 gen(L * 7919 + S * 31 + E + Hq);
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> ud;
+  // q [B, Hq, L, E] or [B, L, Hq, E]; k likewise; v, out, grads contiguous
+  Buffer<T> q(B * Hq * L * E), k(B * Hkv * S * E), v(B * Hkv * S * Ev), out(B * Hq * L * Ev), dout(B * Hq * L * Ev);
+  Buffer<T> dq(B * Hq * L * E), dk(B * Hkv * S * E), dv(B * Hkv * S * Ev);
+  const int64_t qs[3] = {Hq * L * E, c.strided ? E : L * E, c.strided ? Hq * E : E};
+  const int64_t ks[3] = {Hkv * S * E, c.strided ? E : S * E, c.strided ? Hkv * E : E};
+  const int64_t vs[3] = {Hkv * S * Ev, S * Ev, Ev};
+  for (int64_t i = 0; i < B * Hq * L * E; ++i) q.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * Hkv * S * E; ++i) k.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * Hkv * S * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * Hq * L * Ev; ++i) dout.p[i] = from_d<T>(nd(gen));
+  auto Q = [&](int64_t b, int64_t h, int64_t i, int64_t e) { return to_d(q.p[b * qs[0] + h * qs[1] + i * qs[2] + e]); };
+  auto K = [&](int64_t b, int64_t h, int64_t j, int64_t e) { return to_d(k.p[b * ks[0] + h * ks[1] + j * ks[2] + e]); };
+  auto V = [&](int64_t b, int64_t h, int64_t j, int64_t e) { return to_d(v.p[b * vs[0] + h * vs[1] + j * vs[2] + e]); };
+
+  // masks: bool [B, Hq, L, S] with a fully masked row; float [L, S]
+  // broadcast over batch and heads; key padding [B, 1, 1, S]
+  std::vector<unsigned char> bool_mask;
+  Buffer<T> float_mask(L * S);
+  Buffer<bool> pad_mask(B * S);
+  AttentionParams p{};
+  if (c.mask == Mask::kBool) {
+    bool_mask.resize(B * Hq * L * S);
+    for (auto& m : bool_mask) m = ud(gen) < 0.7;
+    for (int64_t j = 0; j < S; ++j) bool_mask[(0 * Hq + 0) * L * S + (L / 2) * S + j] = 0;  // nothing to attend
+    p.mask = bool_mask.data(), p.mask_is_bool = true;
+    const int64_t st[4] = {Hq * L * S, L * S, S, 1};
+    std::memcpy(p.mask_strides, st, sizeof st);
+  } else if (c.mask == Mask::kFloat) {
+    for (int64_t i = 0; i < L * S; ++i) float_mask.p[i] = from_d<T>(2 * nd(gen));
+    p.mask = float_mask.p;
+    const int64_t st[4] = {0, 0, S, 1};
+    std::memcpy(p.mask_strides, st, sizeof st);
+  } else if (c.mask == Mask::kKeyPadding) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < S; ++j) pad_mask.p[b * S + j] = j < S - 1 - 3 * b;
+    p.mask = pad_mask.p, p.mask_is_bool = true;
+    const int64_t st[4] = {S, 0, 0, 1};
+    std::memcpy(p.mask_strides, st, sizeof st);
+  }
+  const int64_t offset = c.bottom_right ? S - L : 0;
+  auto allowed = [&](int64_t b, int64_t h, int64_t i, int64_t j, double& add) {
+    add = 0;
+    const int64_t pos = i + offset;
+    if ((c.left >= 0 && j < pos - c.left) || (c.right >= 0 && j > pos + c.right)) return false;
+    if (p.mask == nullptr) return true;
+    const int64_t at = b * p.mask_strides[0] + h * p.mask_strides[1] + i * p.mask_strides[2] + j * p.mask_strides[3];
+    if (p.mask_is_bool) return static_cast<const bool*>(p.mask)[at];
+    add = to_d(static_cast<const T*>(p.mask)[at]);
+    return true;
+  };
+
+  p.dtype = dtype_of<T>();
+  p.q = q.p, p.k = k.p, p.v = v.p;
+  std::memcpy(p.q_strides, qs, sizeof qs), std::memcpy(p.k_strides, ks, sizeof ks), std::memcpy(p.v_strides, vs, sizeof vs);
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.L = L, p.S = S, p.E = E, p.Ev = Ev;
+  p.scale = 1.0f / std::sqrt((float)E);
+  p.dropout_p = c.dropout;
+  p.dropout_seed = 0x1234567890abcdefull + L;
+  p.window_left = c.left, p.window_right = c.right, p.diagonal_offset = offset;
+  std::vector<float> lse(B * Hq * L), delta(B * Hq * L);
+  p.out = out.p, p.lse = lse.data();
+  expect(launch<T, true>(p) == cudaSuccess, tag + ": forward launch");
+
+  // float64 reference: P (with the dropout scale M folded into PM), O, lse,
+  // then the gradients; the same rows the kernel saw.
+  const double scale = p.scale, keep_scale = 1.0 / (1.0 - c.dropout);
+  std::vector<double> ref_dq(B * Hq * L * E, 0.0), ref_dk(B * Hkv * S * E, 0.0), ref_dv(B * Hkv * S * Ev, 0.0);
+  std::vector<double> P(S), M(S), dP(S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / (Hq / Hkv), row0 = (b * Hq + h) * L;
+      for (int64_t i = 0; i < L; ++i) {
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          double add, dot = 0;
+          if (!allowed(b, h, i, j, add)) { P[j] = -INFINITY; continue; }
+          for (int64_t e = 0; e < E; ++e) dot += Q(b, h, i, e) * K(b, hk, j, e);
+          P[j] = dot * scale + add;
+          mx = std::max(mx, P[j]);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < S; ++j) sum += P[j] = mx == -INFINITY ? 0 : std::exp(P[j] - mx);
+        for (int64_t j = 0; j < S; ++j) {
+          P[j] = sum > 0 ? P[j] / sum : 0;
+          const uint64_t counter = static_cast<uint64_t>(((b * Hq + h) * L + i) * S + j);
+          M[j] = c.dropout > 0 ? (counter_uniform(p.dropout_seed, counter) >= c.dropout ? keep_scale : 0) : 1;
+        }
+        const double want_lse = sum > 0 ? mx + std::log(sum) : -INFINITY;
+        const double got_lse = lse[row0 + i];
+        expect(std::isinf(want_lse) ? got_lse == want_lse : std::fabs(got_lse - want_lse) <= tol * (1 + std::fabs(want_lse)),
+               tag + ": lse row " + std::to_string(i) + " got " + std::to_string(got_lse) + " want " +
+                   std::to_string(want_lse));
+        double d = 0;  // D = rowsum(dO * O) from the kernel's own output, as the op computes it
+        for (int64_t e = 0; e < Ev; ++e) {
+          double o = 0;
+          for (int64_t j = 0; j < S; ++j) o += P[j] * M[j] * V(b, hk, j, e);
+          const double got = to_d(out.p[(row0 + i) * Ev + e]);
+          expect(std::fabs(got - o) <= tol * (1 + std::fabs(o)), tag + ": out[" + std::to_string(i) + "][" +
+                                                                     std::to_string(e) + "] got " + std::to_string(got) +
+                                                                     " want " + std::to_string(o));
+          d += to_d(dout.p[(row0 + i) * Ev + e]) * got;
+        }
+        delta[row0 + i] = static_cast<float>(d);
+        for (int64_t j = 0; j < S; ++j) {
+          if (P[j] == 0) continue;
+          double dpm = 0;  // (dO V^T)[i][j]
+          for (int64_t e = 0; e < Ev; ++e) {
+            dpm += to_d(dout.p[(row0 + i) * Ev + e]) * V(b, hk, j, e);
+            ref_dv[((b * Hkv + hk) * S + j) * Ev + e] += P[j] * M[j] * to_d(dout.p[(row0 + i) * Ev + e]);
+          }
+          dP[j] = P[j] * (dpm * M[j] - d);  // dS
+          for (int64_t e = 0; e < E; ++e) {
+            ref_dq[(row0 + i) * E + e] += scale * dP[j] * K(b, hk, j, e);
+            ref_dk[((b * Hkv + hk) * S + j) * E + e] += scale * dP[j] * Q(b, h, i, e);
+          }
+        }
+      }
+    }
+
+  p.grad_out = dout.p, p.delta = delta.data();
+  p.grad_q = dq.p, p.grad_k = dk.p, p.grad_v = dv.p;
+  expect(launch<T, false>(p) == cudaSuccess, tag + ": backward launch");
+  // Gradients sum over many products: compare against the tensor's scale.
+  auto compare = [&](const char* what, const T* got, const std::vector<double>& want) {
+    double biggest = 0;
+    for (double w : want) biggest = std::max(biggest, std::fabs(w));
+    int shown = 0;
+    for (size_t x = 0; x < want.size(); ++x) {
+      const double g = to_d(got[x]);
+      const bool ok = std::fabs(g - want[x]) <= tol * (1 + biggest) && std::isfinite(g);
+      expect(ok || shown > 3, tag + ": " + what + "[" + std::to_string(x) + "] got " + std::to_string(g) + " want " +
+                                  std::to_string(want[x]));
+      shown += !ok;
+    }
+  };
+  compare("dq", dq.p, ref_dq);
+  compare("dk", dk.p, ref_dk);
+  compare("dv", dv.p, ref_dv);
+}
+
+template <typename T>
+void run_all(double tol) {
+  // head dims: every bucket, padded (E < bucket) and E != Ev
+  for (auto [E, Ev] : {std::pair{64, 64}, {8, 8}, {40, 40}, {128, 128}, {80, 96}, {256, 256}, {160, 192}, {64, 128}})
+    run_case<T>(Case{1, 2, 1, 17, 33, E, Ev}, tol);
+  run_case<T>(Case{1, 1, 1, 1, 1, 64, 64}, tol);
+  run_case<T>(Case{2, 2, 2, 113, 203, 64, 64}, tol);
+  run_case<T>(Case{1, 1, 1, 127, 255, 128, 128}, tol);
+  run_case<T>(Case{1, 1, 1, 100, 33, 64, 64}, tol);
+  Case causal{1, 2, 2, 70, 70, 64, 64};
+  causal.right = 0;  // top-left causal
+  run_case<T>(causal, tol);
+  Case causal_br{1, 2, 2, 40, 130, 64, 64};
+  causal_br.right = 0, causal_br.bottom_right = true;
+  run_case<T>(causal_br, tol);
+  Case causal_tl_short{1, 1, 1, 130, 40, 64, 64};  // rows past the last key: nothing to attend... except j <= i
+  causal_tl_short.right = 0, causal_tl_short.bottom_right = true;  // the first 90 rows see no key
+  run_case<T>(causal_tl_short, tol);
+  Case window{1, 1, 1, 150, 150, 64, 64};
+  window.left = 20, window.right = 5;
+  run_case<T>(window, tol);
+  for (Mask m : {Mask::kBool, Mask::kFloat, Mask::kKeyPadding}) {
+    Case masked{2, 2, 1, 45, 77, 64, 64};
+    masked.mask = m;
+    run_case<T>(masked, tol);
+  }
+  run_case<T>(Case{1, 4, 2, 33, 65, 64, 64}, tol);  // GQA
+  run_case<T>(Case{2, 3, 1, 20, 70, 128, 128}, tol);  // MQA
+  Case dropout{1, 2, 2, 66, 80, 64, 64};
+  dropout.dropout = 0.3f;
+  run_case<T>(dropout, tol);
+  Case strided{2, 2, 2, 30, 50, 64, 64};
+  strided.strided = true;
+  run_case<T>(strided, tol);
+}
+
+int main() {
+  check_fragments();
+  run_all<__nv_bfloat16>(2e-2);
+  run_all<__half>(4e-3);
+  std::printf("%d checks, %d failures\n", checks, failures);
+  return failures != 0;
+}
