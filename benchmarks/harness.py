@@ -213,9 +213,11 @@ def _fmt(x, spec):
 
 def table_rows(records):
     """One row per case x pass: each variant's median ms, the subject's
-    TFLOP/s, its speed-up vs eager and vs matmul."""
+    TFLOP/s, and its speed-up over each other variant."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
-    header = ["case", "pass"] + [f"{v} ms" for v in variants] + [f"{SUBJECT} TFLOP/s", "x eager", "x matmul"]
+    baselines = [v for v in variants if v != SUBJECT]
+    header = (["case", "pass"] + [f"{v} ms" for v in variants] + [f"{SUBJECT} TFLOP/s"]
+              + [f"x {v}" for v in baselines])
     rows = []
     for key in dict.fromkeys((r["case"], r["pass_"]) for r in records):
         got = {r["variant"]: r for r in records if (r["case"], r["pass_"]) == key}
@@ -223,8 +225,8 @@ def table_rows(records):
                           else got[v]["status"]) if v in got else "-"
         subj = got.get(SUBJECT, {})
         speed = lambda v: _fmt(got[v].get("speedup"), ".2f") if v in got else "-"  # noqa: E731
-        rows.append(list(key) + [cell(v) for v in variants]
-                    + [_fmt(subj.get("tflops"), ".3f"), speed("eager"), speed("matmul")])
+        rows.append(list(key) + [cell(v) for v in variants] + [_fmt(subj.get("tflops"), ".3f")]
+                    + [speed(v) for v in baselines])
     return header, rows
 
 
@@ -244,7 +246,7 @@ def markdown(info, header, rows, records):
         + f", {info['torch_threads']} threads.", "",
         "Median ms; TFLOP/s counts dense 2·M·K·N_rows per forward (3x for fwd+bwd), attention "
         "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); "
-        f"x eager / x matmul = baseline ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
+        f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
@@ -293,8 +295,47 @@ def plot(records, path):
     return path
 
 
+def plot_tflops_by_seqlen(records, path):
+    """TFLOP/s against sequence length, one line per variant, one panel per
+    attention configuration (head dim, causal) and pass; None when no
+    configuration was measured at two lengths or more."""
+    ok = [r for r in records if r["family"] == "attention" and r.get("tflops")]
+    panels = {}
+    for r in ok:  # B and H change with L (a fixed token count): the panel is the rest
+        key = (r["params"]["D"], r["params"]["causal"], r["params"]["dtype"], r["pass_"])
+        panels.setdefault(key, []).append(r)
+    panels = {k: rs for k, rs in panels.items() if len({r["params"]["L"] for r in rs}) >= 2}
+    if not panels:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted(panels, key=str)
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for variant in dict.fromkeys(r["variant"] for r in panels[key]):
+            pts = sorted((r["params"]["L"], r["tflops"]) for r in panels[key] if r["variant"] == variant)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant,
+                    lw=2.5 if variant == SUBJECT else 1.2)
+        D, causal, dtype, pass_ = key
+        ax.set_title(f"{dtype} D{D}{' causal' if causal else ''} {pass_}", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(out_dir, info, records):
-    """results.json, report.md and (maybe) speedup.png; returns the printed table."""
+    """results.json, report.md and (with matplotlib) speedup.png and, for
+    attention over several lengths, attention_tflops.png; returns the printed table."""
     os.makedirs(out_dir, exist_ok=True)
     header, rows = table_rows(records)
     # "pass_" avoids the keyword in Python; the files say "pass".
@@ -302,8 +343,11 @@ def write_outputs(out_dir, info, records):
     _write(os.path.join(out_dir, "results.json"),
            json.dumps(dict(machine=info, records=clean), indent=1) + "\n")
     _write(os.path.join(out_dir, "report.md"), markdown(info, header, rows, records))
-    try:
-        plot(records, os.path.join(out_dir, "speedup.png"))
-    except Exception as e:  # noqa: BLE001 -- the plot is a nicety; the data is already written
-        print(f"speedup.png not written: {type(e).__name__}: {e}", flush=True)
+    for name, draw in (("speedup.png", plot), ("attention_tflops.png", plot_tflops_by_seqlen)):
+        try:
+            draw(records, os.path.join(out_dir, name))
+        except ImportError:
+            pass  # no matplotlib: the plots are skipped, the data is written
+        except Exception as e:  # noqa: BLE001 -- a plot is a nicety; the data is already written
+            print(f"{name} not written: {type(e).__name__}: {e}", flush=True)
     return format_table(header, rows)

@@ -19,14 +19,15 @@ if ! BIGKERNELS_PTXAS_VERBOSE=1 python3 -m pip install -v --no-build-isolation -
 fi
 echo "build done at $(elapsed) s"; grep -E "ptxas info +: Used" "$OUT/build.log" | sort | uniq -c
 
-timeout 180 python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/tests_cuda.log" | tail -15
+timeout 240 python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/tests_cuda.log" | tail -15
 echo "tests done at $(elapsed) s"
 # torch.compile's compile time would not fit here: it gets its own step below.
 timeout 180 python3 -m benchmarks --device cuda --skip compile --out "$OUT/bench" 2>&1 \
   | tee "$OUT/bench.log" | tail -20
 echo "benchmark done at $(elapsed) s"
-timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -q -x tests/test_dense.py -k "cuda and (large_tiles or misaligned or zero_size)" \
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 -m pytest -q -x tests/test_dense.py tests/test_attention_cuda.py \
+  -k "cuda and (large_tiles or misaligned or zero_size) or attention_cuda and (256 or nothing or empty or strided)" \
   > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$? (0 = clean) at $(elapsed) s"; tail -3 "$OUT/memcheck.log"
 timeout $(( 480 - $(elapsed) > 30 ? 480 - $(elapsed) : 30 )) python3 -m benchmarks --device cuda \
   --skip addmm_activation --skip matmul --out "$OUT/bench_compile" 2>&1 | tail -12

@@ -14,6 +14,7 @@ from test_attention import check, kernel_dropout_mask, make_inputs
 
 CUDA = torch.cuda.is_available() and bigkernels.backend_info()["cuda_compiled"]
 pytestmark = [
+    pytest.mark.cuda,
     pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build"),
     pytest.mark.skipif(CUDA and torch.cuda.get_device_capability()[0] < 8, reason="the kernels need sm_80+"),
 ]

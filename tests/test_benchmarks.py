@@ -1,5 +1,6 @@
 """The benchmark command refuses what it cannot honour (it runs nothing here:
-argparse and the variant check stop it before any measurement)."""
+argparse and the variant check stop it before any measurement), and its
+outputs are written from the records."""
 
 import os
 import subprocess
@@ -14,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--repeats", "0"], "--repeats: must be >= 1"),
     (["--max-seconds", "0"], "--max-seconds: must be > 0"),
     (["--warmup", "-1"], "--warmup: must be >= 0"),
-    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, compile, eager, math, matmul"),
+    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, compile, cudnn, eager, efficient, flash, math, "
+                               "matmul"),
     (["--skip", "bigkernels"], "--skip bigkernels: the subject"),
     (["--only", "nope"], "invalid choice: 'nope'"),
 ])
@@ -28,3 +30,18 @@ def test_benchmark_cli_help_shows_the_device_default():
     run = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "--device" in run.stdout and "default here:" in run.stdout
+
+
+def test_outputs_include_the_tflops_by_seqlen_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import harness
+
+    records = [dict(family="attention", case=f"bf16 L{L}", params=dict(B=16384 // L, H=16, L=L, S=L, D=128,
+                                                                    dtype="bf16", causal=False),
+                    variant=variant, pass_=pass_, status="ok", median_ms=1.0, samples=3, tflops=tflops,
+                    peak_mem_mib=None, note="", speedup=1.0)
+               for L, tflops in ((1024, 100.0), (4096, 300.0)) for variant in ("bigkernels", "flash")
+               for pass_ in harness.PASSES]
+    harness.write_outputs(str(tmp_path), harness.machine_info("cpu"), records)
+    for name in ("results.json", "report.md", "speedup.png", "attention_tflops.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
