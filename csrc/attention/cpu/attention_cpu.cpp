@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_to_copy.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <torch/library.h>
 
 #include "attention/attention.h"
@@ -20,6 +21,16 @@ at::ScalarType compute_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 at::ScalarType lse_dtype(const at::Tensor& q) { return compute_dtype(q); }
+
+// x [B, H, S, D] as [B, H, ceil(S / block), D, block] in the compute type,
+// zero-padded: each key block transposed and contiguous. (A plain [D, S]
+// transpose would put a block's rows S elements apart: 4 KB for S = 1024
+// floats, which map to one L1 set and evict each other.)
+at::Tensor blocked_transpose(const at::Tensor& x) {
+  const int64_t S = x.size(2), blocks = (S + kAttentionKeyBlock - 1) / kAttentionKeyBlock;
+  const at::Tensor padded = at::constant_pad_nd(x.to(compute_dtype(x)), {0, 0, 0, blocks * kAttentionKeyBlock - S});
+  return padded.reshape({x.size(0), x.size(1), blocks, kAttentionKeyBlock, x.size(3)}).transpose(-1, -2).contiguous();
+}
 
 // The kernels need a contiguous last dim; other strides are honoured.
 at::Tensor unit_last_stride(const at::Tensor& t) {
@@ -62,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                      dropout_p, dropout_seed);
   // K^T and V in the compute type, once per call (ATen's parallel copies):
   // no block of the loops converts or transposes them again.
-  const at::Tensor k_t = k.to(compute_dtype(q)).transpose(-1, -2).contiguous();
+  const at::Tensor k_t = blocked_transpose(k);
   const at::Tensor v_c = v.to(compute_dtype(q)).contiguous();
   p.k_t = k_t.const_data_ptr(), p.v_c = v_c.const_data_ptr();
   at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, q.options());
@@ -98,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
   const at::Tensor k_c = k.to(compute_dtype(q)).contiguous();
-  const at::Tensor k_t = k_c.transpose(-1, -2).contiguous();
-  const at::Tensor v_t = v.to(compute_dtype(q)).transpose(-1, -2).contiguous();
+  const at::Tensor k_t = blocked_transpose(k_c);
+  const at::Tensor v_t = blocked_transpose(v);
   p.k_c = k_c.const_data_ptr(), p.k_t = k_t.const_data_ptr(), p.v_t = v_t.const_data_ptr();
   at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, s.E}, q.options());
   at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, s.E}, q.options());

@@ -23,48 +23,53 @@ namespace bigkernels {
 namespace CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = 64;
+constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = kAttentionKeyBlock;
+
+// Key block j0 / kBlockK of a head's transposed, blocked K or V (see
+// AttentionCpuParams): rows of kBlockK contiguous keys, `dim` of them.
+template <typename C>
+const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, int64_t j0) {
+  const int64_t blocks = (S + kBlockK - 1) / kBlockK;
+  return static_cast<const C*>(blocked) + (head * blocks + j0 / kBlockK) * dim * kBlockK;
+}
 
 // c[i][0:n] (+)= sum_k A(i, k) * b[k][0:n], with A(i, k) = a[i * a_row + k * a_col]
 // (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
-// Register-blocked: two rows of c by 4 vectors of columns at a time, so that
-// each vector of b loaded feeds two FMAs.
+// Register-blocked: kRows rows of c by 4 vectors of columns at a time, so
+// that each vector of b loaded feeds kRows FMAs: 4 rows with 32 vector
+// registers (AVX-512), 2 with 16 (AVX2), leaving room for the loads.
 template <typename C>
 void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
               int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
+  constexpr int kRows = sizeof(V) >= 64 ? 4 : 2;
   for (int64_t n0 = 0; n0 < n; n0 += 4 * W) {
     const int64_t nn = std::min<int64_t>(4 * W, n - n0);
     const auto count = [&](int v) { return static_cast<int>(std::min<int64_t>(W, nn - v * W)); };
     int64_t i = 0;
     if (nn == 4 * W) {
-      for (; i + 2 <= m; i += 2) {
-        C* c0 = c + i * ldc + n0;
-        C* c1 = c0 + ldc;
-        V x[4], y[4];
-        for (int v = 0; v < 4; ++v) {
-          x[v] = accumulate ? V::loadu(c0 + v * W) : V(0);
-          y[v] = accumulate ? V::loadu(c1 + v * W) : V(0);
-        }
-        const C* a0 = a + i * a_row;
-        const C* a1 = a0 + a_row;
+      for (; i + kRows <= m; i += kRows) {
+        V x[kRows][4];
+        for (int r = 0; r < kRows; ++r)
+          for (int v = 0; v < 4; ++v) x[r][v] = accumulate ? V::loadu(c + (i + r) * ldc + n0 + v * W) : V(0);
+        const C* ai = a + i * a_row;
         for (int64_t kk = 0; kk < kdim; ++kk) {
-          const V s0(a0[kk * a_col]), s1(a1[kk * a_col]);
           const C* bk = b + kk * ldb + n0;
-          for (int v = 0; v < 4; ++v) {
-            const V bv = V::loadu(bk + v * W);
-            x[v] = at::vec::fmadd(s0, bv, x[v]);
-            y[v] = at::vec::fmadd(s1, bv, y[v]);
+          const V b0 = V::loadu(bk), b1 = V::loadu(bk + W), b2 = V::loadu(bk + 2 * W), b3 = V::loadu(bk + 3 * W);
+          for (int r = 0; r < kRows; ++r) {
+            const V s(ai[r * a_row + kk * a_col]);
+            x[r][0] = at::vec::fmadd(s, b0, x[r][0]);
+            x[r][1] = at::vec::fmadd(s, b1, x[r][1]);
+            x[r][2] = at::vec::fmadd(s, b2, x[r][2]);
+            x[r][3] = at::vec::fmadd(s, b3, x[r][3]);
           }
         }
-        for (int v = 0; v < 4; ++v) {
-          x[v].store(c0 + v * W);
-          y[v].store(c1 + v * W);
-        }
+        for (int r = 0; r < kRows; ++r)
+          for (int v = 0; v < 4; ++v) x[r][v].store(c + (i + r) * ldc + n0 + v * W);
       }
     }
-    for (; i < m; ++i) {  // the odd row, or a partial column chunk
+    for (; i < m; ++i) {  // the last rows, or a partial column chunk
       C* ci = c + i * ldc + n0;
       V x[4];
       for (int v = 0; v * W < nn; ++v) x[v] = accumulate ? V::loadu(ci + v * W, count(v)) : V(0);
@@ -117,12 +122,15 @@ struct Band {
     const int64_t pos = i + p.diagonal_offset;
     return (p.window_left < 0 || j >= pos - p.window_left) && (p.window_right < 0 || j <= pos + p.window_right);
   }
-  // Keys any row of [i0, i1) may see.
+  // The keys any row of [i0, i1) may see, [lo, hi), with lo rounded down to
+  // a block boundary (the layout of k_t): the keys before the true lo in
+  // that first block are masked by the window (such a block is never whole).
   std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
     int64_t lo = 0, hi = p.S;
     if (p.window_left >= 0) lo = std::max<int64_t>(0, i0 + p.diagonal_offset - p.window_left);
     if (p.window_right >= 0) hi = std::min<int64_t>(p.S, i1 - 1 + p.diagonal_offset + p.window_right + 1);
-    return {lo, std::max(lo, hi)};
+    if (lo >= hi) return {0, 0};
+    return {lo / kBlockK * kBlockK, hi};
   }
   // Whether every (i, j) of the block is allowed by the window (no per-element work).
   bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
@@ -172,7 +180,6 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hk = h / (p.Hq / p.Hkv), E = p.E, Ev = p.Ev, bq = i1 - i0;
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const C* kt = static_cast<const C*>(p.k_t) + (b * p.Hkv + hk) * E * p.S;  // [E, S]
   const C* vc = static_cast<const C*>(p.v_c) + (b * p.Hkv + hk) * p.S * Ev;  // [S, Ev]
   std::vector<C> qf(bq * E), s(bq * kBlockK), acc(bq * Ev, C(0));
   std::vector<C> m(bq, kNegInf), l(bq, C(0));
@@ -182,7 +189,8 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
     const bool whole = band.whole(i0, i1, j0, j0 + jn);
-    gemm_acc(bq, jn, E, qf.data(), E, 1, kt + j0, p.S, s.data(), kBlockK, false);
+    gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, b * p.Hkv + hk, p.S, E, j0), kBlockK, s.data(),
+             kBlockK, false);
     for (int64_t r = 0; r < bq; ++r) {
       C* sr = s.data() + r * kBlockK;
       if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
@@ -215,8 +223,6 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
   const int64_t head = b * p.Hkv + hk;
   const C* kc = static_cast<const C*>(p.k_c) + head * S * E;   // [S, E]
-  const C* kt = static_cast<const C*>(p.k_t) + head * E * S;   // [E, S]
-  const C* vt = static_cast<const C*>(p.v_t) + head * Ev * S;  // [Ev, S]
   std::vector<C> dk(S * E, C(0)), dv(S * Ev, C(0));
   std::vector<C> qf(kBlockQ * E), dof(kBlockQ * Ev), d(kBlockQ), lse(kBlockQ), dq(kBlockQ * E);
   std::vector<C> s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
@@ -241,7 +247,8 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
         // P = exp(scores - lse), recomputed
-        gemm_acc(bq, jn, E, qf.data(), E, 1, kt + j0, S, s.data(), kBlockK, false);
+        gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.data(), kBlockK,
+                 false);
         for (int64_t r = 0; r < bq; ++r) {
           C* sr = s.data() + r * kBlockK;
           if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
@@ -253,7 +260,8 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         }
         // With the dropout mask M (scaled by 1 / (1 - p); all ones without dropout):
         // dP = dO V^T;  dS = P * (dP * M - D);  dV += (P * M)^T dO;  dK += dS^T (Q scale);  dQ += dS K
-        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, vt + j0, S, dp.data(), kBlockK, false);
+        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, key_block<C>(p.v_t, head, S, Ev, j0), kBlockK, dp.data(), kBlockK,
+                 false);
         if (p.dropout_p > 0) {
           for (int64_t r = 0; r < bq; ++r) {
             apply_dropout(p, dp.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // dP * M

@@ -21,9 +21,11 @@ struct AttentionCpuParams {
   int64_t mask_strides[4];  // batch, head, query, key
   int64_t B, Hq, Hkv, L, S, E, Ev;
   // K and V in the compute type (float; double for double), converted once
-  // per call by the op: k_t [B, Hkv, E, S] (K transposed) and v_c
-  // [B, Hkv, S, Ev] for the forward; k_c [B, Hkv, S, E], k_t and v_t
-  // [B, Hkv, Ev, S] for the backward.
+  // per call by the op. k_t and v_t hold them transposed in key blocks,
+  // [B, Hkv, ceil(S / kAttentionKeyBlock), E (or Ev), kAttentionKeyBlock],
+  // zero-padded, so that one block's rows are contiguous; v_c [B, Hkv, S, Ev]
+  // and k_c [B, Hkv, S, E] are plain. The forward reads k_t and v_c, the
+  // backward k_t, v_t and k_c.
   const void *k_t, *v_c, *k_c, *v_t;
   double scale;
   // Dropout of the probabilities (0: none): element (b, h, i, j) is kept when
@@ -39,8 +41,8 @@ struct AttentionCpuParams {
   void *grad_q, *grad_k, *grad_v;
 };
 
-// Query rows per forward task (and per backward block).
-constexpr int64_t kAttentionBlockRows = 64;
+// Query rows per forward task (and per backward block), and keys per block.
+constexpr int64_t kAttentionBlockRows = 64, kAttentionKeyBlock = 64;
 
 struct AttentionCpuKernels {
   // Query rows [i0, i1) of head h of batch b.

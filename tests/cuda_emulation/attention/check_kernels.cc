@@ -122,11 +122,12 @@ struct Case {
   Mask mask = Mask::kNone;
   float dropout = 0.f;
   bool strided = false;  // q and k as [B, positions, H, D] (transposed views, as Hugging Face passes)
+  double peak = 1;       // q's scale: > 1 makes the softmax peaky, so that O and D = rowsum(dO O) are large
   std::string name() const {
     char s[200];
-    std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s", B, Hq, Hkv, L, S,
-                  E, Ev, (long long)left, (long long)right, bottom_right ? " bottom-right" : "", (int)mask, dropout,
-                  strided ? " strided" : "");
+    std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s peak%.0f", B, Hq,
+                  Hkv, L, S, E, Ev, (long long)left, (long long)right, bottom_right ? " bottom-right" : "", (int)mask,
+                  dropout, strided ? " strided" : "", peak);
     return s;
   }
 };
@@ -157,7 +158,7 @@ void run_case(const Case& c, double tol) {
   const int64_t qs[3] = {Hq * L * E, c.strided ? E : L * E, c.strided ? Hq * E : E};
   const int64_t ks[3] = {Hkv * S * E, c.strided ? E : S * E, c.strided ? Hkv * E : E};
   const int64_t vs[3] = {Hkv * S * Ev, S * Ev, Ev};
-  for (int64_t i = 0; i < B * Hq * L * E; ++i) q.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * Hq * L * E; ++i) q.p[i] = from_d<T>(c.peak * nd(gen));
   for (int64_t i = 0; i < B * Hkv * S * E; ++i) k.p[i] = from_d<T>(nd(gen));
   for (int64_t i = 0; i < B * Hkv * S * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
   for (int64_t i = 0; i < B * Hq * L * Ev; ++i) dout.p[i] = from_d<T>(nd(gen));
@@ -311,6 +312,11 @@ void run_all(double tol) {
   Case causal_tl_short{1, 1, 1, 130, 40, 64, 64};  // rows past the last key: nothing to attend... except j <= i
   causal_tl_short.right = 0, causal_tl_short.bottom_right = true;  // the first 90 rows see no key
   run_case<T>(causal_tl_short, tol);
+  for (auto [L, S] : {std::pair{1, 65}, {3, 129}}) {  // decoding: the last allowed key opens a tile
+    Case decode{1, 2, 1, L, S, 64, 64};
+    decode.right = 0, decode.bottom_right = true;
+    run_case<T>(decode, tol);
+  }
   Case window{1, 1, 1, 150, 150, 64, 64};
   window.left = 20, window.right = 5;
   run_case<T>(window, tol);
@@ -321,9 +327,14 @@ void run_all(double tol) {
   }
   run_case<T>(Case{1, 4, 2, 33, 65, 64, 64}, tol);  // GQA
   run_case<T>(Case{2, 3, 1, 20, 70, 128, 128}, tol);  // MQA
-  Case dropout{1, 2, 2, 66, 80, 64, 64};
-  dropout.dropout = 0.3f;
-  run_case<T>(dropout, tol);
+  for (double peak : {1.0, 3.0}) {
+    Case dropout{1, 2, 2, 66, 80, 64, 64};
+    dropout.dropout = 0.3f, dropout.peak = peak;
+    run_case<T>(dropout, tol);
+  }
+  Case peaky{1, 2, 1, 50, 90, 64, 64};
+  peaky.peak = 3;
+  run_case<T>(peaky, tol);
   Case strided{2, 2, 2, 30, 50, 64, 64};
   strided.strided = true;
   run_case<T>(strided, tol);
