@@ -37,13 +37,14 @@ const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, in
 // (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
 // Register-blocked: kRows rows of c by 4 vectors of columns at a time, so
 // that each vector of b loaded feeds kRows FMAs: 4 rows with 32 vector
-// registers (AVX-512), 2 with 16 (AVX2), leaving room for the loads.
+// registers (AVX-512), 3 with 16 (AVX2: 12 accumulators, 3 broadcasts and
+// one vector of b).
 template <typename C>
 void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
               int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
-  constexpr int kRows = sizeof(V) >= 64 ? 4 : 2;
+  constexpr int kRows = sizeof(V) >= 64 ? 4 : 3;
   for (int64_t n0 = 0; n0 < n; n0 += 4 * W) {
     const int64_t nn = std::min<int64_t>(4 * W, n - n0);
     const auto count = [&](int v) { return static_cast<int>(std::min<int64_t>(W, nn - v * W)); };
@@ -56,13 +57,11 @@ void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int
         const C* ai = a + i * a_row;
         for (int64_t kk = 0; kk < kdim; ++kk) {
           const C* bk = b + kk * ldb + n0;
-          const V b0 = V::loadu(bk), b1 = V::loadu(bk + W), b2 = V::loadu(bk + 2 * W), b3 = V::loadu(bk + 3 * W);
-          for (int r = 0; r < kRows; ++r) {
-            const V s(ai[r * a_row + kk * a_col]);
-            x[r][0] = at::vec::fmadd(s, b0, x[r][0]);
-            x[r][1] = at::vec::fmadd(s, b1, x[r][1]);
-            x[r][2] = at::vec::fmadd(s, b2, x[r][2]);
-            x[r][3] = at::vec::fmadd(s, b3, x[r][3]);
+          V s[kRows];  // kRows broadcasts + one vector of b + the accumulators fit the registers
+          for (int r = 0; r < kRows; ++r) s[r] = V(ai[r * a_row + kk * a_col]);
+          for (int v = 0; v < 4; ++v) {
+            const V bv = V::loadu(bk + v * W);
+            for (int r = 0; r < kRows; ++r) x[r][v] = at::vec::fmadd(s[r], bv, x[r][v]);
           }
         }
         for (int r = 0; r < kRows; ++r)
