@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 EMULATION = os.path.join(HERE, "cuda_emulation")
 FAMILIES = sorted(d for d in os.listdir(EMULATION) if os.path.exists(os.path.join(EMULATION, d, "check_kernels.cc")))
-LAUNCH = re.compile(r"(\w+(?:<[^<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+),\s*stream>>>\(([^;]*)\);")
+LAUNCH = re.compile(r"((?:\w+::)*\w+(?:<[^<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+),\s*stream>>>\(([^;]*)\);")
 
 
 def cuda_include_dir():

@@ -144,8 +144,8 @@ def _warn_reference_once(reason):
 def _kernel_refusal(query, key, value, attn_mask):
     """None when the compiled kernels run this call, else why not: no
     extension; a float mask that requires grad (the kernels give masks no
-    gradient); on CUDA, dtypes other than float16/bfloat16, head dims over
-    256, GPUs older than sm_80, or a build without CUDA."""
+    gradient); on CUDA, head dims over 256, float16/bfloat16 (tensor cores)
+    on GPUs older than sm_80, or a build without CUDA."""
     if not _ext.LOADED:
         return "a build without the extension"
     if attn_mask is not None and attn_mask.requires_grad:
@@ -154,12 +154,10 @@ def _kernel_refusal(query, key, value, attn_mask):
         return None
     if query.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
         return f"{query.device.type} tensors in this build"
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return f"{query.dtype} CUDA tensors (the CUDA kernels take float16 and bfloat16)"
     if max(query.shape[-1], value.shape[-1]) > 256:
         return "CUDA head dims over 256"
-    if torch.cuda.get_device_capability(query.device)[0] < 8:
-        return "GPUs older than compute capability 8.0"
+    if query.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(query.device)[0] < 8:
+        return f"{query.dtype} on GPUs older than compute capability 8.0 (tensor cores)"
     return None
 
 

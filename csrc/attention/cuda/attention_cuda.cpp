@@ -1,8 +1,7 @@
-// CUDA implementations of the attention ops for fp16 and bf16 (tensor cores,
-// sm_80+): checks, the layout the kernels need, raw-pointer launches on the
-// current stream (kernels in attention_kernels.cuh). float32 and float64 on
-// CUDA have no kernel yet: bigkernels/ops/attention.py sends them to the
-// reference, and the op says so if called directly.
+// CUDA implementations of the attention ops: checks, the layout the kernels
+// need, raw-pointer launches on the current stream. fp16 and bf16 run on
+// tensor cores (attention_kernels.cuh, sm_80+), float32 and float64 on the
+// SIMT kernels (attention_simt.cuh, any GPU).
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
@@ -14,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "attention/attention.h"
 #include "attention/cuda/launchers.h"
@@ -47,16 +48,21 @@ at::Tensor cut_last_dim(const at::Tensor& t, int64_t n) {
   return t.size(-1) == n ? t : t.narrow(-1, 0, n).contiguous();
 }
 
+bool on_tensor_cores(const at::Tensor& q) {
+  return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check_cuda_args(const at::Tensor& q, const AttentionShape& s) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "bigkernels.attention: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type(),
-                   " (bigkernels.scaled_dot_product_attention runs other dtypes on the reference)");
   TORCH_CHECK_VALUE(cuda::attention_head_dim_bucket(std::max(s.E, s.Ev)) != 0, "bigkernels.attention: the CUDA "
                     "kernels take head dims up to 256, got ", s.E, " and ", s.Ev);
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-  TORCH_CHECK(major >= 8, "bigkernels.attention: the CUDA kernels need compute capability 8.0 or newer "
-              "(mma.sync bf16, cp.async); this GPU has ", major, ".x");
+  if (on_tensor_cores(q)) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+    TORCH_CHECK(major >= 8, "bigkernels.attention: ", q.scalar_type(), " runs on tensor cores (mma.sync bf16, "
+                "cp.async), which need compute capability 8.0 or newer; this GPU has ", major, ".x");
+  }
   TORCH_CHECK_VALUE((s.L + 63) / 64 <= 65535 && (s.S + 63) / 64 <= 65535 && s.B * s.Hq <= INT32_MAX,
                     "bigkernels.attention: sequence too long for the CUDA grid (", s.L, ", ", s.S, ")");
 }
@@ -66,7 +72,12 @@ cuda::AttentionParams make_params(const AttentionShape& s, const at::Tensor& q, 
                                   int64_t window_right, int64_t diagonal_offset, double dropout_p,
                                   int64_t dropout_seed) {
   cuda::AttentionParams p{};
-  p.dtype = q.scalar_type() == at::kHalf ? cuda::AttentionDType::kFloat16 : cuda::AttentionDType::kBFloat16;
+  switch (q.scalar_type()) {
+    case at::kHalf: p.dtype = cuda::AttentionDType::kFloat16; break;
+    case at::kBFloat16: p.dtype = cuda::AttentionDType::kBFloat16; break;
+    case at::kFloat: p.dtype = cuda::AttentionDType::kFloat32; break;
+    default: p.dtype = cuda::AttentionDType::kFloat64; break;  // the checks admit nothing else
+  }
   p.q = q.const_data_ptr(), p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
   for (int d = 0; d < 3; ++d) {
     p.q_strides[d] = q.stride(d), p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
@@ -86,22 +97,39 @@ cuda::AttentionParams make_params(const AttentionShape& s, const at::Tensor& q, 
   return p;
 }
 
+// The kernel for the dtype and the head-dim bucket.
+template <bool kForward, typename T>
+cudaError_t launch_for(const cuda::AttentionParams& p, cudaStream_t stream, int bucket) {
+  constexpr bool kSimt = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  const auto go = [&](auto dim) {
+    constexpr int kD = decltype(dim)::value;
+    if constexpr (kSimt) {
+      return kForward ? cuda::launch_attention_forward_simt<T, kD>(p, stream)
+                      : cuda::launch_attention_backward_simt<T, kD>(p, stream);
+    } else {
+      return kForward ? cuda::launch_attention_forward<T, kD>(p, stream)
+                      : cuda::launch_attention_backward<T, kD>(p, stream);
+    }
+  };
+  switch (bucket) {
+    case 64: return go(std::integral_constant<int, 64>{});
+    case 128: return go(std::integral_constant<int, 128>{});
+    default: return go(std::integral_constant<int, 256>{});
+  }
+}
+
 template <bool kForward>
 void launch(const cuda::AttentionParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int bucket = cuda::attention_head_dim_bucket(std::max(p.E, p.Ev));
-  const auto go = [&](auto type_tag) {
-    using T = decltype(type_tag);
-    switch (bucket) {
-      case 64: return kForward ? cuda::launch_attention_forward<T, 64>(p, stream)
-                               : cuda::launch_attention_backward<T, 64>(p, stream);
-      case 128: return kForward ? cuda::launch_attention_forward<T, 128>(p, stream)
-                                : cuda::launch_attention_backward<T, 128>(p, stream);
-      default: return kForward ? cuda::launch_attention_forward<T, 256>(p, stream)
-                               : cuda::launch_attention_backward<T, 256>(p, stream);
-    }
-  };
-  C10_CUDA_CHECK(p.dtype == cuda::AttentionDType::kFloat16 ? go(__half{}) : go(__nv_bfloat16{}));
+  cudaError_t e = cudaSuccess;
+  switch (p.dtype) {
+    case cuda::AttentionDType::kFloat16: e = launch_for<kForward, __half>(p, stream, bucket); break;
+    case cuda::AttentionDType::kBFloat16: e = launch_for<kForward, __nv_bfloat16>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat32: e = launch_for<kForward, float>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat64: e = launch_for<kForward, double>(p, stream, bucket); break;
+  }
+  C10_CUDA_CHECK(e);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
@@ -114,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
   check_dropout(dropout_p);
   check_cuda_args(query, s);
   const c10::cuda::CUDAGuard guard(query.device());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
   if (s.B * s.Hq * s.L == 0) return {at::empty({s.B, s.Hq, s.L, s.Ev}, query.options()), lse};
   const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
@@ -122,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
                                         dropout_p, dropout_seed);
   at::Tensor out = at::empty({s.B, s.Hq, s.L, p.Ev}, query.options());
   p.out = out.mutable_data_ptr();
-  p.lse = lse.mutable_data_ptr<float>();
+  p.lse = lse.mutable_data_ptr();
   launch<true>(p);
   return {cut_last_dim(out, s.Ev), lse};
 }
@@ -138,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
                     "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
                     output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
-                    "bigkernels.attention_backward: lse must be float32 [B, H, L], got ", lse.scalar_type(), " ",
-                    lse.sizes());
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
+                    "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
+                    lse.scalar_type(), " ", lse.sizes());
   const c10::cuda::CUDAGuard guard(query.device());
   if (s.B * s.Hq * s.L == 0 || s.S == 0) {  // no score: every gradient is 0
     return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
@@ -150,16 +178,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
   cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
                                         dropout_p, dropout_seed);
-  // delta = rowsum(dO * O), the softmax gradient's shared term, in float
-  const at::Tensor delta = at::mul(grad_output.to(at::kFloat), output.to(at::kFloat)).sum(-1).contiguous();
+  // delta = rowsum(dO * O), the softmax gradient's shared term, in lse's type
+  const at::Tensor delta =
+      at::mul(grad_output.to(lse_dtype(query)), output.to(lse_dtype(query))).sum(-1).contiguous();
   at::Tensor grad_out = grad_output.to(query.scalar_type());
   grad_out = (p.Ev == s.Ev ? grad_out : at::constant_pad_nd(grad_out, {0, p.Ev - s.Ev})).contiguous();
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, p.E}, query.options());
   at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, p.E}, query.options());
   at::Tensor grad_v = at::empty({s.B, s.Hkv, s.S, p.Ev}, query.options());
-  p.lse = const_cast<float*>(lse_c.const_data_ptr<float>());  // read only in backward
-  p.delta = delta.const_data_ptr<float>();
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read only in backward
+  p.delta = delta.const_data_ptr();
   p.grad_out = grad_out.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
   launch<false>(p);

@@ -27,16 +27,13 @@
 #include <cstring>
 #include <type_traits>
 
-#include "attention/cuda/launchers.h"
-#include "common/counter_rng.h"
-#include "common/cuda_dtype.cuh"
+#include "attention/cuda/attention_common.cuh"
 #include "common/ptx_sm80.cuh"
 
 namespace bigkernels {
 namespace cuda {
 namespace attention {
 
-constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kRows = 16 * kWarps;  // rows of a block's resident tile (queries, or keys for dK/dV)
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -139,57 +136,6 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[kD / 8][4], const float
   }
 }
 
-__device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
-  return x < lo ? lo : x > hi ? hi : x;
-}
-
-// Which (query i, key j) pairs the window allows, and the ranges of one
-// index that a tile of the other can reach.
-struct Window {
-  int64_t left, right, offset, L, S;
-  __device__ __forceinline__ bool allows(int64_t i, int64_t j) const {
-    const int64_t pos = i + offset;
-    return (left < 0 || j >= pos - left) && (right < 0 || j <= pos + right);
-  }
-  __device__ __forceinline__ void keys_for(int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) const {
-    lo = left < 0 ? 0 : clamp(i0 + offset - left, 0, S);
-    hi = right < 0 ? S : clamp(i1 + offset + right, lo, S);
-  }
-  __device__ __forceinline__ void queries_for(int64_t j0, int64_t j1, int64_t& lo, int64_t& hi) const {
-    lo = right < 0 ? 0 : clamp(j0 - offset - right, 0, L);
-    hi = left < 0 ? L : clamp(j1 - offset + left, lo, L);
-  }
-  // Whether every pair of the tile is allowed and in range (no per-element work).
-  __device__ __forceinline__ bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
-    return i1 <= L && j1 <= S && allows(i1 - 1, j0) && allows(i0, j1 - 1);
-  }
-};
-
-// The scaled score of (i, j) in log2 units, or -inf where it is masked out.
-template <typename T>
-__device__ __forceinline__ float masked_score(const AttentionParams& p, const Window& w, float acc, int64_t b,
-                                              int64_t h, int64_t i, int64_t j, bool whole) {
-  float x = acc * p.scale;
-  if (!whole && (i >= p.L || j >= p.S || !w.allows(i, j))) return -INFINITY;
-  if (p.mask != nullptr) {
-    const int64_t* ms = p.mask_strides;
-    const int64_t at = b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3];
-    if (p.mask_is_bool) {
-      if (!static_cast<const bool*>(p.mask)[at]) return -INFINITY;
-    } else {
-      x += to_acc(static_cast<const T*>(p.mask)[at]);
-    }
-  }
-  return x * kLog2e;
-}
-
-// 1 / (1 - p) where dropout keeps (b, h, i, j), else 0.
-__device__ __forceinline__ float dropout_keep(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
-                                              int64_t j) {
-  const uint64_t counter = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
-  return counter_uniform(p.dropout_seed, counter) >= p.dropout_p ? 1.f / (1.f - p.dropout_p) : 0.f;
-}
-
 // Sum (or max) over the 4 lanes that share a row of a fragment.
 __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -272,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-        s[nt][e] = masked_score<T>(p, w, s[nt][e], b, h, row[e / 2], j, whole);
+        s[nt][e] = masked_score<T>(p, w, s[nt][e], b, h, row[e / 2], j, whole) * kLog2e;
         row_max[e / 2] = fmaxf(row_max[e / 2], s[nt][e]);
       }
 #pragma unroll
@@ -310,7 +256,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that attends to nothing gives 0
     if (lane % 4 == 0 && row[r] < p.L) {
-      p.lse[(b * p.Hq + h) * p.L + row[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) / kLog2e : -INFINITY;
+      static_cast<float*>(p.lse)[(b * p.Hq + h) * p.L + row[r]] =
+          l[r] > 0.f ? (m[r] + log2f(l[r])) / kLog2e : -INFINITY;
     }
   }
   store_rows<T, kD>(static_cast<T*>(p.out) + (b * p.Hq + h) * p.L * p.Ev, o, i0, p.L, p.Ev, inv[0], inv[1]);
@@ -345,8 +292,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
   float lse[2], delta[2];  // lse in log2 units; -inf for a row with nothing to attend (no gradient)
   for (int r = 0; r < 2; ++r) {
     const bool in = row[r] < p.L;
-    lse[r] = in ? p.lse[head_row0 + row[r]] * kLog2e : -INFINITY;
-    delta[r] = in ? p.delta[head_row0 + row[r]] : 0.f;
+    lse[r] = in ? static_cast<const float*>(p.lse)[head_row0 + row[r]] * kLog2e : -INFINITY;
+    delta[r] = in ? static_cast<const float*>(p.delta)[head_row0 + row[r]] : 0.f;
   }
   float dq[kD / 8][4] = {};
   for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
@@ -366,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-        const float x = masked_score<T>(p, w, s[nt][e], b, h, row[r], j, whole);
+        const float x = masked_score<T>(p, w, s[nt][e], b, h, row[r], j, whole) * kLog2e;
         const float prob = lse[r] == -INFINITY ? 0.f : exp2f(x - lse[r]);
         // dS = P * (dP * M - D), M the dropout keep-mask scaled by 1 / (1 - p)
         const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, row[r], j) : 1.f;
@@ -416,8 +363,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
       __pipeline_commit();
       for (int c = threadIdx.x; c < kN; c += kThreads) {
         const bool in = i0 + c < p.L;
-        slse[c] = in ? p.lse[head_row0 + i0 + c] * kLog2e : -INFINITY;
-        sdelta[c] = in ? p.delta[head_row0 + i0 + c] : 0.f;
+        slse[c] = in ? static_cast<const float*>(p.lse)[head_row0 + i0 + c] * kLog2e : -INFINITY;
+        sdelta[c] = in ? static_cast<const float*>(p.delta)[head_row0 + i0 + c] : 0.f;
       }
       __pipeline_wait_prior(0);
       __syncthreads();
@@ -432,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * (lane % 4) + (e & 1);
           const int64_t i = i0 + c, j = key[e / 2];
-          const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole);
+          const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole) * kLog2e;
           const float prob = slse[c] == -INFINITY ? 0.f : exp2f(x - slse[c]);
           const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, i, j) : 1.f;
           st[nt][e] = prob * keep;                               // (P * M)^T, for dV
@@ -446,14 +393,6 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   store_rows<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j0, p.S, p.E, p.scale, p.scale);
   store_rows<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j0, p.S, p.Ev, 1.f, 1.f);
 #endif
-}
-
-// Opts in to more than 48 KB of dynamic shared memory where a kernel needs it.
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return bytes <= 48 * 1024 ? cudaSuccess
-                            : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(bytes));
 }
 
 }  // namespace attention

@@ -1,6 +1,7 @@
-// Raw-pointer entry points of the CUDA attention kernels (fp16 and bf16 on
-// tensor cores, sm_80+). The .cu files see only this header and CUDA's own;
-// tensors, streams and checks live in attention_cuda.cpp.
+// Raw-pointer entry points of the CUDA attention kernels: fp16 and bf16 on
+// tensor cores (sm_80+), fp32 and fp64 on a plain SIMT kernel (any GPU). The
+// .cu files see only this header and CUDA's own; tensors, streams and checks
+// live in attention_cuda.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,7 +11,7 @@
 namespace bigkernels {
 namespace cuda {
 
-enum class AttentionDType : int { kFloat16, kBFloat16 };
+enum class AttentionDType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // One attention call, strides in elements. q, k, v: any batch/head/position
 // strides, contiguous last dim; base pointers 16-byte aligned, position
@@ -31,12 +32,12 @@ struct AttentionParams {
   uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // key j is allowed for query i when
                                                        // j - (i + offset) is in [-left, right]; -1: unbounded
-  void* out;   // [B, Hq, L, Ev], contiguous
-  float* lse;  // [B, Hq, L]
-  // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out);
-  // grads contiguous [B, H, positions, dims].
+  void* out;  // [B, Hq, L, Ev], contiguous
+  void* lse;  // [B, Hq, L], float (double for fp64)
+  // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out)
+  // in lse's type; grads contiguous [B, H, positions, dims].
   const void* grad_out;
-  const float* delta;
+  const void* delta;
   void *grad_q, *grad_k, *grad_v;
 };
 
@@ -56,6 +57,11 @@ template <typename T, int kD>
 cudaError_t launch_attention_forward(const AttentionParams& p, cudaStream_t stream);
 template <typename T, int kD>
 cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t stream);
+// float and double (attention_simt.cuh, attention_simt_hdim<D>.cu).
+template <typename T, int kD>
+cudaError_t launch_attention_forward_simt(const AttentionParams& p, cudaStream_t stream);
+template <typename T, int kD>
+cudaError_t launch_attention_backward_simt(const AttentionParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bigkernels

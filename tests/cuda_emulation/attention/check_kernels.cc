@@ -97,11 +97,21 @@ static void check_fragments() {
 template <typename T> T from_d(double v);
 template <> __half from_d(double v) { return __float2half_rn((float)v); }
 template <> __nv_bfloat16 from_d(double v) { return __float2bfloat16_rn((float)v); }
+template <> float from_d(double v) { return (float)v; }
+template <> double from_d(double v) { return v; }
 static double to_d(__half v) { return __half2float(v); }
 static double to_d(__nv_bfloat16 v) { return __bfloat162float(v); }
+static double to_d(float v) { return v; }
+static double to_d(double v) { return v; }
 template <typename T> AttentionDType dtype_of();
 template <> AttentionDType dtype_of<__half>() { return AttentionDType::kFloat16; }
 template <> AttentionDType dtype_of<__nv_bfloat16>() { return AttentionDType::kBFloat16; }
+template <> AttentionDType dtype_of<float>() { return AttentionDType::kFloat32; }
+template <> AttentionDType dtype_of<double>() { return AttentionDType::kFloat64; }
+template <typename T> const char* name_of() {
+  return std::is_same_v<T, __half> ? "fp16" : std::is_same_v<T, __nv_bfloat16> ? "bf16"
+         : std::is_same_v<T, float> ? "fp32" : "fp64";
+}
 
 // 16-byte aligned storage.
 template <typename T>
@@ -132,15 +142,22 @@ struct Case {
   }
 };
 
-// Dispatch on the head-dim bucket as the op does.
+// Dispatch as the op does: tensor cores for 16-bit types, SIMT for float and
+// double; the head-dim bucket.
+template <typename T, bool kForward, int kD>
+cudaError_t launch_bucket(const AttentionParams& p) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return kForward ? launch_attention_forward_simt<T, kD>(p, nullptr) : launch_attention_backward_simt<T, kD>(p, nullptr);
+  } else {
+    return kForward ? launch_attention_forward<T, kD>(p, nullptr) : launch_attention_backward<T, kD>(p, nullptr);
+  }
+}
 template <typename T, bool kForward>
 cudaError_t launch(const AttentionParams& p) {
   switch (attention_head_dim_bucket(std::max(p.E, p.Ev))) {
-    case 64: return kForward ? launch_attention_forward<T, 64>(p, nullptr) : launch_attention_backward<T, 64>(p, nullptr);
-    case 128:
-      return kForward ? launch_attention_forward<T, 128>(p, nullptr) : launch_attention_backward<T, 128>(p, nullptr);
-    case 256:
-      return kForward ? launch_attention_forward<T, 256>(p, nullptr) : launch_attention_backward<T, 256>(p, nullptr);
+    case 64: return launch_bucket<T, kForward, 64>(p);
+    case 128: return launch_bucket<T, kForward, 128>(p);
+    case 256: return launch_bucket<T, kForward, 256>(p);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -148,7 +165,8 @@ cudaError_t launch(const AttentionParams& p) {
 template <typename T>
 void run_case(const Case& c, double tol) {
   const int64_t B = c.B, Hq = c.Hq, Hkv = c.Hkv, L = c.L, S = c.S, E = c.E, Ev = c.Ev;
-  const std::string tag = std::string(sizeof(T) == 2 && std::is_same_v<T, __half> ? "fp16 " : "bf16 ") + c.name();
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;  // lse and delta
+  const std::string tag = std::string(name_of<T>()) + " " + c.name();
   std::mt19937 gen(L * 7919 + S * 31 + E + Hq);
   std::normal_distribution<double> nd;
   std::uniform_real_distribution<double> ud;
@@ -211,7 +229,7 @@ void run_case(const Case& c, double tol) {
   p.dropout_p = c.dropout;
   p.dropout_seed = 0x1234567890abcdefull + L;
   p.window_left = c.left, p.window_right = c.right, p.diagonal_offset = offset;
-  std::vector<float> lse(B * Hq * L), delta(B * Hq * L);
+  std::vector<A> lse(B * Hq * L), delta(B * Hq * L);
   p.out = out.p, p.lse = lse.data();
   expect(launch<T, true>(p) == cudaSuccess, tag + ": forward launch");
 
@@ -255,7 +273,7 @@ void run_case(const Case& c, double tol) {
                                                                      " want " + std::to_string(o));
           d += to_d(dout.p[(row0 + i) * Ev + e]) * got;
         }
-        delta[row0 + i] = static_cast<float>(d);
+        delta[row0 + i] = static_cast<A>(d);
         for (int64_t j = 0; j < S; ++j) {
           if (P[j] == 0) continue;
           double dpm = 0;  // (dO V^T)[i][j]
@@ -294,11 +312,18 @@ void run_case(const Case& c, double tol) {
   compare("dv", dv.p, ref_dv);
 }
 
+// Every case for one dtype; `quick` keeps the head dims and one case per feature.
 template <typename T>
-void run_all(double tol) {
+void run_all(double tol, bool quick = false) {
   // head dims: every bucket, padded (E < bucket) and E != Ev
   for (auto [E, Ev] : {std::pair{64, 64}, {8, 8}, {40, 40}, {128, 128}, {80, 96}, {256, 256}, {160, 192}, {64, 128}})
     run_case<T>(Case{1, 2, 1, 17, 33, E, Ev}, tol);
+  if (quick) {
+    Case c{1, 4, 2, 40, 70, 64, 64};
+    c.right = 0, c.bottom_right = true, c.mask = Mask::kBool, c.dropout = 0.2f;
+    run_case<T>(c, tol);
+    return;
+  }
   run_case<T>(Case{1, 1, 1, 1, 1, 64, 64}, tol);
   run_case<T>(Case{2, 2, 2, 113, 203, 64, 64}, tol);
   run_case<T>(Case{1, 1, 1, 127, 255, 128, 128}, tol);
@@ -347,6 +372,12 @@ int main() {
   worst_out = worst_grad = 0;
   run_all<__half>(1e-3);
   std::printf("fp16: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
+  worst_out = worst_grad = 0;
+  run_all<float>(5e-6);
+  std::printf("fp32: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
+  worst_out = worst_grad = 0;
+  run_all<double>(1e-13, /*quick=*/true);
+  std::printf("fp64: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

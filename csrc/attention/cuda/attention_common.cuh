@@ -1,0 +1,85 @@
+// What the attention kernels share, tensor-core (attention_kernels.cuh) and
+// SIMT (attention_simt.cuh) alike: which (query, key) pairs the window
+// allows, the masked score of one pair, dropout's keep decision, and the
+// opt-in to more shared memory.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/cuda/launchers.h"
+#include "common/counter_rng.h"
+#include "common/cuda_dtype.cuh"
+
+namespace bigkernels {
+namespace cuda {
+namespace attention {
+
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+
+__device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : x > hi ? hi : x;
+}
+
+// Which (query i, key j) pairs the window allows, and the ranges of one
+// index that a tile of the other can reach.
+struct Window {
+  int64_t left, right, offset, L, S;
+  __device__ __forceinline__ bool allows(int64_t i, int64_t j) const {
+    const int64_t pos = i + offset;
+    return (left < 0 || j >= pos - left) && (right < 0 || j <= pos + right);
+  }
+  __device__ __forceinline__ void keys_for(int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) const {
+    lo = left < 0 ? 0 : clamp(i0 + offset - left, 0, S);
+    hi = right < 0 ? S : clamp(i1 + offset + right, lo, S);
+  }
+  __device__ __forceinline__ void queries_for(int64_t j0, int64_t j1, int64_t& lo, int64_t& hi) const {
+    lo = right < 0 ? 0 : clamp(j0 - offset - right, 0, L);
+    hi = left < 0 ? L : clamp(j1 - offset + left, lo, L);
+  }
+  // Whether every pair of the tile is allowed and in range (no per-element work).
+  __device__ __forceinline__ bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return i1 <= L && j1 <= S && allows(i1 - 1, j0) && allows(i0, j1 - 1);
+  }
+};
+
+// The scaled score of (i, j) from the dot product `acc`, plus a float mask,
+// or -inf where the window, the bounds or a bool mask exclude it. `whole`:
+// the tile is known to be inside the window and the bounds.
+template <typename T, typename A>
+__device__ __forceinline__ A masked_score(const AttentionParams& p, const Window& w, A acc, int64_t b, int64_t h,
+                                          int64_t i, int64_t j, bool whole) {
+  A x = acc * static_cast<A>(p.scale);
+  if (!whole && (i >= p.L || j >= p.S || !w.allows(i, j))) return -INFINITY;
+  if (p.mask != nullptr) {
+    const int64_t* ms = p.mask_strides;
+    const int64_t at = b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3];
+    if (p.mask_is_bool) {
+      if (!static_cast<const bool*>(p.mask)[at]) return -INFINITY;
+    } else {
+      x += to_acc(static_cast<const T*>(p.mask)[at]);
+    }
+  }
+  return x;
+}
+
+// 1 / (1 - p) where dropout keeps (b, h, i, j), else 0.
+template <typename A = float>
+__device__ __forceinline__ A dropout_keep(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const uint64_t counter = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
+  return counter_uniform(p.dropout_seed, counter) >= p.dropout_p ? A(1) / (A(1) - A(p.dropout_p)) : A(0);
+}
+
+// Opts in to more than 48 KB of dynamic shared memory where a kernel needs it.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return bytes <= 48 * 1024 ? cudaSuccess
+                            : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(bytes));
+}
+
+}  // namespace attention
+}  // namespace cuda
+}  // namespace bigkernels

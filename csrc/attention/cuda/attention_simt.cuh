@@ -1,0 +1,275 @@
+// The CUDA attention kernels for float and double: plain FMA (SIMT) code on
+// any GPU, exact in the input's precision (no TF32), never materialising the
+// L x S scores. Simple rather than fast: a block of 128 threads owns
+// 128 / kTpr rows (queries; keys for dK/dV), each row kTpr = kD / 32 threads
+// that own 32 of the head dims each, interleaved (dim d belongs to thread
+// d % kTpr, so a row's threads read consecutive words of a shared row: no bank
+// conflicts, and the rows of a warp read the same word: a broadcast). The
+// other operand streams through shared memory kN rows at a time. Same
+// structure as the tensor-core kernels (attention_kernels.cuh): an online
+// softmax per row in the forward; in the backward, dQ per query row and
+// dK, dV per key row, no atomics, so deterministic.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/cuda/attention_common.cuh"
+#include "common/ptx_sm80.cuh"  // dynamic_smem
+
+namespace bigkernels {
+namespace cuda {
+namespace attention {
+namespace simt {
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T, int kD>
+struct Shape {
+  static constexpr int kTpr = kD / 32;              // threads per row
+  static constexpr int kRows = kThreads / kTpr;     // rows a block owns
+  static constexpr int kN = sizeof(T) == 8 ? 16 : 32;  // rows per streamed tile
+  static constexpr size_t smem() { return 2 * sizeof(T) * kN * kD + 2 * sizeof(acc_t<T>) * kN; }
+};
+
+// Sum over the kTpr threads of a row (consecutive lanes).
+template <int kTpr, typename A>
+__device__ __forceinline__ A row_sum(A v) {
+  for (int o = 1; o < kTpr; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// This thread's 32 dims of row r of a [n, dim] tensor (row stride `stride`), 0 outside.
+template <typename T, int kD>
+__device__ __forceinline__ void load_row(acc_t<T> (&x)[32], const T* src, int64_t r, int64_t n, int64_t dim,
+                                         int64_t stride) {
+  const int t = threadIdx.x % (kD / 32);
+#pragma unroll
+  for (int e = 0; e < 32; ++e) {
+    const int64_t d = e * (kD / 32) + t;
+    x[e] = r < n && d < dim ? to_acc(src[r * stride + d]) : acc_t<T>(0);
+  }
+}
+
+// Rows [r0, r0 + kN) of a [n, dim] tensor into a [kN][kD] shared tile, zeros outside.
+template <typename T, int kD, int kN>
+__device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t r0, int64_t n, int64_t dim,
+                                          int64_t stride) {
+  for (int c = threadIdx.x; c < kN * kD; c += kThreads) {
+    const int row = c / kD, d = c % kD;
+    tile[c] = r0 + row < n && d < dim ? src[(r0 + row) * stride + d] : T(0);
+  }
+}
+
+// sum over this thread's dims of x[e] * tile_row[e * kTpr + t], then over the row's threads.
+template <typename T, int kD>
+__device__ __forceinline__ acc_t<T> dot(const acc_t<T> (&x)[32], const T* tile_row) {
+  constexpr int kTpr = kD / 32;
+  const int t = threadIdx.x % kTpr;
+  acc_t<T> sum = 0;
+#pragma unroll
+  for (int e = 0; e < 32; ++e) sum += x[e] * to_acc(tile_row[e * kTpr + t]);
+  return row_sum<kTpr>(sum);
+}
+
+template <typename T, int kD>
+__device__ __forceinline__ void axpy(acc_t<T> (&y)[32], acc_t<T> a, const T* tile_row) {
+  constexpr int kTpr = kD / 32;
+  const int t = threadIdx.x % kTpr;
+#pragma unroll
+  for (int e = 0; e < 32; ++e) y[e] += a * to_acc(tile_row[e * kTpr + t]);
+}
+
+template <typename T, int kD>
+__device__ __forceinline__ void store_row(T* dst, const acc_t<T> (&x)[32], int64_t r, int64_t n, int64_t dim,
+                                          acc_t<T> factor) {
+  const int t = threadIdx.x % (kD / 32);
+  if (r >= n) return;
+#pragma unroll
+  for (int e = 0; e < 32; ++e) {
+    const int64_t d = e * (kD / 32) + t;
+    if (d < dim) dst[r * dim + d] = static_cast<T>(x[e] * factor);
+  }
+}
+
+// ---- forward: grid (B * Hq, row tiles) ----
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams p) {
+  using A = acc_t<T>;
+  using Sh = Shape<T, kD>;
+  constexpr int kN = Sh::kN;
+  const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int64_t i0 = int64_t(blockIdx.y) * Sh::kRows, i = i0 + threadIdx.x / Sh::kTpr;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  T* sk = reinterpret_cast<T*>(dynamic_smem());
+  T* sv = sk + kN * kD;
+  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  int64_t jlo, jhi;
+  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
+
+  A qr[32], o[32] = {};
+  load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
+  A m = -INFINITY, l = 0;
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
+    __syncthreads();  // every row is done with the previous tile
+    load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
+    load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
+    __syncthreads();
+    const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
+    A s[kN], tile_max = -INFINITY;
+    for (int jj = 0; jj < kN; ++jj) {
+      s[jj] = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole);
+      tile_max = s[jj] > tile_max ? s[jj] : tile_max;
+    }
+    const A m_new = tile_max > m ? tile_max : m;
+    const A shift = m_new == -INFINITY ? A(0) : m_new;  // nothing seen yet: probabilities 0, not NaN
+    const A alpha = exp_acc(m - shift);
+    m = m_new;
+    l *= alpha;
+  #pragma unroll
+  for (int e = 0; e < 32; ++e) o[e] *= alpha;
+    for (int jj = 0; jj < kN; ++jj) {
+      A prob = exp_acc(s[jj] - shift);
+      l += prob;  // the normaliser counts every key, dropped or not
+      if (p.dropout_p > 0.f) prob *= dropout_keep<A>(p, b, h, i, j0 + jj);
+      axpy<T, kD>(o, prob, sv + jj * kD);
+    }
+  }
+  store_row<T, kD>(static_cast<T*>(p.out) + (b * p.Hq + h) * p.L * p.Ev, o, i, p.L, p.Ev,
+                   l > 0 ? A(1) / l : A(0));  // a row that attends to nothing gives 0
+  if (threadIdx.x % Sh::kTpr == 0 && i < p.L) {
+    static_cast<A*>(p.lse)[(b * p.Hq + h) * p.L + i] = l > 0 ? m + log_acc(l) : A(-INFINITY);
+  }
+}
+
+// ---- backward, dQ: grid (B * Hq, query tiles) ----
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionParams p) {
+  using A = acc_t<T>;
+  using Sh = Shape<T, kD>;
+  constexpr int kN = Sh::kN;
+  const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int64_t i0 = int64_t(blockIdx.y) * Sh::kRows, i = i0 + threadIdx.x / Sh::kTpr;
+  const int64_t head_row0 = (b * p.Hq + h) * p.L;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  T* sk = reinterpret_cast<T*>(dynamic_smem());
+  T* sv = sk + kN * kD;
+  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  int64_t jlo, jhi;
+  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
+
+  A qr[32], dor[32], dq[32] = {};
+  load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
+  load_row<T, kD>(dor, static_cast<const T*>(p.grad_out) + head_row0 * p.Ev, i, p.L, p.Ev, p.Ev);
+  const A lse = i < p.L ? static_cast<const A*>(p.lse)[head_row0 + i] : A(-INFINITY);
+  const A delta = i < p.L ? static_cast<const A*>(p.delta)[head_row0 + i] : A(0);
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
+    __syncthreads();
+    load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
+    load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
+    __syncthreads();
+    const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
+    for (int jj = 0; jj < kN; ++jj) {
+      const A x = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole);
+      const A dp = dot<T, kD>(dor, sv + jj * kD);
+      const A prob = lse == -INFINITY ? A(0) : exp_acc(x - lse);  // a row that attends to nothing: no gradient
+      const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j0 + jj) : A(1);
+      axpy<T, kD>(dq, prob * (dp * keep - delta), sk + jj * kD);  // dS = P * (dP * M - D)
+    }
+  }
+  store_row<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i, p.L, p.E, static_cast<A>(p.scale));
+}
+
+// ---- backward, dK and dV: grid (B * Hkv, key tiles) ----
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const AttentionParams p) {
+  using A = acc_t<T>;
+  using Sh = Shape<T, kD>;
+  constexpr int kN = Sh::kN;
+  const int64_t b = blockIdx.x / p.Hkv, hk = blockIdx.x % p.Hkv, group = p.Hq / p.Hkv;
+  const int64_t j0 = int64_t(blockIdx.y) * Sh::kRows, j = j0 + threadIdx.x / Sh::kTpr;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  T* sq = reinterpret_cast<T*>(dynamic_smem());
+  T* sdo = sq + kN * kD;
+  A* slse = reinterpret_cast<A*>(sdo + kN * kD);
+  A* sdelta = slse + kN;
+  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  int64_t ilo, ihi;
+  w.queries_for(j0, clamp(j0 + Sh::kRows, 0, p.S), ilo, ihi);
+
+  A kr[32], vr[32], dk[32] = {}, dv[32] = {};
+  load_row<T, kD>(kr, k, j, p.S, p.E, p.k_strides[2]);
+  load_row<T, kD>(vr, v, j, p.S, p.Ev, p.v_strides[2]);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t head_row0 = (b * p.Hq + h) * p.L;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+    const T* dout = static_cast<const T*>(p.grad_out) + head_row0 * p.Ev;
+    for (int64_t i0 = ilo; i0 < ihi; i0 += kN) {
+      __syncthreads();
+      load_tile<T, kD, kN>(sq, q, i0, p.L, p.E, p.q_strides[2]);
+      load_tile<T, kD, kN>(sdo, dout, i0, p.L, p.Ev, p.Ev);
+      for (int c = threadIdx.x; c < kN; c += kThreads) {
+        const bool in = i0 + c < p.L;
+        slse[c] = in ? static_cast<const A*>(p.lse)[head_row0 + i0 + c] : A(-INFINITY);
+        sdelta[c] = in ? static_cast<const A*>(p.delta)[head_row0 + i0 + c] : A(0);
+      }
+      __syncthreads();
+      const bool whole = w.whole(i0, i0 + kN, j0, j0 + Sh::kRows);
+      for (int ii = 0; ii < kN; ++ii) {
+        const int64_t i = i0 + ii;
+        const A x = masked_score<T>(p, w, dot<T, kD>(kr, sq + ii * kD), b, h, i, j, whole);
+        const A dp = dot<T, kD>(vr, sdo + ii * kD);
+        const A prob = slse[ii] == -INFINITY ? A(0) : exp_acc(x - slse[ii]);
+        const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j) : A(1);
+        axpy<T, kD>(dv, prob * keep, sdo + ii * kD);                        // dV += (P * M)^T dO
+        axpy<T, kD>(dk, prob * (dp * keep - sdelta[ii]), sq + ii * kD);  // dK += dS^T Q
+      }
+    }
+  }
+  const int64_t head_key0 = (b * p.Hkv + hk) * p.S;
+  store_row<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j, p.S, p.E, static_cast<A>(p.scale));
+  store_row<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j, p.S, p.Ev, A(1));
+}
+
+}  // namespace simt
+}  // namespace attention
+
+template <typename T, int kD>
+cudaError_t launch_attention_forward_simt(const AttentionParams& p, cudaStream_t stream) {
+  using namespace attention;
+  using Sh = simt::Shape<T, kD>;
+  if (cudaError_t e = allow_smem(simt::forward_kernel<T, kD>, Sh::smem()); e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>(p.B * p.Hq), static_cast<unsigned>((p.L + Sh::kRows - 1) / Sh::kRows));
+  simt::forward_kernel<T, kD><<<grid, kThreads, Sh::smem(), stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t launch_attention_backward_simt(const AttentionParams& p, cudaStream_t stream) {
+  using namespace attention;
+  using Sh = simt::Shape<T, kD>;
+  if (cudaError_t e = allow_smem(simt::backward_dq_kernel<T, kD>, Sh::smem()); e != cudaSuccess) return e;
+  if (cudaError_t e = allow_smem(simt::backward_dkdv_kernel<T, kD>, Sh::smem()); e != cudaSuccess) return e;
+  const dim3 dq_grid(static_cast<unsigned>(p.B * p.Hq), static_cast<unsigned>((p.L + Sh::kRows - 1) / Sh::kRows));
+  simt::backward_dq_kernel<T, kD><<<dq_grid, kThreads, Sh::smem(), stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  const dim3 dkdv_grid(static_cast<unsigned>(p.B * p.Hkv), static_cast<unsigned>((p.S + Sh::kRows - 1) / Sh::kRows));
+  simt::backward_dkdv_kernel<T, kD><<<dkdv_grid, kThreads, Sh::smem(), stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace bigkernels

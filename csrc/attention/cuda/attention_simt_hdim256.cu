@@ -1,0 +1,11 @@
+// The float and double attention kernels (SIMT), head dims up to 256.
+#include "attention/cuda/attention_simt.cuh"
+
+namespace bigkernels {
+namespace cuda {
+template cudaError_t launch_attention_forward_simt<float, 256>(const AttentionParams&, cudaStream_t);
+template cudaError_t launch_attention_backward_simt<float, 256>(const AttentionParams&, cudaStream_t);
+template cudaError_t launch_attention_forward_simt<double, 256>(const AttentionParams&, cudaStream_t);
+template cudaError_t launch_attention_backward_simt<double, 256>(const AttentionParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace bigkernels
