@@ -145,12 +145,51 @@ def test_return_lse_matches_reference():
     assert lse32.dtype == torch.float32 and lse32.shape == (2, 2, 30)
 
 
+MASK_SHAPES = {"full": (2, 2, 17, 23), "key_padding": (2, 1, 1, 23), "shared": (17, 23)}
+
+
+def mask_gradient_check(dtype, shape, device="cpu"):
+    """The gradient of a float mask that requires grad (a learned bias), with
+    every other gradient, against float64 under the 2x rule."""
+    q, k, v, grad = make_inputs(2, 2, 2, 17, 23, 16, 16, seed=21)
+    bias = torch.randn(MASK_SHAPES[shape], generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+
+    def run_with_bias(fn, dtype, device):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*leaves)
+        out.backward(grad.to(device, dtype))
+        return [t.cpu() for t in [out.detach()] + [t.grad for t in leaves]]
+
+    got = run_with_bias(lambda q, k, v, b: ours(q, k, v, attn_mask=b, window=(5, 2)), dtype, device)
+    mask = lambda b: b.masked_fill(~reference.window_mask(17, 23, 5, 2, 0, b.device), float("-inf"))  # noqa: E731
+    theirs = run_with_bias(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=mask(b)), dtype,
+                           device)
+    truth = run_with_bias(lambda q, k, v, b: exact(q, k, v, attn_mask=mask(b)), torch.float64, "cpu")
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value", "grad_attn_mask"), got, theirs,
+                             truth):
+        assert_close(name, a, t, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(MASK_SHAPES))
+def test_float_mask_gradient(dtype, shape):
+    mask_gradient_check(dtype, shape)
+
+
 @pytest.mark.parametrize("feature", ["plain", "causal_bottom_right", "window", "float_mask", "gqa"])
 def test_gradcheck_float64(feature):
     q, k, v, _ = make_inputs(1, 4 if feature == "gqa" else 2, 2, 6, 9, 4, 3, seed=8)
     kw = feature_kwargs(feature, 1, 6, 9, seed=8)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda *t: ours(*t, **kw), inputs)
+
+
+def test_gradcheck_float_mask_float64():
+    q, k, v, _ = make_inputs(1, 2, 2, 6, 9, 4, 3, seed=23)
+    bias = torch.randn(1, 1, 6, 9, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda q, k, v, b: ours(q, k, v, attn_mask=b, is_causal=False), inputs)
+    assert torch.autograd.gradgradcheck(lambda q, k, v, b: ours(q, k, v, attn_mask=b), inputs)
 
 
 def test_double_backward_float64():
@@ -169,7 +208,8 @@ def test_opcheck(mask):
         out, lse = torch.ops.bigkernels.attention_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
                                                             for a in args])
         torch.library.opcheck(torch.ops.bigkernels.attention_backward.default,
-                              (grad, q.detach(), k.detach(), v.detach(), m, out, lse, 0.35, 3, 0, 2) + dropout)
+                              (grad, q.detach(), k.detach(), v.detach(), m, out, lse, 0.35, 3, 0, 2) + dropout
+                              + (mask == "float",))  # grad_mask
 
 
 def test_compile_fullgraph():

@@ -11,7 +11,7 @@ import torch
 import bigkernels
 from bigkernels.ops import attention as attention_ops
 from bigkernels.ops.attention import scaled_dot_product_attention as attention
-from test_attention import check, kernel_dropout_mask, make_inputs
+from test_attention import MASK_SHAPES, check, kernel_dropout_mask, make_inputs, mask_gradient_check
 
 CUDA = torch.cuda.is_available() and bigkernels.backend_info()["cuda_compiled"]
 pytestmark = [
@@ -109,6 +109,12 @@ def test_opcheck():
     q, k, v, grad = (t.cuda().half() for t in make_inputs(2, 4, 2, 9, 11, 64, 64, seed=10))
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, 0.125, 3, 0, 2, 0.25, 1234)
     torch.library.opcheck(torch.ops.bigkernels.attention_forward.default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(MASK_SHAPES))
+def test_float_mask_gradient(dtype, shape):
+    mask_gradient_check(dtype, shape, device="cuda")
 
 
 def test_gradcheck_float64_on_the_simt_kernels():

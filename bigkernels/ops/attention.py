@@ -113,7 +113,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               causal_align, window)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    refusal = _kernel_refusal(query, key, value, attn_mask)
+    refusal = _kernel_refusal(query, value)
     if refusal is None:
         out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p)
     else:
@@ -141,15 +141,12 @@ def _warn_reference_once(reason):
                       "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
 
 
-def _kernel_refusal(query, key, value, attn_mask):
+def _kernel_refusal(query, value):
     """None when the compiled kernels run this call, else why not: no
-    extension; a float mask that requires grad (the kernels give masks no
-    gradient); on CUDA, head dims over 256, float16/bfloat16 (tensor cores)
+    extension; on CUDA, head dims over 256, float16/bfloat16 (tensor cores)
     on GPUs older than sm_80, or a build without CUDA."""
     if not _ext.LOADED:
         return "a build without the extension"
-    if attn_mask is not None and attn_mask.requires_grad:
-        return "an attn_mask that requires grad"
     if query.device.type in ("cpu", "meta"):
         return None
     if query.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
@@ -196,8 +193,9 @@ def _register():
 
     @torch.library.register_fake("bigkernels::attention_backward")
     def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,
-                       diagonal_offset, dropout_p, dropout_seed):
-        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+                       diagonal_offset, dropout_p, dropout_seed, grad_mask=False):
+        grad_attn_mask = attn_mask.new_empty(attn_mask.shape) if grad_mask else query.new_empty((0,))
+        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_attn_mask
 
     def setup_context(ctx, inputs, output):
         query, key, value, attn_mask, scale, left, right, offset, dropout_p, seed = inputs
@@ -207,17 +205,18 @@ def _register():
         ctx.save_for_backward(query, key, value, attn_mask, out, lse)
 
     def backward(ctx, grad_out, _grad_lse):
-        nones = (None,) * 7  # attn_mask, scale, the window, offset, dropout_p, seed: no gradient
+        nones = (None,) * 6  # scale, the window, offset, dropout_p, seed: no gradient
         if grad_out is None:
-            return (None, None, None) + nones
+            return (None,) * 4 + nones
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
         scale, left, right, offset, dropout_p, seed = ctx.args
+        needs = ctx.needs_input_grad[:4]  # query, key, value, attn_mask (a float mask that requires grad)
         if torch.is_grad_enabled():
             if dropout_p > 0:
                 raise NotImplementedError("bigkernels.scaled_dot_product_attention: double backward "
                                           "(create_graph=True) with dropout_p > 0 is not supported")
             # create_graph=True (double backward): through the reference's PyTorch ops
-            wanted = [t for t, m in zip((query, key, value), ctx.needs_input_grad[:3]) if m]
+            wanted = [t for t, m in zip((query, key, value, attn_mask), needs) if m]
             L, S = query.shape[-2], key.shape[-2]
             allowed = reference.window_mask(L, S, left, right, offset, query.device)
             mask = allowed if attn_mask is None else (
@@ -225,10 +224,10 @@ def _register():
             again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale,
                                                               enable_gqa=True)
             grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
-            return tuple(next(grads) if m else None for m in ctx.needs_input_grad[:3]) + nones
+            return tuple(next(grads) if m else None for m in needs) + nones
         grads = torch.ops.bigkernels.attention_backward(grad_out, query, key, value, attn_mask, out, lse, scale,
-                                                        left, right, offset, dropout_p, seed)
-        return tuple(g if m else None for g, m in zip(grads, ctx.needs_input_grad[:3])) + nones
+                                                        left, right, offset, dropout_p, seed, bool(needs[3]))
+        return tuple(g if m else None for g, m in zip(grads, needs)) + nones
 
     torch.library.register_autograd("bigkernels::attention_forward", backward, setup_context=setup_context)
 

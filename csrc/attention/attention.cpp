@@ -1,6 +1,8 @@
 // The attention family's ops (schemas) and argument checks.
 #include "attention/attention.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -52,6 +54,36 @@ void check_dropout(double dropout_p) {
                     dropout_p);
 }
 
+at::ScalarType lse_dtype(const at::Tensor& query) {
+  return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_attention_backward_args(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& lse,
+                                   const at::Tensor& query, const AttentionShape& s) {
+  const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
+                    "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+}
+
+at::Tensor grad_mask_buffer(const std::optional<at::Tensor>& mask, bool grad_mask, const AttentionShape& s,
+                            at::ScalarType dtype) {
+  if (!grad_mask) return at::Tensor();
+  TORCH_CHECK_VALUE(mask.has_value() && mask->is_floating_point(), "bigkernels.attention_backward: grad_mask "
+                    "needs a float attn_mask");
+  return at::zeros({s.B, s.Hq, s.L, s.S}, mask->options().dtype(dtype));
+}
+
+at::Tensor reduce_grad_mask(const at::Tensor& buffer, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& query) {
+  if (!buffer.defined()) return at::empty({0}, query.options());
+  at::Tensor g = buffer.sum_to_size(mask->sizes());
+  return g.to(mask->scalar_type()).contiguous();
+}
+
 at::Tensor broadcast_mask(const at::Tensor& mask, const AttentionShape& s) {
   at::Tensor m = mask;
   while (m.dim() < 4) m = m.unsqueeze(0);
@@ -75,9 +107,13 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "int window_left, int window_right, int diagonal_offset, float dropout_p, int dropout_seed) "
       "-> (Tensor output, Tensor lse)");
   // Gradients of attention_forward from its output and lse (the scores are
-  // recomputed block by block).
+  // recomputed block by block). With grad_mask (a float attn_mask that
+  // requires grad), grad_attn_mask is the gradient of the scores summed to
+  // the mask's shape (it costs a [B, H, L, S] buffer, as the mask's
+  // broadcast does); else it is empty.
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
-      "float dropout_p, int dropout_seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "float dropout_p, int dropout_seed, bool grad_mask=False) -> (Tensor grad_query, Tensor grad_key, "
+      "Tensor grad_value, Tensor grad_attn_mask)");
 }

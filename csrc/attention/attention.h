@@ -20,6 +20,24 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
 
 void check_dropout(double dropout_p);
 
+// The log-sum-exp's dtype on every device: float32, float64 for float64
+// inputs (a float32 lse would limit a float64 backward to float32 precision).
+at::ScalarType lse_dtype(const at::Tensor& query);
+
+// The backward's own inputs: grad_output and output shaped like the forward's
+// output, lse of lse_dtype shaped [B, H, L].
+void check_attention_backward_args(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& lse,
+                                   const at::Tensor& query, const AttentionShape& s);
+
+// For grad_mask: a zeroed [B, Hq, L, S] buffer (dtype: the kernels' type)
+// that the backward kernels fill with the scores' gradient, or an undefined
+// tensor without grad_mask; then its sum to the mask's shape, in the mask's
+// dtype (an empty tensor like query's when there is none).
+at::Tensor grad_mask_buffer(const std::optional<at::Tensor>& mask, bool grad_mask, const AttentionShape& s,
+                            at::ScalarType dtype);
+at::Tensor reduce_grad_mask(const at::Tensor& buffer, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& query);
+
 // The mask as a [B, Hq, L, S] view: broadcast dims get stride 0, nothing is copied.
 at::Tensor broadcast_mask(const at::Tensor& mask, const AttentionShape& s);
 

@@ -14,13 +14,8 @@
 namespace bigkernels {
 namespace {
 
-// The kernels compute in float, or double for double inputs; the lse is kept
-// in the same type (a float32 lse would limit a float64 backward to float32
-// precision).
-at::ScalarType compute_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-at::ScalarType lse_dtype(const at::Tensor& q) { return compute_dtype(q); }
+// The kernels compute in float, or double for double inputs: lse's type.
+at::ScalarType compute_dtype(const at::Tensor& q) { return lse_dtype(q); }
 
 // x [B, H, S, D] as [B, H, ceil(S / block), D, block] in the compute type,
 // zero-padded: each key block transposed and contiguous. (A plain [D, S]
@@ -91,18 +86,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
-    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
+    bool grad_mask) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
-  const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
-                    "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
-                    output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
-                    "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
-                    lse.scalar_type(), " ", lse.sizes());
+  check_attention_backward_args(grad_output, output, lse, query, s);
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();
   at::Tensor mask4;
@@ -119,11 +109,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   p.lse = const_cast<void*>(l.const_data_ptr());
   p.grad_out = g.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  at::Tensor grad_mask_full = grad_mask_buffer(attn_mask, grad_mask, s, compute_dtype(q));
+  p.grad_mask = grad_mask_full.defined() ? grad_mask_full.mutable_data_ptr() : nullptr;
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) kernels.backward_head(p, t / s.Hkv, t % s.Hkv);
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_k, grad_v, reduce_grad_mask(grad_mask_full, attn_mask, query)};
 }
 
 }  // namespace

@@ -271,6 +271,12 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
             C& x = dp[r * kBlockK + jj];
             x = s[r * kBlockK + jj] * (x - d[r]);
           }
+        if (p.grad_mask != nullptr) {  // a float mask adds to the scores: its gradient is dS
+          C* gm = static_cast<C*>(p.grad_mask) + (row0 + i0) * S + j0;
+          for (int64_t r = 0; r < bq; ++r) {
+            std::copy(dp.data() + r * kBlockK, dp.data() + r * kBlockK + jn, gm + r * S);
+          }
+        }
         if (p.dropout_p > 0) {
           for (int64_t r = 0; r < bq; ++r) apply_dropout(p, s.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // P * M
         }

@@ -39,6 +39,7 @@ struct AttentionCpuParams {
   // backward: also grad_out [B, Hq, L, Ev] (contiguous), grads (contiguous, like q, k, v)
   const void* grad_out;
   void *grad_q, *grad_k, *grad_v;
+  void* grad_mask;  // null, or [B, Hq, L, S] in the compute type, zeroed: gets dS (the scores' gradient)
 };
 
 // Query rows per forward task (and per backward block), and keys per block.

@@ -52,8 +52,6 @@ bool on_tensor_cores(const at::Tensor& q) {
   return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
 }
 
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_cuda_args(const at::Tensor& q, const AttentionShape& s) {
   TORCH_CHECK_VALUE(cuda::attention_head_dim_bucket(std::max(s.E, s.Ev)) != 0, "bigkernels.attention: the CUDA "
                     "kernels take head dims up to 256, got ", s.E, " and ", s.Ev);
@@ -155,24 +153,20 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
   return {cut_last_dim(out, s.Ev), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
-    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
+    bool grad_mask) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
   check_dropout(dropout_p);
   check_cuda_args(query, s);
-  const std::vector<int64_t> out_shape{s.B, s.Hq, s.L, s.Ev};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
-                    "bigkernels.attention_backward: grad_output ", grad_output.sizes(), " and output ",
-                    output.sizes(), " must have the output's shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}),
-                    "bigkernels.attention_backward: lse must be ", lse_dtype(query), " [B, H, L], got ",
-                    lse.scalar_type(), " ", lse.sizes());
+  check_attention_backward_args(grad_output, output, lse, query, s);
   const c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor grad_mask_full = grad_mask_buffer(attn_mask, grad_mask, s, lse_dtype(query));
   if (s.B * s.Hq * s.L == 0 || s.S == 0) {  // no score: every gradient is 0
     return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
-            at::zeros_like(value, at::MemoryFormat::Contiguous)};
+            at::zeros_like(value, at::MemoryFormat::Contiguous), reduce_grad_mask(grad_mask_full, attn_mask, query)};
   }
   const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
@@ -191,8 +185,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.delta = delta.const_data_ptr();
   p.grad_out = grad_out.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  p.grad_mask = grad_mask_full.defined() ? grad_mask_full.mutable_data_ptr() : nullptr;
   launch<false>(p);
-  return {cut_last_dim(grad_q, s.E), cut_last_dim(grad_k, s.E), cut_last_dim(grad_v, s.Ev)};
+  return {cut_last_dim(grad_q, s.E), cut_last_dim(grad_k, s.E), cut_last_dim(grad_v, s.Ev),
+          reduce_grad_mask(grad_mask_full, attn_mask, query)};
 }
 
 }  // namespace

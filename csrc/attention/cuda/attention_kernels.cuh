@@ -318,6 +318,9 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
         // dS = P * (dP * M - D), M the dropout keep-mask scaled by 1 / (1 - p)
         const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, row[r], j) : 1.f;
         s[nt][e] = prob * (dp[nt][e] * keep - delta[r]);
+        if (p.grad_mask != nullptr && row[r] < p.L && j < p.S) {  // a float mask's gradient is dS
+          static_cast<float*>(p.grad_mask)[(head_row0 + row[r]) * p.S + j] = s[nt][e];
+        }
       }
     accumulate_pv<T, kD, kN>(dq, s, sk, p.E);
   }

@@ -185,7 +185,11 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
       const A dp = dot<T, kD>(dor, sv + jj * kD);
       const A prob = lse == -INFINITY ? A(0) : exp_acc(x - lse);  // a row that attends to nothing: no gradient
       const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j0 + jj) : A(1);
-      axpy<T, kD>(dq, prob * (dp * keep - delta), sk + jj * kD);  // dS = P * (dP * M - D)
+      const A ds = prob * (dp * keep - delta);  // dS = P * (dP * M - D)
+      axpy<T, kD>(dq, ds, sk + jj * kD);
+      if (p.grad_mask != nullptr && threadIdx.x % Sh::kTpr == 0 && i < p.L && j0 + jj < p.S) {
+        static_cast<A*>(p.grad_mask)[(head_row0 + i) * p.S + j0 + jj] = ds;  // a float mask's gradient is dS
+      }
     }
   }
   store_row<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i, p.L, p.E, static_cast<A>(p.scale));

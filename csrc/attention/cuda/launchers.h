@@ -39,6 +39,7 @@ struct AttentionParams {
   const void* grad_out;
   const void* delta;
   void *grad_q, *grad_k, *grad_v;
+  void* grad_mask;  // null, or [B, Hq, L, S] in lse's type, zeroed: the dQ kernel writes dS there
 };
 
 // The head dims the kernels are built for: E and Ev are padded (with zeros,

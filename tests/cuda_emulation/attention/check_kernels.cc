@@ -237,6 +237,7 @@ void run_case(const Case& c, double tol) {
   // then the gradients; the same rows the kernel saw.
   const double scale = p.scale, keep_scale = 1.0 / (1.0 - c.dropout);
   std::vector<double> ref_dq(B * Hq * L * E, 0.0), ref_dk(B * Hkv * S * E, 0.0), ref_dv(B * Hkv * S * Ev, 0.0);
+  std::vector<double> ref_ds(B * Hq * L * S, 0.0);  // the scores' gradient: a float mask's
   std::vector<double> P(S), M(S), dP(S);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hq; ++h) {
@@ -282,6 +283,7 @@ void run_case(const Case& c, double tol) {
             ref_dv[((b * Hkv + hk) * S + j) * Ev + e] += P[j] * M[j] * to_d(dout.p[(row0 + i) * Ev + e]);
           }
           dP[j] = P[j] * (dpm * M[j] - d);  // dS
+          ref_ds[(row0 + i) * S + j] = dP[j];
           for (int64_t e = 0; e < E; ++e) {
             ref_dq[(row0 + i) * E + e] += scale * dP[j] * K(b, hk, j, e);
             ref_dk[((b * Hkv + hk) * S + j) * E + e] += scale * dP[j] * Q(b, h, i, e);
@@ -292,9 +294,11 @@ void run_case(const Case& c, double tol) {
 
   p.grad_out = dout.p, p.delta = delta.data();
   p.grad_q = dq.p, p.grad_k = dk.p, p.grad_v = dv.p;
+  std::vector<A> grad_mask(c.mask == Mask::kFloat ? B * Hq * L * S : 0, A(0));
+  p.grad_mask = grad_mask.empty() ? nullptr : grad_mask.data();
   expect(launch<T, false>(p) == cudaSuccess, tag + ": backward launch");
   // Gradients sum over many products: compare against the tensor's scale.
-  auto compare = [&](const char* what, const T* got, const std::vector<double>& want) {
+  auto compare = [&](const char* what, const auto* got, const std::vector<double>& want) {
     double biggest = 0;
     for (double w : want) biggest = std::max(biggest, std::fabs(w));
     int shown = 0;
@@ -310,6 +314,7 @@ void run_case(const Case& c, double tol) {
   compare("dq", dq.p, ref_dq);
   compare("dk", dk.p, ref_dk);
   compare("dv", dv.p, ref_dv);
+  if (!grad_mask.empty()) compare("grad_mask", grad_mask.data(), ref_ds);
 }
 
 // Every case for one dtype; `quick` keeps the head dims and one case per feature.
