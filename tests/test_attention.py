@@ -101,6 +101,17 @@ def test_long_sequence_several_blocks_both_ways():
     check(torch.bfloat16, "key_padding", B=1, L=260, S=390, seed=4)
 
 
+def test_key_padding_that_masks_whole_blocks():
+    # the second sequence keeps 10 of 200 keys: its later key blocks are skipped, not computed
+    q, k, v, grad = make_inputs(2, 2, 2, 150, 200, 16, 16, seed=24)
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool)
+    mask[1, ..., 10:] = False
+    got = run(ours, (q, k, v), grad, torch.float32, dict(attn_mask=mask))
+    want = run(exact, (q, k, v), grad, torch.float64, dict(attn_mask=mask))
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
+
+
 def test_large_logits_stay_finite():
     # scores of order +-1e4: the online softmax must not overflow
     check(torch.float32, "causal", L=40, S=40, E=16, logit_scale=2500.0)

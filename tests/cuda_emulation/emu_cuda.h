@@ -64,6 +64,18 @@ inline bool in_dynamic_smem(const void* p, size_t n) {
 }
 
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+// Nonzero when pred is nonzero on any thread of the block: post, meet, read,
+// meet, and one thread clears the flag before anyone can post again.
+inline std::atomic<int> g_syncthreads_or{0};
+inline int __syncthreads_or(int pred) {
+  if (pred) g_syncthreads_or.store(1);
+  g_block_barrier->arrive_and_wait();
+  const int any = g_syncthreads_or.load();
+  g_block_barrier->arrive_and_wait();
+  if (threadIdx.x == 0) g_syncthreads_or.store(0);
+  g_block_barrier->arrive_and_wait();
+  return any;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }

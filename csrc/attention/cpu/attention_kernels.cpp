@@ -135,6 +135,18 @@ struct Band {
   bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     return allowed(i1 - 1, j0) && allowed(i0, j1 - 1);
   }
+  // Whether a bool mask rules out every pair of the block: then it is skipped.
+  bool masked_out(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    if (p.mask == nullptr || !p.mask_is_bool) return false;
+    const int64_t* ms = p.mask_strides;
+    for (int64_t i = i0; i < i1; ++i) {
+      const bool* row = static_cast<const bool*>(p.mask) + b * ms[0] + h * ms[1] + i * ms[2];
+      for (int64_t j = j0; j < j1; ++j)
+        if (row[j * ms[3]]) return false;
+      if (ms[2] == 0) break;  // a mask broadcast over the queries: every row is this one
+    }
+    return true;
+  }
   // Scores row i over keys [j0, j0 + n): masked entries become -inf, a float mask is added.
   template <typename T, typename C>
   void apply(C* s, int64_t i, int64_t j0, int64_t n, bool whole_block) const {
@@ -187,6 +199,7 @@ void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0
   const auto [jlo, jhi] = band.key_range(i0, i1);
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
+    if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // contributes nothing
     const bool whole = band.whole(i0, i1, j0, j0 + jn);
     gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, b * p.Hkv + hk, p.S, E, j0), kBlockK, s.data(),
              kBlockK, false);
@@ -244,6 +257,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       const auto [jlo, jhi] = band.key_range(i0, i1);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
+        if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // no gradient flows through it
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
         // P = exp(scores - lse), recomputed
         gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.data(), kBlockK,

@@ -72,6 +72,22 @@ __device__ __forceinline__ A dropout_keep(const AttentionParams& p, int64_t b, i
   return counter_uniform(p.dropout_seed, counter) >= p.dropout_p ? A(1) / (A(1) - A(p.dropout_p)) : A(0);
 }
 
+// Whether a bool mask allows any pair of queries [i0, i0 + rows) x keys
+// [j0, j0 + cols), so that a tile it rules out entirely is skipped. Block-
+// wide: every thread of the block must call it (it holds a barrier when
+// there is a bool mask; p is the same for all threads).
+__device__ __forceinline__ bool tile_has_allowed_pair(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                                      int rows, int64_t j0, int cols) {
+  if (p.mask == nullptr || !p.mask_is_bool) return true;
+  const int64_t* ms = p.mask_strides;
+  bool any = false;
+  for (int c = threadIdx.x; c < rows * cols && !any; c += blockDim.x) {
+    const int64_t i = i0 + c / cols, j = j0 + c % cols;
+    any = i < p.L && j < p.S && static_cast<const bool*>(p.mask)[b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3]];
+  }
+  return __syncthreads_or(any) != 0;
+}
+
 // Opts in to more than 48 KB of dynamic shared memory where a kernel needs it.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {

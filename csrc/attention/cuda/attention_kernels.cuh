@@ -208,6 +208,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
       load_tile<T, kD>(sv(stage ^ 1), v, j0 + kN, kN, p.S, p.Ev, p.v_strides[2]);
     }
     __pipeline_commit();
+    if (!tile_has_allowed_pair(p, b, h, i0, kRows, j0, kN)) continue;  // contributes nothing
 
     float s[kN / 8][4];
     scores_tile<T, kD, kN>(s, sq, warp * 16, sk(stage), p.E);
@@ -303,6 +304,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
     __pipeline_commit();
     __pipeline_wait_prior(0);
     __syncthreads();
+    if (!tile_has_allowed_pair(p, b, h, i0, kRows, j0, kN)) continue;  // no gradient flows through it
     float s[kN / 8][4], dp[kN / 8][4];
     scores_tile<T, kD, kN>(s, sq, warp * 16, sk, p.E);
     scores_tile<T, kD, kN>(dp, sdo, warp * 16, sv, p.Ev);
@@ -371,6 +373,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
       }
       __pipeline_wait_prior(0);
       __syncthreads();
+      if (!tile_has_allowed_pair(p, b, h, i0, kN, j0, kRows)) continue;
       // Transposed tiles: rows are this warp's keys, columns the kN queries.
       float st[kN / 8][4], dpt[kN / 8][4];
       scores_tile<T, kD, kN>(st, sk, warp * 16, sq, p.E);

@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
     load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
     __syncthreads();
+    if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // contributes nothing
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
     A s[kN], tile_max = -INFINITY;
     for (int jj = 0; jj < kN; ++jj) {
@@ -179,6 +180,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
     load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
     load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
     __syncthreads();
+    if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // no gradient flows through it
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
     for (int jj = 0; jj < kN; ++jj) {
       const A x = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole);
@@ -231,6 +233,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
         sdelta[c] = in ? static_cast<const A*>(p.delta)[head_row0 + i0 + c] : A(0);
       }
       __syncthreads();
+      if (!tile_has_allowed_pair(p, b, h, i0, kN, j0, Sh::kRows)) continue;
       const bool whole = w.whole(i0, i0 + kN, j0, j0 + Sh::kRows);
       for (int ii = 0; ii < kN; ++ii) {
         const int64_t i = i0 + ii;

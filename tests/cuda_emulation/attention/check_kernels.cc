@@ -133,6 +133,7 @@ struct Case {
   float dropout = 0.f;
   bool strided = false;  // q and k as [B, positions, H, D] (transposed views, as Hugging Face passes)
   double peak = 1;       // q's scale: > 1 makes the softmax peaky, so that O and D = rowsum(dO O) are large
+  int last_valid = -1;   // key padding: keys the last batch keeps (-1: all but a few), so whole tiles are masked
   std::string name() const {
     char s[200];
     std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s peak%.0f", B, Hq,
@@ -203,8 +204,10 @@ void run_case(const Case& c, double tol) {
     const int64_t st[4] = {0, 0, S, 1};
     std::memcpy(p.mask_strides, st, sizeof st);
   } else if (c.mask == Mask::kKeyPadding) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < S; ++j) pad_mask.p[b * S + j] = j < S - 1 - 3 * b;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t keep = b == B - 1 && c.last_valid >= 0 ? c.last_valid : S - 1 - 3 * b;
+      for (int64_t j = 0; j < S; ++j) pad_mask.p[b * S + j] = j < keep;
+    }
     p.mask = pad_mask.p, p.mask_is_bool = true;
     const int64_t st[4] = {S, 0, 0, 1};
     std::memcpy(p.mask_strides, st, sizeof st);
@@ -327,6 +330,9 @@ void run_all(double tol, bool quick = false) {
     Case c{1, 4, 2, 40, 70, 64, 64};
     c.right = 0, c.bottom_right = true, c.mask = Mask::kBool, c.dropout = 0.2f;
     run_case<T>(c, tol);
+    Case padded{2, 2, 1, 40, 100, 64, 64};
+    padded.mask = Mask::kKeyPadding, padded.last_valid = 5;
+    run_case<T>(padded, tol);
     return;
   }
   run_case<T>(Case{1, 1, 1, 1, 1, 64, 64}, tol);
@@ -355,6 +361,9 @@ void run_all(double tol, bool quick = false) {
     masked.mask = m;
     run_case<T>(masked, tol);
   }
+  Case padded{2, 2, 1, 70, 200, 64, 64};  // the last batch keeps 10 keys: its later key tiles are skipped
+  padded.mask = Mask::kKeyPadding, padded.last_valid = 10;
+  run_case<T>(padded, tol);
   run_case<T>(Case{1, 4, 2, 33, 65, 64, 64}, tol);  // GQA
   run_case<T>(Case{2, 3, 1, 20, 70, 128, 128}, tol);  // MQA
   for (double peak : {1.0, 3.0}) {
