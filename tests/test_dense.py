@@ -540,7 +540,8 @@ def test_kernels_run_at_atens_capability():
 def test_every_capability_matches_the_reference(capability):
     # the kernels of each capability (dense and attention), forced as ATen's are, against the reference
     dense = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
-    attention = "test_attention and (matches_reference or head_dims or long_sequence or nothing_to_attend)"
+    attention = ("test_attention and (matches_reference or head_dims or long_sequence or nothing_to_attend"
+                 " or float_mask_gradient or masks_whole_blocks)")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
          os.path.join(os.path.dirname(__file__), "test_attention.py"), "-k", f"({dense}) or ({attention})"],
