@@ -10,7 +10,7 @@ namespace bigkernels {
 
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& mask, int64_t window_left,
-                                    int64_t window_right) {
+                                    int64_t window_right, double dropout_p) {
   TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "bigkernels.attention: query must be a "
                    "floating-point tensor, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -29,6 +29,8 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                     " does not match query's ", s.E);
   TORCH_CHECK_VALUE(v.size(2) == s.S, "bigkernels.attention: value has ", v.size(2),
                     " positions but key has ", s.S);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "bigkernels.attention: dropout_p must be in [0, 1), got ",
+                    dropout_p);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "bigkernels.attention: window sizes "
                     "must be >= -1, got (", window_left, ", ", window_right, ")");
   if (mask.has_value()) {
@@ -47,11 +49,6 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
     }
   }
   return s;
-}
-
-void check_dropout(double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "bigkernels.attention: dropout_p must be in [0, 1), got ",
-                    dropout_p);
 }
 
 at::ScalarType lse_dtype(const at::Tensor& query) {

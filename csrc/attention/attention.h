@@ -12,13 +12,12 @@ struct AttentionShape {
   int64_t B, Hq, Hkv, L, S, E, Ev;
 };
 
-// Checks dtypes, devices and shapes (the messages name the argument) and
-// returns the sizes. window_left/right: -1 or >= 0.
+// Checks dtypes, devices, shapes and the scalar options (the messages name
+// the argument) and returns the sizes. window_left/right: -1 or >= 0;
+// dropout_p in [0, 1).
 AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                     const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                                    int64_t window_right);
-
-void check_dropout(double dropout_p);
+                                    int64_t window_right, double dropout_p);
 
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).

@@ -36,7 +36,6 @@ AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
                                const std::optional<at::Tensor>& mask, at::Tensor& mask4,
                                double scale, int64_t window_left, int64_t window_right,
                                int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
-  check_dropout(dropout_p);
   AttentionCpuParams p{};
   p.dropout_p = dropout_p;
   p.dropout_seed = static_cast<uint64_t>(dropout_seed);
@@ -61,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          double scale, int64_t window_left,
                                                          int64_t window_right, int64_t diagonal_offset,
                                                          double dropout_p, int64_t dropout_seed) {
-  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
@@ -91,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
     int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
     bool grad_mask) {
-  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_attention_backward_args(grad_output, output, lse, query, s);
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();

@@ -136,8 +136,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
                                                           double scale, int64_t window_left,
                                                           int64_t window_right, int64_t diagonal_offset,
                                                           double dropout_p, int64_t dropout_seed) {
-  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
-  check_dropout(dropout_p);
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
@@ -158,8 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
     int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
     bool grad_mask) {
-  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right);
-  check_dropout(dropout_p);
+  const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
   check_attention_backward_args(grad_output, output, lse, query, s);
   const c10::cuda::CUDAGuard guard(query.device());
