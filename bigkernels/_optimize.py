@@ -1,6 +1,7 @@
 from torch import nn
 
 from .nn import Linear
+from .nn.rnn import FUSED_RNN_CLASSES
 from .nn.transformer import adopt, fused_activation_name
 
 
@@ -20,9 +21,14 @@ def optimize(model):
     ours (same parameters, the fused attention inside), nn.Linear becomes
     bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
     GELU, SiLU, Sigmoid or Tanh becomes one fused Linear (the activation
-    module is replaced by nn.Identity). Returns the model."""
+    module is replaced by nn.Identity). nn.RNN, LSTM, GRU and their cells
+    become ours: the same module with its class changed (ours replace forward
+    only). Returns the model."""
     if type(model) is nn.Linear:
         return _to_fused(model, None)
+    for module in model.modules():
+        if type(module) in FUSED_RNN_CLASSES:
+            module.__class__ = FUSED_RNN_CLASSES[type(module)]
     for module in model.modules():
         if type(module) in (nn.MultiheadAttention, nn.TransformerEncoderLayer):
             adopt(module)

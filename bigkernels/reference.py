@@ -111,3 +111,48 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ value, lse
+
+
+RNN_MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """One step of torch.nn's cells, written out (gate order LSTM i, f, g, o;
+    GRU r, z, n). Returns (h_new, c_new); c_new is None except for lstm."""
+    gx = x @ w_ih.T if b_ih is None else x @ w_ih.T + b_ih
+    gh = h @ w_hh.T if b_hh is None else h @ w_hh.T + b_hh
+    if mode == "lstm":
+        i, f, g, o = (gx + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else h @ w_hr.T), c
+    if mode == "gru":
+        xr, xz, xn = gx.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    a = gx + gh
+    return (torch.tanh(a) if mode == "rnn_tanh" else torch.relu(a)), None
+
+
+def rnn_layer(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, reverse):
+    """One layer in one direction over a packed time-major sequence: input
+    [N, I], step t owning batch_sizes[t] consecutive rows (non-increasing; None
+    means every step has hx.shape[0] rows). Returns (output [N, Hout], hy, cy);
+    cy is None except for lstm. The reverse direction starts each sequence
+    from hx at its own last step."""
+    B = hx.shape[0]
+    sizes = [B] * (input.shape[0] // B) if batch_sizes is None else [int(b) for b in batch_sizes]
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    h, c = hx, cx
+    outputs = [None] * len(sizes)
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        bs, off = sizes[t], offsets[t]
+        h_new, c_new = rnn_cell(mode, input[off:off + bs], h[:bs], None if c is None else c[:bs],
+                                w_ih, w_hh, b_ih, b_hh, w_hr)
+        h = torch.cat([h_new, h[bs:]])
+        if c is not None:
+            c = torch.cat([c_new, c[bs:]])
+        outputs[t] = h_new
+    return torch.cat(outputs), h, c

@@ -1,5 +1,5 @@
-"""The Transformer trains under torch.distributed DDP (gloo, 2 CPU processes)
-to the same parameters as one process on the same data."""
+"""The Transformer and the RNN model train under torch.distributed DDP (gloo,
+2 CPU processes) to the same parameters as one process on the same data."""
 
 import os
 import socket
@@ -14,8 +14,11 @@ import bigkernels
 STEPS, VOCAB, T, BATCH = 8, 16, 10, 8
 
 
-def make_model():
+def make_model(kind):
     torch.manual_seed(0)
+    if kind == "rnn":
+        return bigkernels.models.RNNModel(8, 16, VOCAB, num_layers=2, cell="lstm", vocab_size=VOCAB,
+                                          bidirectional=True)
     return bigkernels.models.Transformer(VOCAB, d_model=32, nhead=4, num_layers=2, max_len=T)
 
 
@@ -33,6 +36,8 @@ def train(model, batches, rank=0, world=1):
     for seq in batches:
         seq = seq.remainder(VOCAB).chunk(world)[rank]  # each process its share of the batch
         logits = model(seq[:, :-1])
+        if isinstance(logits, tuple):  # the RNN model: (outputs, state)
+            logits = logits[0]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -40,12 +45,12 @@ def train(model, batches, rank=0, world=1):
     return model
 
 
-def worker(rank, world, port, out_path):
+def worker(rank, world, port, out_path, kind):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        model = torch.nn.parallel.DistributedDataParallel(make_model(kind))
         train(model, data(), rank, world)
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
@@ -65,11 +70,12 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("kind", ["transformer", "rnn"])
+def test_ddp_two_processes_match_one(tmp_path, kind):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out, kind), nprocs=2, join=True)
     ddp = torch.load(out)
-    single = train(make_model(), data()).state_dict()
+    single = train(make_model(kind), data()).state_dict()
     assert ddp.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=2e-5, rtol=1e-4, msg=name)

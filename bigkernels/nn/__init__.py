@@ -3,6 +3,8 @@ as their torch.nn counterparts."""
 
 from .attention import MultiheadAttention
 from .linear import MLP, Linear
+from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .transformer import TransformerEncoderLayer
 
-__all__ = ["Linear", "MLP", "MultiheadAttention", "TransformerEncoderLayer"]
+__all__ = ["Linear", "MLP", "MultiheadAttention", "TransformerEncoderLayer", "RNN", "LSTM", "GRU", "RNNCell",
+           "LSTMCell", "GRUCell"]

@@ -1,0 +1,143 @@
+"""RNN layers (Elman tanh/relu, LSTM, GRU) over whole sequences: the fused
+per-layer op, its fake implementation and autograd, and the stacking of
+layers and directions that torch.nn's modules do.
+
+The op (bigkernels::rnn_layer_forward, csrc/rnn/rnn.cpp) runs one layer in one
+direction over a packed time-major sequence: input [N, I], step t owning
+batch_sizes[t] consecutive rows (never growing), as in a PackedSequence; a
+plain [T, B, I] tensor is the same layout with batch_sizes None.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, reference
+from ._autocast import autocast_inputs
+
+MODES = reference.RNN_MODES
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+_WORKSPACE_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4}  # times hidden_size
+
+
+def _kernel_refusal(input):
+    """Why the compiled kernel cannot run this call (None when it can)."""
+    if not _ext.LOADED:
+        return "the compiled extension is not loaded"
+    if input.device.type != "cpu" and input.device.type != "meta":
+        return f"no {input.device.type} RNN kernel yet"
+    if input.numel() == 0:
+        return "empty input"
+    return None
+
+
+def rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx, mode, reverse=False):
+    """One layer, one direction, the whole sequence. Returns (output [N, Hout],
+    hy [B, Hout], cy [B, H] or None). Differentiable in every tensor."""
+    if _kernel_refusal(input) is not None:
+        return reference.rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx,
+                                   mode, reverse)
+    tensors = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    output, hy, cy, _ = torch.ops.bigkernels.rnn_layer_forward(
+        input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx, mode, reverse, train)
+    return output, hy, (cy if mode == "lstm" else None)
+
+
+def rnn(input, batch_sizes, hx, cx, weights, mode, num_layers, has_bias, has_proj, bidirectional, dropout,
+        training):
+    """torch.nn's stacked RNN on packed time-major data (see the module
+    docstring). weights: torch.nn's _flat_weights order, per layer and
+    direction w_ih, w_hh[, b_ih, b_hh][, w_hr]. hx: [layers * directions, B,
+    Hout]; cx likewise (lstm only). Dropout applies to the outputs of every
+    layer but the last, in training. Returns (output [N, directions * Hout],
+    h_n, c_n or None)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown RNN mode {mode!r}; expected one of {', '.join(MODES)}")
+    input, hx, cx, *weights = autocast_inputs(input, hx, cx, *weights)
+    directions = 2 if bidirectional else 1
+    per_layer = 2 + 2 * has_bias + has_proj
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = weights[k * per_layer:(k + 1) * per_layer]
+            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            output, hy, cy = rnn_layer(input, batch_sizes, w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None,
+                                       hx[k], None if cx is None else cx[k], mode, reverse=direction == 1)
+            outputs.append(output)
+            h_n.append(hy)
+            c_n.append(cy)
+        input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            input = F.dropout(input, dropout, training=True)
+    return input, torch.stack(h_n), (torch.stack(c_n) if mode == "lstm" else None)
+
+
+def _register():
+    """Fake implementations and autograd for the compiled ops."""
+
+    @torch.library.register_fake("bigkernels::rnn_layer_forward")
+    def _forward_fake(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, reverse, train):
+        # The shapes are the kernels' to check; a device or dtype mix would
+        # not reach them (a meta input sends the whole call here).
+        named = {"weight_ih": w_ih, "weight_hh": w_hh, "bias_ih": b_ih, "bias_hh": b_hh, "weight_hr": w_hr,
+                 "hx": hx, "cx": cx}
+        for name, t in named.items():
+            if t is not None and t.device != input.device:
+                raise ValueError(f"bigkernels.rnn: {name} is on {t.device} but input is on {input.device}")
+            if t is not None and t.dtype != input.dtype:
+                raise TypeError(f"bigkernels.rnn: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+        hidden = w_hh.shape[0] // _GATES[mode]
+        out_width = w_hh.shape[1]
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        rows = input.shape[0]
+        return (input.new_empty((rows, out_width)), hx.new_empty(hx.shape),
+                cx.new_empty(cx.shape) if cx is not None else input.new_empty((0,)),
+                input.new_empty((rows if train else 0, _WORKSPACE_WIDTH[mode] * hidden), dtype=acc))
+
+    @torch.library.register_fake("bigkernels::rnn_layer_backward")
+    def _backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx,
+                       output, workspace, mode, reverse, output_mask):
+        def like(t, wanted):
+            return t.new_empty(t.shape) if wanted and t is not None else input.new_empty((0,))
+
+        return (like(input, output_mask[0]), like(w_ih, output_mask[1]), like(w_hh, output_mask[1]),
+                like(b_ih, output_mask[1]), like(b_hh, output_mask[1]), like(w_hr, output_mask[1]),
+                like(hx, output_mask[2]), like(cx, output_mask[2]))
+
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, reverse, _ = inputs
+        ctx.mode, ctx.reverse = mode, reverse
+        ctx.save_for_backward(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output[0], output[3])
+
+    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
+        input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output, workspace = ctx.saved_tensors
+        tensors = (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx)
+        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7, 8)]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): take the backward through
+            # the reference's PyTorch ops, which are themselves differentiable.
+            wanted = [t for t, m in zip(tensors, needs) if m]
+            out, hy, cy = reference.rnn_layer(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, ctx.mode,
+                                              ctx.reverse)
+            outs, grads_in = [out, hy], [grad_output, grad_hy]
+            if cy is not None:
+                outs.append(cy)
+                grads_in.append(grad_cy)
+            grads = iter(torch.autograd.grad(outs, wanted, grads_in, create_graph=True, allow_unused=True))
+            result = [next(grads) if m else None for m in needs]
+        else:
+            mask = [needs[0], any(needs[1:6]), any(needs[6:])]
+            result = torch.ops.bigkernels.rnn_layer_backward(
+                grad_output, grad_hy, grad_cy, input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output,
+                workspace, ctx.mode, ctx.reverse, mask)
+            result = [g if m and t is not None else None for g, m, t in zip(result, needs, tensors)]
+        grad_input, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, g_hx, g_cx = result
+        return grad_input, None, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, g_hx, g_cx, None, None, None
+
+    torch.library.register_autograd("bigkernels::rnn_layer_forward", backward, setup_context=setup_context)
+
+
+if _ext.LOADED:
+    _register()

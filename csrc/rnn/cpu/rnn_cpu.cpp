@@ -1,0 +1,198 @@
+// CPU RNN layer: the input projection of every step as one GEMM (ATen's BLAS,
+// biases folded in), then per step the recurrent GEMM and one fused pass that
+// applies the gates and updates the state while the product is in cache.
+// Backward runs the steps in reverse the same way, keeps every step's gate
+// gradients, and ends with one GEMM each for the input and weight gradients.
+// Everything runs in the accumulator type (float; double for double inputs):
+// bfloat16 and half are converted at the edges, so the cell state and the
+// recurrent sums are float, and the outputs are rounded once.
+#include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/tanh.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "rnn/cpu/rnn_kernels.h"
+#include "rnn/rnn.h"
+
+namespace bigkernels {
+namespace {
+
+at::ScalarType accumulator_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Row r of a contiguous 2-d tensor (null for an undefined or empty one).
+char* row(const at::Tensor& t, int64_t r) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  return static_cast<char*>(t.data_ptr()) + r * t.stride(0) * t.element_size();
+}
+
+// Rows per task of the gate passes: about 16k values, so a task is worth
+// scheduling for narrow layers and steps with few rows still split.
+int64_t grain_rows(int64_t values_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(values_per_row, 1)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+    c10::string_view mode_name, bool reverse, bool train) {
+  const RnnShape s = check_rnn_args(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode_name);
+  const RnnPlan plan = make_rnn_plan(s, batch_sizes, reverse);
+  const at::ScalarType acc = accumulator_type(input);
+  const auto in_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const auto new_acc = [&](at::IntArrayRef shape) { return at::empty(shape, input.options().dtype(acc)); };
+  const bool lstm = s.mode == RnnMode::kLSTM, gru = s.mode == RnnMode::kGRU, proj = w_hr.has_value();
+  const int64_t GH = rnn_gates(s.mode) * s.H, W = rnn_workspace_width(s.mode, s.H);
+
+  // W_ih x + b_ih (+ b_hh, except for GRU, whose b_hn sits inside r * (...)) for every step.
+  at::Tensor bias_hh;
+  at::Tensor xproj;
+  if (b_ih.has_value()) {
+    at::Tensor bias_x = in_acc(*b_ih);
+    if (gru) {
+      bias_hh = in_acc(*b_hh);
+    } else {
+      bias_x = at::add(bias_x, in_acc(*b_hh));
+    }
+    xproj = at::addmm(bias_x, in_acc(input), in_acc(w_ih).t());
+  } else {
+    xproj = at::mm(in_acc(input), in_acc(w_ih).t());
+  }
+  const at::Tensor w_hh_t = in_acc(w_hh).t();
+  const at::Tensor w_hr_t = proj ? in_acc(*w_hr).t() : at::Tensor();
+
+  at::Tensor h = new_acc({s.B, s.Hout});  // the state, updated row by row in place
+  h.copy_(hx);
+  at::Tensor c;
+  if (lstm) {
+    c = new_acc({s.B, s.H});
+    c.copy_(*cx);
+  }
+  const at::Tensor h_cell = proj ? new_acc({s.B, s.H}) : h;  // where the cell writes its h
+  at::Tensor out = new_acc({s.N, s.Hout});
+  at::Tensor ws = new_acc({train ? s.N : 0, W});
+  at::Tensor hproj = new_acc({s.B, GH});
+
+  const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
+  const int64_t grain = grain_rows(GH);
+  for (int64_t step = 0; step < plan.steps(); ++step) {
+    const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
+    at::Tensor hproj_rows = hproj.narrow(0, 0, bs), h_rows = h.narrow(0, 0, bs);
+    at::mm_out(hproj_rows, h_rows, w_hh_t);
+    at::parallel_for(0, bs, grain, [&](int64_t r0, int64_t r1) {
+      kernels.forward_rows(acc, s.mode, r0, r1, s.H, row(xproj, off), row(hproj, 0), row(bias_hh, 0),
+                           row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
+    });
+    if (proj) at::mm_out(h_rows, h_cell.narrow(0, 0, bs), w_hr_t);
+    std::memcpy(row(out, off), row(h, 0), bs * s.Hout * out.element_size());
+  }
+  const at::ScalarType dtype = input.scalar_type();
+  return {out.to(dtype), h.to(dtype), lstm ? c.to(dtype) : at::empty({0}, input.options()), ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                       const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                       const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                       const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& output,
+                       const at::Tensor& workspace, c10::string_view mode_name, bool reverse,
+                       std::array<bool, 3> output_mask) {
+  const RnnShape s = check_rnn_args(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode_name);
+  check_rnn_backward_args(s, grad_output, grad_hy, grad_cy, output, workspace);
+  const RnnPlan plan = make_rnn_plan(s, batch_sizes, reverse);
+  const at::ScalarType acc = accumulator_type(input);
+  TORCH_CHECK_TYPE(workspace.scalar_type() == acc, "bigkernels.rnn_backward: workspace must be ", acc);
+  const auto in_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const auto new_acc = [&](at::IntArrayRef shape) { return at::empty(shape, input.options().dtype(acc)); };
+  const bool lstm = s.mode == RnnMode::kLSTM, gru = s.mode == RnnMode::kGRU, proj = w_hr.has_value();
+  const int64_t H = s.H, GH = rnn_gates(s.mode) * H;
+
+  const at::Tensor ws = workspace.contiguous(), out = in_acc(output), go = in_acc(grad_output);
+  const at::Tensor hx_acc = in_acc(hx), cx_acc = lstm ? in_acc(*cx) : at::Tensor();
+  const at::Tensor w_hh_acc = in_acc(w_hh), w_hr_acc = proj ? in_acc(*w_hr) : at::Tensor();
+  at::Tensor dh = new_acc({s.B, s.Hout});  // the gradient of the state h, row by row
+  dh.copy_(grad_hy);
+  at::Tensor dc;
+  if (lstm) {
+    dc = new_acc({s.B, H});
+    dc.copy_(grad_cy);
+  }
+  at::Tensor h_prev = new_acc({s.N, s.Hout});  // every row's previous h: for dW_hh, and GRU's gates
+  at::Tensor c_prev = lstm ? new_acc({s.B, H}) : at::Tensor();
+  at::Tensor dgates_x = new_acc({s.N, GH});
+  at::Tensor dgates_h = gru ? new_acc({s.N, GH}) : dgates_x;
+  at::Tensor dr = proj ? new_acc({s.N, s.Hout}) : at::Tensor();  // the projection's output gradient
+  at::Tensor dh_cell = proj ? new_acc({s.B, H}) : dh;
+
+  const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
+  const int64_t grain = grain_rows(GH);
+  const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
+  for (int64_t step = plan.steps() - 1; step >= 0; --step) {
+    const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
+    const int64_t from_prev = plan.prev_rows(step);  // rows [0, from_prev) continue step - 1
+    const int64_t prev_off = step > 0 ? plan.offset[plan.time(step - 1)] : 0;
+    std::memcpy(row(h_prev, off), row(out, prev_off), from_prev * hbytes);
+    std::memcpy(row(h_prev, off + from_prev), row(hx_acc, from_prev), (bs - from_prev) * hbytes);
+    if (lstm) {
+      for (int64_t b = 0; b < bs; ++b) {
+        const char* src = b < from_prev ? row(ws, prev_off + b) + 4 * cbytes : row(cx_acc, b);
+        std::memcpy(row(c_prev, b), src, cbytes);
+      }
+    }
+    at::Tensor dh_rows = dh.narrow(0, 0, bs);
+    dh_rows.add_(go.narrow(0, off, bs));
+    if (proj) {
+      dr.narrow(0, off, bs).copy_(dh_rows);
+      at::Tensor dh_cell_rows = dh_cell.narrow(0, 0, bs);
+      at::mm_out(dh_cell_rows, dh_rows, w_hr_acc);
+    }
+    at::parallel_for(0, bs, grain, [&](int64_t r0, int64_t r1) {
+      kernels.backward_rows(acc, s.mode, r0, r1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off), row(c_prev, 0),
+                            row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
+    });
+    // The gradient reaching the previous step's h (GRU keeps its direct part dh * z).
+    if (gru) {
+      dh_rows.addmm_(dgates_h.narrow(0, off, bs), w_hh_acc);
+    } else {
+      at::mm_out(dh_rows, dgates_x.narrow(0, off, bs), w_hh_acc);
+    }
+  }
+
+  const at::ScalarType dtype = input.scalar_type();
+  const auto none = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = output_mask[0] ? at::mm(dgates_x, in_acc(w_ih)).to(dtype) : none();
+  at::Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none(), grad_w_hr = none();
+  if (output_mask[1]) {
+    grad_w_ih = at::mm(dgates_x.t(), in_acc(input)).to(dtype);
+    grad_w_hh = at::mm(dgates_h.t(), h_prev).to(dtype);
+    if (b_ih.has_value()) {
+      grad_b_ih = dgates_x.sum(0).to(dtype);
+      grad_b_hh = gru ? dgates_h.sum(0).to(dtype) : grad_b_ih.clone();
+    }
+    if (proj) {
+      const at::Tensor h_cell = at::mul(ws.narrow(1, 3 * H, H), at::tanh(ws.narrow(1, 4 * H, H)));  // o * tanh(c)
+      grad_w_hr = at::mm(dr.t(), h_cell).to(dtype);
+    }
+  }
+  at::Tensor grad_hx = output_mask[2] ? dh.to(dtype) : none();
+  at::Tensor grad_cx = output_mask[2] && lstm ? dc.to(dtype) : none();
+  return {grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_hx, grad_cx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("rnn_layer_forward", &rnn_layer_forward_cpu);
+  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+}
+
+}  // namespace bigkernels

@@ -1,0 +1,36 @@
+// The RNN family's CPU gate loops, compiled once per CPU capability
+// (rnn_kernels.cpp; common/capability.h) and called through this table.
+// They run in the accumulator type (float, or double for double inputs) on
+// rows [r0, r1) of one step; every row pointer below is that step's row 0.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "common/capability.h"
+#include "rnn/rnn.h"
+
+namespace bigkernels {
+
+struct RnnCpuKernels {
+  // xproj: W_ih x + biases (both, except GRU's b_hh), [.., G*H]; hproj:
+  // W_hh h_prev, [.., G*H]; bias_hh: GRU's b_hh or null. h: [.., H], holds
+  // h_prev (read by GRU) and receives the new h (the LSTM's before its
+  // projection). c: LSTM's cell state [.., H], updated in place. ws: the
+  // workspace rows [.., rnn_workspace_width] or null.
+  void (*forward_rows)(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t H, const void* xproj,
+                       const void* hproj, const void* bias_hh, void* h, void* c, void* ws);
+  // dh: the gradient of the new h [.., H]; GRU overwrites it with its direct
+  // part dh * z. ws: the forward's workspace rows; h_prev (GRU) and c_prev
+  // (LSTM) [.., H]; dc: LSTM's cell gradient, dc_t in, dc_{t-1} out. Writes
+  // the gates' gradients: dgates_x (through W_ih and b_ih) and, for GRU only,
+  // dgates_h (through W_hh and b_hh; the others use dgates_x for both).
+  void (*backward_rows)(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t H, void* dh,
+                        const void* ws, const void* h_prev, const void* c_prev, void* dc, void* dgates_x,
+                        void* dgates_h);
+};
+
+BK_DECLARE_CAPABILITY_TABLE(RnnCpuKernels, rnn_cpu_kernels)
+
+}  // namespace bigkernels

@@ -1,0 +1,156 @@
+// The RNN family's ops (schemas), argument checks and step plan.
+#include "rnn/rnn.h"
+
+#include <torch/library.h>
+
+#include <string>
+
+namespace bigkernels {
+
+RnnMode parse_rnn_mode(c10::string_view name) {
+  if (name == "rnn_tanh") return RnnMode::kTanh;
+  if (name == "rnn_relu") return RnnMode::kReLU;
+  if (name == "lstm") return RnnMode::kLSTM;
+  if (name == "gru") return RnnMode::kGRU;
+  TORCH_CHECK_VALUE(false, "bigkernels.rnn: unknown mode '", std::string(name),
+                    "'; expected one of: rnn_tanh rnn_relu lstm gru");
+}
+
+namespace {
+
+void check_like(const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "bigkernels.rnn: ", name, " dtype ",
+                   t.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), "bigkernels.rnn: ", name, " is on ", t.device(),
+                    " but input is on ", input.device());
+}
+
+void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "bigkernels.rnn: ", name, " must have shape ", expected,
+                    ", got ", t.sizes());
+}
+
+}  // namespace
+
+RnnShape check_rnn_args(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                        const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                        const at::Tensor& hx, const std::optional<at::Tensor>& cx, c10::string_view mode_name) {
+  const RnnMode mode = parse_rnn_mode(mode_name);
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
+                   "bigkernels.rnn: input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == 2, "bigkernels.rnn: input must be 2-d [rows, input_size] (packed "
+                    "time-major), got shape ", input.sizes());
+  check_like("weight_ih", w_ih, input);
+  check_like("weight_hh", w_hh, input);
+  check_like("hx", hx, input);
+  TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(0) % rnn_gates(mode) == 0 && w_hh.size(0) > 0,
+                    "bigkernels.rnn: weight_hh must be 2-d [", rnn_gates(mode), " * hidden_size, ...], got shape ",
+                    w_hh.sizes());
+  RnnShape s{};
+  s.mode = mode;
+  s.N = input.size(0);
+  s.I = input.size(1);
+  s.H = w_hh.size(0) / rnn_gates(mode);
+  s.Hout = w_hr.has_value() ? w_hr->size(0) : s.H;
+  const int64_t GH = rnn_gates(mode) * s.H;
+  if (w_hr.has_value()) {
+    TORCH_CHECK_VALUE(mode == RnnMode::kLSTM, "bigkernels.rnn: weight_hr (proj_size) is for lstm only");
+    check_like("weight_hr", *w_hr, input);
+    TORCH_CHECK_VALUE(w_hr->dim() == 2 && w_hr->size(0) >= 1 && w_hr->size(0) < s.H,
+                      "bigkernels.rnn: weight_hr must be [proj_size, hidden_size] with 0 < proj_size < "
+                      "hidden_size = ", s.H, ", got shape ", w_hr->sizes());
+    check_shape("weight_hr", *w_hr, {s.Hout, s.H});
+  }
+  check_shape("weight_ih", w_ih, {GH, s.I});
+  check_shape("weight_hh", w_hh, {GH, s.Hout});
+  TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
+                    "bigkernels.rnn: bias_ih and bias_hh must both be given or both be None");
+  if (b_ih.has_value()) {
+    check_like("bias_ih", *b_ih, input);
+    check_like("bias_hh", *b_hh, input);
+    check_shape("bias_ih", *b_ih, {GH});
+    check_shape("bias_hh", *b_hh, {GH});
+  }
+  TORCH_CHECK_VALUE(hx.dim() == 2 && hx.size(0) >= 1, "bigkernels.rnn: hx must be [batch, ", s.Hout,
+                    "] with batch >= 1, got shape ", hx.sizes());
+  s.B = hx.size(0);
+  check_shape("hx", hx, {s.B, s.Hout});
+  if (mode == RnnMode::kLSTM) {
+    TORCH_CHECK_VALUE(cx.has_value(), "bigkernels.rnn: lstm needs cx");
+    check_like("cx", *cx, input);
+    check_shape("cx", *cx, {s.B, s.H});
+  } else {
+    TORCH_CHECK_VALUE(!cx.has_value(), "bigkernels.rnn: cx is for lstm only");
+  }
+  if (batch_sizes.has_value()) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK_VALUE(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.numel() >= 1,
+                      "bigkernels.rnn: batch_sizes must be a non-empty 1-d int64 CPU tensor, got ",
+                      bs.scalar_type(), " of shape ", bs.sizes(), " on ", bs.device());
+    const at::Tensor c = bs.contiguous();
+    const int64_t* b = c.const_data_ptr<int64_t>();
+    int64_t rows = 0;
+    for (int64_t t = 0; t < c.numel(); ++t) {
+      TORCH_CHECK_VALUE(b[t] >= 1 && (t == 0 || b[t] <= b[t - 1]),
+                        "bigkernels.rnn: batch_sizes must be >= 1 and never grow, got ", at::IntArrayRef(b, c.numel()));
+      rows += b[t];
+    }
+    TORCH_CHECK_VALUE(b[0] == s.B, "bigkernels.rnn: batch_sizes[0] = ", b[0], " but hx has batch ", s.B);
+    TORCH_CHECK_VALUE(rows == s.N, "bigkernels.rnn: batch_sizes sum to ", rows, " but input has ", s.N, " rows");
+    s.T = c.numel();
+  } else {
+    TORCH_CHECK_VALUE(s.N >= 1 && s.N % s.B == 0, "bigkernels.rnn: input has ", s.N,
+                      " rows, not a positive multiple of the batch ", s.B, " (hx.size(0))");
+    s.T = s.N / s.B;
+  }
+  return s;
+}
+
+void check_rnn_backward_args(const RnnShape& s, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                             const at::Tensor& grad_cy, const at::Tensor& output, const at::Tensor& workspace) {
+  check_shape("grad_output", grad_output, {s.N, s.Hout});
+  check_shape("output", output, {s.N, s.Hout});
+  check_shape("grad_hy", grad_hy, {s.B, s.Hout});
+  if (s.mode == RnnMode::kLSTM) check_shape("grad_cy", grad_cy, {s.B, s.H});
+  check_shape("workspace", workspace, {s.N, rnn_workspace_width(s.mode, s.H)});
+  for (const at::Tensor* t : {&grad_output, &grad_hy, &output}) {
+    TORCH_CHECK_VALUE(t->device() == workspace.device(), "bigkernels.rnn_backward: tensors on ", t->device(),
+                      " and ", workspace.device());
+  }
+}
+
+RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  RnnPlan plan;
+  plan.reverse = reverse;
+  plan.batch.assign(s.T, s.B);
+  if (batch_sizes.has_value()) {
+    const at::Tensor c = batch_sizes->contiguous();
+    plan.batch.assign(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + s.T);
+  }
+  plan.offset.resize(s.T);
+  int64_t rows = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    plan.offset[t] = rows;
+    rows += plan.batch[t];
+  }
+  return plan;
+}
+
+}  // namespace bigkernels
+
+TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
+  // One layer, one direction, the whole (packed) sequence: output [N, Hout],
+  // hy [B, Hout], cy [B, H] (lstm; else empty), and the workspace backward
+  // needs ([N, rnn_workspace_width] in the accumulator type; empty unless train).
+  m.def("rnn_layer_forward(Tensor input, Tensor? batch_sizes, Tensor weight_ih, Tensor weight_hh, "
+        "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor hx, Tensor? cx, str mode, bool reverse, "
+        "bool train) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx,
+  // cx (empty where absent or not asked for). output_mask: input, the
+  // weights, the initial states.
+  m.def("rnn_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
+        "Tensor? batch_sizes, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+        "Tensor? weight_hr, Tensor hx, Tensor? cx, Tensor output, Tensor workspace, str mode, bool reverse, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

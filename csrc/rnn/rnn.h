@@ -1,0 +1,69 @@
+// Host-side pieces of the RNN ops shared by the devices: the modes, the
+// argument checks and the step plan of a packed sequence.
+//
+// One op call runs one layer in one direction over a whole sequence. The
+// sequence is packed time-major, as torch's PackedSequence: input is [N, I],
+// step t owns batch_sizes[t] consecutive rows, the batch sizes never grow, and
+// row b of a step is sequence b. Without batch_sizes every step has B rows
+// (N = T * B): a plain [T, B, I] tensor is already that layout.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+namespace bigkernels {
+
+enum class RnnMode { kTanh, kReLU, kLSTM, kGRU };
+
+// "rnn_tanh", "rnn_relu", "lstm", "gru"
+RnnMode parse_rnn_mode(c10::string_view name);
+
+// Gates per hidden unit: rows of w_ih / w_hh are gates * hidden_size.
+inline int64_t rnn_gates(RnnMode mode) {
+  return mode == RnnMode::kLSTM ? 4 : mode == RnnMode::kGRU ? 3 : 1;
+}
+
+// Accumulator-type values kept per row for backward: LSTM i, f, g, o and the
+// cell state c; GRU r, z, n and W_hn h + b_hn; the Elman cell its output.
+inline int64_t rnn_workspace_width(RnnMode mode, int64_t hidden) {
+  return (mode == RnnMode::kLSTM ? 5 : mode == RnnMode::kGRU ? 4 : 1) * hidden;
+}
+
+struct RnnShape {
+  int64_t N, I, H, Hout, B, T;  // Hout: proj_size when the LSTM projects, else H
+  RnnMode mode;
+};
+
+// Checks every argument of rnn_layer_forward (dtype, device, shapes, the batch
+// sizes) and returns the sizes. The messages name the argument.
+RnnShape check_rnn_args(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                        const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                        const at::Tensor& hx, const std::optional<at::Tensor>& cx, c10::string_view mode);
+
+// And the backward's own inputs, shaped like the forward's outputs.
+void check_rnn_backward_args(const RnnShape& s, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                             const at::Tensor& grad_cy, const at::Tensor& output, const at::Tensor& workspace);
+
+// Where each step of a direction reads and writes. Steps run in time order,
+// or reversed for the reverse direction; step s is time index time(s).
+struct RnnPlan {
+  std::vector<int64_t> batch;   // rows of each time index
+  std::vector<int64_t> offset;  // first packed row of each time index
+  bool reverse;
+  int64_t steps() const { return static_cast<int64_t>(batch.size()); }
+  int64_t time(int64_t s) const { return reverse ? steps() - 1 - s : s; }
+  // Rows of step s whose previous state is the output of step s - 1; the
+  // others (rows [prev_rows, batch), only in the reverse direction, where
+  // sequences start at different steps) start from hx.
+  int64_t prev_rows(int64_t s) const {
+    return s == 0 ? 0 : std::min(batch[time(s)], batch[time(s - 1)]);
+  }
+};
+
+RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_sizes, bool reverse);
+
+}  // namespace bigkernels
