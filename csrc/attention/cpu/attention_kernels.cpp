@@ -7,8 +7,8 @@
 // Everything is computed in C = float (double for double inputs): the op
 // hands over K and V already converted (and transposed where a product needs
 // it), each block of queries is converted once into scratch, and the
-// products are one small routine, gemm_acc, vectorized over the output
-// columns.
+// products are one small routine, gemm_acc (common/vec_gemm.h), vectorized
+// over the output columns.
 #include "attention/cpu/attention_kernels.h"
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/counter_rng.h"
+#include "common/vec_gemm.h"
 #include "common/vec_math.h"
 
 namespace bigkernels {
@@ -31,55 +32,6 @@ template <typename C>
 const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, int64_t j0) {
   const int64_t blocks = (S + kBlockK - 1) / kBlockK;
   return static_cast<const C*>(blocked) + (head * blocks + j0 / kBlockK) * dim * kBlockK;
-}
-
-// c[i][0:n] (+)= sum_k A(i, k) * b[k][0:n], with A(i, k) = a[i * a_row + k * a_col]
-// (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
-// Register-blocked: kRows rows of c by 4 vectors of columns at a time, so
-// that each vector of b loaded feeds kRows FMAs: 4 rows with 32 vector
-// registers (AVX-512), 3 with 16 (AVX2: 12 accumulators, 3 broadcasts and
-// one vector of b).
-template <typename C>
-void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
-              int64_t ldb, C* c, int64_t ldc, bool accumulate) {
-  using V = at::vec::Vectorized<C>;
-  constexpr int64_t W = V::size();
-  constexpr int kRows = sizeof(V) >= 64 ? 4 : 3;
-  for (int64_t n0 = 0; n0 < n; n0 += 4 * W) {
-    const int64_t nn = std::min<int64_t>(4 * W, n - n0);
-    const auto count = [&](int v) { return static_cast<int>(std::min<int64_t>(W, nn - v * W)); };
-    int64_t i = 0;
-    if (nn == 4 * W) {
-      for (; i + kRows <= m; i += kRows) {
-        V x[kRows][4];
-        for (int r = 0; r < kRows; ++r)
-          for (int v = 0; v < 4; ++v) x[r][v] = accumulate ? V::loadu(c + (i + r) * ldc + n0 + v * W) : V(0);
-        const C* ai = a + i * a_row;
-        for (int64_t kk = 0; kk < kdim; ++kk) {
-          const C* bk = b + kk * ldb + n0;
-          V s[kRows];  // kRows broadcasts + one vector of b + the accumulators fit the registers
-          for (int r = 0; r < kRows; ++r) s[r] = V(ai[r * a_row + kk * a_col]);
-          for (int v = 0; v < 4; ++v) {
-            const V bv = V::loadu(bk + v * W);
-            for (int r = 0; r < kRows; ++r) x[r][v] = at::vec::fmadd(s[r], bv, x[r][v]);
-          }
-        }
-        for (int r = 0; r < kRows; ++r)
-          for (int v = 0; v < 4; ++v) x[r][v].store(c + (i + r) * ldc + n0 + v * W);
-      }
-    }
-    for (; i < m; ++i) {  // the last rows, or a partial column chunk
-      C* ci = c + i * ldc + n0;
-      V x[4];
-      for (int v = 0; v * W < nn; ++v) x[v] = accumulate ? V::loadu(ci + v * W, count(v)) : V(0);
-      for (int64_t kk = 0; kk < kdim; ++kk) {
-        const V s0(a[i * a_row + kk * a_col]);
-        const C* bk = b + kk * ldb + n0;
-        for (int v = 0; v * W < nn; ++v) x[v] = at::vec::fmadd(s0, V::loadu(bk + v * W, count(v)), x[v]);
-      }
-      for (int v = 0; v * W < nn; ++v) x[v].store(ci + v * W, count(v));
-    }
-  }
 }
 
 // x[0:n] = exp(x[0:n] - shift) (0 where x is -inf); returns their sum.

@@ -1,6 +1,8 @@
 // CPU RNN layer: the input projection of every step as one GEMM (ATen's BLAS,
-// biases folded in), then per step the recurrent GEMM and one fused pass that
-// applies the gates and updates the state while the product is in cache.
+// biases folded in), then per step one parallel pass in which each task takes
+// a block of rows and hidden units, computes their recurrent product (our
+// vectorized gemm_acc: a BLAS call per step costs more than the small product
+// itself) and applies the gates while that product is in cache.
 // Backward runs the steps in reverse the same way, keeps every step's gate
 // gradients, and ends with one GEMM each for the input and weight gradients.
 // Everything runs in the accumulator type (float; double for double inputs):
@@ -35,9 +37,32 @@ char* row(const at::Tensor& t, int64_t r) {
   return static_cast<char*>(t.data_ptr()) + r * t.stride(0) * t.element_size();
 }
 
-// Rows per task of the gate passes: about 16k values, so a task is worth
-// scheduling for narrow layers and steps with few rows still split.
-int64_t grain_rows(int64_t values_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(values_per_row, 1)); }
+constexpr int64_t kRowBlock = 32;  // rows per task of a step
+
+int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// Calls f(r0, r1, u0, u1) for every block of rows [0, rows) x columns [0,
+// cols), in parallel.
+template <typename F>
+void parallel_blocks(int64_t rows, int64_t cols, int64_t col_block, const F& f) {
+  const int64_t col_blocks = blocks(cols, col_block);
+  at::parallel_for(0, blocks(rows, kRowBlock) * col_blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t / col_blocks * kRowBlock, u0 = t % col_blocks * col_block;
+      f(r0, std::min(rows, r0 + kRowBlock), u0, std::min(cols, u0 + col_block));
+    }
+  });
+}
+
+// c[rows, cols] (+)= a[rows, k] b[k, cols] (contiguous, the accumulator type), in parallel.
+void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t rows, int64_t cols, int64_t k,
+                   const char* a, int64_t lda, const char* b, int64_t ldb, char* c, int64_t ldc, bool accumulate) {
+  const int64_t e = c10::elementSize(acc);
+  parallel_blocks(rows, cols, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+    kernels.gemm(acc, r1 - r0, u1 - u0, k, a + r0 * lda * e, lda, 1, b + u0 * e, ldb, c + (r0 * ldc + u0) * e, ldc,
+                 accumulate);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& w_ih,
@@ -66,33 +91,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   } else {
     xproj = at::mm(in_acc(input), in_acc(w_ih).t());
   }
-  const at::Tensor w_hh_t = in_acc(w_hh).t();
-  const at::Tensor w_hr_t = proj ? in_acc(*w_hr).t() : at::Tensor();
+  const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();  // [Hout, G*H]: the gemm's b
+  const at::Tensor w_hr_t = proj ? in_acc(*w_hr).t().contiguous() : at::Tensor();
 
-  at::Tensor h = new_acc({s.B, s.Hout});  // the state, updated row by row in place
+  // h: the state. Each step reads it whole and writes the new rows to h_next,
+  // copied back once every task is done.
+  at::Tensor h = new_acc({s.B, s.Hout}), h_next = new_acc({s.B, s.Hout});
   h.copy_(hx);
   at::Tensor c;
   if (lstm) {
     c = new_acc({s.B, s.H});
     c.copy_(*cx);
   }
-  const at::Tensor h_cell = proj ? new_acc({s.B, s.H}) : h;  // where the cell writes its h
+  const at::Tensor h_cell = proj ? new_acc({s.B, s.H}) : h_next;  // where the cell writes its h
   at::Tensor out = new_acc({s.N, s.Hout});
   at::Tensor ws = new_acc({train ? s.N : 0, W});
   at::Tensor hproj = new_acc({s.B, GH});
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
-  const int64_t grain = grain_rows(GH);
+  const int64_t e = out.element_size(), G = rnn_gates(s.mode);
   for (int64_t step = 0; step < plan.steps(); ++step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
-    at::Tensor hproj_rows = hproj.narrow(0, 0, bs), h_rows = h.narrow(0, 0, bs);
-    at::mm_out(hproj_rows, h_rows, w_hh_t);
-    at::parallel_for(0, bs, grain, [&](int64_t r0, int64_t r1) {
-      kernels.forward_rows(acc, s.mode, r0, r1, s.H, row(xproj, off), row(hproj, 0), row(bias_hh, 0),
-                           row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
+    parallel_blocks(bs, s.H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t g = 0; g < G; ++g) {  // this block's W_hh h for every gate
+        kernels.gemm(acc, r1 - r0, u1 - u0, s.Hout, row(h, r0), s.Hout, 1, row(w_hh_t, 0) + (g * s.H + u0) * e, GH,
+                     row(hproj, r0) + (g * s.H + u0) * e, GH, false);
+      }
+      kernels.forward_rows(acc, s.mode, r0, r1, u0, u1, s.H, row(xproj, off), row(hproj, 0), row(bias_hh, 0),
+                           row(h, 0), row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
     });
-    if (proj) at::mm_out(h_rows, h_cell.narrow(0, 0, bs), w_hr_t);
-    std::memcpy(row(out, off), row(h, 0), bs * s.Hout * out.element_size());
+    if (proj) {
+      parallel_gemm(kernels, acc, bs, s.Hout, s.H, row(h_cell, 0), s.H, row(w_hr_t, 0), s.Hout, row(h_next, 0),
+                    s.Hout, false);
+    }
+    std::memcpy(row(h, 0), row(h_next, 0), bs * s.Hout * e);
+    std::memcpy(row(out, off), row(h_next, 0), bs * s.Hout * e);
   }
   const at::ScalarType dtype = input.scalar_type();
   return {out.to(dtype), h.to(dtype), lstm ? c.to(dtype) : at::empty({0}, input.options()), ws};
@@ -134,7 +167,6 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   at::Tensor dh_cell = proj ? new_acc({s.B, H}) : dh;
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
-  const int64_t grain = grain_rows(GH);
   const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
   for (int64_t step = plan.steps() - 1; step >= 0; --step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
@@ -152,19 +184,15 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
     dh_rows.add_(go.narrow(0, off, bs));
     if (proj) {
       dr.narrow(0, off, bs).copy_(dh_rows);
-      at::Tensor dh_cell_rows = dh_cell.narrow(0, 0, bs);
-      at::mm_out(dh_cell_rows, dh_rows, w_hr_acc);
+      parallel_gemm(kernels, acc, bs, H, s.Hout, row(dh, 0), s.Hout, row(w_hr_acc, 0), H, row(dh_cell, 0), H, false);
     }
-    at::parallel_for(0, bs, grain, [&](int64_t r0, int64_t r1) {
-      kernels.backward_rows(acc, s.mode, r0, r1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off), row(c_prev, 0),
-                            row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
+    parallel_blocks(bs, H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off),
+                            row(c_prev, 0), row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
     });
-    // The gradient reaching the previous step's h (GRU keeps its direct part dh * z).
-    if (gru) {
-      dh_rows.addmm_(dgates_h.narrow(0, off, bs), w_hh_acc);
-    } else {
-      at::mm_out(dh_rows, dgates_x.narrow(0, off, bs), w_hh_acc);
-    }
+    // The gradient reaching the previous step's h (GRU adds to its direct part dh * z).
+    parallel_gemm(kernels, acc, bs, s.Hout, GH, row(dgates_h, off), GH, row(w_hh_acc, 0), s.Hout, row(dh, 0), s.Hout,
+                  gru);
   }
 
   const at::ScalarType dtype = input.scalar_type();

@@ -4,16 +4,17 @@
 // per CPU capability (setup.py; capability.h).
 #include "rnn/cpu/rnn_kernels.h"
 
+#include "common/vec_gemm.h"
 #include "common/vec_math.h"
 
 namespace bigkernels {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Calls f(j, n) for the vectors [j, j + n) of a row of H units.
+// Calls f(j, n) for the vectors [j, j + n) of units [u0, u1).
 template <typename V, typename F>
-inline void for_each_vector(int64_t H, F&& f) {
-  for (int64_t j = 0; j < H; j += V::size()) f(j, std::min<int64_t>(V::size(), H - j));
+inline void for_each_vector(int64_t u0, int64_t u1, F&& f) {
+  for (int64_t j = u0; j < u1; j += V::size()) f(j, std::min<int64_t>(V::size(), u1 - j));
 }
 
 template <typename V>
@@ -30,17 +31,17 @@ inline void store(typename V::value_type* p, const V& v, int64_t n) {
 }
 
 template <typename C>
-void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t H, const C* xproj, const C* hproj,
-                  const C* bias_hh, C* h, C* c, C* ws) {
+void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H, const C* xproj,
+                  const C* hproj, const C* bias_hh, const C* h_prev, C* h_out, C* c, C* ws) {
   using V = at::vec::Vectorized<C>;
   using M = MathOps<V>;
   const int64_t G = rnn_gates(mode), W = rnn_workspace_width(mode, H);
   for (int64_t r = r0; r < r1; ++r) {
     const C* xr = xproj + r * G * H;
     const C* hr = hproj + r * G * H;
-    C* hrow = h + r * H;
+    C* hrow = h_out + r * H;
     C* w = ws ? ws + r * W : nullptr;
-    for_each_vector<V>(H, [&](int64_t j, int64_t n) {
+    for_each_vector<V>(u0, u1, [&](int64_t j, int64_t n) {
       const auto gate = [&](int64_t k) { return load<V>(xr + k * H + j, n) + load<V>(hr + k * H + j, n); };
       if (mode == RnnMode::kLSTM) {
         const V i = stable_sigmoid(gate(0)), f = stable_sigmoid(gate(1)), g = M::tanh(gate(2)),
@@ -61,7 +62,7 @@ void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t H, const C* xpro
         const V z = stable_sigmoid(load<V>(xr + H + j, n) + hh(1));
         const V hn = hh(2);
         const V ng = M::tanh(load<V>(xr + 2 * H + j, n) + rg * hn);
-        const V hp = load<V>(hrow + j, n);
+        const V hp = load<V>(h_prev + r * H + j, n);
         store(hrow + j, ng + z * (hp - ng), n);  // (1 - z) n + z h
         if (w) store(w + j, rg, n), store(w + H + j, z, n), store(w + 2 * H + j, ng, n), store(w + 3 * H + j, hn, n);
       } else {
@@ -75,8 +76,8 @@ void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t H, const C* xpro
 }
 
 template <typename C>
-void backward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t H, C* dh, const C* ws, const C* h_prev,
-                   const C* c_prev, C* dc, C* dgx, C* dgh) {
+void backward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H, C* dh, const C* ws,
+                   const C* h_prev, const C* c_prev, C* dc, C* dgx, C* dgh) {
   using V = at::vec::Vectorized<C>;
   using M = MathOps<V>;
   const int64_t G = rnn_gates(mode), W = rnn_workspace_width(mode, H);
@@ -85,7 +86,7 @@ void backward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t H, C* dh, const
     C* dhr = dh + r * H;
     const C* w = ws + r * W;
     C* gx = dgx + r * G * H;
-    for_each_vector<V>(H, [&](int64_t j, int64_t n) {
+    for_each_vector<V>(u0, u1, [&](int64_t j, int64_t n) {
       const V d = load<V>(dhr + j, n);
       if (mode == RnnMode::kLSTM) {
         const V i = load<V>(w + j, n), f = load<V>(w + H + j, n), g = load<V>(w + 2 * H + j, n),
@@ -125,23 +126,34 @@ void dispatch_accumulator(c10::ScalarType acc, F&& f) {
   }
 }
 
-void forward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t H, const void* xproj,
-                      const void* hproj, const void* bias_hh, void* h, void* c, void* ws) {
-  dispatch_accumulator(acc, [&](auto a) {
-    using C = decltype(a);
-    forward_rows(mode, r0, r1, H, static_cast<const C*>(xproj), static_cast<const C*>(hproj),
-                 static_cast<const C*>(bias_hh), static_cast<C*>(h), static_cast<C*>(c), static_cast<C*>(ws));
+void gemm_any(c10::ScalarType acc, int64_t m, int64_t n, int64_t k, const void* a, int64_t a_row, int64_t a_col,
+              const void* b, int64_t ldb, void* c, int64_t ldc, bool accumulate) {
+  dispatch_accumulator(acc, [&](auto x) {
+    using C = decltype(x);
+    gemm_acc(m, n, k, static_cast<const C*>(a), a_row, a_col, static_cast<const C*>(b), ldb, static_cast<C*>(c),
+             ldc, accumulate);
   });
 }
 
-void backward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t H, void* dh,
-                       const void* ws, const void* h_prev, const void* c_prev, void* dc, void* dgates_x,
+void forward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                      const void* xproj, const void* hproj, const void* bias_hh, const void* h_prev, void* h_out,
+                      void* c, void* ws) {
+  dispatch_accumulator(acc, [&](auto a) {
+    using C = decltype(a);
+    forward_rows(mode, r0, r1, u0, u1, H, static_cast<const C*>(xproj), static_cast<const C*>(hproj),
+                 static_cast<const C*>(bias_hh), static_cast<const C*>(h_prev), static_cast<C*>(h_out),
+                 static_cast<C*>(c), static_cast<C*>(ws));
+  });
+}
+
+void backward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
+                       void* dh, const void* ws, const void* h_prev, const void* c_prev, void* dc, void* dgates_x,
                        void* dgates_h) {
   dispatch_accumulator(acc, [&](auto a) {
     using C = decltype(a);
-    backward_rows(mode, r0, r1, H, static_cast<C*>(dh), static_cast<const C*>(ws), static_cast<const C*>(h_prev),
-                  static_cast<const C*>(c_prev), static_cast<C*>(dc), static_cast<C*>(dgates_x),
-                  static_cast<C*>(dgates_h));
+    backward_rows(mode, r0, r1, u0, u1, H, static_cast<C*>(dh), static_cast<const C*>(ws),
+                  static_cast<const C*>(h_prev), static_cast<const C*>(c_prev), static_cast<C*>(dc),
+                  static_cast<C*>(dgates_x), static_cast<C*>(dgates_h));
   });
 }
 
@@ -149,6 +161,8 @@ void backward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1
 }  // namespace CPU_CAPABILITY
 
 extern const RnnCpuKernels BK_CAPABILITY_NAME(rnn_cpu_kernels) = {
+    4 * at::vec::Vectorized<float>::size(),  // gemm_acc's column tile
+    &CPU_CAPABILITY::gemm_any,
     &CPU_CAPABILITY::forward_rows_any,
     &CPU_CAPABILITY::backward_rows_any,
 };
