@@ -26,8 +26,8 @@ timeout 180 python3 -m benchmarks --device cuda --skip compile --out "$OUT/bench
   | tee "$OUT/bench.log" | tail -20
 echo "benchmark done at $(elapsed) s"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -q -x tests/test_dense.py tests/test_attention_cuda.py \
-  -k "cuda and (large_tiles or misaligned or zero_size) or attention_cuda and (256 or nothing or empty or strided)" \
+  python3 -m pytest -q -x tests/test_dense.py tests/test_attention_cuda.py tests/test_rnn_cuda.py \
+  -k "cuda and (large_tiles or misaligned or zero_size) or attention_cuda and (256 or nothing or empty or strided) or rnn_cuda and sizes and (1-1-1 or 3000)" \
   > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$? (0 = clean) at $(elapsed) s"; tail -3 "$OUT/memcheck.log"
 timeout $(( 480 - $(elapsed) > 30 ? 480 - $(elapsed) : 30 )) python3 -m benchmarks --device cuda \
   --skip addmm_activation --skip matmul --out "$OUT/bench_compile" 2>&1 | tail -12

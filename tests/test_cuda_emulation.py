@@ -5,7 +5,8 @@ by tests/cuda_emulation/<family>/check_kernels.cc.
 
 The .cu (and .cuh) sources are used as they are, except that each
 `kernel<<<grid, block, smem, stream>>>(args)` launch is rewritten into a call
-of the emulator, and that tests/cuda_emulation/shim/ stands in for a few CUDA
+of the emulator (cudaLaunchKernelEx, which the cooperative launches use, is
+emulated under its own name), and that tests/cuda_emulation/shim/ stands in for a few CUDA
 headers and for common/ptx_sm80.cuh (the PTX wrappers).
 This catches indexing, tiling, bounds, epilogue and API-alignment mistakes;
 it cannot catch what only the hardware shows (see emu_cuda.h)."""
@@ -51,7 +52,7 @@ def test_cuda_kernels_under_host_emulation(family, tmp_path):
         name = os.path.basename(path)
         with open(path) as f:
             source, found = LAUNCH.subn(r"bk_emulate_launch(\1, dim3(\2), dim3(\3), \4, \5);", f.read())
-        launches += found
+        launches += found + source.count("cudaLaunchKernelEx(")  # emulated as it is (emu_cuda.h)
         if name.endswith(".cuh"):  # kernel headers: rewritten in place of the originals
             (tmp_path / family / "cuda").mkdir(parents=True, exist_ok=True)
             (tmp_path / family / "cuda" / name).write_text(source)

@@ -46,10 +46,12 @@ def states_of(hidden):
     return list(hidden) if isinstance(hidden, tuple) else [hidden]
 
 
-def run(module, dtype, x, h0, grads, packed_lengths=None, batch_first=False):
-    """Forward and backward in dtype; returns [outputs..., grads of x, h0 (c0), parameters...]."""
-    x = x.to(dtype).detach().requires_grad_()
-    states = [s.to(dtype).detach().requires_grad_() for s in h0]
+def run(module, dtype, x, h0, grads, packed_lengths=None, batch_first=False, device="cpu"):
+    """Forward and backward in dtype on device; returns [outputs..., grads of
+    x, h0 (c0), parameters...], on the CPU."""
+    module = module.to(device)
+    x = x.to(device, dtype).detach().requires_grad_()
+    states = [s.to(device, dtype).detach().requires_grad_() for s in h0]
     inp = x
     if packed_lengths is not None:
         inp = pack_padded_sequence(x, packed_lengths, batch_first=batch_first, enforce_sorted=False)
@@ -58,13 +60,14 @@ def run(module, dtype, x, h0, grads, packed_lengths=None, batch_first=False):
     if packed_lengths is not None:
         out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=x.shape[1 if batch_first else 0])
     outs = [out] + states_of(hidden)
-    torch.autograd.backward(outs, [g.to(dtype) for g in grads[:len(outs)]])
+    torch.autograd.backward(outs, [g.to(device, dtype) for g in grads[:len(outs)]])
     params = [p.grad for p in module.parameters()]
-    return [o.detach() for o in outs] + [x.grad] + [s.grad for s in states] + params
+    values = [o.detach() for o in outs] + [x.grad] + [s.grad for s in states] + params
+    return [None if v is None else v.cpu() for v in values]
 
 
 def check_module(cell, dtype, T, B, I, H, num_layers=1, bidirectional=False, batch_first=False, bias=True,
-                 proj_size=0, nonlinearity="tanh", lengths=None, unbatched=False, seed=0):
+                 proj_size=0, nonlinearity="tanh", lengths=None, unbatched=False, seed=0, device="cpu"):
     kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
     if cell == "lstm":
         kwargs["proj_size"] = proj_size
@@ -92,8 +95,8 @@ def check_module(cell, dtype, T, B, I, H, num_layers=1, bidirectional=False, bat
     names = ["output", "h_n"] + (["c_n"] if cell == "lstm" else []) + ["grad input", "grad h0"] + \
         (["grad c0"] if cell == "lstm" else []) + [f"grad {n}" for n, _ in ours.named_parameters()]
     expected = run(ref, torch.float64, x, h0, grads, lengths, batch_first)
-    got = run(ours, dtype, x, h0, grads, lengths, batch_first)
-    torch_got = run(theirs, dtype, x, h0, grads, lengths, batch_first)
+    got = run(ours, dtype, x, h0, grads, lengths, batch_first, device)
+    torch_got = run(theirs, dtype, x, h0, grads, lengths, batch_first, device)
     for name, g, t, e in zip(names, got, torch_got, expected):
         assert g is not None, name
         assert_close(name, g, t, e)

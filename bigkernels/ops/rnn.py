@@ -8,10 +8,13 @@ batch_sizes[t] consecutive rows (never growing), as in a PackedSequence; a
 plain [T, B, I] tensor is the same layout with batch_sizes None.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from .. import _ext, reference
+from .._info import BUILD_INFO
 from ._autocast import autocast_inputs
 
 MODES = reference.RNN_MODES
@@ -19,21 +22,43 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 _WORKSPACE_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4}  # times hidden_size
 
 
-def _kernel_refusal(input):
-    """Why the compiled kernel cannot run this call (None when it can)."""
+def _kernel_refusal(input, weight_hr):
+    """Why the compiled kernels cannot run this call (None when they can): no
+    extension, an empty input, or on CUDA a build without CUDA, float64, or
+    an LSTM projection (proj_size), which have no CUDA kernel yet."""
     if not _ext.LOADED:
-        return "the compiled extension is not loaded"
-    if input.device.type != "cpu" and input.device.type != "meta":
-        return f"no {input.device.type} RNN kernel yet"
+        return "a build without the extension"
     if input.numel() == 0:
-        return "empty input"
+        return "an empty input"
+    if input.device.type in ("cpu", "meta"):
+        return None
+    if input.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
+        return f"{input.device.type} tensors in this build"
+    if input.dtype == torch.float64:
+        return "float64 on CUDA"
+    if weight_hr is not None:
+        return "proj_size on CUDA"
     return None
+
+
+_WARNED = set()
+
+
+def _warn_reference_once(reason):
+    """Says once per reason that a call runs on the slow reference (importing
+    bigkernels already warned when the extension is missing)."""
+    if _ext.LOADED and reason != "an empty input" and reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"bigkernels.rnn: no kernel for {reason}; this runs on the pure-PyTorch reference "
+                      "(one step at a time)", stacklevel=3)
 
 
 def rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx, mode, reverse=False):
     """One layer, one direction, the whole sequence. Returns (output [N, Hout],
     hy [B, Hout], cy [B, H] or None). Differentiable in every tensor."""
-    if _kernel_refusal(input) is not None:
+    refusal = _kernel_refusal(input, weight_hr)
+    if refusal is not None:
+        _warn_reference_once(refusal)
         return reference.rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx,
                                    mode, reverse)
     tensors = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)

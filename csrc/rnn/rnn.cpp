@@ -1,6 +1,11 @@
 // The RNN family's ops (schemas), argument checks and step plan.
 #include "rnn/rnn.h"
 
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <string>
@@ -135,6 +140,53 @@ RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_
     rows += plan.batch[t];
   }
   return plan;
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
+                                                        const std::optional<at::Tensor>& b_ih,
+                                                        const std::optional<at::Tensor>& b_hh, RnnMode mode,
+                                                        at::ScalarType acc) {
+  const at::Tensor x = input.to(acc), w_t = w_ih.to(acc).t();
+  if (!b_ih.has_value()) return {at::mm(x, w_t), at::Tensor()};
+  if (mode == RnnMode::kGRU) return {at::addmm(b_ih->to(acc), x, w_t), b_hh->to(acc).contiguous()};
+  return {at::addmm(at::add(b_ih->to(acc), b_hh->to(acc)), x, w_t), at::Tensor()};
+}
+
+std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N) {
+  std::vector<int64_t> rows(N);
+  for (int64_t step = 0; step < plan.steps(); ++step) {
+    const int64_t t = plan.time(step), from_prev = plan.prev_rows(step);
+    const int64_t prev_offset = step > 0 ? plan.offset[plan.time(step - 1)] : 0;
+    for (int64_t b = 0; b < plan.batch[t]; ++b) rows[plan.offset[t] + b] = b < from_prev ? prev_offset + b : N + b;
+  }
+  return rows;
+}
+
+std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B) {
+  std::vector<int64_t> rows(B);
+  for (int64_t step = 0; step < plan.steps(); ++step) {
+    const int64_t t = plan.time(step);
+    for (int64_t b = 0; b < plan.batch[t]; ++b) rows[b] = plan.offset[t] + b;
+  }
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
+    const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask) {
+  const at::ScalarType dtype = input.scalar_type(), acc = dgates_x.scalar_type();
+  const auto none = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = output_mask[0] ? at::mm(dgates_x, w_ih.to(acc)).to(dtype) : none();
+  at::Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
+  if (output_mask[1]) {
+    grad_w_ih = at::mm(dgates_x.t(), input.to(acc)).to(dtype);
+    grad_w_hh = at::mm(dgates_h.t(), h_prev).to(dtype);
+    if (has_bias) {
+      grad_b_ih = dgates_x.sum(0).to(dtype);
+      grad_b_hh = mode == RnnMode::kGRU ? dgates_h.sum(0).to(dtype) : grad_b_ih.clone();
+    }
+  }
+  return {grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace bigkernels

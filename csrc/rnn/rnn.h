@@ -11,26 +11,17 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
+
+#include "rnn/rnn_mode.h"
 
 namespace bigkernels {
 
-enum class RnnMode { kTanh, kReLU, kLSTM, kGRU };
-
 // "rnn_tanh", "rnn_relu", "lstm", "gru"
 RnnMode parse_rnn_mode(c10::string_view name);
-
-// Gates per hidden unit: rows of w_ih / w_hh are gates * hidden_size.
-inline int64_t rnn_gates(RnnMode mode) {
-  return mode == RnnMode::kLSTM ? 4 : mode == RnnMode::kGRU ? 3 : 1;
-}
-
-// Accumulator-type values kept per row for backward: LSTM i, f, g, o and the
-// cell state c; GRU r, z, n and W_hn h + b_hn; the Elman cell its output.
-inline int64_t rnn_workspace_width(RnnMode mode, int64_t hidden) {
-  return (mode == RnnMode::kLSTM ? 5 : mode == RnnMode::kGRU ? 4 : 1) * hidden;
-}
 
 struct RnnShape {
   int64_t N, I, H, Hout, B, T;  // Hout: proj_size when the LSTM projects, else H
@@ -65,5 +56,28 @@ struct RnnPlan {
 };
 
 RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_sizes, bool reverse);
+
+// Every step's input projection at once, in the accumulator type acc:
+// W_ih x + b_ih, plus b_hh except for GRU, whose b_hn sits inside r * (...):
+// GRU's b_hh comes back separately (undefined without biases or for the others).
+std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
+                                                        const std::optional<at::Tensor>& b_ih,
+                                                        const std::optional<at::Tensor>& b_hh, RnnMode mode,
+                                                        at::ScalarType acc);
+
+// For every packed row, where its previous h is: a row of the output, or N + b
+// for row b of hx (indices into cat(output, hx)).
+std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N);
+// For every sequence b, its last packed row in the direction's order: where h_n comes from.
+std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B);
+
+// The backward's gradients that take every row at once, from the gates'
+// gradients (dgates_h: GRU's through W_hh; the same tensor otherwise) and
+// every row's previous h, in the accumulator type: grad_input, grad_weight_ih,
+// grad_weight_hh, grad_bias_ih, grad_bias_hh in input's dtype (empty where
+// output_mask says they are not wanted).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
+    const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask);
 
 }  // namespace bigkernels

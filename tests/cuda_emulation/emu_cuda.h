@@ -1,7 +1,8 @@
 // Host emulation of the CUDA features our kernels use, so that the kernels'
 // logic (tiling, bounds, pipelines, fragment layouts, epilogues) is tested
 // on machines without a GPU: one std::thread per CUDA thread, std::barrier
-// for __syncthreads and __syncwarp, warp shuffles and the sm_80 warp-level
+// for __syncthreads and __syncwarp, blocks one after another (all at once
+// for a cooperative launch, so that a grid-wide barrier can meet), atomics, warp shuffles and the sm_80 warp-level
 // instructions (mma.sync m16n8k16, ldmatrix; shim/common/ptx_sm80.cuh)
 // through per-warp exchange slots with the PTX ISA's register layouts, WMMA
 // fragments as whole per-thread matrices (the API's semantics, not the
@@ -42,8 +43,6 @@
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
-inline std::unique_ptr<std::barrier<>> g_block_barrier;
-inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_barriers;
 
 // Per warp: slots through which warp-collective operations (shuffles,
 // ldmatrix, mma) exchange registers and addresses.
@@ -51,34 +50,59 @@ struct WarpExchange {
   uint64_t words[32][8];
   const void* address[32];
 };
-inline std::vector<WarpExchange> g_warp_exchange;
-inline WarpExchange& warp_exchange() { return g_warp_exchange[threadIdx.x / 32]; }
 
-// The block's dynamic shared memory (blocks run one after another).
-inline std::vector<unsigned char> g_dynamic_smem_storage;
-inline unsigned char* g_dynamic_smem = nullptr;
-inline size_t g_dynamic_smem_size = 0;
+// What the threads of one block share: their barriers, the warps' exchange
+// slots, the dynamic shared memory (filled with 0xFF bytes), the flag of
+// __syncthreads_or. Each thread reaches its block's through g_block.
+struct EmulatedBlock {
+  explicit EmulatedBlock(int threads, size_t dynamic_smem) : barrier(threads), smem_size(dynamic_smem) {
+    for (int w = 0; w < (threads + 31) / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    warp_exchange.assign((threads + 31) / 32, WarpExchange{});
+    smem_storage.assign(dynamic_smem + 128, 0xFF);
+    smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) / 128 * 128);
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<WarpExchange> warp_exchange;
+  std::vector<unsigned char> smem_storage;
+  unsigned char* smem;
+  size_t smem_size;
+  std::atomic<int> syncthreads_or{0};
+};
+inline thread_local EmulatedBlock* g_block = nullptr;
+inline thread_local unsigned char* g_dynamic_smem = nullptr;  // g_block's, for the PTX shim
+inline thread_local size_t g_dynamic_smem_size = 0;
+inline WarpExchange& warp_exchange() { return g_block->warp_exchange[threadIdx.x / 32]; }
 inline bool in_dynamic_smem(const void* p, size_t n) {
   const auto* c = static_cast<const unsigned char*>(p);
   return c >= g_dynamic_smem && c + n <= g_dynamic_smem + g_dynamic_smem_size;
 }
 
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { g_block->barrier.arrive_and_wait(); }
 // Nonzero when pred is nonzero on any thread of the block: post, meet, read,
 // meet, and one thread clears the flag before anyone can post again.
-inline std::atomic<int> g_syncthreads_or{0};
 inline int __syncthreads_or(int pred) {
-  if (pred) g_syncthreads_or.store(1);
-  g_block_barrier->arrive_and_wait();
-  const int any = g_syncthreads_or.load();
-  g_block_barrier->arrive_and_wait();
-  if (threadIdx.x == 0) g_syncthreads_or.store(0);
-  g_block_barrier->arrive_and_wait();
+  if (pred) g_block->syncthreads_or.store(1);
+  __syncthreads();
+  const int any = g_block->syncthreads_or.load();
+  __syncthreads();
+  if (threadIdx.x == 0) g_block->syncthreads_or.store(0);
+  __syncthreads();
   return any;
 }
-inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { g_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).exchange(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }  // a spinning thread lets the others run
+// ld.global.cg (L2, not L1): a plain load here, where every "cache" is coherent.
+template <typename T>
+T __ldcg(const T* p) {
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return *p;
+}
 
 inline void require(bool ok, const char* what) {
   if (!ok) { std::fprintf(stderr, "EMULATION CHECK FAILED: %s\n", what); std::abort(); }
@@ -236,6 +260,26 @@ const void* bk_kernel_key(const Kernel& kernel) {
   return nullptr;
 }
 
+// Runs the threads of the given blocks, each block's on its own EmulatedBlock.
+template <typename Kernel, typename... Args>
+void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel kernel, Args... args) {
+  const int n = blockDim.x;
+  std::vector<std::unique_ptr<EmulatedBlock>> state;
+  for (size_t i = 0; i < blocks.size(); ++i) state.push_back(std::make_unique<EmulatedBlock>(n, dynamic_smem));
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < blocks.size(); ++i)
+    for (int t = 0; t < n; ++t)
+      threads.emplace_back([&, i, t] {
+        threadIdx = dim3(t, 0, 0);
+        blockIdx = blocks[i];
+        g_block = state[i].get();
+        g_dynamic_smem = g_block->smem;
+        g_dynamic_smem_size = g_block->smem_size;
+        kernel(args...);
+      });
+  for (auto& th : threads) th.join();
+}
+
 template <typename Kernel, typename... Args>
 void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem, Args... args) {
   if (!bk_valid_launch(bk_kernel_key(kernel), grid, block, dynamic_smem)) {
@@ -245,24 +289,43 @@ void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem
   require(block.y == 1 && block.z == 1 && grid.z == 1, "1-d blocks, 2-d grids (all the emulation runs)");
   gridDim = grid;
   blockDim = block;
-  const int n = block.x;
   for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      g_block_barrier = std::make_unique<std::barrier<>>(n);
-      g_warp_barriers.clear();
-      for (int w = 0; w < (n + 31) / 32; ++w) g_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-      g_warp_exchange.assign((n + 31) / 32, WarpExchange{});
-      g_dynamic_smem_storage.assign(dynamic_smem + 128, 0xFF);
-      g_dynamic_smem = reinterpret_cast<unsigned char*>(
-          (reinterpret_cast<uintptr_t>(g_dynamic_smem_storage.data()) + 127) / 128 * 128);
-      g_dynamic_smem_size = dynamic_smem;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < n; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx = dim3(t, 0, 0);
-          blockIdx = dim3(bx, by, 0);
-          kernel(args...);
-        });
-      for (auto& th : threads) th.join();
-    }
+    for (unsigned bx = 0; bx < grid.x; ++bx) bk_run_blocks({dim3(bx, by, 0)}, dynamic_smem, kernel, args...);
 }
+
+// cudaLaunchKernelEx: an ordinary launch, or with cudaLaunchAttributeCooperative
+// every block of the grid at once (all their threads live together), which
+// is what a grid-wide barrier needs. A cooperative grid is capped at
+// kEmulatedCooperativeBlocks, as a GPU caps it at what fits resident.
+constexpr unsigned kEmulatedCooperativeBlocks = 16;
+template <typename Kernel, typename... Args>
+cudaError_t bk_emulated_launch_kernel_ex(const cudaLaunchConfig_t* config, Kernel kernel, Args&&... args) {
+  bool cooperative = false;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    require(config->attrs[i].id == cudaLaunchAttributeCooperative, "the emulated launch attribute");
+    cooperative = config->attrs[i].val.cooperative != 0;
+  }
+  const dim3 grid = config->gridDim, block = config->blockDim;
+  if (!cooperative) {
+    bk_emulate_launch(kernel, grid, block, config->dynamicSmemBytes, args...);
+    return bk_emulated_get_last_error();
+  }
+  if (!bk_valid_launch(bk_kernel_key(kernel), grid, block, config->dynamicSmemBytes)) return cudaErrorInvalidConfiguration;
+  require(block.y == 1 && block.z == 1 && grid.y == 1 && grid.z == 1, "1-d cooperative grids");
+  if (grid.x > kEmulatedCooperativeBlocks) return cudaErrorCooperativeLaunchTooLarge;
+  gridDim = grid;
+  blockDim = block;
+  std::vector<dim3> blocks;
+  for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(dim3(bx, 0, 0));
+  bk_run_blocks(blocks, config->dynamicSmemBytes, kernel, args...);
+  return cudaSuccess;
+}
+#define cudaLaunchKernelEx bk_emulated_launch_kernel_ex
+
+// The emulation runs any grid up to kEmulatedCooperativeBlocks at once.
+template <typename Kernel>
+cudaError_t bk_emulated_occupancy(int* blocks, Kernel, int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor bk_emulated_occupancy

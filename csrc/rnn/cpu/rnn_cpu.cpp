@@ -74,23 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   const at::ScalarType acc = accumulator_type(input);
   const auto in_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const auto new_acc = [&](at::IntArrayRef shape) { return at::empty(shape, input.options().dtype(acc)); };
-  const bool lstm = s.mode == RnnMode::kLSTM, gru = s.mode == RnnMode::kGRU, proj = w_hr.has_value();
+  const bool lstm = s.mode == RnnMode::kLSTM, proj = w_hr.has_value();
   const int64_t GH = rnn_gates(s.mode) * s.H, W = rnn_workspace_width(s.mode, s.H);
 
-  // W_ih x + b_ih (+ b_hh, except for GRU, whose b_hn sits inside r * (...)) for every step.
-  at::Tensor bias_hh;
-  at::Tensor xproj;
-  if (b_ih.has_value()) {
-    at::Tensor bias_x = in_acc(*b_ih);
-    if (gru) {
-      bias_hh = in_acc(*b_hh);
-    } else {
-      bias_x = at::add(bias_x, in_acc(*b_hh));
-    }
-    xproj = at::addmm(bias_x, in_acc(input), in_acc(w_ih).t());
-  } else {
-    xproj = at::mm(in_acc(input), in_acc(w_ih).t());
-  }
+  at::Tensor xproj, bias_hh;  // bias_hh: GRU's, applied inside the gates
+  std::tie(xproj, bias_hh) = rnn_input_projection(input, w_ih, b_ih, b_hh, s.mode, acc);
   const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();  // [Hout, G*H]: the gemm's b
   const at::Tensor w_hr_t = proj ? in_acc(*w_hr).t().contiguous() : at::Tensor();
 
@@ -197,19 +185,12 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
 
   const at::ScalarType dtype = input.scalar_type();
   const auto none = [&] { return at::empty({0}, input.options()); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(dgates_x, in_acc(w_ih)).to(dtype) : none();
-  at::Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none(), grad_w_hr = none();
-  if (output_mask[1]) {
-    grad_w_ih = at::mm(dgates_x.t(), in_acc(input)).to(dtype);
-    grad_w_hh = at::mm(dgates_h.t(), h_prev).to(dtype);
-    if (b_ih.has_value()) {
-      grad_b_ih = dgates_x.sum(0).to(dtype);
-      grad_b_hh = gru ? dgates_h.sum(0).to(dtype) : grad_b_ih.clone();
-    }
-    if (proj) {
-      const at::Tensor h_cell = at::mul(ws.narrow(1, 3 * H, H), at::tanh(ws.narrow(1, 4 * H, H)));  // o * tanh(c)
-      grad_w_hr = at::mm(dr.t(), h_cell).to(dtype);
-    }
+  auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask);
+  at::Tensor grad_w_hr = none();
+  if (output_mask[1] && proj) {
+    const at::Tensor h_cell = at::mul(ws.narrow(1, 3 * H, H), at::tanh(ws.narrow(1, 4 * H, H)));  // o * tanh(c)
+    grad_w_hr = at::mm(dr.t(), h_cell).to(dtype);
   }
   at::Tensor grad_hx = output_mask[2] ? dh.to(dtype) : none();
   at::Tensor grad_cx = output_mask[2] && lstm ? dc.to(dtype) : none();
