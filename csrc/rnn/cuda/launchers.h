@@ -67,8 +67,9 @@ struct RnnBackwardParams {
 
 constexpr int kRnnThreads = 256;
 
-// Shared memory the kernels need per block for U units and B rows.
-size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t B, int64_t H, int units);
+// Shared memory the kernels need per block for U units (any batch: the
+// forward takes a step's rows in chunks).
+size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units);
 size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units);
 
 // How many blocks of the kernel can be resident on one SM with `smem` bytes

@@ -43,12 +43,12 @@ struct LaunchShape {
 // The fewest hidden units per block whose grid (one block per SM at least)
 // can be resident at once: a persistent launch. Otherwise one launch per
 // step, with blocks of units small enough for their slice of W_hh to fit.
-LaunchShape choose_launch(bool backward, RnnMode mode, cuda::RnnDType dtype, int64_t B, int64_t H) {
+LaunchShape choose_launch(bool backward, RnnMode mode, cuda::RnnDType dtype, int64_t H) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const int64_t sms = props->multiProcessorCount;
   const size_t smem_limit = props->sharedMemPerBlockOptin;
   const auto smem = [&](int units) {
-    return backward ? cuda::rnn_backward_smem(mode, dtype, H, units) : cuda::rnn_forward_smem(mode, dtype, B, H, units);
+    return backward ? cuda::rnn_backward_smem(mode, dtype, H, units) : cuda::rnn_forward_smem(mode, dtype, H, units);
   };
   const int units = int((H + sms - 1) / sms);
   if (props->cooperativeLaunch && smem(units) <= smem_limit) {
@@ -58,8 +58,8 @@ LaunchShape choose_launch(bool backward, RnnMode mode, cuda::RnnDType dtype, int
   }
   int step_units = std::max(1, int(H / (2 * sms)));
   while (step_units > 1 && smem(step_units) > smem_limit) step_units /= 2;
-  TORCH_CHECK_NOT_IMPLEMENTED(smem(step_units) <= smem_limit, "bigkernels.rnn: hidden_size ", H, " with batch ", B,
-                              " needs ", smem(step_units), " bytes of shared memory per block, more than the ",
+  TORCH_CHECK_NOT_IMPLEMENTED(smem(step_units) <= smem_limit, "bigkernels.rnn: hidden_size ", H, " needs ",
+                              smem(step_units), " bytes of shared memory per block, more than the ",
                               smem_limit, " this GPU has");
   return {step_units, false};
 }
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cud
   at::Tensor ws = at::empty({train ? s.N : 0, rnn_workspace_width(s.mode, s.H)}, float_options);
   at::Tensor barrier = at::zeros({2}, input.options().dtype(at::kInt));
 
-  const LaunchShape shape = choose_launch(false, s.mode, dtype, s.B, s.H);
+  const LaunchShape shape = choose_launch(false, s.mode, dtype, s.H);
   cuda::RnnForwardParams p{};
   p.mode = s.mode;
   p.dtype = dtype;
@@ -150,7 +150,7 @@ rnn_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_hy
   at::Tensor dgates_h = gru ? at::empty({s.N, GH}, float_options) : dgates_x;
   at::Tensor barrier = at::zeros({2}, input.options().dtype(at::kInt));
 
-  const LaunchShape shape = choose_launch(true, s.mode, dtype, s.B, s.H);
+  const LaunchShape shape = choose_launch(true, s.mode, dtype, s.H);
   cuda::RnnBackwardParams p{};
   p.mode = s.mode;
   p.dtype = dtype;

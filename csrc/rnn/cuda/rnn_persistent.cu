@@ -46,6 +46,8 @@ __device__ void grid_barrier(unsigned* barrier) {
 // Rows of W_hh a warp takes against one row of h (or of the gates'
 // gradients), so that each value loaded from L2 feeds this many FMAs.
 constexpr int kRowsPerWarp = 4;
+// Rows of a step whose products the forward keeps in shared memory at once.
+constexpr int kRowChunk = 64;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
@@ -84,7 +86,7 @@ __global__ void __launch_bounds__(kRnnThreads) rnn_forward_kernel(const RnnForwa
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int nu = u0 >= H ? 0 : H - u0 < U ? int(H - u0) : U;  // units this block owns
   T* w_s = reinterpret_cast<T*>(dynamic_smem());                    // [G * U][H]: rows g * U + u
-  float* z_s = reinterpret_cast<float*>(w_s + ((G * U * H + 3) / 4) * 4);  // [B][G * U]
+  float* z_s = reinterpret_cast<float*>(w_s + ((G * U * H + 3) / 4) * 4);  // [kRowChunk][G * U]
   const T* w_hh = static_cast<const T*>(p.w_hh);
   const T* hx = static_cast<const T*>(p.hx);
   T* out = static_cast<T*>(p.out);
@@ -96,59 +98,59 @@ __global__ void __launch_bounds__(kRnnThreads) rnn_forward_kernel(const RnnForwa
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   for (int64_t s = step_begin; s < step_end; ++s) {
     const StepRows rows = step_rows(p.plan, s);
-    // z_s[b][g * U + u] = (W_hh h_prev)[g * H + u0 + u], kRowsPerWarp rows of
-    // this block's W_hh slice (q = g * nu + u) against one row of h at a time.
-    const int64_t groups = (G * nu + kRowsPerWarp - 1) / kRowsPerWarp;
-    for (int64_t o = warp; o < rows.rows * groups; o += warps) {
-      const int64_t b = o / groups, q0 = o % groups * kRowsPerWarp;
-      const T* h = previous_h(rows, b, out, hx, H);
-      float acc[kRowsPerWarp] = {};
-      for (int64_t k = lane; k < H; k += 32) {
-        const float hk = to_acc(__ldcg(h + k));
+    for (int64_t b0 = 0; b0 < rows.rows; b0 += kRowChunk) {  // z_s holds kRowChunk rows
+      const int64_t chunk = rows.rows - b0 < kRowChunk ? rows.rows - b0 : kRowChunk;
+      // z_s[b - b0][g * U + u] = (W_hh h_prev)[g * H + u0 + u], kRowsPerWarp rows
+      // of this block's W_hh slice (q = g * nu + u) against one row of h at a time.
+      const int64_t groups = (G * nu + kRowsPerWarp - 1) / kRowsPerWarp;
+      for (int64_t o = warp; o < chunk * groups; o += warps) {
+        const int64_t b = b0 + o / groups, q0 = o % groups * kRowsPerWarp;
+        const T* h = previous_h(rows, b, out, hx, H);
+        float acc[kRowsPerWarp] = {};
+        for (int64_t k = lane; k < H; k += 32) {
+          const float hk = to_acc(__ldcg(h + k));
+          for (int i = 0; i < kRowsPerWarp; ++i) {
+            const int64_t q = q0 + i;
+            if (q < G * nu) acc[i] += hk * to_acc(w_s[(q / nu * U + q % nu) * H + k]);
+          }
+        }
         for (int i = 0; i < kRowsPerWarp; ++i) {
           const int64_t q = q0 + i;
-          if (q < G * nu) acc[i] += hk * to_acc(w_s[(q / nu * U + q % nu) * H + k]);
+          const float sum = warp_sum(acc[i]);
+          if (lane == 0 && q < G * nu) z_s[(b - b0) * G * U + q / nu * U + q % nu] = sum;
         }
       }
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int64_t q = q0 + i;
-        const float sum = warp_sum(acc[i]);
-        if (lane == 0 && q < G * nu) z_s[b * G * U + q / nu * U + q % nu] = sum;
+      __syncthreads();
+      for (int64_t o = threadIdx.x; o < chunk * nu; o += blockDim.x) {
+        const int64_t b = b0 + o / nu, u = o % nu, j = u0 + u, row = rows.offset + b;
+        const float* x = p.xproj + row * GH;
+        const float* z = z_s + (b - b0) * G * U;
+        float* ws = p.ws ? p.ws + row * W : nullptr;
+        float h_new;
+        if (p.mode == RnnMode::kLSTM) {
+          const float i = stable_sigmoid(x[j] + z[u]), f = stable_sigmoid(x[H + j] + z[U + u]),
+                      g = M::tanh(x[2 * H + j] + z[2 * U + u]), og = stable_sigmoid(x[3 * H + j] + z[3 * U + u]);
+          const float c = f * p.c[b * H + j] + i * g;
+          p.c[b * H + j] = c;
+          h_new = og * M::tanh(c);
+          if (ws) ws[j] = i, ws[H + j] = f, ws[2 * H + j] = g, ws[3 * H + j] = og, ws[4 * H + j] = c;
+        } else if (p.mode == RnnMode::kGRU) {
+          const auto hh = [&](int g) { return z[g * U + u] + (p.b_hh ? p.b_hh[g * H + j] : 0.f); };
+          const float r = stable_sigmoid(x[j] + hh(0)), zg = stable_sigmoid(x[H + j] + hh(1)), hn = hh(2);
+          const float n = M::tanh(x[2 * H + j] + r * hn);
+          const float h_prev = to_acc(__ldcg(previous_h(rows, b, out, hx, H) + j));
+          h_new = n + zg * (h_prev - n);  // (1 - z) n + z h
+          if (ws) ws[j] = r, ws[H + j] = zg, ws[2 * H + j] = n, ws[3 * H + j] = hn;
+        } else {
+          const float a = x[j] + z[u];
+          h_new = p.mode == RnnMode::kTanh ? M::tanh(a) : M::relu(a);
+          if (ws) ws[j] = h_new;
+        }
+        out[row * H + j] = from_acc<T>(h_new);
       }
+      __syncthreads();  // z_s is rewritten by the next chunk
     }
-    __syncthreads();
-    for (int64_t o = threadIdx.x; o < rows.rows * nu; o += blockDim.x) {
-      const int64_t b = o / nu, u = o % nu, j = u0 + u, row = rows.offset + b;
-      const float* x = p.xproj + row * GH;
-      const float* z = z_s + b * G * U;
-      float* ws = p.ws ? p.ws + row * W : nullptr;
-      float h_new;
-      if (p.mode == RnnMode::kLSTM) {
-        const float i = stable_sigmoid(x[j] + z[u]), f = stable_sigmoid(x[H + j] + z[U + u]),
-                    g = M::tanh(x[2 * H + j] + z[2 * U + u]), og = stable_sigmoid(x[3 * H + j] + z[3 * U + u]);
-        const float c = f * p.c[b * H + j] + i * g;
-        p.c[b * H + j] = c;
-        h_new = og * M::tanh(c);
-        if (ws) ws[j] = i, ws[H + j] = f, ws[2 * H + j] = g, ws[3 * H + j] = og, ws[4 * H + j] = c;
-      } else if (p.mode == RnnMode::kGRU) {
-        const auto hh = [&](int g) { return z[g * U + u] + (p.b_hh ? p.b_hh[g * H + j] : 0.f); };
-        const float r = stable_sigmoid(x[j] + hh(0)), zg = stable_sigmoid(x[H + j] + hh(1)), hn = hh(2);
-        const float n = M::tanh(x[2 * H + j] + r * hn);
-        const float h_prev = to_acc(__ldcg(previous_h(rows, b, out, hx, H) + j));
-        h_new = n + zg * (h_prev - n);  // (1 - z) n + z h
-        if (ws) ws[j] = r, ws[H + j] = zg, ws[2 * H + j] = n, ws[3 * H + j] = hn;
-      } else {
-        const float a = x[j] + z[u];
-        h_new = p.mode == RnnMode::kTanh ? M::tanh(a) : M::relu(a);
-        if (ws) ws[j] = h_new;
-      }
-      out[row * H + j] = from_acc<T>(h_new);
-    }
-    if (p.persistent) {
-      grid_barrier(p.barrier);  // the new h is every block's input to the next step
-    } else {
-      __syncthreads();  // z_s is rewritten by the next step, if any
-    }
+    if (p.persistent) grid_barrier(p.barrier);  // the new h is every block's input to the next step
   }
 }
 
@@ -270,9 +272,9 @@ cudaError_t blocks_per_sm(Kernel kernel, size_t smem, int* blocks) {
 
 }  // namespace
 
-size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t B, int64_t H, int units) {
+size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units) {
   const int64_t G = rnn_gates(mode);
-  return ((G * units * H + 3) / 4) * 4 * dtype_size(dtype) + B * G * units * sizeof(float);
+  return ((G * units * H + 3) / 4) * 4 * dtype_size(dtype) + kRowChunk * G * units * sizeof(float);
 }
 
 size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units) {
@@ -288,7 +290,7 @@ cudaError_t rnn_blocks_per_sm(bool backward, RnnDType dtype, size_t smem, int* b
 }
 
 cudaError_t launch_rnn_forward(const RnnForwardParams& p, cudaStream_t stream) {
-  const size_t smem = rnn_forward_smem(p.mode, p.dtype, p.plan.B, p.plan.H, p.units);
+  const size_t smem = rnn_forward_smem(p.mode, p.dtype, p.plan.H, p.units);
   return dispatch_dtype(p.dtype, [&](auto t) {
     const auto kernel = rnn_forward_kernel<decltype(t)>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

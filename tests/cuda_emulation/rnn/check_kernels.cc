@@ -223,6 +223,7 @@ int main() {
     run_case<float>({mode, {1, 1, 1}, 1, 1, false, true}, rng, true);       // one unit, one row
     run_case<float>({mode, {2, 2}, 33, 33, true, true}, rng, false);        // one block holds every unit, per step
     run_case<__nv_bfloat16>({mode, {3, 2}, 9, 4, false, true}, rng, false);
+    run_case<float>({mode, {70, 66}, 5, 2, false, true}, rng, true);  // more rows than the forward's chunk
   }
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
