@@ -175,6 +175,20 @@ def test_dropout_trains_randomly_and_evaluates_like_torch(cell):
     torch.testing.assert_close(ours(x)[0], theirs(x)[0])
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_empty_batch_gives_empty_outputs(cell):
+    ours, theirs, _ = make_modules(cell, torch.float32, 4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 0, 4)
+    for got, want in zip([ours(x)[0]] + states_of(ours(x)[1]), [theirs(x)[0]] + states_of(theirs(x)[1])):
+        assert got.shape == want.shape
+    assert states_of(OUR_CELLS[cell](4, 6)(torch.randn(0, 4)))[0].shape == (0, 6)
+
+
+def test_zero_length_sequence_raises():
+    with pytest.raises(ValueError, match="no time steps"):
+        bigkernels.nn.GRU(4, 6)(torch.randn(0, 2, 4))
+
+
 # ---------------------------------------------------------------- cells
 
 TORCH_CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}

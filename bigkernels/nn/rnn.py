@@ -45,6 +45,8 @@ class _FusedRNNMixin:
                 input = input.unsqueeze(batch_dim)
             checked = input
             batch = input.size(batch_dim)
+            if input.size(1 - batch_dim) == 0:
+                raise ValueError(f"{name}: input has no time steps (sequence length 0)")
         if hx is None:
             zeros = torch.zeros(self.num_layers * directions, batch, out_width, dtype=checked.dtype,
                                 device=checked.device)
@@ -77,7 +79,7 @@ class _FusedRNNMixin:
         if packed:
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
                 self.permute_hidden(hidden, unsorted_indices)
-        output = output.view(steps, batch, -1)
+        output = output.view(steps, batch, output.shape[-1])
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:

@@ -24,12 +24,10 @@ _WORKSPACE_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4}  # times 
 
 def _kernel_refusal(input, weight_hr):
     """Why the compiled kernels cannot run this call (None when they can): no
-    extension, an empty input, or on CUDA a build without CUDA, float64, or
-    an LSTM projection (proj_size), which have no CUDA kernel yet."""
+    extension, or on CUDA a build without CUDA, float64, or an LSTM projection
+    (proj_size), which have no CUDA kernel yet."""
     if not _ext.LOADED:
         return "a build without the extension"
-    if input.numel() == 0:
-        return "an empty input"
     if input.device.type in ("cpu", "meta"):
         return None
     if input.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
@@ -47,7 +45,7 @@ _WARNED = set()
 def _warn_reference_once(reason):
     """Says once per reason that a call runs on the slow reference (importing
     bigkernels already warned when the extension is missing)."""
-    if _ext.LOADED and reason != "an empty input" and reason not in _WARNED:
+    if _ext.LOADED and reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"bigkernels.rnn: no kernel for {reason}; this runs on the pure-PyTorch reference "
                       "(one step at a time)", stacklevel=3)
@@ -56,6 +54,9 @@ def _warn_reference_once(reason):
 def rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx, mode, reverse=False):
     """One layer, one direction, the whole sequence. Returns (output [N, Hout],
     hy [B, Hout], cy [B, H] or None). Differentiable in every tensor."""
+    if hx.shape[0] == 0:  # an empty batch: nothing to run, the states pass through
+        out_width = weight_hr.shape[0] if weight_hr is not None else weight_hh.shape[1]
+        return input.new_zeros((0, out_width)), hx, cx
     refusal = _kernel_refusal(input, weight_hr)
     if refusal is not None:
         _warn_reference_once(refusal)

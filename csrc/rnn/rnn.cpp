@@ -142,14 +142,22 @@ RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_
   return plan;
 }
 
+std::tuple<at::Tensor, at::Tensor> rnn_projection_biases(const std::optional<at::Tensor>& b_ih,
+                                                         const std::optional<at::Tensor>& b_hh, RnnMode mode,
+                                                         at::ScalarType acc) {
+  if (!b_ih.has_value()) return {at::Tensor(), at::Tensor()};
+  if (mode == RnnMode::kGRU) return {b_ih->to(acc), b_hh->to(acc).contiguous()};
+  return {at::add(b_ih->to(acc), b_hh->to(acc)), at::Tensor()};
+}
+
 std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
                                                         const std::optional<at::Tensor>& b_ih,
                                                         const std::optional<at::Tensor>& b_hh, RnnMode mode,
                                                         at::ScalarType acc) {
+  at::Tensor bias_x, bias_hh;
+  std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, mode, acc);
   const at::Tensor x = input.to(acc), w_t = w_ih.to(acc).t();
-  if (!b_ih.has_value()) return {at::mm(x, w_t), at::Tensor()};
-  if (mode == RnnMode::kGRU) return {at::addmm(b_ih->to(acc), x, w_t), b_hh->to(acc).contiguous()};
-  return {at::addmm(at::add(b_ih->to(acc), b_hh->to(acc)), x, w_t), at::Tensor()};
+  return {bias_x.defined() ? at::addmm(bias_x, x, w_t) : at::mm(x, w_t), bias_hh};
 }
 
 std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N) {

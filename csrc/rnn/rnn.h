@@ -57,9 +57,15 @@ struct RnnPlan {
 
 RnnPlan make_rnn_plan(const RnnShape& s, const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
-// Every step's input projection at once, in the accumulator type acc:
-// W_ih x + b_ih, plus b_hh except for GRU, whose b_hn sits inside r * (...):
-// GRU's b_hh comes back separately (undefined without biases or for the others).
+// The biases in the accumulator type acc: the one added to the input
+// projection (b_ih, plus b_hh except for GRU, whose b_hn sits inside
+// r * (...)) and GRU's b_hh, applied with the gates. Undefined where absent.
+std::tuple<at::Tensor, at::Tensor> rnn_projection_biases(const std::optional<at::Tensor>& b_ih,
+                                                         const std::optional<at::Tensor>& b_hh, RnnMode mode,
+                                                         at::ScalarType acc);
+
+// Every step's input projection at once, W_ih x + the first of those biases,
+// in acc (one ATen GEMM), and GRU's b_hh.
 std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
                                                         const std::optional<at::Tensor>& b_ih,
                                                         const std::optional<at::Tensor>& b_hh, RnnMode mode,

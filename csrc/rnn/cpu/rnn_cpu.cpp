@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -54,13 +55,27 @@ void parallel_blocks(int64_t rows, int64_t cols, int64_t col_block, const F& f) 
   });
 }
 
-// c[rows, cols] (+)= a[rows, k] b[k, cols] (contiguous, the accumulator type), in parallel.
+// b [K, groups * N] (contiguous) as panels of `block` columns of each group,
+// each panel contiguous [K][block] (zero-padded past N): [groups][panels][K][block].
+// A product then streams one panel instead of reading rows of b that lie a
+// whole row of b apart (a new page every few rows for a wide b).
+at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block) {
+  const int64_t K = b.size(0), N = b.size(1) / groups, panels = blocks(N, block);
+  return at::constant_pad_nd(b.view({K, groups, N}), {0, panels * block - N})
+      .view({K, groups, panels, block})
+      .permute({1, 2, 0, 3})
+      .contiguous();
+}
+
+// c[rows, cols] (+)= a[rows, k] b[k, cols] in parallel, b given as
+// column_panels(b, 1, kernels.unit_block); all in the accumulator type.
 void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t rows, int64_t cols, int64_t k,
-                   const char* a, int64_t lda, const char* b, int64_t ldb, char* c, int64_t ldc, bool accumulate) {
-  const int64_t e = c10::elementSize(acc);
-  parallel_blocks(rows, cols, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-    kernels.gemm(acc, r1 - r0, u1 - u0, k, a + r0 * lda * e, lda, 1, b + u0 * e, ldb, c + (r0 * ldc + u0) * e, ldc,
-                 accumulate);
+                   const char* a, int64_t lda, const at::Tensor& b_panels, char* c, int64_t ldc, bool accumulate) {
+  const int64_t e = c10::elementSize(acc), block = kernels.unit_block;
+  const char* b = static_cast<const char*>(b_panels.const_data_ptr());
+  parallel_blocks(rows, cols, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+    kernels.gemm(acc, r1 - r0, u1 - u0, k, a + r0 * lda * e, lda, 1, b + u0 / block * k * block * e, block,
+                 c + (r0 * ldc + u0) * e, ldc, accumulate);
   });
 }
 
@@ -77,10 +92,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   const bool lstm = s.mode == RnnMode::kLSTM, proj = w_hr.has_value();
   const int64_t GH = rnn_gates(s.mode) * s.H, W = rnn_workspace_width(s.mode, s.H);
 
-  at::Tensor xproj, bias_hh;  // bias_hh: GRU's, applied inside the gates
-  std::tie(xproj, bias_hh) = rnn_input_projection(input, w_ih, b_ih, b_hh, s.mode, acc);
-  const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();  // [Hout, G*H]: the gemm's b
-  const at::Tensor w_hr_t = proj ? in_acc(*w_hr).t().contiguous() : at::Tensor();
+  const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
+  const int64_t block = kernels.unit_block, G = rnn_gates(s.mode);
+  // The input projection of every step (biases first, then the product added).
+  at::Tensor bias_x, bias_hh;  // bias_hh: GRU's, applied inside the gates
+  std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, s.mode, acc);
+  at::Tensor xproj = new_acc({s.N, GH});
+  if (bias_x.defined()) xproj.copy_(bias_x.expand({s.N, GH}));
+  const at::Tensor x = in_acc(input);
+  parallel_gemm(kernels, acc, s.N, GH, s.I, row(x, 0), s.I, column_panels(in_acc(w_ih).t().contiguous(), 1, block),
+                row(xproj, 0), GH, bias_x.defined());
+  // W_hh^T per gate in panels of `block` units: [G][H / block][Hout][block].
+  const at::Tensor w_hh_panels = column_panels(in_acc(w_hh).t().contiguous(), G, block);
+  const at::Tensor w_hr_panels = proj ? column_panels(in_acc(*w_hr).t().contiguous(), 1, block) : at::Tensor();
 
   // h: the state. Each step reads it whole and writes the new rows to h_next,
   // copied back once every task is done.
@@ -96,21 +120,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   at::Tensor ws = new_acc({train ? s.N : 0, W});
   at::Tensor hproj = new_acc({s.B, GH});
 
-  const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
-  const int64_t e = out.element_size(), G = rnn_gates(s.mode);
+  const int64_t e = out.element_size(), panels = blocks(s.H, block);
   for (int64_t step = 0; step < plan.steps(); ++step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
-    parallel_blocks(bs, s.H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+    parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       for (int64_t g = 0; g < G; ++g) {  // this block's W_hh h for every gate
-        kernels.gemm(acc, r1 - r0, u1 - u0, s.Hout, row(h, r0), s.Hout, 1, row(w_hh_t, 0) + (g * s.H + u0) * e, GH,
+        const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
+        kernels.gemm(acc, r1 - r0, u1 - u0, s.Hout, row(h, r0), s.Hout, 1, w, block,
                      row(hproj, r0) + (g * s.H + u0) * e, GH, false);
       }
       kernels.forward_rows(acc, s.mode, r0, r1, u0, u1, s.H, row(xproj, off), row(hproj, 0), row(bias_hh, 0),
                            row(h, 0), row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
     });
     if (proj) {
-      parallel_gemm(kernels, acc, bs, s.Hout, s.H, row(h_cell, 0), s.H, row(w_hr_t, 0), s.Hout, row(h_next, 0),
-                    s.Hout, false);
+      parallel_gemm(kernels, acc, bs, s.Hout, s.H, row(h_cell, 0), s.H, w_hr_panels, row(h_next, 0), s.Hout, false);
     }
     std::memcpy(row(h, 0), row(h_next, 0), bs * s.Hout * e);
     std::memcpy(row(out, off), row(h_next, 0), bs * s.Hout * e);
@@ -155,6 +178,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   at::Tensor dh_cell = proj ? new_acc({s.B, H}) : dh;
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
+  const at::Tensor w_hh_panels = column_panels(w_hh_acc, 1, kernels.unit_block);  // [Hout / block][G*H][block]
+  const at::Tensor w_hr_panels = proj ? column_panels(w_hr_acc, 1, kernels.unit_block) : at::Tensor();
   const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
   for (int64_t step = plan.steps() - 1; step >= 0; --step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
@@ -172,15 +197,14 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
     dh_rows.add_(go.narrow(0, off, bs));
     if (proj) {
       dr.narrow(0, off, bs).copy_(dh_rows);
-      parallel_gemm(kernels, acc, bs, H, s.Hout, row(dh, 0), s.Hout, row(w_hr_acc, 0), H, row(dh_cell, 0), H, false);
+      parallel_gemm(kernels, acc, bs, H, s.Hout, row(dh, 0), s.Hout, w_hr_panels, row(dh_cell, 0), H, false);
     }
     parallel_blocks(bs, H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off),
                             row(c_prev, 0), row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
     });
     // The gradient reaching the previous step's h (GRU adds to its direct part dh * z).
-    parallel_gemm(kernels, acc, bs, s.Hout, GH, row(dgates_h, off), GH, row(w_hh_acc, 0), s.Hout, row(dh, 0), s.Hout,
-                  gru);
+    parallel_gemm(kernels, acc, bs, s.Hout, GH, row(dgates_h, off), GH, w_hh_panels, row(dh, 0), s.Hout, gru);
   }
 
   const at::ScalarType dtype = input.scalar_type();
