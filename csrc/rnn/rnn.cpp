@@ -2,7 +2,6 @@
 #include "rnn/rnn.h"
 
 #include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -150,16 +149,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_projection_biases(const std::optional<at:
   return {at::add(b_ih->to(acc), b_hh->to(acc)), at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
-                                                        const std::optional<at::Tensor>& b_ih,
-                                                        const std::optional<at::Tensor>& b_hh, RnnMode mode,
-                                                        at::ScalarType acc) {
-  at::Tensor bias_x, bias_hh;
-  std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, mode, acc);
-  const at::Tensor x = input.to(acc), w_t = w_ih.to(acc).t();
-  return {bias_x.defined() ? at::addmm(bias_x, x, w_t) : at::mm(x, w_t), bias_hh};
-}
-
 std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N) {
   std::vector<int64_t> rows(N);
   for (int64_t step = 0; step < plan.steps(); ++step) {
@@ -181,14 +170,15 @@ std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
     const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
-    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask) {
-  const at::ScalarType dtype = input.scalar_type(), acc = dgates_x.scalar_type();
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, at::ScalarType gemm_dtype) {
+  const at::ScalarType dtype = input.scalar_type();
   const auto none = [&] { return at::empty({0}, input.options()); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(dgates_x, w_ih.to(acc)).to(dtype) : none();
+  const auto mm = [&](const at::Tensor& a, const at::Tensor& b) { return at::mm(a.to(gemm_dtype), b.to(gemm_dtype)).to(dtype); };
+  at::Tensor grad_input = output_mask[0] ? mm(dgates_x, w_ih) : none();
   at::Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
   if (output_mask[1]) {
-    grad_w_ih = at::mm(dgates_x.t(), input.to(acc)).to(dtype);
-    grad_w_hh = at::mm(dgates_h.t(), h_prev).to(dtype);
+    grad_w_ih = mm(dgates_x.t(), input);
+    grad_w_hh = mm(dgates_h.t(), h_prev);
     if (has_bias) {
       grad_b_ih = dgates_x.sum(0).to(dtype);
       grad_b_hh = mode == RnnMode::kGRU ? dgates_h.sum(0).to(dtype) : grad_b_ih.clone();

@@ -64,13 +64,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_projection_biases(const std::optional<at:
                                                          const std::optional<at::Tensor>& b_hh, RnnMode mode,
                                                          at::ScalarType acc);
 
-// Every step's input projection at once, W_ih x + the first of those biases,
-// in acc (one ATen GEMM), and GRU's b_hh.
-std::tuple<at::Tensor, at::Tensor> rnn_input_projection(const at::Tensor& input, const at::Tensor& w_ih,
-                                                        const std::optional<at::Tensor>& b_ih,
-                                                        const std::optional<at::Tensor>& b_hh, RnnMode mode,
-                                                        at::ScalarType acc);
-
 // For every packed row, where its previous h is: a row of the output, or N + b
 // for row b of hx (indices into cat(output, hx)).
 std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N);
@@ -81,9 +74,11 @@ std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B);
 // gradients (dgates_h: GRU's through W_hh; the same tensor otherwise) and
 // every row's previous h, in the accumulator type: grad_input, grad_weight_ih,
 // grad_weight_hh, grad_bias_ih, grad_bias_hh in input's dtype (empty where
-// output_mask says they are not wanted).
+// output_mask says they are not wanted). The GEMMs run in gemm_dtype: the
+// accumulator type on the CPU; on CUDA the input's dtype, on tensor cores
+// with float accumulation, as cuDNN's weight-gradient GEMMs do.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
     const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
-    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask);
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, at::ScalarType gemm_dtype);
 
 }  // namespace bigkernels

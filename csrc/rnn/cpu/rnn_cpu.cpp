@@ -210,7 +210,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   const at::ScalarType dtype = input.scalar_type();
   const auto none = [&] { return at::empty({0}, input.options()); };
   auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
-      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask);
+      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask, acc);
   at::Tensor grad_w_hr = none();
   if (output_mask[1] && proj) {
     const at::Tensor h_cell = at::mul(ws.narrow(1, 3 * H, H), at::tanh(ws.narrow(1, 4 * H, H)));  // o * tanh(c)

@@ -1,5 +1,5 @@
-// CUDA RNN layer: the input projection of every step as one GEMM (cuBLAS,
-// float), then the persistent kernels of rnn_persistent.cu (launchers.h),
+// CUDA RNN layer: the input projection of every step as one GEMM (cuBLAS, in
+// the input's dtype), then the persistent kernels of rnn_persistent.cu (launchers.h),
 // and in backward one GEMM each for the input and weight gradients.
 // float16, bfloat16 and float32; the recurrence accumulates in float, the
 // cell state and the workspace are float. proj_size (weight_hr) and float64
@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,8 +84,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cud
   const bool lstm = s.mode == RnnMode::kLSTM;
   const auto float_options = input.options().dtype(at::kFloat);
 
-  at::Tensor xproj, bias_hh;  // bias_hh: GRU's, applied inside the gates
-  std::tie(xproj, bias_hh) = rnn_input_projection(input, w_ih, b_ih, b_hh, s.mode, at::kFloat);
+  // The input projection of every step: one GEMM in the input's dtype (tensor
+  // cores for half and bfloat16), then float, with the biases.
+  at::Tensor bias_x, bias_hh;  // bias_hh: GRU's, applied inside the gates
+  std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, s.mode, at::kFloat);
+  at::Tensor xproj = at::mm(input, w_ih.t()).to(at::kFloat);
+  if (bias_x.defined()) xproj.add_(bias_x);
   const at::Tensor w = w_hh.contiguous(), h0 = hx.contiguous();
   at::Tensor c;
   if (lstm) {
@@ -171,10 +176,10 @@ rnn_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_hy
   C10_CUDA_CHECK(cuda::launch_rnn_backward(p, at::cuda::getCurrentCUDAStream()));
 
   // Every row's previous h (for dW_hh): an output row, or a row of hx.
-  const at::Tensor h_prev =
-      at::cat({out, h0}).index_select(0, on_device(rnn_previous_rows(plan, s.N), input.device())).to(at::kFloat);
+  const at::Tensor h_prev = at::cat({out, h0}).index_select(0, on_device(rnn_previous_rows(plan, s.N), input.device()));
   auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
-      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask);
+      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask,
+                     input.scalar_type());
   const auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_hx = output_mask[2] ? dh.to(input.scalar_type()) : none();
   at::Tensor grad_cx = output_mask[2] && lstm ? dc.to(input.scalar_type()) : none();
