@@ -431,6 +431,25 @@ def test_rnn_model_learns_a_delay_task():
     assert losses[-1] < 0.2 * losses[0], losses[::10]
 
 
+def test_rnn_model_with_lengths_ignores_the_padding():
+    torch.manual_seed(0)
+    model = bigkernels.models.RNNModel(3, 8, 2, num_layers=2, cell="gru", bidirectional=True)
+    x = torch.randn(3, 6, 3)
+    lengths = [4, 6, 1]
+    y, h_n = model(x, lengths=lengths)
+    assert (y[0, 4:] == 0).all() and (y[2, 1:] == 0).all()
+    for b, n in enumerate(lengths):  # each sequence alone, unpadded, gives the same outputs and state
+        y_b, h_b = model(x[b:b + 1, :n])
+        torch.testing.assert_close(y[b:b + 1, :n], y_b)
+        torch.testing.assert_close(h_n[:, b:b + 1], h_b)
+    x[0, 4:] = 1e6  # what lies under sequence 0's padding changes nothing
+    torch.testing.assert_close(model(x, lengths=lengths)[0][0], y[0])
+    with pytest.raises(ValueError, match="one length per sequence"):
+        model(x, lengths=[4, 6])
+    with pytest.raises(ValueError, match=r"lie in \[1, 6\]"):
+        model(x, lengths=[4, 7, 1])
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_rnn_model_with_embedding_and_state(cell):
     model = bigkernels.models.RNNModel(8, 12, 5, num_layers=2, cell=cell, vocab_size=20, bidirectional=True,
