@@ -12,6 +12,7 @@
 #include "rnn/cuda/launchers.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/activations.h"
 #include "common/cuda_dtype.cuh"
@@ -48,6 +49,35 @@ __device__ void grid_barrier(unsigned* barrier) {
 constexpr int kRowsPerWarp = 4;
 // Rows of a step whose products the forward keeps in shared memory at once.
 constexpr int kRowChunk = 64;
+// Tensor cores (fp16, bf16): the depth of the slice of h staged at a time.
+constexpr int kDepthChunk = 128;
+
+template <typename T>
+constexpr bool kTensorCores = !std::is_same_v<T, float>;
+
+BK_RNN_HD inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The forward's shared memory, in elements of T (floats for z). SIMT: the
+// W_hh slice [G * U][H]. Tensor cores: the slice padded to whole 16 x 16
+// tiles with zeros, rows 8 elements longer so that ldmatrix's 8 rows fall in
+// different banks, and a staged [kRowChunk][kDepthChunk] slice of h. Both:
+// z [kRowChunk][G * U] in float after them.
+struct ForwardLayout {
+  int64_t w_rows, w_ld, h_ld;  // h_ld = 0: no staged h
+  int64_t h_offset, z_offset;  // in elements of T, 16-byte aligned
+  size_t bytes;
+};
+BK_RNN_HD inline ForwardLayout forward_layout(RnnMode mode, bool tensor_cores, size_t elem, int64_t H, int units) {
+  const int64_t G = rnn_gates(mode), per16 = 16 / int64_t(elem);
+  ForwardLayout l{};
+  l.w_rows = tensor_cores ? round_up(G * units, 16) : G * units;
+  l.w_ld = tensor_cores ? round_up(H, 16) + 8 : H;
+  l.h_ld = tensor_cores ? kDepthChunk + 8 : 0;
+  l.h_offset = round_up(l.w_rows * l.w_ld, per16);
+  l.z_offset = l.h_offset + round_up(kRowChunk * l.h_ld, per16);
+  l.bytes = size_t(l.z_offset) * elem + size_t(kRowChunk) * G * units * sizeof(float);
+  return l;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
@@ -76,6 +106,43 @@ __device__ __forceinline__ const T* previous_h(const StepRows& r, int64_t b, con
   return b < r.from_prev ? out + (r.prev_offset + b) * H : hx + b * H;
 }
 
+// z_s[n][r] = sum_k W_s[r][k] h[b0 + n][k] for the chunk's rows n < chunk and
+// the slice's rows r < GU, on tensor cores: W_s is the A operand (16 x 16
+// tiles, row-major), the staged h the B operand (its rows are B's columns),
+// one warp per 16 x 8 tile of z, kDepthChunk of depth at a time.
+template <typename T>
+__device__ void product_tensor_cores(const ForwardLayout& l, const T* w_s, T* h_s, float* z_s, const StepRows& rows,
+                                     int64_t b0, int64_t chunk, const T* out, const T* hx, int64_t H, int64_t GU) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int64_t m_tiles = l.w_rows / 16, n_tiles = (chunk + 7) / 8, depth = l.w_ld - 8;
+  for (int64_t i = threadIdx.x; i < chunk * GU; i += blockDim.x) z_s[i] = 0.f;
+  for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
+    __syncthreads();  // the last slice's products are done with h_s (and z_s is zeroed)
+    for (int64_t i = threadIdx.x; i < n_tiles * 8 * kDepthChunk; i += blockDim.x) {
+      const int64_t n = i / kDepthChunk, k = k0 + i % kDepthChunk;
+      const bool real = n < chunk && k < H;
+      h_s[n * l.h_ld + i % kDepthChunk] = real ? __ldcg(previous_h(rows, b0 + n, out, hx, H) + k) : from_acc<T>(0.f);
+    }
+    __syncthreads();
+    const int64_t kc = depth - k0 < kDepthChunk ? depth - k0 : kDepthChunk;  // a multiple of 16
+    for (int64_t tile = warp; tile < m_tiles * n_tiles; tile += warps) {
+      const int64_t mt = tile % m_tiles, nt = tile / m_tiles;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t k = 0; k < kc; k += 16) {
+        uint32_t a[4], b[2];
+        ldmatrix<4, false>(a, w_s + (mt * 16 + lane % 16) * l.w_ld + k0 + k + lane / 16 * 8);
+        ldmatrix<2, false>(b, h_s + (nt * 8 + lane % 8) * l.h_ld + k + lane / 8 % 2 * 8);
+        mma_m16n8k16<T>(c, a, b);
+      }
+      const int64_t r = mt * 16 + lane / 4, n = nt * 8 + lane % 4 * 2;
+      for (int e = 0; e < 4; ++e) {  // c[e] = z[n + e % 2][r + e / 2 * 8]
+        const int64_t rr = r + e / 2 * 8, nn = n + e % 2;
+        if (rr < GU && nn < chunk) z_s[nn * GU + rr] += c[e];
+      }
+    }
+  }
+}
+
 // Steps [step_begin, step_end): all of them in a persistent launch, one in a per-step launch.
 template <typename T>
 __global__ void __launch_bounds__(kRnnThreads) rnn_forward_kernel(const RnnForwardParams p, int64_t step_begin,
@@ -85,14 +152,17 @@ __global__ void __launch_bounds__(kRnnThreads) rnn_forward_kernel(const RnnForwa
   const int U = p.units;
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int nu = u0 >= H ? 0 : H - u0 < U ? int(H - u0) : U;  // units this block owns
-  T* w_s = reinterpret_cast<T*>(dynamic_smem());                    // [G * U][H]: rows g * U + u
-  float* z_s = reinterpret_cast<float*>(w_s + ((G * U * H + 3) / 4) * 4);  // [kRowChunk][G * U]
+  const ForwardLayout layout = forward_layout(p.mode, kTensorCores<T>, sizeof(T), H, U);
+  T* w_s = reinterpret_cast<T*>(dynamic_smem());  // rows g * U + u of W_hh's slice
+  T* h_s = w_s + layout.h_offset;                  // tensor cores: the staged slice of h
+  float* z_s = reinterpret_cast<float*>(w_s + layout.z_offset);  // [kRowChunk][G * U]
   const T* w_hh = static_cast<const T*>(p.w_hh);
   const T* hx = static_cast<const T*>(p.hx);
   T* out = static_cast<T*>(p.out);
-  for (int64_t i = threadIdx.x; i < G * nu * H; i += blockDim.x) {
-    const int64_t r = i / H, k = i % H, g = r / nu, u = r % nu;
-    w_s[(g * U + u) * H + k] = w_hh[(g * H + u0 + u) * H + k];
+  for (int64_t i = threadIdx.x; i < layout.w_rows * layout.w_ld; i += blockDim.x) {
+    const int64_t r = i / layout.w_ld, k = i % layout.w_ld, g = r / U, u = r % U;
+    const bool real = r < G * U && u < nu && k < H;  // the padding is 0, so it adds nothing to a product
+    w_s[i] = real ? w_hh[(g * H + u0 + u) * H + k] : from_acc<T>(0.f);
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -100,24 +170,28 @@ __global__ void __launch_bounds__(kRnnThreads) rnn_forward_kernel(const RnnForwa
     const StepRows rows = step_rows(p.plan, s);
     for (int64_t b0 = 0; b0 < rows.rows; b0 += kRowChunk) {  // z_s holds kRowChunk rows
       const int64_t chunk = rows.rows - b0 < kRowChunk ? rows.rows - b0 : kRowChunk;
-      // z_s[b - b0][g * U + u] = (W_hh h_prev)[g * H + u0 + u], kRowsPerWarp rows
-      // of this block's W_hh slice (q = g * nu + u) against one row of h at a time.
-      const int64_t groups = (G * nu + kRowsPerWarp - 1) / kRowsPerWarp;
-      for (int64_t o = warp; o < chunk * groups; o += warps) {
-        const int64_t b = b0 + o / groups, q0 = o % groups * kRowsPerWarp;
-        const T* h = previous_h(rows, b, out, hx, H);
-        float acc[kRowsPerWarp] = {};
-        for (int64_t k = lane; k < H; k += 32) {
-          const float hk = to_acc(__ldcg(h + k));
+      if constexpr (kTensorCores<T>) {
+        product_tensor_cores(layout, w_s, h_s, z_s, rows, b0, chunk, out, hx, H, G * U);
+      } else {
+        // z_s[b - b0][g * U + u] = (W_hh h_prev)[g * H + u0 + u], kRowsPerWarp rows
+        // of this block's W_hh slice (q = g * nu + u) against one row of h at a time.
+        const int64_t groups = (G * nu + kRowsPerWarp - 1) / kRowsPerWarp;
+        for (int64_t o = warp; o < chunk * groups; o += warps) {
+          const int64_t b = b0 + o / groups, q0 = o % groups * kRowsPerWarp;
+          const T* h = previous_h(rows, b, out, hx, H);
+          float acc[kRowsPerWarp] = {};
+          for (int64_t k = lane; k < H; k += 32) {
+            const float hk = to_acc(__ldcg(h + k));
+            for (int i = 0; i < kRowsPerWarp; ++i) {
+              const int64_t q = q0 + i;
+              if (q < G * nu) acc[i] += hk * to_acc(w_s[(q / nu * U + q % nu) * H + k]);
+            }
+          }
           for (int i = 0; i < kRowsPerWarp; ++i) {
             const int64_t q = q0 + i;
-            if (q < G * nu) acc[i] += hk * to_acc(w_s[(q / nu * U + q % nu) * H + k]);
+            const float sum = warp_sum(acc[i]);
+            if (lane == 0 && q < G * nu) z_s[(b - b0) * G * U + q / nu * U + q % nu] = sum;
           }
-        }
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const int64_t q = q0 + i;
-          const float sum = warp_sum(acc[i]);
-          if (lane == 0 && q < G * nu) z_s[(b - b0) * G * U + q / nu * U + q % nu] = sum;
         }
       }
       __syncthreads();
@@ -273,8 +347,7 @@ cudaError_t blocks_per_sm(Kernel kernel, size_t smem, int* blocks) {
 }  // namespace
 
 size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units) {
-  const int64_t G = rnn_gates(mode);
-  return ((G * units * H + 3) / 4) * 4 * dtype_size(dtype) + kRowChunk * G * units * sizeof(float);
+  return forward_layout(mode, dtype != RnnDType::kFloat32, dtype_size(dtype), H, units).bytes;
 }
 
 size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units) {

@@ -2,7 +2,8 @@
 // (emu_cuda.h: a cooperative launch runs every block at once, so the grid
 // barrier meets) and checks them against float64: every mode, fp32, bf16 and
 // fp16, several grid sizes (units per block), packed sequences in both
-// directions, persistent (one cooperative launch) and per step. The forward is checked step by step from the kernel's own
+// directions, persistent (one cooperative launch) and per step; fp16/bf16
+// take the tensor-core product (mma.sync, ldmatrix), fp32 the SIMT one. The forward is checked step by step from the kernel's own
 // previous outputs (each step's error alone, at the dtype's rounding), and
 // inference (no workspace) against training; the backward against a float64
 // backward through time over the kernel's own forward. Built and run by
@@ -224,6 +225,8 @@ int main() {
     run_case<float>({mode, {2, 2}, 33, 33, true, true}, rng, false);        // one block holds every unit, per step
     run_case<__nv_bfloat16>({mode, {3, 2}, 9, 4, false, true}, rng, false);
     run_case<float>({mode, {70, 66}, 5, 2, false, true}, rng, true);  // more rows than the forward's chunk
+    run_case<__nv_bfloat16>({mode, {3, 2}, 150, 30, true, true}, rng, true);  // tensor cores: two depth slices
+    run_case<__half>({mode, {70, 9}, 7, 7, false, true}, rng, false);        // tensor cores: two row chunks
   }
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
