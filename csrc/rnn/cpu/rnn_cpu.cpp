@@ -1,10 +1,13 @@
-// CPU RNN layer: the input projection of every step as one GEMM (ATen's BLAS,
-// biases folded in), then per step one parallel pass in which each task takes
-// a block of rows and hidden units, computes their recurrent product (our
-// vectorized gemm_acc: a BLAS call per step costs more than the small product
-// itself) and applies the gates while that product is in cache.
+// CPU RNN layer: the input projection of every step as one parallel GEMM,
+// then per step one parallel pass in which each task takes a block of rows
+// and hidden units, computes their recurrent product and applies the gates
+// while that product is in cache. The GEMMs are our vectorized gemm_acc on
+// weights packed once per call into contiguous column panels: a BLAS call per
+// step cost more than the small product itself, and on this project's AMD
+// host MKL's sgemm was also slower for the big one (docs/PERFORMANCE.md).
 // Backward runs the steps in reverse the same way, keeps every step's gate
-// gradients, and ends with one GEMM each for the input and weight gradients.
+// gradients, and ends with one GEMM each (ATen's) for the input and weight
+// gradients.
 // Everything runs in the accumulator type (float; double for double inputs):
 // bfloat16 and half are converted at the edges, so the cell state and the
 // recurrent sums are float, and the outputs are rounded once.
