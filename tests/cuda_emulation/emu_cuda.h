@@ -295,7 +295,9 @@ void bk_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_smem
 
 // cudaLaunchKernelEx: an ordinary launch, or with cudaLaunchAttributeCooperative
 // every block of the grid at once (all their threads live together), which
-// is what a grid-wide barrier needs. A cooperative grid is capped at
+// is what a grid-wide barrier needs. A static __shared__ array is one object
+// here, shared by blocks that run at once: cooperative kernels must keep
+// their shared data in dynamic shared memory (which is per block). A cooperative grid is capped at
 // kEmulatedCooperativeBlocks, as a GPU caps it at what fits resident.
 constexpr unsigned kEmulatedCooperativeBlocks = 16;
 template <typename Kernel, typename... Args>
