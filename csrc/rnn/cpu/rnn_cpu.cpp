@@ -82,6 +82,32 @@ void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t row
   });
 }
 
+// The b of a product, b [K, N] in the accumulator type: as it is for ATen's
+// GEMM, and as column panels where our own runs (kernels.own_gemm).
+struct GemmOperand {
+  at::Tensor dense, panels;
+};
+GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b) {
+  const at::Tensor dense = b.contiguous();
+  return {dense, kernels.own_gemm ? column_panels(dense, 1, kernels.unit_block) : at::Tensor()};
+}
+
+// c (+)= a b for contiguous row slices a [rows, K] and c [rows, N]: our
+// parallel GEMM, or ATen's where ours is not vectorized (the DEFAULT build).
+void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, const GemmOperand& b,
+               bool accumulate) {
+  if (!kernels.own_gemm) {
+    if (accumulate) {
+      c.addmm_(a, b.dense);
+    } else {
+      at::mm_out(c, a, b.dense);
+    }
+    return;
+  }
+  parallel_gemm(kernels, c.scalar_type(), c.size(0), c.size(1), a.size(1), static_cast<const char*>(a.const_data_ptr()),
+                a.size(1), b.panels, static_cast<char*>(c.mutable_data_ptr()), c.size(1), accumulate);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -102,12 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, s.mode, acc);
   at::Tensor xproj = new_acc({s.N, GH});
   if (bias_x.defined()) xproj.copy_(bias_x.expand({s.N, GH}));
-  const at::Tensor x = in_acc(input);
-  parallel_gemm(kernels, acc, s.N, GH, s.I, row(x, 0), s.I, column_panels(in_acc(w_ih).t().contiguous(), 1, block),
-                row(xproj, 0), GH, bias_x.defined());
-  // W_hh^T per gate in panels of `block` units: [G][H / block][Hout][block].
-  const at::Tensor w_hh_panels = column_panels(in_acc(w_hh).t().contiguous(), G, block);
-  const at::Tensor w_hr_panels = proj ? column_panels(in_acc(*w_hr).t().contiguous(), 1, block) : at::Tensor();
+  gemm_rows(kernels, xproj, in_acc(input), gemm_operand(kernels, in_acc(w_ih).t()), bias_x.defined());
+  // W_hh^T: for ATen's GEMM, or per gate in panels of `block` units, [G][H / block][Hout][block].
+  const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();
+  const at::Tensor w_hh_panels = kernels.own_gemm ? column_panels(w_hh_t, G, block) : at::Tensor();
+  const GemmOperand w_hr_t = proj ? gemm_operand(kernels, in_acc(*w_hr).t()) : GemmOperand{};
 
   // h: the state. Each step reads it whole and writes the new rows to h_next,
   // copied back once every task is done.
@@ -126,8 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   const int64_t e = out.element_size(), panels = blocks(s.H, block);
   for (int64_t step = 0; step < plan.steps(); ++step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
+    if (!kernels.own_gemm) gemm_rows(kernels, hproj.narrow(0, 0, bs), h.narrow(0, 0, bs), {w_hh_t, {}}, false);
     parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-      for (int64_t g = 0; g < G; ++g) {  // this block's W_hh h for every gate
+      for (int64_t g = 0; kernels.own_gemm && g < G; ++g) {  // this block's W_hh h for every gate
         const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
         kernels.gemm(acc, r1 - r0, u1 - u0, s.Hout, row(h, r0), s.Hout, 1, w, block,
                      row(hproj, r0) + (g * s.H + u0) * e, GH, false);
@@ -136,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
                            row(h, 0), row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
     });
     if (proj) {
-      parallel_gemm(kernels, acc, bs, s.Hout, s.H, row(h_cell, 0), s.H, w_hr_panels, row(h_next, 0), s.Hout, false);
+      gemm_rows(kernels, h_next.narrow(0, 0, bs), h_cell.narrow(0, 0, bs), w_hr_t, false);
     }
     std::memcpy(row(h, 0), row(h_next, 0), bs * s.Hout * e);
     std::memcpy(row(out, off), row(h_next, 0), bs * s.Hout * e);
@@ -181,8 +207,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   at::Tensor dh_cell = proj ? new_acc({s.B, H}) : dh;
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
-  const at::Tensor w_hh_panels = column_panels(w_hh_acc, 1, kernels.unit_block);  // [Hout / block][G*H][block]
-  const at::Tensor w_hr_panels = proj ? column_panels(w_hr_acc, 1, kernels.unit_block) : at::Tensor();
+  const GemmOperand w_hh_b = gemm_operand(kernels, w_hh_acc);
+  const GemmOperand w_hr_b = proj ? gemm_operand(kernels, w_hr_acc) : GemmOperand{};
   const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
   for (int64_t step = plan.steps() - 1; step >= 0; --step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
@@ -200,14 +226,14 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
     dh_rows.add_(go.narrow(0, off, bs));
     if (proj) {
       dr.narrow(0, off, bs).copy_(dh_rows);
-      parallel_gemm(kernels, acc, bs, H, s.Hout, row(dh, 0), s.Hout, w_hr_panels, row(dh_cell, 0), H, false);
+      gemm_rows(kernels, dh_cell.narrow(0, 0, bs), dh_rows, w_hr_b, false);
     }
     parallel_blocks(bs, H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off),
                             row(c_prev, 0), row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
     });
     // The gradient reaching the previous step's h (GRU adds to its direct part dh * z).
-    parallel_gemm(kernels, acc, bs, s.Hout, GH, row(dgates_h, off), GH, w_hh_panels, row(dh, 0), s.Hout, gru);
+    gemm_rows(kernels, dh_rows, dgates_h.narrow(0, off, bs), w_hh_b, gru);
   }
 
   const at::ScalarType dtype = input.scalar_type();

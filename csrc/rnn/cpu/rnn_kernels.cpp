@@ -162,6 +162,11 @@ void backward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1
 
 extern const RnnCpuKernels BK_CAPABILITY_NAME(rnn_cpu_kernels) = {
     4 * at::vec::Vectorized<float>::size(),  // gemm_acc's column tile
+#if defined(CPU_CAPABILITY_DEFAULT)
+    false,
+#else
+    true,
+#endif
     &CPU_CAPABILITY::gemm_any,
     &CPU_CAPABILITY::forward_rows_any,
     &CPU_CAPABILITY::backward_rows_any,

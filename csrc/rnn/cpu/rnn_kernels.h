@@ -19,6 +19,10 @@ struct RnnCpuKernels {
   // recurrent product of a block of units and rows stays in cache until its
   // gates are applied.
   int64_t unit_block;
+  // Whether `gemm` is vectorized for this capability (AVX2, AVX512). The
+  // DEFAULT build's Vectorized is a plain array: there ATen's GEMM runs the
+  // products, and these loops only the gates.
+  bool own_gemm;
   // c[0:m][0:n] (+)= A b in the accumulator type: A(i, k) = a[i * a_row +
   // k * a_col], b row-major [k][n] with leading dim ldb, c with ldc.
   void (*gemm)(c10::ScalarType acc, int64_t m, int64_t n, int64_t k, const void* a, int64_t a_row, int64_t a_col,
