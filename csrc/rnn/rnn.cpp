@@ -170,10 +170,10 @@ std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
     const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
-    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, at::ScalarType gemm_dtype) {
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, const RnnGemm& gemm) {
   const at::ScalarType dtype = input.scalar_type();
   const auto none = [&] { return at::empty({0}, input.options()); };
-  const auto mm = [&](const at::Tensor& a, const at::Tensor& b) { return at::mm(a.to(gemm_dtype), b.to(gemm_dtype)).to(dtype); };
+  const auto mm = [&](const at::Tensor& a, const at::Tensor& b) { return gemm(a, b).to(dtype); };
   at::Tensor grad_input = output_mask[0] ? mm(dgates_x, w_ih) : none();
   at::Tensor grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
   if (output_mask[1]) {

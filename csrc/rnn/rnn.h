@@ -12,6 +12,7 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -70,15 +71,18 @@ std::vector<int64_t> rnn_previous_rows(const RnnPlan& plan, int64_t N);
 // For every sequence b, its last packed row in the direction's order: where h_n comes from.
 std::vector<int64_t> rnn_final_rows(const RnnPlan& plan, int64_t B);
 
+// a b for the gradient GEMMs below, in the device's choice of GEMM and type.
+using RnnGemm = std::function<at::Tensor(const at::Tensor& a, const at::Tensor& b)>;
+
 // The backward's gradients that take every row at once, from the gates'
 // gradients (dgates_h: GRU's through W_hh; the same tensor otherwise) and
-// every row's previous h, in the accumulator type: grad_input, grad_weight_ih,
-// grad_weight_hh, grad_bias_ih, grad_bias_hh in input's dtype (empty where
-// output_mask says they are not wanted). The GEMMs run in gemm_dtype: the
-// accumulator type on the CPU; on CUDA the input's dtype, on tensor cores
-// with float accumulation, as cuDNN's weight-gradient GEMMs do.
+// every row's previous h: grad_input, grad_weight_ih, grad_weight_hh,
+// grad_bias_ih, grad_bias_hh in input's dtype (empty where output_mask says
+// they are not wanted). The products run in `gemm`: on the CPU in the
+// accumulator type; on CUDA in the input's dtype, on tensor cores with float
+// accumulation, as cuDNN's weight-gradient GEMMs do.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_gemm_grads(
     const at::Tensor& dgates_x, const at::Tensor& dgates_h, const at::Tensor& h_prev, const at::Tensor& input,
-    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, at::ScalarType gemm_dtype);
+    const at::Tensor& w_ih, bool has_bias, RnnMode mode, std::array<bool, 3> output_mask, const RnnGemm& gemm);
 
 }  // namespace bigkernels

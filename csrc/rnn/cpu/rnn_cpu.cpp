@@ -70,15 +70,25 @@ at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block) {
       .contiguous();
 }
 
-// c[rows, cols] (+)= a[rows, k] b[k, cols] in parallel, b given as
-// column_panels(b, 1, kernels.unit_block); all in the accumulator type.
+// Depth of one call of kernels.gemm: a long product (the backward's weight
+// gradients sum over every row of the sequence) goes in slices whose part of
+// the b panel (256 x unit_block) stays in L2 while a task's rows reuse it.
+constexpr int64_t kDepthBlock = 256;
+
+// c[rows, cols] (+)= A b in parallel, A(i, k) = a[i * a_row + k * a_col] (so
+// A may be a transposed view), b given as column_panels(b, 1,
+// kernels.unit_block); all in the accumulator type.
 void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t rows, int64_t cols, int64_t k,
-                   const char* a, int64_t lda, const at::Tensor& b_panels, char* c, int64_t ldc, bool accumulate) {
+                   const char* a, int64_t a_row, int64_t a_col, const at::Tensor& b_panels, char* c, int64_t ldc,
+                   bool accumulate) {
   const int64_t e = c10::elementSize(acc), block = kernels.unit_block;
   const char* b = static_cast<const char*>(b_panels.const_data_ptr());
   parallel_blocks(rows, cols, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-    kernels.gemm(acc, r1 - r0, u1 - u0, k, a + r0 * lda * e, lda, 1, b + u0 / block * k * block * e, block,
-                 c + (r0 * ldc + u0) * e, ldc, accumulate);
+    for (int64_t k0 = 0; k0 < k; k0 += kDepthBlock) {
+      kernels.gemm(acc, r1 - r0, u1 - u0, std::min(kDepthBlock, k - k0), a + (r0 * a_row + k0 * a_col) * e, a_row,
+                   a_col, b + (u0 / block * k + k0) * block * e, block, c + (r0 * ldc + u0) * e, ldc,
+                   accumulate || k0 > 0);
+    }
   });
 }
 
@@ -92,8 +102,9 @@ GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b) {
   return {dense, kernels.own_gemm ? column_panels(dense, 1, kernels.unit_block) : at::Tensor()};
 }
 
-// c (+)= a b for contiguous row slices a [rows, K] and c [rows, N]: our
-// parallel GEMM, or ATen's where ours is not vectorized (the DEFAULT build).
+// c (+)= a b for a [rows, K] (with any strides) and a
+// contiguous c [rows, N]: our parallel GEMM, or ATen's where ours is not
+// vectorized (the DEFAULT build).
 void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, const GemmOperand& b,
                bool accumulate) {
   if (!kernels.own_gemm) {
@@ -105,7 +116,18 @@ void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, 
     return;
   }
   parallel_gemm(kernels, c.scalar_type(), c.size(0), c.size(1), a.size(1), static_cast<const char*>(a.const_data_ptr()),
-                a.size(1), b.panels, static_cast<char*>(c.mutable_data_ptr()), c.size(1), accumulate);
+                a.stride(0), a.stride(1), b.panels, static_cast<char*>(c.mutable_data_ptr()), c.size(1), accumulate);
+}
+
+// a b, a [M, K] and b [K, N] in the accumulator type. A transposed a (the
+// weight gradients' dgates^T) goes to ATen's GEMM: ours, which reads a along
+// rows, took 3 ms longer than MKL for each of an LSTM's two weight gradients,
+// even copying a's rows out per depth slice (docs/PERFORMANCE.md, entry 13).
+at::Tensor gemm(const RnnCpuKernels& kernels, const at::Tensor& a, const at::Tensor& b) {
+  if (a.stride(1) != 1) return at::mm(a, b);
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_rows(kernels, c, a, gemm_operand(kernels, b), false);
+  return c;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
@@ -223,14 +245,17 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
       }
     }
     at::Tensor dh_rows = dh.narrow(0, 0, bs);
-    dh_rows.add_(go.narrow(0, off, bs));
-    if (proj) {
+    if (proj) {  // the projection's output gradient, then the cell's h's
+      dh_rows.add_(go.narrow(0, off, bs));
       dr.narrow(0, off, bs).copy_(dh_rows);
       gemm_rows(kernels, dh_cell.narrow(0, 0, bs), dh_rows, w_hr_b, false);
     }
+    // Without a projection the gate loop adds the step's output gradient itself.
+    const char* grad_out = proj ? nullptr : row(go, off);
     parallel_blocks(bs, H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-      kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), row(ws, off), row(h_prev, off),
-                            row(c_prev, 0), row(dc, 0), row(dgates_x, off), gru ? row(dgates_h, off) : nullptr);
+      kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), grad_out, row(ws, off),
+                            row(h_prev, off), row(c_prev, 0), row(dc, 0), row(dgates_x, off),
+                            gru ? row(dgates_h, off) : nullptr);
     });
     // The gradient reaching the previous step's h (GRU adds to its direct part dh * z).
     gemm_rows(kernels, dh_rows, dgates_h.narrow(0, off, bs), w_hh_b, gru);
@@ -239,11 +264,12 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   const at::ScalarType dtype = input.scalar_type();
   const auto none = [&] { return at::empty({0}, input.options()); };
   auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
-      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask, acc);
+      rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask,
+                     [&](const at::Tensor& a, const at::Tensor& b) { return gemm(kernels, a.to(acc), b.to(acc)); });
   at::Tensor grad_w_hr = none();
   if (output_mask[1] && proj) {
     const at::Tensor h_cell = at::mul(ws.narrow(1, 3 * H, H), at::tanh(ws.narrow(1, 4 * H, H)));  // o * tanh(c)
-    grad_w_hr = at::mm(dr.t(), h_cell).to(dtype);
+    grad_w_hr = gemm(kernels, dr.t(), h_cell).to(dtype);
   }
   at::Tensor grad_hx = output_mask[2] ? dh.to(dtype) : none();
   at::Tensor grad_cx = output_mask[2] && lstm ? dc.to(dtype) : none();

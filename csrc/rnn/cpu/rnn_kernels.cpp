@@ -76,18 +76,19 @@ void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, 
 }
 
 template <typename C>
-void backward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H, C* dh, const C* ws,
-                   const C* h_prev, const C* c_prev, C* dc, C* dgx, C* dgh) {
+void backward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H, C* dh, const C* grad_out,
+                   const C* ws, const C* h_prev, const C* c_prev, C* dc, C* dgx, C* dgh) {
   using V = at::vec::Vectorized<C>;
   using M = MathOps<V>;
   const int64_t G = rnn_gates(mode), W = rnn_workspace_width(mode, H);
   const V one(1);
   for (int64_t r = r0; r < r1; ++r) {
     C* dhr = dh + r * H;
+    const C* gor = grad_out ? grad_out + r * H : nullptr;
     const C* w = ws + r * W;
     C* gx = dgx + r * G * H;
     for_each_vector<V>(u0, u1, [&](int64_t j, int64_t n) {
-      const V d = load<V>(dhr + j, n);
+      const V d = gor ? load<V>(dhr + j, n) + load<V>(gor + j, n) : load<V>(dhr + j, n);
       if (mode == RnnMode::kLSTM) {
         const V i = load<V>(w + j, n), f = load<V>(w + H + j, n), g = load<V>(w + 2 * H + j, n),
                 o = load<V>(w + 3 * H + j, n), tc = M::tanh(load<V>(w + 4 * H + j, n));
@@ -147,13 +148,13 @@ void forward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1,
 }
 
 void backward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
-                       void* dh, const void* ws, const void* h_prev, const void* c_prev, void* dc, void* dgates_x,
-                       void* dgates_h) {
+                       void* dh, const void* grad_out, const void* ws, const void* h_prev, const void* c_prev, void* dc,
+                       void* dgates_x, void* dgates_h) {
   dispatch_accumulator(acc, [&](auto a) {
     using C = decltype(a);
-    backward_rows(mode, r0, r1, u0, u1, H, static_cast<C*>(dh), static_cast<const C*>(ws),
-                  static_cast<const C*>(h_prev), static_cast<const C*>(c_prev), static_cast<C*>(dc),
-                  static_cast<C*>(dgates_x), static_cast<C*>(dgates_h));
+    backward_rows(mode, r0, r1, u0, u1, H, static_cast<C*>(dh), static_cast<const C*>(grad_out),
+                  static_cast<const C*>(ws), static_cast<const C*>(h_prev), static_cast<const C*>(c_prev),
+                  static_cast<C*>(dc), static_cast<C*>(dgates_x), static_cast<C*>(dgates_h));
   });
 }
 

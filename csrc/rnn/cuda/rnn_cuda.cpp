@@ -179,7 +179,9 @@ rnn_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_hy
   const at::Tensor h_prev = at::cat({out, h0}).index_select(0, on_device(rnn_previous_rows(plan, s.N), input.device()));
   auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
       rnn_gemm_grads(dgates_x, dgates_h, h_prev, input, w_ih, b_ih.has_value(), s.mode, output_mask,
-                     input.scalar_type());
+                     [&](const at::Tensor& a, const at::Tensor& b) {
+                       return at::mm(a.to(input.scalar_type()), b.to(input.scalar_type()));
+                     });
   const auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_hx = output_mask[2] ? dh.to(input.scalar_type()) : none();
   at::Tensor grad_cx = output_mask[2] && lstm ? dc.to(input.scalar_type()) : none();
