@@ -120,9 +120,9 @@ void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, 
 }
 
 // a b, a [M, K] and b [K, N] in the accumulator type. A transposed a (the
-// weight gradients' dgates^T) goes to ATen's GEMM: ours, which reads a along
-// rows, took 3 ms longer than MKL for each of an LSTM's two weight gradients,
-// even copying a's rows out per depth slice (docs/PERFORMANCE.md, entry 13).
+// weight gradients' dgates^T) goes to ATen's GEMM: ours, which broadcasts a
+// along its rows, took 3 ms longer than MKL for each of an LSTM's two weight
+// gradients, read in place or copied out (docs/PERFORMANCE.md, "RNN, CPU" 10).
 at::Tensor gemm(const RnnCpuKernels& kernels, const at::Tensor& a, const at::Tensor& b) {
   if (a.stride(1) != 1) return at::mm(a, b);
   at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
