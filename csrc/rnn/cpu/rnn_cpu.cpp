@@ -6,8 +6,8 @@
 // step cost more than the small product itself, and on this project's AMD
 // host MKL's sgemm was also slower for the big one (docs/PERFORMANCE.md).
 // Backward runs the steps in reverse the same way, keeps every step's gate
-// gradients, and ends with one GEMM each (ATen's) for the input and weight
-// gradients.
+// gradients, and ends with one GEMM each for the input gradient (ours) and
+// the weight gradients (ATen's, see gemm below).
 // Everything runs in the accumulator type (float; double for double inputs):
 // bfloat16 and half are converted at the edges, so the cell state and the
 // recurrent sums are float, and the outputs are rounded once.
@@ -102,9 +102,8 @@ GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b) {
   return {dense, kernels.own_gemm ? column_panels(dense, 1, kernels.unit_block) : at::Tensor()};
 }
 
-// c (+)= a b for a [rows, K] (with any strides) and a
-// contiguous c [rows, N]: our parallel GEMM, or ATen's where ours is not
-// vectorized (the DEFAULT build).
+// c (+)= a b for a [rows, K] (any strides) and a contiguous c [rows, N]: our
+// parallel GEMM, or ATen's where ours is not vectorized (the DEFAULT build).
 void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, const GemmOperand& b,
                bool accumulate) {
   if (!kernels.own_gemm) {

@@ -38,10 +38,10 @@ struct RnnCpuKernels {
   // dh: the gradient of the new h [.., H] from the later steps, plus
   // grad_out (the step's output gradient [.., H]) where that is not null;
   // GRU overwrites dh with its direct part (dh + grad_out) * z. ws: the
-  // forward's workspace rows; h_prev (GRU) and c_prev
-  // (LSTM) [.., H]; dc: LSTM's cell gradient, dc_t in, dc_{t-1} out. Writes
-  // the gates' gradients: dgates_x (through W_ih and b_ih) and, for GRU only,
-  // dgates_h (through W_hh and b_hh; the others use dgates_x for both).
+  // forward's workspace rows; h_prev (GRU) and c_prev (LSTM) [.., H]; dc:
+  // LSTM's cell gradient, dc_t in, dc_{t-1} out. Writes the gates' gradients:
+  // dgates_x (through W_ih and b_ih) and, for GRU only, dgates_h (through W_hh
+  // and b_hh; the others use dgates_x for both).
   void (*backward_rows)(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
                         void* dh, const void* grad_out, const void* ws, const void* h_prev, const void* c_prev,
                         void* dc, void* dgates_x, void* dgates_h);
