@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "rnn/cpu/rnn_kernels.h"
 #include "rnn/rnn.h"
@@ -144,52 +145,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
   const int64_t block = kernels.unit_block, G = rnn_gates(s.mode);
-  // The input projection of every step (biases first, then the product added).
+  // The input projection of every step; the gate loop adds its biases.
   at::Tensor bias_x, bias_hh;  // bias_hh: GRU's, applied inside the gates
   std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, s.mode, acc);
   at::Tensor xproj = new_acc({s.N, GH});
-  if (bias_x.defined()) xproj.copy_(bias_x.expand({s.N, GH}));
-  gemm_rows(kernels, xproj, in_acc(input), gemm_operand(kernels, in_acc(w_ih).t()), bias_x.defined());
+  gemm_rows(kernels, xproj, in_acc(input), gemm_operand(kernels, in_acc(w_ih).t()), false);
   // W_hh^T: for ATen's GEMM, or per gate in panels of `block` units, [G][H / block][Hout][block].
   const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();
   const at::Tensor w_hh_panels = kernels.own_gemm ? column_panels(w_hh_t, G, block) : at::Tensor();
   const GemmOperand w_hr_t = proj ? gemm_operand(kernels, in_acc(*w_hr).t()) : GemmOperand{};
 
-  // h: the state. Each step reads it whole and writes the new rows to h_next,
-  // copied back once every task is done.
-  at::Tensor h = new_acc({s.B, s.Hout}), h_next = new_acc({s.B, s.Hout});
-  h.copy_(hx);
+  // Each step writes its h straight into its output rows, and the next step
+  // reads them there: no state buffer to copy back and forth between steps.
+  const at::Tensor h0 = in_acc(hx);
   at::Tensor c;
   if (lstm) {
     c = new_acc({s.B, s.H});
     c.copy_(*cx);
   }
-  const at::Tensor h_cell = proj ? new_acc({s.B, s.H}) : h_next;  // where the cell writes its h
   at::Tensor out = new_acc({s.N, s.Hout});
+  const at::Tensor h_cell = proj ? new_acc({s.B, s.H}) : at::Tensor();  // the LSTM's h before its projection
   at::Tensor ws = new_acc({train ? s.N : 0, W});
   at::Tensor hproj = new_acc({s.B, GH});
 
   const int64_t e = out.element_size(), panels = blocks(s.H, block);
   for (int64_t step = 0; step < plan.steps(); ++step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
-    if (!kernels.own_gemm) gemm_rows(kernels, hproj.narrow(0, 0, bs), h.narrow(0, 0, bs), {w_hh_t, {}}, false);
-    parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-      for (int64_t g = 0; kernels.own_gemm && g < G; ++g) {  // this block's W_hh h for every gate
-        const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
-        kernels.gemm(acc, r1 - r0, u1 - u0, s.Hout, row(h, r0), s.Hout, 1, w, block,
-                     row(hproj, r0) + (g * s.H + u0) * e, GH, false);
+    // Rows [0, from_prev) continue the previous step's output rows; the
+    // others (the reverse direction's new sequences) start from h0. Both
+    // bases are indexed by the row.
+    const int64_t from_prev = plan.prev_rows(step);
+    const char* prev_base = step > 0 ? row(out, plan.offset[plan.time(step - 1)]) : nullptr;
+    const auto h_prev = [&](int64_t r) { return r < from_prev ? prev_base : row(h0, 0); };
+    char* h_out = proj ? row(h_cell, 0) : row(out, off);
+    if (!kernels.own_gemm) {  // the recurrent product on ATen's GEMM, before the gates
+      const GemmOperand w{w_hh_t, {}};
+      if (from_prev > 0) {
+        const at::Tensor prev = out.narrow(0, plan.offset[plan.time(step - 1)], from_prev);
+        gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev, w, false);
       }
-      kernels.forward_rows(acc, s.mode, r0, r1, u0, u1, s.H, row(xproj, off), row(hproj, 0), row(bias_hh, 0),
-                           row(h, 0), row(h_cell, 0), row(c, 0), train ? row(ws, off) : nullptr);
-    });
-    if (proj) {
-      gemm_rows(kernels, h_next.narrow(0, 0, bs), h_cell.narrow(0, 0, bs), w_hr_t, false);
+      if (bs > from_prev) {
+        gemm_rows(kernels, hproj.narrow(0, from_prev, bs - from_prev), h0.narrow(0, from_prev, bs - from_prev), w, false);
+      }
     }
-    std::memcpy(row(h, 0), row(h_next, 0), bs * s.Hout * e);
-    std::memcpy(row(out, off), row(h_next, 0), bs * s.Hout * e);
+    parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      // The block's rows, split where their previous h changes place.
+      for (int64_t ra = r0, rb; ra < r1; ra = rb) {
+        rb = ra < from_prev ? std::min(r1, from_prev) : r1;
+        const char* hp = h_prev(ra);
+        for (int64_t g = 0; kernels.own_gemm && g < G; ++g) {  // this block's W_hh h for every gate
+          const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
+          kernels.gemm(acc, rb - ra, u1 - u0, s.Hout, hp + ra * s.Hout * e, s.Hout, 1, w, block,
+                       row(hproj, ra) + (g * s.H + u0) * e, GH, false);
+        }
+        kernels.forward_rows(acc, s.mode, ra, rb, u0, u1, s.H, row(xproj, off), row(bias_x, 0), row(hproj, 0),
+                             row(bias_hh, 0), hp, h_out, row(c, 0), train ? row(ws, off) : nullptr);
+      }
+    });
+    if (proj) gemm_rows(kernels, out.narrow(0, off, bs), h_cell.narrow(0, 0, bs), w_hr_t, false);
   }
+  at::Tensor hy = new_acc({s.B, s.Hout});  // h_n: each sequence's last output row
+  const std::vector<int64_t> final_rows = rnn_final_rows(plan, s.B);
+  for (int64_t b = 0; b < s.B; ++b) std::memcpy(row(hy, b), row(out, final_rows[b]), s.Hout * e);
   const at::ScalarType dtype = input.scalar_type();
-  return {out.to(dtype), h.to(dtype), lstm ? c.to(dtype) : at::empty({0}, input.options()), ws};
+  return {out.to(dtype), hy.to(dtype), lstm ? c.to(dtype) : at::empty({0}, input.options()), ws};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -32,7 +32,7 @@ inline void store(typename V::value_type* p, const V& v, int64_t n) {
 
 template <typename C>
 void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H, const C* xproj,
-                  const C* hproj, const C* bias_hh, const C* h_prev, C* h_out, C* c, C* ws) {
+                  const C* bias_x, const C* hproj, const C* bias_hh, const C* h_prev, C* h_out, C* c, C* ws) {
   using V = at::vec::Vectorized<C>;
   using M = MathOps<V>;
   const int64_t G = rnn_gates(mode), W = rnn_workspace_width(mode, H);
@@ -42,7 +42,11 @@ void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, 
     C* hrow = h_out + r * H;
     C* w = ws ? ws + r * W : nullptr;
     for_each_vector<V>(u0, u1, [&](int64_t j, int64_t n) {
-      const auto gate = [&](int64_t k) { return load<V>(xr + k * H + j, n) + load<V>(hr + k * H + j, n); };
+      const auto x = [&](int64_t k) {  // gate k's input projection and bias
+        const V v = load<V>(xr + k * H + j, n);
+        return bias_x ? v + load<V>(bias_x + k * H + j, n) : v;
+      };
+      const auto gate = [&](int64_t k) { return x(k) + load<V>(hr + k * H + j, n); };
       if (mode == RnnMode::kLSTM) {
         const V i = stable_sigmoid(gate(0)), f = stable_sigmoid(gate(1)), g = M::tanh(gate(2)),
                 o = stable_sigmoid(gate(3));
@@ -58,10 +62,10 @@ void forward_rows(RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, 
           const V v = load<V>(hr + k * H + j, n);
           return bias_hh ? v + load<V>(bias_hh + k * H + j, n) : v;
         };
-        const V rg = stable_sigmoid(load<V>(xr + j, n) + hh(0));
-        const V z = stable_sigmoid(load<V>(xr + H + j, n) + hh(1));
+        const V rg = stable_sigmoid(x(0) + hh(0));
+        const V z = stable_sigmoid(x(1) + hh(1));
         const V hn = hh(2);
-        const V ng = M::tanh(load<V>(xr + 2 * H + j, n) + rg * hn);
+        const V ng = M::tanh(x(2) + rg * hn);
         const V hp = load<V>(h_prev + r * H + j, n);
         store(hrow + j, ng + z * (hp - ng), n);  // (1 - z) n + z h
         if (w) store(w + j, rg, n), store(w + H + j, z, n), store(w + 2 * H + j, ng, n), store(w + 3 * H + j, hn, n);
@@ -137,13 +141,13 @@ void gemm_any(c10::ScalarType acc, int64_t m, int64_t n, int64_t k, const void* 
 }
 
 void forward_rows_any(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
-                      const void* xproj, const void* hproj, const void* bias_hh, const void* h_prev, void* h_out,
-                      void* c, void* ws) {
+                      const void* xproj, const void* bias_x, const void* hproj, const void* bias_hh,
+                      const void* h_prev, void* h_out, void* c, void* ws) {
   dispatch_accumulator(acc, [&](auto a) {
     using C = decltype(a);
-    forward_rows(mode, r0, r1, u0, u1, H, static_cast<const C*>(xproj), static_cast<const C*>(hproj),
-                 static_cast<const C*>(bias_hh), static_cast<const C*>(h_prev), static_cast<C*>(h_out),
-                 static_cast<C*>(c), static_cast<C*>(ws));
+    forward_rows(mode, r0, r1, u0, u1, H, static_cast<const C*>(xproj), static_cast<const C*>(bias_x),
+                 static_cast<const C*>(hproj), static_cast<const C*>(bias_hh), static_cast<const C*>(h_prev),
+                 static_cast<C*>(h_out), static_cast<C*>(c), static_cast<C*>(ws));
   });
 }
 

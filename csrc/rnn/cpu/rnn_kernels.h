@@ -27,14 +27,15 @@ struct RnnCpuKernels {
   // k * a_col], b row-major [k][n] with leading dim ldb, c with ldc.
   void (*gemm)(c10::ScalarType acc, int64_t m, int64_t n, int64_t k, const void* a, int64_t a_row, int64_t a_col,
                const void* b, int64_t ldb, void* c, int64_t ldc, bool accumulate);
-  // Rows [r0, r1), units [u0, u1) of one step. xproj: W_ih x + biases (both,
-  // except GRU's b_hh), [.., G*H]; hproj: W_hh h_prev, [.., G*H]; bias_hh:
-  // GRU's b_hh or null. h_prev: [.., H] (read by GRU); h_out: [.., H], the new
-  // h (the LSTM's before its projection). c: LSTM's cell state [.., H],
-  // updated in place. ws: the workspace rows [.., rnn_workspace_width] or null.
+  // Rows [r0, r1), units [u0, u1) of one step. xproj: W_ih x, [.., G*H];
+  // bias_x: the biases added to it (b_ih, plus b_hh except GRU's), [G*H] or
+  // null; hproj: W_hh h_prev, [.., G*H]; bias_hh: GRU's b_hh or null. h_prev:
+  // [.., H] (read by GRU); h_out: [.., H], the new h (the LSTM's before its
+  // projection). c: LSTM's cell state [.., H], updated in place. ws: the
+  // workspace rows [.., rnn_workspace_width] or null.
   void (*forward_rows)(c10::ScalarType acc, RnnMode mode, int64_t r0, int64_t r1, int64_t u0, int64_t u1, int64_t H,
-                       const void* xproj, const void* hproj, const void* bias_hh, const void* h_prev, void* h_out,
-                       void* c, void* ws);
+                       const void* xproj, const void* bias_x, const void* hproj, const void* bias_hh,
+                       const void* h_prev, void* h_out, void* c, void* ws);
   // dh: the gradient of the new h [.., H] from the later steps, plus
   // grad_out (the step's output gradient [.., H]) where that is not null;
   // GRU overwrites dh with its direct part (dh + grad_out) * z. ws: the
