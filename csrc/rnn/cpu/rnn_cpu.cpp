@@ -172,27 +172,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   for (int64_t step = 0; step < plan.steps(); ++step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
     // Rows [0, from_prev) continue the previous step's output rows; the
-    // others (the reverse direction's new sequences) start from h0. Both
-    // bases are indexed by the row.
+    // others (the reverse direction's new sequences) start from h0. Row r's
+    // previous h is row r of one of these two, prev_rows or h0.
     const int64_t from_prev = plan.prev_rows(step);
-    const char* prev_base = step > 0 ? row(out, plan.offset[plan.time(step - 1)]) : nullptr;
-    const auto h_prev = [&](int64_t r) { return r < from_prev ? prev_base : row(h0, 0); };
+    const at::Tensor prev_rows = from_prev > 0 ? out.narrow(0, plan.offset[plan.time(step - 1)], from_prev) : h0;
     char* h_out = proj ? row(h_cell, 0) : row(out, off);
     if (!kernels.own_gemm) {  // the recurrent product on ATen's GEMM, before the gates
       const GemmOperand w{w_hh_t, {}};
-      if (from_prev > 0) {
-        const at::Tensor prev = out.narrow(0, plan.offset[plan.time(step - 1)], from_prev);
-        gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev, w, false);
-      }
-      if (bs > from_prev) {
-        gemm_rows(kernels, hproj.narrow(0, from_prev, bs - from_prev), h0.narrow(0, from_prev, bs - from_prev), w, false);
-      }
+      const int64_t fresh = bs - from_prev;
+      if (from_prev > 0) gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev_rows, w, false);
+      if (fresh > 0) gemm_rows(kernels, hproj.narrow(0, from_prev, fresh), h0.narrow(0, from_prev, fresh), w, false);
     }
     parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       // The block's rows, split where their previous h changes place.
       for (int64_t ra = r0, rb; ra < r1; ra = rb) {
         rb = ra < from_prev ? std::min(r1, from_prev) : r1;
-        const char* hp = h_prev(ra);
+        const char* hp = ra < from_prev ? row(prev_rows, 0) : row(h0, 0);
         for (int64_t g = 0; kernels.own_gemm && g < G; ++g) {  // this block's W_hh h for every gate
           const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
           kernels.gemm(acc, rb - ra, u1 - u0, s.Hout, hp + ra * s.Hout * e, s.Hout, 1, w, block,
