@@ -234,8 +234,25 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
     dc = new_acc({s.B, H});
     dc.copy_(grad_cy);
   }
-  at::Tensor h_prev = new_acc({s.N, s.Hout});  // every row's previous h: for dW_hh, and GRU's gates
-  at::Tensor c_prev = lstm ? new_acc({s.B, H}) : at::Tensor();
+  // Every row's previous h (for dW_hh, and GRU's gates) and previous c (the
+  // LSTM's gates): the previous step's row, or h0/c0 where a sequence starts.
+  // Gathered once, in parallel, so that the step loop copies nothing.
+  at::Tensor h_prev = new_acc({s.N, s.Hout});
+  at::Tensor c_prev = lstm ? new_acc({s.N, H}) : at::Tensor();
+  const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
+  at::parallel_for(0, plan.steps(), 1, [&](int64_t step0, int64_t step1) {
+    for (int64_t step = step0; step < step1; ++step) {
+      const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
+      const int64_t from_prev = plan.prev_rows(step);  // rows [0, from_prev) continue step - 1
+      const int64_t prev_off = step > 0 ? plan.offset[plan.time(step - 1)] : 0;
+      std::memcpy(row(h_prev, off), row(out, prev_off), from_prev * hbytes);
+      std::memcpy(row(h_prev, off + from_prev), row(hx_acc, from_prev), (bs - from_prev) * hbytes);
+      for (int64_t b = 0; lstm && b < bs; ++b) {  // c sits in the workspace rows, 4H in
+        const char* src = b < from_prev ? row(ws, prev_off + b) + 4 * cbytes : row(cx_acc, b);
+        std::memcpy(row(c_prev, off + b), src, cbytes);
+      }
+    }
+  });
   at::Tensor dgates_x = new_acc({s.N, GH});
   at::Tensor dgates_h = gru ? new_acc({s.N, GH}) : dgates_x;
   at::Tensor dr = proj ? new_acc({s.N, s.Hout}) : at::Tensor();  // the projection's output gradient
@@ -244,19 +261,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
   const GemmOperand w_hh_b = gemm_operand(kernels, w_hh_acc);
   const GemmOperand w_hr_b = proj ? gemm_operand(kernels, w_hr_acc) : GemmOperand{};
-  const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
   for (int64_t step = plan.steps() - 1; step >= 0; --step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
-    const int64_t from_prev = plan.prev_rows(step);  // rows [0, from_prev) continue step - 1
-    const int64_t prev_off = step > 0 ? plan.offset[plan.time(step - 1)] : 0;
-    std::memcpy(row(h_prev, off), row(out, prev_off), from_prev * hbytes);
-    std::memcpy(row(h_prev, off + from_prev), row(hx_acc, from_prev), (bs - from_prev) * hbytes);
-    if (lstm) {
-      for (int64_t b = 0; b < bs; ++b) {
-        const char* src = b < from_prev ? row(ws, prev_off + b) + 4 * cbytes : row(cx_acc, b);
-        std::memcpy(row(c_prev, b), src, cbytes);
-      }
-    }
     at::Tensor dh_rows = dh.narrow(0, 0, bs);
     if (proj) {  // the projection's output gradient, then the cell's h's
       dh_rows.add_(go.narrow(0, off, bs));
@@ -267,7 +273,7 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
     const char* grad_out = proj ? nullptr : row(go, off);
     parallel_blocks(bs, H, kernels.unit_block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       kernels.backward_rows(acc, s.mode, r0, r1, u0, u1, H, row(dh_cell, 0), grad_out, row(ws, off),
-                            row(h_prev, off), row(c_prev, 0), row(dc, 0), row(dgates_x, off),
+                            row(h_prev, off), row(c_prev, off), row(dc, 0), row(dgates_x, off),
                             gru ? row(dgates_h, off) : nullptr);
     });
     // The gradient reaching the previous step's h (GRU adds to its direct part dh * z).
