@@ -137,6 +137,15 @@ def test_packed_unsorted_lengths(cell, nonlinearity, bidirectional, batch_first)
                  batch_first=batch_first, nonlinearity=nonlinearity or "tanh", lengths=[3, 7, 1, 7, 5])
 
 
+@pytest.mark.parametrize("cell,proj_size", [("lstm", 0), ("lstm", 5), ("gru", 0), ("rnn", 0)])
+def test_packed_batch_wider_than_a_task(cell, proj_size):
+    # 37 sequences: a step's rows span two of the CPU kernels' 32-row blocks, and in the reverse
+    # direction the rows that start from h0 fall inside a block as well as at its edge.
+    lengths = [9, 1, 4, 9, 2, 7, 5, 3, 8, 6] * 3 + [1, 9, 2, 8, 3, 7, 4]
+    check_module(cell, torch.float32, T=9, B=37, I=6, H=70, num_layers=1, bidirectional=True,
+                 proj_size=proj_size, lengths=lengths)
+
+
 @pytest.mark.parametrize("cell,nonlinearity", CELLS, ids=CELL_IDS)
 def test_unbatched_input(cell, nonlinearity):
     check_module(cell, torch.float32, T=5, B=1, I=3, H=8, num_layers=2, bidirectional=True,
