@@ -240,16 +240,13 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   at::Tensor h_prev = new_acc({s.N, s.Hout});
   at::Tensor c_prev = lstm ? new_acc({s.N, H}) : at::Tensor();
   const int64_t hbytes = s.Hout * out.element_size(), cbytes = H * out.element_size();
-  at::parallel_for(0, plan.steps(), 1, [&](int64_t step0, int64_t step1) {
-    for (int64_t step = step0; step < step1; ++step) {
-      const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
-      const int64_t from_prev = plan.prev_rows(step);  // rows [0, from_prev) continue step - 1
-      const int64_t prev_off = step > 0 ? plan.offset[plan.time(step - 1)] : 0;
-      std::memcpy(row(h_prev, off), row(out, prev_off), from_prev * hbytes);
-      std::memcpy(row(h_prev, off + from_prev), row(hx_acc, from_prev), (bs - from_prev) * hbytes);
-      for (int64_t b = 0; lstm && b < bs; ++b) {  // c sits in the workspace rows, 4H in
-        const char* src = b < from_prev ? row(ws, prev_off + b) + 4 * cbytes : row(cx_acc, b);
-        std::memcpy(row(c_prev, off + b), src, cbytes);
+  const std::vector<int64_t> prev = rnn_previous_rows(plan, s.N);  // an output row, or N + a row of h0/c0
+  at::parallel_for(0, s.N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bool fresh = prev[r] >= s.N;
+      std::memcpy(row(h_prev, r), fresh ? row(hx_acc, prev[r] - s.N) : row(out, prev[r]), hbytes);
+      if (lstm) {  // c sits in the workspace rows, 4H in
+        std::memcpy(row(c_prev, r), fresh ? row(cx_acc, prev[r] - s.N) : row(ws, prev[r]) + 4 * cbytes, cbytes);
       }
     }
   });
