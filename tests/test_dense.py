@@ -160,6 +160,24 @@ def test_double_backward_cpu_float64(activation):
     assert torch.autograd.gradgradcheck(lambda *t: bigkernels.dense(*t, activation=activation), (x, w, b))
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "tanh", "swiglu"])
+def test_create_graph_gradients_match_the_kernels(activation):
+    # Under create_graph=True the backward runs on the reference's ops;
+    # gradgradcheck differentiates whatever that backward returns, so it cannot
+    # see its values being wrong: compare them with the kernels' backward.
+    gen = torch.Generator().manual_seed(7)
+    rows = 6 if activation in GATED else 3
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((4, 5), (rows, 5), (rows,)))
+    out = bigkernels.dense(x, w, b, activation)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    plain = torch.autograd.grad(out, (x, w, b), grad, retain_graph=True)
+    again = torch.autograd.grad(out, (x, w, b), grad, create_graph=True)
+    assert again[0].requires_grad and again[1].requires_grad  # the differentiable backward ran
+    for name, p, a in zip(("input", "weight", "bias"), plain, again):
+        torch.testing.assert_close(a, p, msg=lambda m: f"grad of {name}: {m}")
+
+
 def sample_forward_args(activation, save_preactivation, requires_grad, device="cpu"):
     gen = torch.Generator().manual_seed(2)
     rows = 10 if activation in GATED else 5

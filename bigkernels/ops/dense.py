@@ -117,39 +117,15 @@ def _register():
 
         return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_like(bias, output_mask[2])
 
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, activation, _ = inputs
-        out, preact = output
-        ctx.set_materialize_grads(False)  # preact's gradient is always None: don't fill zeros
-        ctx.activation = activation
-        ctx.saved_is_output = activation in DERIVATIVE_FROM_OUTPUT
-        # preact is empty when it was not kept: backward then recomputes it.
-        ctx.save_for_backward(input, weight, bias, out if ctx.saved_is_output else preact)
-
-    def backward(ctx, grad_output, _grad_preact):
-        if grad_output is None:  # grads are not materialized: no gradient flows in
-            return None, None, None, None, None
-        input, weight, bias, saved = ctx.saved_tensors
-        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): the backward must itself be
-            # differentiable, so take it through the reference's PyTorch ops.
-            wanted = [t for t, m in zip((input, weight, bias), mask) if m]
-            grads = iter(torch.autograd.grad(reference.dense(input, weight, bias, ctx.activation), wanted,
-                                             grad_output, create_graph=True))
-            return tuple(next(grads) if m else None for m in mask) + (None, None)
-        grad_input, grad_weight, grad_bias = torch.ops.bigkernels.dense_backward(
-            grad_output, input, weight, bias, saved, ctx.activation, ctx.saved_is_output, mask
-        )
-        return (
-            grad_input if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] and bias is not None else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd("bigkernels::dense_forward", backward, setup_context=setup_context)
+    # Autograd is registered in C++ (csrc/dense/dense_autograd.cpp); its
+    # double backward (create_graph=True) calls this, which differentiates
+    # the reference's PyTorch ops, themselves differentiable.
+    @torch.library.impl("bigkernels::dense_backward_reference", "CompositeImplicitAutograd")
+    def _dense_backward_reference(grad_output, input, weight, bias, activation, output_mask):
+        wanted = [t for t, m in zip((input, weight, bias), output_mask) if m]
+        grads = iter(torch.autograd.grad(reference.dense(input, weight, bias, activation), wanted, grad_output,
+                                         create_graph=True))
+        return tuple(next(grads) if m else input.new_empty((0,)) for m in output_mask)
 
 
 if _ext.LOADED:

@@ -135,4 +135,9 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "dense_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor saved, str activation, bool saved_is_output, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The same gradients through reference.py's differentiable PyTorch ops, for
+  // double backward (create_graph=True); implemented in bigkernels/ops/dense.py.
+  m.def(
+      "dense_backward_reference(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "str activation, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
