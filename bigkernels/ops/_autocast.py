@@ -5,6 +5,9 @@ the torch op they replace (F.linear, F.scaled_dot_product_attention)."""
 import torch
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+# Whether autocast is on for any device type (a private torch function; where
+# it is missing, say yes and let the per-device check below decide).
+_ANY_AUTOCAST_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_enabled(device_type):
@@ -19,6 +22,8 @@ def autocast_inputs(first, *others):
     first's device. Like autocast, leaves float64, non-float tensors (bool
     masks) and non-tensors alone."""
     tensors = (first,) + others
+    if not _ANY_AUTOCAST_ENABLED():  # the common case, answered in one C call
+        return tensors
     if not isinstance(first, torch.Tensor) or not _autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)

@@ -85,13 +85,19 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
     """
     activation = normalize_activation(activation)
     check_recompute(recompute)
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     input, weight, bias = autocast_inputs(input, weight, bias)
-    check_dense_args(input, weight, bias, activation)
     if not _ext.LOADED:
+        check_dense_args(input, weight, bias, activation)
         return reference.dense(input, weight, bias, activation)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
+    # The op checks the rest itself (in C++, or in its fake implementation):
+    # checking here as well cost a few microseconds per call.
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     save_preactivation = (
         needs_grad and not recompute and activation != "none" and activation not in DERIVATIVE_FROM_OUTPUT
     )

@@ -26,9 +26,9 @@ Activation parse_activation(c10::string_view name) {
 
 DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, Activation act) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-                   "bigkernels.dense: input must be a floating-point tensor, got ",
-                   input.scalar_type());
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   "bigkernels.dense: input must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(),
                    "bigkernels.dense: weight dtype ", weight.scalar_type(),
                    " does not match input dtype ", input.scalar_type());

@@ -59,6 +59,9 @@ struct DenseFunction : public torch::autograd::Function<DenseFunction> {
       g = op.call(grad_output, input, weight, bias, activation, mask);
     } else {
       static const auto op = find_op<DenseBackwardSig>("bigkernels::dense_backward");
+      // Straight to the device kernel: through autograd's not-implemented
+      // fallback the call is boxed, which cost a few microseconds here.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       g = op.call(grad_output, input, weight, bias, saved[3], activation,
                   ctx->saved_data["saved_is_output"].toBool(), mask);
     }
