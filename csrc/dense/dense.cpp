@@ -63,6 +63,15 @@ std::vector<int64_t> leading_shape_with(const at::Tensor& input, int64_t last) {
   return shape;
 }
 
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  if (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols) return t.contiguous();
+  return t.reshape({rows, cols}).contiguous();
+}
+
+at::Tensor with_leading_dims_of(const at::Tensor& input, const at::Tensor& rows) {
+  return input.dim() == 2 ? rows : rows.view(leading_shape_with(input, rows.size(1)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& saved,
@@ -71,15 +80,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
   const Activation act = parse_activation(activation);
   const DenseShape s = check_dense_args(input, weight, bias, act);
   const c10::DeviceGuard guard(input.device());
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(leading_shape_with(input, s.Nout)),
-                    "bigkernels.dense_backward: grad_output has shape ", grad_output.sizes(),
-                    " but the output has shape ", at::IntArrayRef(leading_shape_with(input, s.Nout)));
+  const bool grad_output_fits = grad_output.dim() == input.dim() &&
+                                grad_output.sizes().slice(0, input.dim() - 1) ==
+                                    input.sizes().slice(0, input.dim() - 1) &&
+                                grad_output.size(-1) == s.Nout;
+  TORCH_CHECK_VALUE(grad_output_fits, "bigkernels.dense_backward: grad_output has shape ",
+                    grad_output.sizes(), " but the output has shape ",
+                    at::IntArrayRef(leading_shape_with(input, s.Nout)));
   TORCH_CHECK_VALUE(!saved_is_output || derivative_from_output(act), "bigkernels.dense_backward: "
                     "activation '", std::string(activation), "' needs the pre-activation, not the output");
 
-  const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
+  const at::Tensor x = as_matrix(input, s.M, s.K);
   const at::Tensor w = weight.contiguous();
-  const at::Tensor g = grad_output.reshape({s.M, s.Nout}).contiguous().to(input.scalar_type());
+  at::Tensor g = as_matrix(grad_output, s.M, s.Nout);
+  if (g.scalar_type() != x.scalar_type()) g = g.to(x.scalar_type());
 
   at::Tensor grad_preact;
   at::Tensor grad_bias_acc;  // summed in float32 (float64 for double inputs)
@@ -95,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     if (saved.numel() > 0 || s.M * saved_width == 0) {
       TORCH_CHECK_VALUE(saved.numel() == s.M * saved_width, "bigkernels.dense_backward: saved "
                         "has ", saved.numel(), " elements, expected ", s.M * saved_width);
-      z = saved.reshape({s.M, saved_width}).contiguous();
+      z = as_matrix(saved, s.M, saved_width);
     } else {
       // recompute: the caller chose not to keep the pre-activation
       TORCH_CHECK_VALUE(!saved_is_output, "bigkernels.dense_backward: the saved output is empty "
@@ -110,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
 
   // Gradients not asked for come back empty (each its own tensor: outputs must not alias).
   auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_input = output_mask[0] ? at::mm(grad_preact, w).reshape(input.sizes()) : none();
+  at::Tensor grad_input = output_mask[0] ? at::mm(grad_preact, w).view(input.sizes()) : none();
   at::Tensor grad_weight = output_mask[1] ? at::mm(grad_preact.t(), x) : none();
   // ATen's own sum (which accumulates half and bf16 in float anyway): asking
   // it for a float result from bf16 input takes a path 8x slower on the CPU.

@@ -32,6 +32,13 @@ DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
 // input.shape[:-1] + [last]
 std::vector<int64_t> leading_shape_with(const at::Tensor& input, int64_t last);
 
+// t viewed as [rows, cols], contiguous: t itself when it is that already
+// (the common 2-d case; a reshape is a dispatcher call, ~0.5 us per call).
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
+
+// A [M, width] result given input's leading dims: itself when input is 2-d.
+at::Tensor with_leading_dims_of(const at::Tensor& input, const at::Tensor& rows);
+
 // The backward that is the same on every device: recompute or take the saved
 // pre-activation, turn grad_output into grad of the pre-activation with the
 // device's fused kernel (activation gradient and bias reduction in one pass),

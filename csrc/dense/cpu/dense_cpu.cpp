@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                                                      bool save_preactivation) {
   const Activation act = parse_activation(activation);
   const DenseShape s = check_dense_args(input, weight, bias, act);
-  const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
+  const at::Tensor x = as_matrix(input, s.M, s.K);
   const at::Tensor wt = weight.contiguous().t();
   // One GEMM with the bias folded in, which BLAS parallelises well, then the
   // activation in one parallel pass. Splitting the GEMM into blocks of rows
@@ -55,9 +55,8 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
     });
   }
 
-  at::Tensor preact = save_preactivation ? z.view(leading_shape_with(input, s.Nz))
-                                         : at::empty({0}, x.options());
-  return {out.view(leading_shape_with(input, s.Nout)), preact};
+  at::Tensor preact = save_preactivation ? with_leading_dims_of(input, z) : at::empty({0}, x.options());
+  return {with_leading_dims_of(input, out), preact};
 }
 
 void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved, Activation act,

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   const DenseShape s = check_dense_args(input, weight, bias, act);
   const c10::cuda::CUDAGuard guard(input.device());
 
-  const at::Tensor x = input.reshape({s.M, s.K}).contiguous();
+  const at::Tensor x = as_matrix(input, s.M, s.K);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.M, s.Nout}, x.options());
@@ -65,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
               "this GPU has ", major, ".x (float32 and float64 run on any GPU)");
   C10_CUDA_CHECK(cuda::launch_dense_forward(p, c10::cuda::getCurrentCUDAStream()));
 
-  if (save_preactivation) preact = preact.view(leading_shape_with(input, s.Nz));
-  return {out.view(leading_shape_with(input, s.Nout)), preact};
+  if (save_preactivation) preact = with_leading_dims_of(input, preact);
+  return {with_leading_dims_of(input, out), preact};
 }
 
 void activation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& saved, Activation act,
