@@ -209,6 +209,22 @@ def test_double_backward_float64():
     assert torch.autograd.gradgradcheck(lambda *t: ours(*t, is_causal=True), inputs)
 
 
+def test_create_graph_gradients_match_the_kernels():
+    # Under create_graph=True the backward runs on the reference's ops;
+    # gradgradcheck differentiates whatever that backward returns, so it cannot
+    # see its values being wrong: compare them with the kernels' backward.
+    q, k, v, _ = make_inputs(2, 4, 2, 6, 9, 5, 3, seed=31)
+    bias = torch.randn(1, 1, 6, 9, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    out = attention(*inputs[:3], attn_mask=inputs[3], enable_gqa=True, window=(3, 1))
+    grad = torch.randn_like(out)
+    plain = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    again = torch.autograd.grad(out, inputs, grad, create_graph=True)
+    assert all(a.requires_grad for a in again)  # the differentiable backward ran
+    for p, a in zip(plain, again):
+        torch.testing.assert_close(a, p)
+
+
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 def test_opcheck(mask):
     q, k, v, grad = (t.float() for t in make_inputs(2, 4, 2, 9, 11, 8, 6, seed=10))

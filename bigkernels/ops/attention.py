@@ -197,39 +197,19 @@ def _register():
         grad_attn_mask = attn_mask.new_empty(attn_mask.shape) if grad_mask else query.new_empty((0,))
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_attn_mask
 
-    def setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, scale, left, right, offset, dropout_p, seed = inputs
-        out, lse = output
-        ctx.set_materialize_grads(False)
-        ctx.args = (scale, left, right, offset, dropout_p, seed)
-        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
-
-    def backward(ctx, grad_out, _grad_lse):
-        nones = (None,) * 6  # scale, the window, offset, dropout_p, seed: no gradient
-        if grad_out is None:
-            return (None,) * 4 + nones
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
-        scale, left, right, offset, dropout_p, seed = ctx.args
-        needs = ctx.needs_input_grad[:4]  # query, key, value, attn_mask (a float mask that requires grad)
-        if torch.is_grad_enabled():
-            if dropout_p > 0:
-                raise NotImplementedError("bigkernels.scaled_dot_product_attention: double backward "
-                                          "(create_graph=True) with dropout_p > 0 is not supported")
-            # create_graph=True (double backward): through the reference's PyTorch ops
-            wanted = [t for t, m in zip((query, key, value, attn_mask), needs) if m]
-            L, S = query.shape[-2], key.shape[-2]
-            allowed = reference.window_mask(L, S, left, right, offset, query.device)
-            mask = allowed if attn_mask is None else (
-                allowed & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~allowed, float("-inf")))
-            again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale,
-                                                              enable_gqa=True)
-            grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
-            return tuple(next(grads) if m else None for m in needs) + nones
-        grads = torch.ops.bigkernels.attention_backward(grad_out, query, key, value, attn_mask, out, lse, scale,
-                                                        left, right, offset, dropout_p, seed, bool(needs[3]))
-        return tuple(g if m else None for g, m in zip(grads, needs)) + nones
-
-    torch.library.register_autograd("bigkernels::attention_forward", backward, setup_context=setup_context)
+    # Autograd is registered in C++ (csrc/attention/attention_autograd.cpp);
+    # its double backward (create_graph=True) calls this, which differentiates
+    # the reference's PyTorch ops, themselves differentiable.
+    @torch.library.impl("bigkernels::attention_backward_reference", "CompositeImplicitAutograd")
+    def _backward_reference(grad_out, query, key, value, attn_mask, scale, left, right, offset, output_mask):
+        wanted = [t for t, m in zip((query, key, value, attn_mask), output_mask) if m]
+        L, S = query.shape[-2], key.shape[-2]
+        allowed = reference.window_mask(L, S, left, right, offset, query.device)
+        mask = allowed if attn_mask is None else (
+            allowed & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~allowed, float("-inf")))
+        again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale, enable_gqa=True)
+        grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
+        return tuple(next(grads) if m else query.new_empty((0,)) for m in output_mask)
 
 
 if _ext.LOADED and hasattr(torch.ops.bigkernels, "attention_forward"):

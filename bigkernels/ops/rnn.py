@@ -132,37 +132,25 @@ def _register():
                 like(b_ih, output_mask[1]), like(b_hh, output_mask[1]), like(w_hr, output_mask[1]),
                 like(hx, output_mask[2]), like(cx, output_mask[2]))
 
-    def setup_context(ctx, inputs, output):
-        input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, reverse, _ = inputs
-        ctx.mode, ctx.reverse = mode, reverse
-        ctx.save_for_backward(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output[0], output[3])
-
-    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-        input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output, workspace = ctx.saved_tensors
+    # Autograd is registered in C++ (csrc/rnn/rnn_autograd.cpp); its double
+    # backward (create_graph=True) calls this, which differentiates the
+    # reference's PyTorch ops, themselves differentiable.
+    @torch.library.impl("bigkernels::rnn_layer_backward_reference", "CompositeImplicitAutograd")
+    def _backward_reference(grad_output, grad_hy, grad_cy, input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx,
+                            mode, reverse, output_mask):
         tensors = (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx)
-        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7, 8)]
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): take the backward through
-            # the reference's PyTorch ops, which are themselves differentiable.
-            wanted = [t for t, m in zip(tensors, needs) if m]
-            out, hy, cy = reference.rnn_layer(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, ctx.mode,
-                                              ctx.reverse)
-            outs, grads_in = [out, hy], [grad_output, grad_hy]
-            if cy is not None:
-                outs.append(cy)
-                grads_in.append(grad_cy)
-            grads = iter(torch.autograd.grad(outs, wanted, grads_in, create_graph=True, allow_unused=True))
-            result = [next(grads) if m else None for m in needs]
-        else:
-            mask = [needs[0], any(needs[1:6]), any(needs[6:])]
-            result = torch.ops.bigkernels.rnn_layer_backward(
-                grad_output, grad_hy, grad_cy, input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, output,
-                workspace, ctx.mode, ctx.reverse, mask)
-            result = [g if m and t is not None else None for g, m, t in zip(result, needs, tensors)]
-        grad_input, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, g_hx, g_cx = result
-        return grad_input, None, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, g_hx, g_cx, None, None, None
-
-    torch.library.register_autograd("bigkernels::rnn_layer_forward", backward, setup_context=setup_context)
+        wanted = [t for t, m in zip(tensors, output_mask) if m]
+        out, hy, cy = reference.rnn_layer(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, reverse)
+        outs, grads_in = [out, hy], [grad_output, grad_hy]
+        if cy is not None:
+            outs.append(cy)
+            grads_in.append(grad_cy)
+        grads = iter(torch.autograd.grad(outs, wanted, grads_in, create_graph=True, allow_unused=True))
+        result = []
+        for t, m in zip(tensors, output_mask):
+            g = next(grads) if m else None
+            result.append(input.new_empty((0,)) if not m else (torch.zeros_like(t) if g is None else g))
+        return tuple(result)
 
 
 if _ext.LOADED:

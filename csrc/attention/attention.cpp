@@ -113,4 +113,11 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
       "float dropout_p, int dropout_seed, bool grad_mask=False) -> (Tensor grad_query, Tensor grad_key, "
       "Tensor grad_value, Tensor grad_attn_mask)");
+  // The same gradients through reference.py's differentiable PyTorch ops, for
+  // double backward (create_graph=True; without dropout); implemented in
+  // bigkernels/ops/attention.py. Those not asked for in output_mask are empty.
+  m.def(
+      "attention_backward_reference(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
+      "Tensor? attn_mask, float scale, int window_left, int window_right, int diagonal_offset, "
+      "bool[4] output_mask) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
 }

@@ -16,6 +16,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <array>
+#include <optional>
+
 namespace bigkernels {
 
 // The typed handle of one of our ops, looked up once per call site:
@@ -23,6 +26,23 @@ namespace bigkernels {
 template <class Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Which of a Function's tensor arguments need a gradient, by argument.
+// `given[i]` says whether argument i was passed: autograd numbers only the
+// given ones (an absent optional tensor takes no edge).
+template <size_t N>
+std::array<bool, N> needs_grad_by_argument(const torch::autograd::AutogradContext* ctx,
+                                           const std::array<bool, N>& given) {
+  std::array<bool, N> needs{};
+  size_t edge = 0;
+  for (size_t i = 0; i < N; ++i) needs[i] = given[i] && ctx->needs_input_grad(edge++);
+  return needs;
+}
+
+// An optional tensor from a saved one (saved undefined when it was absent).
+inline std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 }  // namespace bigkernels

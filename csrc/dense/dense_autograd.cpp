@@ -46,12 +46,9 @@ struct DenseFunction : public torch::autograd::Function<DenseFunction> {
     variable_list result(5);  // input, weight, bias, activation, save_preactivation
     if (!grad_output.defined()) return result;  // no gradient flows in
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias_or_undefined = saved[2];
-    const std::optional<at::Tensor> bias =
-        bias_or_undefined.defined() ? std::optional<at::Tensor>(bias_or_undefined) : std::nullopt;
-    // needs_input_grad counts the tensor arguments that were given: an absent bias has none.
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   bias.has_value() && ctx->needs_input_grad(2)};
+    const at::Tensor &input = saved[0], &weight = saved[1];
+    const std::optional<at::Tensor> bias = optional_tensor(saved[2]);
+    const std::array<bool, 3> mask = needs_grad_by_argument<3>(ctx, {true, true, bias.has_value()});
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     std::tuple<at::Tensor, at::Tensor, at::Tensor> g;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a backward that is differentiable

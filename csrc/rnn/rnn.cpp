@@ -203,4 +203,11 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
         "Tensor? batch_sizes, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
         "Tensor? weight_hr, Tensor hx, Tensor? cx, Tensor output, Tensor workspace, str mode, bool reverse, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same gradients through reference.py's differentiable PyTorch ops, for
+  // double backward (create_graph=True); implemented in bigkernels/ops/rnn.py.
+  // output_mask: one per gradient; those not asked for are empty.
+  m.def("rnn_layer_backward_reference(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
+        "Tensor? batch_sizes, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+        "Tensor? weight_hr, Tensor hx, Tensor? cx, str mode, bool reverse, bool[8] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,95 @@
+// Autograd for attention_forward, in C++ (see common/autograd.h for why).
+#include <torch/library.h>
+
+#include "common/autograd.h"
+
+namespace bigkernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using AttentionForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, int64_t,
+    int64_t, int64_t, double, int64_t);
+using AttentionBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, double, int64_t, bool);
+using AttentionBackwardReferenceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    double, int64_t, int64_t, int64_t, std::array<bool, 4>);
+
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, double scale,
+                               int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p,
+                               int64_t dropout_seed) {
+    static const auto op = find_op<AttentionForwardSig>("bigkernels::attention_forward");
+    at::Tensor out, lse;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, lse) = op.call(query, key, value, attn_mask, scale, window_left, window_right,
+                                   diagonal_offset, dropout_p, dropout_seed);
+    }
+    ctx->set_materialize_grads(false);  // lse never gets a gradient: don't fill zeros for it
+    ctx->mark_non_differentiable({lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["diagonal_offset"] = diagonal_offset;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["dropout_seed"] = dropout_seed;
+    ctx->save_for_backward({query, key, value, attn_mask.value_or(at::Tensor()), out, lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_output = grads[0];
+    variable_list result(10);  // query, key, value, attn_mask, then six numbers
+    if (!grad_output.defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &query = saved[0], &key = saved[1], &value = saved[2];
+    const std::optional<at::Tensor> attn_mask = optional_tensor(saved[3]);
+    // A float mask that requires grad gets one; a bool mask cannot.
+    const std::array<bool, 4> needs = needs_grad_by_argument<4>(ctx, {true, true, true, attn_mask.has_value()});
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t left = ctx->saved_data["window_left"].toInt();
+    const int64_t right = ctx->saved_data["window_right"].toInt();
+    const int64_t offset = ctx->saved_data["diagonal_offset"].toInt();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a backward that is differentiable
+      TORCH_CHECK_NOT_IMPLEMENTED(dropout_p == 0, "bigkernels.scaled_dot_product_attention: double backward "
+                                  "(create_graph=True) with dropout_p > 0 is not supported");
+      static const auto op =
+          find_op<AttentionBackwardReferenceSig>("bigkernels::attention_backward_reference");
+      g = op.call(grad_output, query, key, value, attn_mask, scale, left, right, offset, needs);
+    } else {
+      static const auto op = find_op<AttentionBackwardSig>("bigkernels::attention_backward");
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // not boxed through autograd's fallback
+      g = op.call(grad_output, query, key, value, attn_mask, saved[4], saved[5], scale, left, right, offset,
+                  dropout_p, ctx->saved_data["dropout_seed"].toInt(), needs[3]);
+    }
+    if (needs[0]) result[0] = std::get<0>(g);
+    if (needs[1]) result[1] = std::get<1>(g);
+    if (needs[2]) result[2] = std::get<2>(g);
+    if (needs[3]) result[3] = std::get<3>(g);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left, int64_t window_right,
+    int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+  const variable_list out = AttentionFunction::apply(query, key, value, attn_mask, scale, window_left, window_right,
+                                                     diagonal_offset, dropout_p, dropout_seed);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace bigkernels
+
+TORCH_LIBRARY_IMPL(bigkernels, Autograd, m) {
+  m.impl("attention_forward", &bigkernels::attention_forward_autograd);
+}
