@@ -37,6 +37,9 @@ class Case:
     flops: float  # forward FLOPs
     make: Callable[[], dict]  # -> {variant name: Variant}, built only when the case runs
     backward_flops_factor: float = 2.0  # backward = this x forward (dense: two GEMMs of the same size)
+    # Calls per timed sample, which then records their mean: for calls of a few
+    # microseconds, where one call is too short to time alone.
+    calls_per_sample: int = 1
 
 
 # ---------------------------------------------------------------- timing
@@ -86,8 +89,19 @@ def _error(e):
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
 
 
-def measure_pass(variants, pass_, device, warmup, repeats, budget_s):
-    """-> {name: (status, median ms, samples, peak MiB or None, message)}.
+def _repeated(step, calls):
+    """step run `calls` times in a row (one timed sample)."""
+    if calls == 1:
+        return step
+
+    def many():
+        for _ in range(calls):
+            step()
+    return many
+
+
+def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1):
+    """-> {name: (status, median ms per call, samples, peak MiB or None, message)}.
 
     The variants take turns, one timed run each per round, so that a slow
     spell of a shared or throttled machine hits them all alike. Never raises,
@@ -98,7 +112,7 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s):
             results[name] = ("n/a", None, 0, None, variant.note or "no backward")
             continue
         try:
-            step = _step(variant, pass_, device)
+            step = _repeated(_step(variant, pass_, device), calls)
             for _ in range(warmup):
                 step()
             steps[name] = step
@@ -115,7 +129,7 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s):
         names = list(steps)
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate who goes first
             try:
-                times[name].append(time_once(steps[name]))
+                times[name].append(time_once(steps[name]) / calls)
             except Exception as e:  # noqa: BLE001
                 results[name] = ("error", None, 0, None, _error(e))
                 del steps[name]
@@ -146,7 +160,7 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
         log(f"  setup failed: {type(e).__name__}: {e}")
         return records
     for pass_ in PASSES:
-        measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s)
+        measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s, case.calls_per_sample)
         for vname, variant in variants.items():
             status, ms, n, peak, msg = measured[vname]
             flops = case.flops * (1 + case.backward_flops_factor if pass_ == "fwd+bwd" else 1)
@@ -156,7 +170,7 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
                 tflops=flops / (ms * 1e-3) / 1e12 if ms else None,
                 peak_mem_mib=peak, note=msg or variant.note,
             ))
-            shown = f"{ms:10.3f} ms" if ms is not None else f"{status:>13}"
+            shown = f"{_fmt_ms(ms):>10} ms" if ms is not None else f"{status:>13}"
             log(f"  {pass_:7} {vname:17} {shown}  {msg}".rstrip())
     del variants
     # speed-up of the subject over each baseline: baseline_ms / subject_ms
@@ -211,6 +225,11 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _fmt_ms(ms):
+    """Three decimals, or three significant digits below 0.1 ms (host overhead cases)."""
+    return _fmt(ms, ".3f" if ms is None or ms >= 0.1 else ".3g")
+
+
 def table_rows(records):
     """One row per case x pass: each variant's median ms, the subject's
     TFLOP/s, and its speed-up over each other variant."""
@@ -221,7 +240,7 @@ def table_rows(records):
     rows = []
     for key in dict.fromkeys((r["case"], r["pass_"]) for r in records):
         got = {r["variant"]: r for r in records if (r["case"], r["pass_"]) == key}
-        cell = lambda v: (_fmt(got[v]["median_ms"], ".3f") if got[v]["status"] == "ok"  # noqa: E731
+        cell = lambda v: (_fmt_ms(got[v]["median_ms"]) if got[v]["status"] == "ok"  # noqa: E731
                           else got[v]["status"]) if v in got else "-"
         subj = got.get(SUBJECT, {})
         speed = lambda v: _fmt(got[v].get("speedup"), ".2f") if v in got else "-"  # noqa: E731
@@ -245,7 +264,8 @@ def markdown(info, header, rows, records):
         + (f" ({', '.join(f'{k}={v}' for k, v in info['isa_env'].items())})" if info["isa_env"] else "")
         + f", {info['torch_threads']} threads.", "",
         "Median ms; TFLOP/s counts dense 2·M·K·N_rows per forward (3x for fwd+bwd), attention "
-        "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); "
+        "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); overhead cases time a call on tiny tensors "
+        "(the mean of 100 calls per sample); "
         f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
