@@ -1,8 +1,8 @@
 // The extension module and the library-wide ops. Each family defines its own
 // ops' schemas once, in a TORCH_LIBRARY_FRAGMENT in csrc/<family>/<family>.cpp;
-// its CPU and CUDA kernels register in csrc/<family>/{cpu,cuda}/, and the fake
-// (meta) implementations and autograd are registered from Python
-// (bigkernels/ops/<family>.py).
+// its CPU and CUDA kernels register in csrc/<family>/{cpu,cuda}/, its autograd
+// in csrc/<family>/<family>_autograd.cpp, and the fake (meta) implementations
+// and the reference double backward from Python (bigkernels/ops/<family>.py).
 #include <Python.h>
 #include <torch/library.h>
 
