@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <thread>
@@ -139,14 +140,43 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return bk_shuffle(mask, v, [&](int lane) { return lane + static_cast<int>(delta); });
 }
 
+// cp.async as the hardware may run it: the source is read when the copy is
+// issued, but shared memory is written only when a __pipeline_wait_prior
+// lets the copy's group complete. So a kernel that reads a stage before
+// waiting for it reads what was there before (the 0xFF fill, or an older
+// stage), and fails its checks. Each thread has its own groups, as on the GPU.
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+inline thread_local std::vector<PendingCopy> g_open_copies;  // not yet committed
+inline thread_local std::deque<std::vector<PendingCopy>> g_copy_groups;  // committed, oldest first
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) {
   require(n == 16, "cp.async size");
   require(reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0,
           "cp.async 16-byte alignment");
-  std::memcpy(dst, src, n);
+  PendingCopy copy{dst, {}};
+  std::memcpy(copy.bytes, src, n);
+  g_open_copies.push_back(copy);
 }
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(size_t) {}
+inline void __pipeline_commit() {
+  g_copy_groups.push_back(std::move(g_open_copies));
+  g_open_copies.clear();
+}
+// Completes every committed group but the newest `newer` ones.
+inline void __pipeline_wait_prior(size_t newer) {
+  while (g_copy_groups.size() > newer) {
+    for (const PendingCopy& c : g_copy_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    g_copy_groups.pop_front();
+  }
+}
+// At the end of a thread no copy may be left in flight: it could land in
+// shared memory that the block's successor already owns.
+inline void bk_check_no_copies_in_flight() {
+  bool pending = !g_open_copies.empty();
+  for (const auto& group : g_copy_groups) pending = pending || !group.empty();
+  require(!pending, "cp.async copies still in flight when the thread ended");
+}
 
 namespace nvcuda { namespace wmma {
 struct row_major {}; struct col_major {};
@@ -276,6 +306,7 @@ void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel 
         g_dynamic_smem = g_block->smem;
         g_dynamic_smem_size = g_block->smem_size;
         kernel(args...);
+        bk_check_no_copies_in_flight();
       });
   for (auto& th : threads) th.join();
 }

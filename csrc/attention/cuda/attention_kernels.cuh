@@ -289,6 +289,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
   w.keys_for(i0, i1, jlo, jhi);
   load_tile<T, kD>(sq, q, i0, kRows, p.L, p.E, p.q_strides[2]);
   load_tile<T, kD>(sdo, dout, i0, kRows, p.L, p.Ev, p.Ev);
+  __pipeline_commit();  // a group of its own: the final wait covers it even when no key tile runs
   const int64_t row[2] = {i0 + warp * 16 + lane / 4, i0 + warp * 16 + lane / 4 + 8};
   float lse[2], delta[2];  // lse in log2 units; -inf for a row with nothing to attend (no gradient)
   for (int r = 0; r < 2; ++r) {
