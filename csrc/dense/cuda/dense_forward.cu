@@ -3,119 +3,29 @@
 // pre-activation) straight from the accumulators: no second pass over the
 // output.
 //
-// fp16/bf16 (and fp32 with TF32 allowed) run on tensor cores through WMMA
-// (mma.sync underneath), with a two-stage cp.async pipeline. fp32 without
-// TF32 and fp64 run a plain FMA kernel.
+// This file: fp32 with TF32 allowed on tensor cores through WMMA (two-stage
+// cp.async pipeline), fp32 without TF32 and fp64 on a plain FMA kernel, and
+// the dispatch. fp16 and bf16 run the mma.sync + ldmatrix kernel of
+// dense_forward_mma.cuh.
 //
 // Gated activations (swiglu, geglu): the block computes matching columns of
 // both halves of the weight, so act(z1) * z2 is formed in the epilogue too.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <type_traits>
 
-#include "common/cuda_dtype.cuh"
-#include "dense/cuda/launchers.h"
+#include "dense/cuda/dense_forward_common.cuh"
 
 namespace bigkernels {
 namespace cuda {
 namespace {
 
-template <typename Acc>
-__device__ __forceinline__ Acc activate(Activation a, Acc z) {
-  return dispatch_activation(a, [&](auto tag) { return act_forward<decltype(tag)::value>(z); });
-}
-
-// ---- epilogue: one output element, straight from the accumulator ----
-
-template <typename T, typename Acc>
-__device__ __forceinline__ Acc add_bias(const DenseForwardParams& p, Acc z, int64_t col) {
-  return p.bias ? z + to_acc(static_cast<const T*>(p.bias)[col]) : z;
-}
-
-template <typename T, typename Acc>
-__device__ __forceinline__ void store_plain(const DenseForwardParams& p, int64_t row, int64_t col,
-                                            Acc z) {
-  z = add_bias<T>(p, z, col);
-  if (p.preact) static_cast<T*>(p.preact)[row * p.Nz + col] = from_acc<T>(z);
-  static_cast<T*>(p.out)[row * p.Nout + col] = from_acc<T>(activate(p.act, z));
-}
-
-template <typename T, typename Acc>
-__device__ __forceinline__ void store_gated(const DenseForwardParams& p, int64_t row, int64_t col,
-                                            Acc z1, Acc z2) {
-  z1 = add_bias<T>(p, z1, col);
-  z2 = add_bias<T>(p, z2, p.Nout + col);
-  if (p.preact) {
-    static_cast<T*>(p.preact)[row * p.Nz + col] = from_acc<T>(z1);
-    static_cast<T*>(p.preact)[row * p.Nz + p.Nout + col] = from_acc<T>(z2);
-  }
-  static_cast<T*>(p.out)[row * p.Nout + col] =
-      from_acc<T>(activate(inner_activation(p.act), z1) * z2);
-}
-
-// Which weight row feeds column c of a block's tile. Plain: the block's
-// columns in order. Gated: groups of `group` columns alternate between the
-// first half and the matching columns of the second half, so that one warp
-// holds both z1 and z2 of each output.
-struct ColumnMap {
-  bool gated;
-  int64_t first_col;  // first output column of this block
-  int group;          // gated only: columns per half-group
-
-  __device__ __forceinline__ int64_t output_col(int c) const {
-    return gated ? first_col + (c / (2 * group)) * group + c % group : first_col + c;
-  }
-  __device__ __forceinline__ bool second_half(int c) const { return gated && (c / group) % 2; }
-  // -1 when outside the weight.
-  __device__ __forceinline__ int64_t weight_row(int c, const DenseForwardParams& p) const {
-    const int64_t col = output_col(c);
-    if (col >= p.Nout) return -1;
-    return second_half(c) ? p.Nout + col : col;
-  }
-};
-
-// Which (row tile, column tile) this block computes. Blocks run roughly in
-// launch order; walking the tiles in groups of kGroupRows row tiles, column
-// by column, keeps a group's rows of x and the columns of w in flight in L2
-// (row-major order would stream all of x once per column of tiles).
-struct TileCoords {
-  int64_t row_tile, col_tile;
-};
-__device__ __forceinline__ TileCoords grouped_tile(int64_t row_tiles, int64_t col_tiles) {
-  constexpr int64_t kGroupRows = 8;
-  const int64_t id = blockIdx.x;
-  const int64_t per_group = kGroupRows * col_tiles;
-  const int64_t first_row = id / per_group * kGroupRows;
-  const int64_t rows_here = row_tiles - first_row < kGroupRows ? row_tiles - first_row : kGroupRows;
-  const int64_t in_group = id % per_group;
-  return {first_row + in_group % rows_here, in_group / rows_here};
-}
-
-// Launch grid for grouped_tile: one dimension, every tile once. (The
-// 2^31 - 1 limit needs an output of over 10^13 elements; checked anyway.)
-inline dim3 tile_grid(int64_t row_tiles, int64_t col_tiles) {
-  const int64_t tiles = row_tiles * col_tiles;
-  return dim3(tiles <= 0x7fffffff ? static_cast<unsigned>(tiles) : 0u);  // 0 blocks: a launch error
-}
-
-// ---- tensor-core kernel (WMMA) ----
+// ---- tensor-core kernel (WMMA), TF32 ----
 
 template <typename T>
 struct TensorCoreTraits;  // element type in shared memory and WMMA fragment type
 
-template <>
-struct TensorCoreTraits<__half> {
-  using Frag = __half;
-  static constexpr int kBK = 32, kFragK = 16;
-};
-template <>
-struct TensorCoreTraits<__nv_bfloat16> {
-  using Frag = __nv_bfloat16;
-  static constexpr int kBK = 32, kFragK = 16;
-};
 template <>
 struct TensorCoreTraits<float> {  // TF32
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -143,22 +53,6 @@ struct TileConfig {
   static constexpr int kSmemBytes = 2 * kStageElems * sizeof(T);
   static_assert(kWarpsM * kWarpsN * 16 * kEpiLd * 4 <= kSmemBytes, "epilogue staging fits");
 };
-
-// Copies 16 bytes of row `src` (null: outside the matrix) starting at k into
-// shared memory, zero-filling past K. The fast path needs K % kVec == 0 and
-// 16-byte aligned rows, which the host checks (vec_ok).
-template <typename T>
-__device__ __forceinline__ void load_chunk(T* dst, const T* src, int64_t k, int64_t K, bool vec_ok) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (src != nullptr && vec_ok && k < K) {
-    __pipeline_memcpy_async(dst, src + k, 16);
-  } else {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      dst[e] = (src != nullptr && k + e < K) ? src[k + e] : from_acc<T>(0.0f);
-    }
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
@@ -377,7 +271,6 @@ __global__ void __launch_bounds__(FmaTile::kThreads) dense_forward_fma(DenseForw
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T>
 cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream) {
@@ -402,8 +295,8 @@ cudaError_t launch_fma(const DenseForwardParams& p, cudaStream_t stream) {
 cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.Nout == 0) return cudaSuccess;
   switch (p.dtype) {
-    case DType::kFloat16: return launch_tensor_core<__half>(p, stream);
-    case DType::kBFloat16: return launch_tensor_core<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_dense_forward_mma<__half>(p, stream);
+    case DType::kBFloat16: return launch_dense_forward_mma<__nv_bfloat16>(p, stream);
     case DType::kFloat32:
       return dense_forward_uses_tensor_cores(p) ? launch_tensor_core<float>(p, stream) : launch_fma<float>(p, stream);
     case DType::kFloat64: return launch_fma<double>(p, stream);

@@ -209,6 +209,16 @@ int main() {
       check_forward<double>(s.M, s.K, s.N, a, s.N % 2 == 0, true, false, 0, 1e-10);
     }
   std::printf("forward: %d checks, %d failures\n", checks, failures);
+  // More k-tiles than pipeline stages (K > 96), with K % 8 == 0 (16-byte copies) and not; and a gated
+  // width that is a multiple of 4 but not of 8 (its z1 columns end inside a 16-byte chunk).
+  for (Activation a : {Activation::kGELU, Activation::kSwiGLU}) {
+    check_forward<__nv_bfloat16>(70, 200, 72, a, true, true, false, 0, 1e-2);
+    check_forward<__half>(33, 131, 12, a, true, true, false, 0, 2e-3);
+    check_forward<__half>(9, 16, 12, a, false, true, false, 0, 2e-3);
+    check_forward<float>(70, 200, 72, a, true, true, true, 0, 5e-3);
+    check_forward<float>(33, 131, 12, a, true, true, false, 0, 1e-5);
+  }
+  std::printf("deep K, odd widths: %d checks, %d failures\n", checks, failures);
   // misaligned storage with K % 8 == 0: the 16-byte copies must not be taken
   check_forward<__nv_bfloat16>(70, 64, 50, Activation::kReLU, true, true, false, 1, 1e-2);
   check_forward<float>(70, 64, 50, Activation::kGELU, true, true, true, 1, 5e-3);

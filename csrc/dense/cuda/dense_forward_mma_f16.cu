@@ -1,0 +1,8 @@
+// The f16 instantiation of the mma.sync forward (one per file: parallel builds).
+#include "dense/cuda/dense_forward_mma.cuh"
+
+namespace bigkernels {
+namespace cuda {
+template cudaError_t launch_dense_forward_mma<__half>(const DenseForwardParams& p, cudaStream_t stream);
+}  // namespace cuda
+}  // namespace bigkernels
