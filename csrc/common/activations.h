@@ -55,12 +55,12 @@ enum class Activation : int {
 #endif
 }
 
-BK_HD bool is_gated(Activation a) {
+BK_HD constexpr bool is_gated(Activation a) {
   return a == Activation::kSwiGLU || a == Activation::kGEGLU;
 }
 
 // The elementwise activation applied inside a gated one (or itself).
-BK_HD Activation inner_activation(Activation a) {
+BK_HD constexpr Activation inner_activation(Activation a) {
   if (a == Activation::kSwiGLU) return Activation::kSiLU;
   if (a == Activation::kGEGLU) return Activation::kGELU;
   return a;

@@ -8,6 +8,9 @@
 // bytes) apart, so the 8 rows an ldmatrix reads fall in 8 different 16-byte
 // bank groups: no conflicts, no swizzle.
 //
+// The activation is a template parameter, chosen once per call (the launcher's
+// switch), so the epilogue holds only its own code, with no switch per element.
+//
 // Epilogue: bias and activation on the accumulators in registers (a gated
 // activation's z1 and z2 are in the same thread: tile columns alternate in
 // groups of 16 between the weight's halves, so a warp's 32 columns are 16 z1
@@ -55,14 +58,14 @@ __device__ __forceinline__ void store_staged(T* dst, int64_t ld, int64_t m0, int
   }
 }
 
-template <typename T>
+template <typename T, Activation A>
 __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseForwardParams p, bool vec_ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   T* smem = reinterpret_cast<T*>(dynamic_smem());
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
-  const bool gated = is_gated(p.act);
-  const int block_cols = gated ? kBN / 2 : kBN;  // output columns per block
+  constexpr bool gated = is_gated(A);
+  constexpr int block_cols = gated ? kBN / 2 : kBN;  // output columns per block
   const TileCoords tile = grouped_tile((p.M + kBM - 1) / kBM, (p.Nout + block_cols - 1) / block_cols);
   const int64_t m0 = tile.row_tile * kBM;
   const ColumnMap cols{gated, tile.col_tile * block_cols, kGroup};
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
     __syncthreads();
     T* preact = static_cast<T*>(p.preact);
     const bool vec = p.Nz % 8 == 0 && aligned16(p.preact);
-    if (!gated) {
+    if constexpr (!gated) {
       store_staged(preact, p.Nz, m0, p.M, first_col, p.Nz, staged, 0, kBN, vec);
     } else {
       store_staged(preact, p.Nz, m0, p.M, first_col, p.Nout, staged, 0, kBN / 2, vec);
@@ -186,14 +189,13 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_m * kWM + mt * 16 + g + 8 * h;
-      if (!gated) {
+      if constexpr (!gated) {
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
-          stage_pair(row, warp_n * kWN + nt * 8 + 2 * t, activate(p.act, acc[mt][nt][2 * h] + bias[nt][0]),
-                     activate(p.act, acc[mt][nt][2 * h + 1] + bias[nt][1]));
+          stage_pair(row, warp_n * kWN + nt * 8 + 2 * t, act_forward<A>(acc[mt][nt][2 * h] + bias[nt][0]),
+                     act_forward<A>(acc[mt][nt][2 * h + 1] + bias[nt][1]));
         }
       } else {
-        const Activation inner = inner_activation(p.act);
 #pragma unroll
         for (int nt = 0; nt < kNT / 2; ++nt) {  // tiles nt (z1) and nt + 2 (z2)
           float v[2];
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
           for (int e = 0; e < 2; ++e) {
             const float z1 = acc[mt][nt][2 * h + e] + bias[nt][e];
             const float z2 = acc[mt][nt + kNT / 2][2 * h + e] + bias[nt + kNT / 2][e];
-            v[e] = activate(inner, z1) * z2;
+            v[e] = act_forward<inner_activation(A)>(z1) * z2;
           }
           stage_pair(row, warp_n * (kWN / 2) + nt * 8 + 2 * t, v[0], v[1]);
         }
@@ -215,18 +217,31 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
 
 }  // namespace mma_forward
 
-template <typename T>
-cudaError_t launch_dense_forward_mma(const DenseForwardParams& p, cudaStream_t stream) {
-  using namespace mma_forward;
-  const int64_t block_cols = is_gated(p.act) ? kBN / 2 : kBN;
+namespace mma_forward {
+template <typename T, Activation A>
+cudaError_t launch(const DenseForwardParams& p, cudaStream_t stream) {
+  const int64_t block_cols = is_gated(A) ? kBN / 2 : kBN;
   const dim3 grid = tile_grid((p.M + kBM - 1) / kBM, (p.Nout + block_cols - 1) / block_cols);
   // The 16-byte copies need K % 8 == 0 and 16-byte aligned rows (the epilogue checks its own).
   const bool vec_ok = p.K % 8 == 0 && aligned16(p.x) && aligned16(p.w);
-  const cudaError_t e = cudaFuncSetAttribute(dense_forward_mma_kernel<T>,
+  const cudaError_t e = cudaFuncSetAttribute(dense_forward_mma_kernel<T, A>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return e;
-  dense_forward_mma_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p, vec_ok);
+  dense_forward_mma_kernel<T, A><<<grid, kThreads, kSmemBytes, stream>>>(p, vec_ok);
   return cudaGetLastError();
+}
+}  // namespace mma_forward
+
+template <typename T>
+cudaError_t launch_dense_forward_mma(const DenseForwardParams& p, cudaStream_t stream) {
+  switch (p.act) {
+#define BK_LAUNCH(name, value) \
+  case Activation::value:      \
+    return mma_forward::launch<T, Activation::value>(p, stream);
+    BK_FOR_EACH_ACTIVATION(BK_LAUNCH)
+#undef BK_LAUNCH
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda
