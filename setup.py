@@ -7,7 +7,10 @@ sm_90 JIT the kernels). MAX_JOBS bounds parallel compiles.
 The CPU kernels in CPU_CAPABILITY_SOURCES are compiled once per CPU
 capability (csrc/common/capability.h says how one is picked at run time).
 BIGKERNELS_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared
-memory.
+memory. BIGKERNELS_SM90=1 also builds the dense forward's sm_90a path on
+CUTLASS (csrc/dense/cuda/sm90/; 20 instantiations, about a minute each on one
+core), from CUTLASS_PATH or the nvidia-cutlass package's headers; it runs only
+with BIGKERNELS_SM90=1 at run time too, until a GPU has checked it.
 """
 
 import glob
@@ -93,12 +96,36 @@ def cuda_library_includes():
     return found
 
 
-def write_build_info(with_cuda, archs):
+def cutlass_includes():
+    """CUTLASS's include folders (scripts/cutlass_headers.py says where it looks), or None."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cutlass_headers", os.path.join(ROOT, "scripts", "cutlass_headers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cutlass_includes()
+
+
+def want_sm90(with_cuda):
+    """Whether to build the sm_90a CUTLASS path (BIGKERNELS_SM90=1); stops
+    with the reason when it was asked for and cannot be built."""
+    if os.environ.get("BIGKERNELS_SM90") != "1":
+        return None
+    if not with_cuda:
+        sys.exit("BIGKERNELS_SM90=1 needs the CUDA build (a CUDA toolkit and a CUDA build of torch)")
+    includes = cutlass_includes()
+    if includes is None:
+        sys.exit("BIGKERNELS_SM90=1 but no CUTLASS headers were found: pip install nvidia-cutlass==4.2.0.0, "
+                 "or set CUTLASS_PATH to a folder holding include/cutlass/cutlass.h")
+    return includes
+
+
+def write_build_info(with_cuda, archs, sm90=False):
     """Recorded next to the package for bigkernels.backend_info()."""
     info = {
         "version": VERSION,
         "cuda_compiled": with_cuda,
         "cuda_archs": archs.split(";") if with_cuda else [],
+        "sm90_cutlass": sm90,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if with_cuda else None,
     }
@@ -130,12 +157,18 @@ def extension():
         if os.environ.get("BIGKERNELS_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")
         args["include_dirs"] += cuda_library_includes()
+        sm90_includes = want_sm90(with_cuda)
+        if sm90_includes is not None:
+            sources += sorted(glob.glob("csrc/dense/cuda/sm90/*.cu"))
+            args["include_dirs"] += sm90_includes
+            args["define_macros"] = args["define_macros"] + [("BIGKERNELS_SM90", None)]
+            nvcc_flags.append("--expt-relaxed-constexpr")
         args["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
         ext = cpp_extension.CUDAExtension(sources=sources, **args)
     else:
         args["extra_compile_args"] = {"cxx": cxx_flags}
         ext = cpp_extension.CppExtension(sources=sources, **args)
-    write_build_info(with_cuda, archs or "")
+    write_build_info(with_cuda, archs or "", sm90=with_cuda and os.environ.get("BIGKERNELS_SM90") == "1")
     return ext
 
 

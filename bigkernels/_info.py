@@ -1,3 +1,5 @@
+import os
+
 import torch
 
 from . import _ext
@@ -25,4 +27,15 @@ def backend_info():
         "cuda_available": torch.cuda.is_available(),
         # the CPU instruction set our CPU kernels run at (ATen's; ATEN_CPU_CAPABILITY lowers it)
         "cpu_capability": torch.ops.bigkernels.cpu_capability() if _ext.LOADED else None,
+        "sm90_dense": _sm90_status(),
     }
+
+
+def _sm90_status():
+    """The dense forward's sm_90a CUTLASS path: built or not, opted in or not,
+    and unverified until a GPU run has checked it against the reference."""
+    if not BUILD_INFO.get("sm90_cutlass"):
+        return "not built (build with BIGKERNELS_SM90=1 and CUTLASS headers)"
+    on = os.environ.get("BIGKERNELS_SM90") == "1"
+    return ("built, " + ("on (BIGKERNELS_SM90=1)" if on else "off (set BIGKERNELS_SM90=1 to use it)")
+            + "; unverified: it has never run on a GPU")

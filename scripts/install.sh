@@ -9,7 +9,10 @@ say() { echo "[install $(date +%H:%M:%S)] $*"; }
 [ -x .venv/bin/python ] || { say "creating .venv"; "${PYTHON:-python3}" -m venv .venv; }
 say "installing torch ${BIGKERNELS_TORCH:-2.14.1}, ninja, pytest into .venv (about 1-3 minutes the first time)"
 .venv/bin/python -m pip install -q "torch==${BIGKERNELS_TORCH:-2.14.1}" ninja pytest numpy setuptools wheel
-if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then what="C++ and CUDA kernels: about 2-5 minutes on 2 cores"
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  # CUTLASS's headers, for the dense forward's sm_90a path (built with BIGKERNELS_SM90=1; its compile test runs anyway)
+  .venv/bin/python -m pip install -q nvidia-cutlass==4.2.0.0 || say "nvidia-cutlass not installed: the sm_90a path cannot be built"
+  what="C++ and CUDA kernels: about 2-5 minutes on 2 cores"
 else what="C++ kernels: about 1-2 minutes on 2 cores"; fi
 say "building bigkernels ($what; the CPU kernels are compiled once per instruction set)"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

@@ -9,6 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "dense/dense.h"
 #include "dense/cuda/launchers.h"
 
@@ -23,6 +26,21 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
     case at::kDouble: return cuda::DType::kFloat64;
     default: TORCH_CHECK_TYPE(false, "bigkernels.dense: unsupported dtype ", t);
   }
+}
+
+// Whether the sm_90a CUTLASS forward may run: compiled in (BIGKERNELS_SM90=1
+// at build time) and asked for (BIGKERNELS_SM90=1 at run time), until a GPU
+// run has checked it against the reference (it has never run).
+bool sm90_opted_in() {
+#ifdef BIGKERNELS_SM90
+  static const bool on = [] {
+    const char* v = std::getenv("BIGKERNELS_SM90");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+#else
+  return false;
+#endif
 }
 
 int compute_capability_major(const at::Tensor& t) {
@@ -59,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   // TF32 exists from sm_80 on; before that fp32 runs on the exact FMA kernel.
   const int major = compute_capability_major(input);
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS() && major >= 8;
+  p.use_sm90 = major == 9 && sm90_opted_in();
   // The tensor-core kernel (cp.async, bf16 mma) needs sm_80; the FMA one does not.
   TORCH_CHECK(!cuda::dense_forward_uses_tensor_cores(p) || major >= 8, "bigkernels.dense: ",
               x.scalar_type(), " runs on tensor cores, which need compute capability 8.0 or newer; "

@@ -294,6 +294,12 @@ cudaError_t launch_fma(const DenseForwardParams& p, cudaStream_t stream) {
 
 cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.Nout == 0) return cudaSuccess;
+#ifdef BIGKERNELS_SM90
+  if (p.use_sm90) {
+    const cudaError_t e = launch_dense_forward_sm90(p, stream);
+    if (e != cudaErrorNotSupported) return e;
+  }
+#endif
   switch (p.dtype) {
     case DType::kFloat16: return launch_dense_forward_mma<__half>(p, stream);
     case DType::kBFloat16: return launch_dense_forward_mma<__nv_bfloat16>(p, stream);

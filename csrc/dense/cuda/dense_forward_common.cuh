@@ -116,5 +116,10 @@ __host__ __device__ inline bool aligned16(const void* ptr) { return reinterpret_
 template <typename T>
 cudaError_t launch_dense_forward_mma(const DenseForwardParams& p, cudaStream_t stream);
 
+// The sm_90a forward on CUTLASS (sm90/), built with BIGKERNELS_SM90=1: cudaErrorNotSupported for
+// what it does not cover (gated activations, unaligned or int-overflowing sizes, fp32/fp64, the
+// pre-activation of relu/sigmoid/tanh/none), which the caller then runs on the mma.sync kernel.
+cudaError_t launch_dense_forward_sm90(const DenseForwardParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace bigkernels

@@ -26,6 +26,7 @@ struct DenseForwardParams {
   Activation act;
   DType dtype;
   bool allow_tf32;  // float32 only: tensor cores with TF32 inputs
+  bool use_sm90;    // fp16/bf16 on an sm_90 GPU, opted in: try the CUTLASS path first
 };
 
 cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t stream);
