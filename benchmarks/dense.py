@@ -1,7 +1,9 @@
 """The dense family: bigkernels.dense(x, w, b, act) = act(x @ w.T + b) against
 what plain PyTorch offers for the same layer."""
 
+import contextlib
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ GPU_SHAPES = [(512, 1024, 4096), (4096, 1024, 4096), (4096, 4096, 4096),
 # sized for a few cores; the last is an MLP layer over 8192 tokens (issue 5's shape)
 CPU_SHAPES = [(256, 1024, 1024), (1024, 1024, 4096), (4096, 1024, 1024), (8192, 256, 512)]
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-VARIANTS = ("bigkernels", "eager", "addmm_activation", "matmul", "compile")
+VARIANTS = ("bigkernels", "eager", "addmm_activation", "mma_sync", "matmul", "compile")
 
 
 def _grid(device, full, log):
@@ -39,6 +41,24 @@ def _grid(device, full, log):
             log("this CPU has no native bf16 (AVX512-BF16/AMX/ARM BF16): the short run leaves bf16 out "
                 "(--full includes it)")
     return [(shape, dtype, act) for dtype in dtypes for shape in shapes for act in acts]
+
+
+@contextlib.contextmanager
+def _sm90_off():
+    """The dense forward without its sm_90a CUTLASS path (the mma.sync kernel)."""
+    old = os.environ.pop("BIGKERNELS_SM90", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["BIGKERNELS_SM90"] = old
+
+
+def _sm90_on():
+    """Whether bigkernels.dense takes the sm_90a path here (built, opted in, an sm_90 GPU)."""
+    info = bigkernels.backend_info()
+    return (info["sm90_dense"].startswith("built, on") and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] == 9)
 
 
 @functools.cache
@@ -79,6 +99,11 @@ def _make(device, M, K, N, dtype, act):
                 note=("GELU is the tanh approximation on CUDA; " if device == "cuda" and act == "gelu" else "")
                 + ("" if _addmm_activation_has_backward() else "no autograd formula, forward only"),
             )
+        if device == "cuda" and _sm90_on() and dtype != torch.float32:
+            def mma_sync():
+                with _sm90_off():
+                    return bigkernels.dense(x, w, b, act)
+            variants["mma_sync"] = Variant(mma_sync, (x, w, b), note="bigkernels' sm_80 mma.sync kernel")
         variants["matmul"] = Variant(lambda: x @ w.t(), (x, w))  # the GEMM alone: the floor
         if device == "cuda":
             variants["compile"] = Variant(torch.compile(eager), (x, w, b))  # warmed up by the harness

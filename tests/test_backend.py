@@ -23,6 +23,18 @@ def test_backend_info_reports_the_build():
     assert hasattr(torch.ops.bigkernels, "dense_forward")
 
 
+def test_backend_info_says_the_sm90_path_is_unverified(monkeypatch):
+    from bigkernels._info import BUILD_INFO
+    monkeypatch.setenv("BIGKERNELS_SM90", "1")
+    status = bigkernels.backend_info()["sm90_dense"]
+    if BUILD_INFO.get("sm90_cutlass"):
+        assert status.startswith("built, on") and "unverified" in status
+        monkeypatch.delenv("BIGKERNELS_SM90")
+        assert bigkernels.backend_info()["sm90_dense"].startswith("built, off")
+    else:
+        assert status.startswith("not built")
+
+
 FALLBACK_SCRIPT = textwrap.dedent("""
     import warnings
     import torch
