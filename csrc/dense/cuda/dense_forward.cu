@@ -71,32 +71,10 @@ __global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
   const TileCoords tile = grouped_tile((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
   const int64_t m0 = tile.row_tile * Cfg::kBM;
   const ColumnMap cols{gated, tile.col_tile * block_cols, 16};
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
-
-  // Each thread copies the same tile rows every k-step: resolve them once.
-  constexpr int kChunksPerRow = Cfg::kBK / Cfg::kVec;  // 4
-  constexpr int kRowsPerPass = Cfg::kThreads / kChunksPerRow;  // 64
-  constexpr int kPasses = Cfg::kBM / kRowsPerPass;  // 2 (kBM == kBN)
-  const int chunk_k = (tid % kChunksPerRow) * Cfg::kVec;
-  const T* a_src[kPasses];
-  const T* b_src[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int r = tid / kChunksPerRow + i * kRowsPerPass;
-    a_src[i] = m0 + r < p.M ? x + (m0 + r) * p.K : nullptr;
-    const int64_t wr = cols.weight_row(r, p);
-    b_src[i] = wr >= 0 ? w + wr * p.K : nullptr;
-  }
+  const TileLoader<T, Cfg::kBM, Cfg::kBK, Cfg::kThreads> loader(p, m0, cols);
   auto load_stage = [&](int stage, int64_t k0) {
     T* as = smem + stage * Cfg::kStageElems;
-    T* bs = as + Cfg::kBM * Cfg::kLds;
-#pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int r = tid / kChunksPerRow + i * kRowsPerPass;
-      load_chunk(as + r * Cfg::kLds + chunk_k, a_src[i], k0 + chunk_k, p.K, vec_ok);
-      load_chunk(bs + r * Cfg::kLds + chunk_k, b_src[i], k0 + chunk_k, p.K, vec_ok);
-    }
+    loader.load(as, as + Cfg::kBM * Cfg::kLds, Cfg::kLds, k0, p.K, vec_ok);
   };
 
   wmma::fragment<wmma::accumulator, 16, 16, Cfg::kFragK, float> acc[Cfg::kFM][Cfg::kFN];

@@ -110,6 +110,43 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* src, int64_t k, int6
   }
 }
 
+// One k-slice of a block's kRows rows of x and of the weight into shared
+// memory, 16 bytes per copy: each thread copies the same chunks of the same
+// rows at every k-step, so their sources are resolved once.
+template <typename T, int kRows, int kBK, int kThreads>
+struct TileLoader {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kChunksPerRow = kBK / kVec;
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static_assert(kBK % kVec == 0 && kRows % kRowsPerPass == 0, "whole chunks and passes");
+  const T* a_src[kPasses];  // x's rows (null: below the matrix)
+  const T* b_src[kPasses];  // the weight's rows (null: outside it)
+  int chunk_k;
+
+  __device__ __forceinline__ TileLoader(const DenseForwardParams& p, int64_t m0, const ColumnMap& cols) {
+    const int tid = threadIdx.x;
+    chunk_k = (tid % kChunksPerRow) * kVec;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = row(i);
+      a_src[i] = m0 + r < p.M ? static_cast<const T*>(p.x) + (m0 + r) * p.K : nullptr;
+      const int64_t wr = cols.weight_row(r, p);
+      b_src[i] = wr >= 0 ? static_cast<const T*>(p.w) + wr * p.K : nullptr;
+    }
+  }
+  __device__ __forceinline__ static int row(int pass) { return threadIdx.x / kChunksPerRow + pass * kRowsPerPass; }
+
+  // x's slice [k0, k0 + kBK) into as, the weight's into bs, rows `pitch` elements apart.
+  __device__ __forceinline__ void load(T* as, T* bs, int pitch, int64_t k0, int64_t K, bool vec_ok) const {
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      load_chunk(as + row(i) * pitch + chunk_k, a_src[i], k0 + chunk_k, K, vec_ok);
+      load_chunk(bs + row(i) * pitch + chunk_k, b_src[i], k0 + chunk_k, K, vec_ok);
+    }
+  }
+};
+
 __host__ __device__ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // The fp16 and bf16 forward (dense_forward_mma.cuh), one instantiation per .cu file.

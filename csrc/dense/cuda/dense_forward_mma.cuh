@@ -69,33 +69,10 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
   const TileCoords tile = grouped_tile((p.M + kBM - 1) / kBM, (p.Nout + block_cols - 1) / block_cols);
   const int64_t m0 = tile.row_tile * kBM;
   const ColumnMap cols{gated, tile.col_tile * block_cols, kGroup};
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
-
-  // Each thread copies the same tile rows every k-step: resolve them once.
-  constexpr int kVec = 8;                              // 16-bit elements per 16-byte copy
-  constexpr int kChunksPerRow = kBK / kVec;            // 4
-  constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 64
-  constexpr int kPasses = kBM / kRowsPerPass;          // 2 (kBM == kBN)
-  const int chunk_k = (tid % kChunksPerRow) * kVec;
-  const T* a_src[kPasses];
-  const T* b_src[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int r = tid / kChunksPerRow + i * kRowsPerPass;
-    a_src[i] = m0 + r < p.M ? x + (m0 + r) * p.K : nullptr;
-    const int64_t wr = cols.weight_row(r, p);
-    b_src[i] = wr >= 0 ? w + wr * p.K : nullptr;
-  }
+  const TileLoader<T, kBM, kBK, kThreads> loader(p, m0, cols);
   auto load_stage = [&](int stage, int64_t k0) {
     T* as = smem + stage * kStageElems;
-    T* bs = as + kBM * kPitch;
-#pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int r = tid / kChunksPerRow + i * kRowsPerPass;
-      load_chunk(as + r * kPitch + chunk_k, a_src[i], k0 + chunk_k, p.K, vec_ok);
-      load_chunk(bs + r * kPitch + chunk_k, b_src[i], k0 + chunk_k, p.K, vec_ok);
-    }
+    loader.load(as, as + kBM * kPitch, kPitch, k0, p.K, vec_ok);
   };
 
   // ldmatrix.x4 row addresses (ptx_sm80.cuh): for A, matrices (rows 0-7 |
