@@ -192,9 +192,6 @@ __global__ void __launch_bounds__(kThreads, 2) dense_forward_mma_kernel(DenseFor
 #endif
 }
 
-}  // namespace mma_forward
-
-namespace mma_forward {
 template <typename T, Activation A>
 cudaError_t launch(const DenseForwardParams& p, cudaStream_t stream) {
   const int64_t block_cols = is_gated(A) ? kBN / 2 : kBN;
