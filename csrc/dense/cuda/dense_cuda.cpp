@@ -10,7 +10,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <string>
+#include <cstring>
 
 #include "dense/dense.h"
 #include "dense/cuda/launchers.h"
@@ -36,7 +36,7 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 bool sm90_opted_in() {
 #ifdef BIGKERNELS_SM90
   const char* v = std::getenv("BIGKERNELS_SM90");
-  return v != nullptr && std::string(v) == "1";
+  return v != nullptr && std::strcmp(v, "1") == 0;
 #else
   return false;
 #endif

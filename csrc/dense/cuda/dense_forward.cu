@@ -13,8 +13,6 @@
 #include <cuda_pipeline.h>
 #include <mma.h>
 
-#include <type_traits>
-
 #include "dense/cuda/dense_forward_common.cuh"
 
 namespace bigkernels {
@@ -23,44 +21,32 @@ namespace {
 
 // ---- tensor-core kernel (WMMA), TF32 ----
 
-template <typename T>
-struct TensorCoreTraits;  // element type in shared memory and WMMA fragment type
-
-template <>
-struct TensorCoreTraits<float> {  // TF32
+// 128x128 block tile, 8 warps as 2 (rows) x 4 (columns), each warp 64x32
+// (4x2 fragments of 16x16), k-steps of 16 (64 bytes of a tile row).
+struct Tf32Tile {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using Frag = nvcuda::wmma::precision::tf32;
 #else
   using Frag = float;  // no TF32 before sm_80: the kernel body is compiled out there
 #endif
-  static constexpr int kBK = 16, kFragK = 8;
-};
-
-// 128x128 block tile, 8 warps as 2 (rows) x 4 (columns), each warp 64x32
-// (4x2 fragments of 16x16). A k-slice of a tile row is 64 bytes whatever T.
-template <typename T>
-struct TileConfig {
-  static constexpr int kBM = 128, kBN = 128;
-  static constexpr int kBK = TensorCoreTraits<T>::kBK;
-  static constexpr int kFragK = TensorCoreTraits<T>::kFragK;
-  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
-  static constexpr int kLds = kBK + kVec;      // row pitch, padded against bank conflicts
+  static constexpr int kBM = 128, kBN = 128, kBK = 16, kFragK = 8;
+  static constexpr int kVec = 16 / sizeof(float);  // elements per 16-byte copy
+  static constexpr int kLds = kBK + kVec;          // row pitch, padded against bank conflicts
   static constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 x 32
   static constexpr int kFM = kWM / 16, kFN = kWN / 16;            // 4 x 2
   static constexpr int kStageElems = (kBM + kBN) * kLds;
   static constexpr int kEpiLd = kWN + 4;  // per-warp fp32 staging row pitch
-  static constexpr int kSmemBytes = 2 * kStageElems * sizeof(T);
+  static constexpr int kSmemBytes = 2 * kStageElems * sizeof(float);
   static_assert(kWarpsM * kWarpsN * 16 * kEpiLd * 4 <= kSmemBytes, "epilogue staging fits");
 };
 
-template <typename T>
-__global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
-    dense_forward_tensor_core(DenseForwardParams p, bool vec_ok) {
+__global__ void __launch_bounds__(Tf32Tile::kThreads, 2) dense_forward_tf32(DenseForwardParams p, bool vec_ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
-  using Cfg = TileConfig<T>;
-  using Frag = typename TensorCoreTraits<T>::Frag;
+  using T = float;
+  using Cfg = Tf32Tile;
+  using Frag = Cfg::Frag;
   __shared__ __align__(128) unsigned char smem_raw[Cfg::kSmemBytes];
   T* smem = reinterpret_cast<T*>(smem_raw);
 
@@ -100,17 +86,13 @@ __global__ void __launch_bounds__(TileConfig<T>::kThreads, 2)
 #pragma unroll
       for (int i = 0; i < Cfg::kFM; ++i) {
         wmma::load_matrix_sync(a[i], as + (warp_m * Cfg::kWM + i * 16) * Cfg::kLds + kk, Cfg::kLds);
-        if constexpr (std::is_same_v<T, float>) {
-          for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
-        }
+        for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
       }
 #pragma unroll
       for (int j = 0; j < Cfg::kFN; ++j) {
         // The weight tile is stored [n][k]: that is B (k x n) column-major.
         wmma::load_matrix_sync(b[j], bs + (warp_n * Cfg::kWN + j * 16) * Cfg::kLds + kk, Cfg::kLds);
-        if constexpr (std::is_same_v<T, float>) {
-          for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
-        }
+        for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
       }
 #pragma unroll
       for (int i = 0; i < Cfg::kFM; ++i)
@@ -250,13 +232,12 @@ __global__ void __launch_bounds__(FmaTile::kThreads) dense_forward_fma(DenseForw
 }
 
 
-template <typename T>
-cudaError_t launch_tensor_core(const DenseForwardParams& p, cudaStream_t stream) {
-  using Cfg = TileConfig<T>;
+cudaError_t launch_tf32(const DenseForwardParams& p, cudaStream_t stream) {
+  using Cfg = Tf32Tile;
   const int64_t block_cols = is_gated(p.act) ? Cfg::kBN / 2 : Cfg::kBN;
   const dim3 grid = tile_grid((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
   const bool vec_ok = p.K % Cfg::kVec == 0 && aligned16(p.x) && aligned16(p.w);
-  dense_forward_tensor_core<T><<<grid, Cfg::kThreads, 0, stream>>>(p, vec_ok);
+  dense_forward_tf32<<<grid, Cfg::kThreads, 0, stream>>>(p, vec_ok);
   return cudaGetLastError();
 }
 
@@ -282,7 +263,7 @@ cudaError_t launch_dense_forward(const DenseForwardParams& p, cudaStream_t strea
     case DType::kFloat16: return launch_dense_forward_mma<__half>(p, stream);
     case DType::kBFloat16: return launch_dense_forward_mma<__nv_bfloat16>(p, stream);
     case DType::kFloat32:
-      return dense_forward_uses_tensor_cores(p) ? launch_tensor_core<float>(p, stream) : launch_fma<float>(p, stream);
+      return dense_forward_uses_tensor_cores(p) ? launch_tf32(p, stream) : launch_fma<float>(p, stream);
     case DType::kFloat64: return launch_fma<double>(p, stream);
   }
   return cudaErrorInvalidValue;
