@@ -314,6 +314,35 @@ def test_layer_matches_reference(mode, options, reverse):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode,options", [("lstm", {"proj": 3}), ("gru", {"packed": True}), ("rnn_tanh", {})])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_strided_weights_give_the_contiguous_results(mode, options, dtype):
+    # The kernels pack the weights themselves, reading any strides and dtype:
+    # column-major views (a transposed module weight) must give exactly what
+    # contiguous ones give, forward and backward; the forward matches the reference.
+    args = layer_inputs(mode, dtype=dtype, **options)
+    gen = torch.Generator().manual_seed(1)
+
+    def run(strided):
+        weights = {n: t.detach().clone().requires_grad_() for n, t in args.items()
+                   if n.startswith("weight") and t is not None}
+        passed = {n: t.t().contiguous().t() if strided else t for n, t in weights.items()}
+        assert passed["weight_hh"].is_contiguous() != strided
+        outs = [t for t in rnn_layer(*dict(args, **passed).values(), mode) if t is not None]
+        grads = [torch.randn(o.shape, generator=gen).to(dtype) for o in outs]
+        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, list(weights.values()), grads))
+
+    gen.manual_seed(1)
+    contiguous = run(False)
+    gen.manual_seed(1)
+    for s, c in zip(run(True), contiguous):
+        torch.testing.assert_close(s, c, rtol=0, atol=0)
+    exact = {n: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for n, t in args.items()}
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    for got, want in zip(contiguous, [t for t in reference.rnn_layer(*exact.values(), mode, False) if t is not None]):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_reference_matches_torch_nn():
     # the reference itself against torch's LSTM, for one layer and direction
     torch.manual_seed(0)

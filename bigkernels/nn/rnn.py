@@ -144,13 +144,13 @@ class _FusedCellMixin:
         if not is_batched:
             input = input.unsqueeze(0)
             states = tuple(s.unsqueeze(0) for s in states)
-        if input.size(1) != self.input_size:
-            raise ValueError(f"{name}: input has {input.size(1)} features, expected input_size={self.input_size}")
+        if input.shape[1] != self.input_size:
+            raise ValueError(f"{name}: input has {input.shape[1]} features, expected input_size={self.input_size}")
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if lstm else (zeros,)
         for i, state in enumerate(states):
-            if tuple(state.shape) != (input.size(0), self.hidden_size):
+            if state.shape != (input.shape[0], self.hidden_size):
                 raise ValueError(f"{name}: hx{f'[{i}]' if lstm else ''} must have shape "
                                  f"{(input.size(0), self.hidden_size)} to match input, got {tuple(state.shape)}")
         mode = "lstm" if lstm else "gru" if isinstance(self, nn.GRUCell) else f"rnn_{self.nonlinearity}"

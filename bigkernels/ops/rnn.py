@@ -28,7 +28,7 @@ def _kernel_refusal(input, weight_hr):
     (proj_size), which have no CUDA kernel yet."""
     if not _ext.LOADED:
         return "a build without the extension"
-    if input.device.type in ("cpu", "meta"):
+    if input.is_cpu or input.is_meta:
         return None
     if input.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
         return f"{input.device.type} tensors in this build"

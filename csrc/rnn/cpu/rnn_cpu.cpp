@@ -11,10 +11,10 @@
 // Everything runs in the accumulator type (float; double for double inputs):
 // bfloat16 and half are converted at the edges, so the cell state and the
 // recurrent sums are float, and the outputs are rounded once.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "rnn/cpu/rnn_kernels.h"
@@ -59,16 +60,41 @@ void parallel_blocks(int64_t rows, int64_t cols, int64_t col_block, const F& f) 
   });
 }
 
-// b [K, groups * N] (contiguous) as panels of `block` columns of each group,
-// each panel contiguous [K][block] (zero-padded past N): [groups][panels][K][block].
-// A product then streams one panel instead of reading rows of b that lie a
-// whole row of b apart (a new page every few rows for a wide b).
-at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block) {
+// b [K, groups * N] (any strides and floating dtype, e.g. a weight's
+// transposed view) as panels of `block` columns of each group in the
+// accumulator type, each panel contiguous [K][block] (zero-padded past N):
+// [groups][panels][K][block]. A product then streams one panel instead of
+// reading rows of b that lie a whole row of b apart (a new page every few
+// rows for a wide b). One pass of our own: the transpose, cast, pad and
+// permute as ATen calls cost three copies and ~10 us of calls for a cell.
+at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block, at::ScalarType acc) {
   const int64_t K = b.size(0), N = b.size(1) / groups, panels = blocks(N, block);
-  return at::constant_pad_nd(b.view({K, groups, N}), {0, panels * block - N})
-      .view({K, groups, panels, block})
-      .permute({1, 2, 0, 3})
-      .contiguous();
+  const int64_t sk = b.stride(0), sn = b.stride(1);
+  at::Tensor packed = at::empty({groups, panels, K, block}, b.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "column_panels", [&] {
+    const scalar_t* src = b.const_data_ptr<scalar_t>();
+    const auto pack = [&](auto* dst) {
+      using acc_t = std::remove_pointer_t<decltype(dst)>;
+      at::parallel_for(0, groups * panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t gp = p0; gp < p1; ++gp) {
+          const int64_t n0 = gp % panels * block, width = std::min(block, N - n0);
+          const scalar_t* col = src + (gp / panels * N + n0) * sn;
+          acc_t* out = dst + gp * K * block;
+          // k outer: the `width` source lines of a transposed weight stay in L1 across k.
+          for (int64_t k = 0; k < K; ++k, out += block) {
+            for (int64_t j = 0; j < width; ++j) out[j] = static_cast<acc_t>(col[k * sk + j * sn]);
+            for (int64_t j = width; j < block; ++j) out[j] = acc_t(0);
+          }
+        }
+      });
+    };
+    if (acc == at::kDouble) {
+      pack(packed.mutable_data_ptr<double>());
+    } else {
+      pack(packed.mutable_data_ptr<float>());
+    }
+  });
+  return packed;
 }
 
 // Depth of one call of kernels.gemm: a long product (the backward's weight
@@ -93,14 +119,15 @@ void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t row
   });
 }
 
-// The b of a product, b [K, N] in the accumulator type: as it is for ATen's
-// GEMM, and as column panels where our own runs (kernels.own_gemm).
+// The b of a product, b [K, groups * N] (any strides and floating dtype):
+// in the accumulator type, contiguous for ATen's GEMM, or as column panels
+// (of each group's N columns) where our own runs (kernels.own_gemm).
 struct GemmOperand {
   at::Tensor dense, panels;
 };
-GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b) {
-  const at::Tensor dense = b.contiguous();
-  return {dense, kernels.own_gemm ? column_panels(dense, 1, kernels.unit_block) : at::Tensor()};
+GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b, at::ScalarType acc, int64_t groups = 1) {
+  if (kernels.own_gemm) return {at::Tensor(), column_panels(b, groups, kernels.unit_block, acc)};
+  return {b.to(acc).contiguous(), at::Tensor()};
 }
 
 // c (+)= a b for a [rows, K] (any strides) and a contiguous c [rows, N]: our
@@ -126,7 +153,7 @@ void gemm_rows(const RnnCpuKernels& kernels, at::Tensor c, const at::Tensor& a, 
 at::Tensor gemm(const RnnCpuKernels& kernels, const at::Tensor& a, const at::Tensor& b) {
   if (a.stride(1) != 1) return at::mm(a, b);
   at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm_rows(kernels, c, a, gemm_operand(kernels, b), false);
+  gemm_rows(kernels, c, a, gemm_operand(kernels, b, c.scalar_type()), false);
   return c;
 }
 
@@ -149,11 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
   at::Tensor bias_x, bias_hh;  // bias_hh: GRU's, applied inside the gates
   std::tie(bias_x, bias_hh) = rnn_projection_biases(b_ih, b_hh, s.mode, acc);
   at::Tensor xproj = new_acc({s.N, GH});
-  gemm_rows(kernels, xproj, in_acc(input), gemm_operand(kernels, in_acc(w_ih).t()), false);
+  gemm_rows(kernels, xproj, in_acc(input), gemm_operand(kernels, w_ih.t(), acc), false);
   // W_hh^T: for ATen's GEMM, or per gate in panels of `block` units, [G][H / block][Hout][block].
-  const at::Tensor w_hh_t = in_acc(w_hh).t().contiguous();
-  const at::Tensor w_hh_panels = kernels.own_gemm ? column_panels(w_hh_t, G, block) : at::Tensor();
-  const GemmOperand w_hr_t = proj ? gemm_operand(kernels, in_acc(*w_hr).t()) : GemmOperand{};
+  const GemmOperand w_hh_t = gemm_operand(kernels, w_hh.t(), acc, G);
+  const GemmOperand w_hr_t = proj ? gemm_operand(kernels, w_hr->t(), acc) : GemmOperand{};
 
   // Each step writes its h straight into its output rows, and the next step
   // reads them there: no state buffer to copy back and forth between steps.
@@ -178,10 +204,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
     const at::Tensor prev_rows = from_prev > 0 ? out.narrow(0, plan.offset[plan.time(step - 1)], from_prev) : h0;
     char* h_out = proj ? row(h_cell, 0) : row(out, off);
     if (!kernels.own_gemm) {  // the recurrent product on ATen's GEMM, before the gates
-      const GemmOperand w{w_hh_t, {}};
       const int64_t fresh = bs - from_prev;
-      if (from_prev > 0) gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev_rows, w, false);
-      if (fresh > 0) gemm_rows(kernels, hproj.narrow(0, from_prev, fresh), h0.narrow(0, from_prev, fresh), w, false);
+      if (from_prev > 0) gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev_rows, w_hh_t, false);
+      if (fresh > 0) gemm_rows(kernels, hproj.narrow(0, from_prev, fresh), h0.narrow(0, from_prev, fresh), w_hh_t, false);
     }
     parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       // The block's rows, split where their previous h changes place.
@@ -189,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
         rb = ra < from_prev ? std::min(r1, from_prev) : r1;
         const char* hp = ra < from_prev ? row(prev_rows, 0) : row(h0, 0);
         for (int64_t g = 0; kernels.own_gemm && g < G; ++g) {  // this block's W_hh h for every gate
-          const char* w = row(w_hh_panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
+          const char* w = row(w_hh_t.panels, 0) + (g * panels + u0 / block) * s.Hout * block * e;
           kernels.gemm(acc, rb - ra, u1 - u0, s.Hout, hp + ra * s.Hout * e, s.Hout, 1, w, block,
                        row(hproj, ra) + (g * s.H + u0) * e, GH, false);
         }
@@ -226,7 +251,6 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
 
   const at::Tensor ws = workspace.contiguous(), out = in_acc(output), go = in_acc(grad_output);
   const at::Tensor hx_acc = in_acc(hx), cx_acc = lstm ? in_acc(*cx) : at::Tensor();
-  const at::Tensor w_hh_acc = in_acc(w_hh), w_hr_acc = proj ? in_acc(*w_hr) : at::Tensor();
   at::Tensor dh = new_acc({s.B, s.Hout});  // the gradient of the state h, row by row
   dh.copy_(grad_hy);
   at::Tensor dc;
@@ -256,8 +280,8 @@ rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   at::Tensor dh_cell = proj ? new_acc({s.B, H}) : dh;
 
   const RnnCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(rnn_cpu_kernels);
-  const GemmOperand w_hh_b = gemm_operand(kernels, w_hh_acc);
-  const GemmOperand w_hr_b = proj ? gemm_operand(kernels, w_hr_acc) : GemmOperand{};
+  const GemmOperand w_hh_b = gemm_operand(kernels, w_hh, acc);
+  const GemmOperand w_hr_b = proj ? gemm_operand(kernels, *w_hr, acc) : GemmOperand{};
   for (int64_t step = plan.steps() - 1; step >= 0; --step) {
     const int64_t t = plan.time(step), bs = plan.batch[t], off = plan.offset[t];
     at::Tensor dh_rows = dh.narrow(0, 0, bs);
