@@ -8,8 +8,9 @@ The .cu (and .cuh) sources are used as they are, except that each
 of the emulator (cudaLaunchKernelEx, which the cooperative launches use, is
 emulated under its own name), and that tests/cuda_emulation/shim/ stands in for a few CUDA
 headers and for common/ptx_sm80.cuh (the PTX wrappers).
-This catches indexing, tiling, bounds, epilogue and API-alignment mistakes;
-it cannot catch what only the hardware shows (see emu_cuda.h)."""
+This catches indexing, tiling, bounds, epilogue and API-alignment mistakes,
+and (mode "races", under ThreadSanitizer) missing barriers; it cannot catch
+what only the hardware shows (see emu_cuda.h)."""
 
 import glob
 import os
@@ -42,11 +43,28 @@ def cuda_include_dir():
     return next((d for d in candidates if os.path.exists(os.path.join(d, "cuda_bf16.h"))), None)
 
 
+def thread_sanitizer_works(tmp_path):
+    """Whether g++ here builds and runs a ThreadSanitizer program (libtsan installed, a kernel it can map)."""
+    source = tmp_path / "tsan_probe.cc"
+    source.write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
+    binary = str(tmp_path / "tsan_probe")
+    build = subprocess.run(["g++", "-fsanitize=thread", "-pthread", str(source), "-o", binary], capture_output=True)
+    return build.returncode == 0 and subprocess.run([binary], capture_output=True).returncode == 0
+
+
+# "races": the same sources under ThreadSanitizer (g++ -fsanitize=thread), on
+# each checker's --quick set. The emulation's barriers, atomics and exchange
+# slots are real synchronization, so a shared-memory access that no
+# __syncthreads/__syncwarp orders against another thread's is reported as a
+# data race, whether or not this run's timing made it give a wrong value.
+@pytest.mark.parametrize("mode", ["values", "races"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_kernels_under_host_emulation(family, tmp_path):
+def test_cuda_kernels_under_host_emulation(family, mode, tmp_path):
     include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("needs g++ and the CUDA headers")
+    if mode == "races" and not thread_sanitizer_works(tmp_path):
+        pytest.skip("g++'s ThreadSanitizer does not build or run here")
     units, launches = [], 0
     for path in sorted(glob.glob(os.path.join(CSRC, family, "cuda", "*.cu*"))):
         name = os.path.basename(path)
@@ -65,10 +83,14 @@ def test_cuda_kernels_under_host_emulation(family, tmp_path):
     assert units, f"no .cu file in csrc/{family}/cuda"
     flags = ["-std=c++20", "-O1", "-w", "-pthread", f"-I{os.path.join(EMULATION, 'shim')}", f"-I{EMULATION}",
              f"-I{tmp_path}", f"-I{CSRC}", f"-I{include}"]
+    if mode == "races":
+        flags += ["-fsanitize=thread", "-g1"]  # -g1: line numbers in the race reports
     binary = str(tmp_path / "check_kernels")
     checker = os.path.join(EMULATION, family, "check_kernels.cc")
     build = subprocess.run(["g++", *flags, *units, checker, "-o", binary], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
-    run = subprocess.run([binary], capture_output=True, text=True, timeout=900)
+    run = subprocess.run([binary] + (["--quick"] if mode == "races" else []), capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"})
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[:6000]  # the first race, with both stacks
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "0 failures" in run.stdout.splitlines()[-1], run.stdout[-2000:]

@@ -11,8 +11,12 @@
 // never written shows. The WMMA, ldmatrix and cp.async calls check their
 // alignment rules, and a launch checks its configuration against the
 // hardware limits (the error comes back from cudaGetLastError, as on a GPU).
-// Not covered: hardware timing (races that only show on a GPU), the tensor
-// cores' rounding, bank conflicts, speed.
+// Every exchange between threads goes through std::barrier or atomics, so
+// ThreadSanitizer (tests/test_cuda_emulation.py, mode "races") sees exactly
+// the ordering the kernel's own barriers give, and reports a shared-memory
+// access that none orders. Not covered: the tensor cores' rounding, bank
+// conflicts, speed, and orderings only a GPU's memory model adds (fences,
+// the visibility of global writes across blocks).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
