@@ -66,7 +66,8 @@ void parallel_blocks(int64_t rows, int64_t cols, int64_t col_block, const F& f) 
 // [groups][panels][K][block]. A product then streams one panel instead of
 // reading rows of b that lie a whole row of b apart (a new page every few
 // rows for a wide b). One pass of our own: the transpose, cast, pad and
-// permute as ATen calls cost three copies and ~10 us of calls for a cell.
+// permute as ATen calls cost three copies and a dozen dispatcher calls per
+// weight on every call (docs/PERFORMANCE.md, per-call overhead, 6).
 at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block, at::ScalarType acc) {
   const int64_t K = b.size(0), N = b.size(1) / groups, panels = blocks(N, block);
   const int64_t sk = b.stride(0), sn = b.stride(1);
@@ -206,7 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
     if (!kernels.own_gemm) {  // the recurrent product on ATen's GEMM, before the gates
       const int64_t fresh = bs - from_prev;
       if (from_prev > 0) gemm_rows(kernels, hproj.narrow(0, 0, from_prev), prev_rows, w_hh_t, false);
-      if (fresh > 0) gemm_rows(kernels, hproj.narrow(0, from_prev, fresh), h0.narrow(0, from_prev, fresh), w_hh_t, false);
+      if (fresh > 0) {
+        gemm_rows(kernels, hproj.narrow(0, from_prev, fresh), h0.narrow(0, from_prev, fresh), w_hh_t, false);
+      }
     }
     parallel_blocks(bs, s.H, block, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       // The block's rows, split where their previous h changes place.
