@@ -5,13 +5,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_to_copy.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
-
-#include <type_traits>
 
 #include "attention/attention.h"
 #include "attention/cpu/attention_kernels.h"
+#include "common/column_panels.h"
 
 namespace bigkernels {
 namespace {
@@ -23,33 +21,8 @@ at::ScalarType compute_dtype(const at::Tensor& q) { return lse_dtype(q); }
 // zero-padded: each key block transposed and contiguous. (A plain [D, S]
 // transpose would put a block's rows S elements apart: 4 KB for S = 1024
 // floats, which map to one L1 set and evict each other.)
-// One pass over x (any strides) in parallel: four ATen calls (convert, pad,
-// reshape, transposed copy) cost ~4 us of dispatch per call on small inputs.
 at::Tensor blocked_transpose(const at::Tensor& x) {
-  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3);
-  const int64_t blocks = (S + kAttentionKeyBlock - 1) / kAttentionKeyBlock;
-  at::Tensor out = at::empty({B, H, blocks, D, kAttentionKeyBlock}, x.options().dtype(compute_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "blocked_transpose", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    Acc* dst = out.mutable_data_ptr<Acc>();
-    const int64_t sb = x.stride(0), sh = x.stride(1), ss = x.stride(2), sd = x.stride(3);
-    at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / (H * blocks), h = t / blocks % H, s0 = t % blocks * kAttentionKeyBlock;
-        Acc* block = dst + t * D * kAttentionKeyBlock;
-        for (int64_t j = 0; j < kAttentionKeyBlock; ++j) {  // rows of x read along, the block is in cache
-          if (s0 + j >= S) {  // the padding past the last key
-            for (int64_t d = 0; d < D; ++d) block[d * kAttentionKeyBlock + j] = Acc(0);
-            continue;
-          }
-          const scalar_t* row = src + b * sb + h * sh + (s0 + j) * ss;
-          for (int64_t d = 0; d < D; ++d) block[d * kAttentionKeyBlock + j] = static_cast<Acc>(row[d * sd]);
-        }
-      }
-    });
-  });
-  return out;
+  return column_panels(x.transpose(-1, -2), kAttentionKeyBlock, compute_dtype(x));
 }
 
 // The kernels need a contiguous last dim; other strides are honoured.
@@ -90,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
-  // K^T and V in the compute type, once per call (ATen's parallel copies):
+  // K^T and V in the compute type, once per call (parallel copies):
   // no block of the loops converts or transposes them again.
   const at::Tensor k_t = blocked_transpose(k);
   const at::Tensor v_c = v.to(compute_dtype(q)).contiguous();

@@ -11,7 +11,6 @@
 // Everything runs in the accumulator type (float; double for double inputs):
 // bfloat16 and half are converted at the edges, so the cell state and the
 // recurrent sums are float, and the outputs are rounded once.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
@@ -24,9 +23,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
+#include "common/column_panels.h"
 #include "rnn/cpu/rnn_kernels.h"
 #include "rnn/rnn.h"
 
@@ -60,52 +59,14 @@ void parallel_blocks(int64_t rows, int64_t cols, int64_t col_block, const F& f) 
   });
 }
 
-// b [K, groups * N] (any strides and floating dtype, e.g. a weight's
-// transposed view) as panels of `block` columns of each group in the
-// accumulator type, each panel contiguous [K][block] (zero-padded past N):
-// [groups][panels][K][block]. A product then streams one panel instead of
-// reading rows of b that lie a whole row of b apart (a new page every few
-// rows for a wide b). One pass of our own: the transpose, cast, pad and
-// permute as ATen calls cost three copies and a dozen dispatcher calls per
-// weight on every call (docs/PERFORMANCE.md, per-call overhead, 6).
-at::Tensor column_panels(const at::Tensor& b, int64_t groups, int64_t block, at::ScalarType acc) {
-  const int64_t K = b.size(0), N = b.size(1) / groups, panels = blocks(N, block);
-  const int64_t sk = b.stride(0), sn = b.stride(1);
-  at::Tensor packed = at::empty({groups, panels, K, block}, b.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "column_panels", [&] {
-    const scalar_t* src = b.const_data_ptr<scalar_t>();
-    const auto pack = [&](auto* dst) {
-      using acc_t = std::remove_pointer_t<decltype(dst)>;
-      at::parallel_for(0, groups * panels, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t gp = p0; gp < p1; ++gp) {
-          const int64_t n0 = gp % panels * block, width = std::min(block, N - n0);
-          const scalar_t* col = src + (gp / panels * N + n0) * sn;
-          acc_t* out = dst + gp * K * block;
-          // k outer: the `width` source lines of a transposed weight stay in L1 across k.
-          for (int64_t k = 0; k < K; ++k, out += block) {
-            for (int64_t j = 0; j < width; ++j) out[j] = static_cast<acc_t>(col[k * sk + j * sn]);
-            for (int64_t j = width; j < block; ++j) out[j] = acc_t(0);
-          }
-        }
-      });
-    };
-    if (acc == at::kDouble) {
-      pack(packed.mutable_data_ptr<double>());
-    } else {
-      pack(packed.mutable_data_ptr<float>());
-    }
-  });
-  return packed;
-}
-
 // Depth of one call of kernels.gemm: a long product (the backward's weight
 // gradients sum over every row of the sequence) goes in slices whose part of
 // the b panel (256 x unit_block) stays in L2 while a task's rows reuse it.
 constexpr int64_t kDepthBlock = 256;
 
 // c[rows, cols] (+)= A b in parallel, A(i, k) = a[i * a_row + k * a_col] (so
-// A may be a transposed view), b given as column_panels(b, 1,
-// kernels.unit_block); all in the accumulator type.
+// A may be a transposed view), b given as column_panels(b, kernels.unit_block,
+// acc) (common/column_panels.h); all in the accumulator type.
 void parallel_gemm(const RnnCpuKernels& kernels, at::ScalarType acc, int64_t rows, int64_t cols, int64_t k,
                    const char* a, int64_t a_row, int64_t a_col, const at::Tensor& b_panels, char* c, int64_t ldc,
                    bool accumulate) {
@@ -127,8 +88,10 @@ struct GemmOperand {
   at::Tensor dense, panels;
 };
 GemmOperand gemm_operand(const RnnCpuKernels& kernels, const at::Tensor& b, at::ScalarType acc, int64_t groups = 1) {
-  if (kernels.own_gemm) return {at::Tensor(), column_panels(b, groups, kernels.unit_block, acc)};
-  return {b.to(acc).contiguous(), at::Tensor()};
+  if (!kernels.own_gemm) return {b.to(acc).contiguous(), at::Tensor()};
+  // [K, groups * N] viewed as [groups, K, N]: panels [groups][N / block][K][block]
+  return {at::Tensor(), column_panels(b.unflatten(1, {groups, b.size(1) / groups}).transpose(0, 1),
+                                      kernels.unit_block, acc)};
 }
 
 // c (+)= a b for a [rows, K] (any strides) and a contiguous c [rows, N]: our
