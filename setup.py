@@ -99,19 +99,19 @@ def cuda_library_includes():
 def cutlass_includes():
     """CUTLASS's include folders (scripts/cutlass_headers.py says where it looks), or None."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cutlass_headers", os.path.join(ROOT, "scripts", "cutlass_headers.py"))
+    path = os.path.join(ROOT, "scripts", "cutlass_headers.py")
+    spec = importlib.util.spec_from_file_location("cutlass_headers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.cutlass_includes()
 
 
-def want_sm90(with_cuda):
-    """Whether to build the sm_90a CUTLASS path (BIGKERNELS_SM90=1); stops
-    with the reason when it was asked for and cannot be built."""
+def want_sm90():
+    """CUTLASS's include folders when the CUDA build also builds the sm_90a
+    path (BIGKERNELS_SM90=1), else None; stops with the reason when it was
+    asked for and the headers are missing."""
     if os.environ.get("BIGKERNELS_SM90") != "1":
         return None
-    if not with_cuda:
-        sys.exit("BIGKERNELS_SM90=1 needs the CUDA build (a CUDA toolkit and a CUDA build of torch)")
     includes = cutlass_includes()
     if includes is None:
         sys.exit("BIGKERNELS_SM90=1 but no CUTLASS headers were found: pip install nvidia-cutlass==4.2.0.0, "
@@ -149,6 +149,7 @@ def extension():
         py_limited_api=False,
     )
     archs = None
+    sm90_includes = None  # the sm_90a path is part of the CUDA build only
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension
@@ -157,7 +158,7 @@ def extension():
         if os.environ.get("BIGKERNELS_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")
         args["include_dirs"] += cuda_library_includes()
-        sm90_includes = want_sm90(with_cuda)
+        sm90_includes = want_sm90()
         if sm90_includes is not None:
             sources += sorted(glob.glob("csrc/dense/cuda/sm90/*.cu"))
             args["include_dirs"] += sm90_includes
@@ -168,7 +169,7 @@ def extension():
     else:
         args["extra_compile_args"] = {"cxx": cxx_flags}
         ext = cpp_extension.CppExtension(sources=sources, **args)
-    write_build_info(with_cuda, archs or "", sm90=with_cuda and os.environ.get("BIGKERNELS_SM90") == "1")
+    write_build_info(with_cuda, archs or "", sm90=sm90_includes is not None)
     return ext
 
 

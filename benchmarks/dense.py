@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import bigkernels
 from bigkernels import reference
+from bigkernels._info import sm90_dense_opted_in
 
 from . import harness
 from .harness import Case, Variant
@@ -56,8 +57,7 @@ def _sm90_off():
 
 def _sm90_on():
     """Whether bigkernels.dense takes the sm_90a path here (built, opted in, an sm_90 GPU)."""
-    info = bigkernels.backend_info()
-    return (info["sm90_dense"].startswith("built, on") and torch.cuda.is_available()
+    return (sm90_dense_opted_in() and torch.cuda.is_available()
             and torch.cuda.get_device_capability()[0] == 9)
 
 

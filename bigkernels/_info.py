@@ -31,11 +31,16 @@ def backend_info():
     }
 
 
+def sm90_dense_opted_in():
+    """Whether the dense forward takes its sm_90a CUTLASS path on sm_90 GPUs:
+    built, and asked for at run time (as csrc/dense/cuda/dense_cuda.cpp reads it)."""
+    return bool(BUILD_INFO.get("sm90_cutlass")) and os.environ.get("BIGKERNELS_SM90") == "1"
+
+
 def _sm90_status():
     """The dense forward's sm_90a CUTLASS path: built or not, opted in or not,
     and unverified until a GPU run has checked it against the reference."""
     if not BUILD_INFO.get("sm90_cutlass"):
         return "not built (build with BIGKERNELS_SM90=1 and CUTLASS headers)"
-    on = os.environ.get("BIGKERNELS_SM90") == "1"
-    return ("built, " + ("on (BIGKERNELS_SM90=1)" if on else "off (set BIGKERNELS_SM90=1 to use it)")
-            + "; unverified: it has never run on a GPU")
+    switch = "on (BIGKERNELS_SM90=1)" if sm90_dense_opted_in() else "off (set BIGKERNELS_SM90=1 to use it)"
+    return f"built, {switch}; unverified: it has never run on a GPU"
