@@ -79,7 +79,10 @@ __global__ void __launch_bounds__(Tf32Tile::kThreads, 2) dense_forward_tf32(Dens
     __syncthreads();
     const T* as = smem + (kt % 2) * Cfg::kStageElems;
     const T* bs = as + Cfg::kBM * Cfg::kLds;
-#pragma unroll
+    // Not unrolled on purpose: unrolled, the scheduler hoists the second
+    // k-step's fragment loads above the first one's mma and wants ~168
+    // registers, over the 128 that two blocks per SM allow, so it spilled.
+#pragma unroll 1
     for (int kk = 0; kk < Cfg::kBK; kk += Cfg::kFragK) {
       wmma::fragment<wmma::matrix_a, 16, 16, Cfg::kFragK, Frag, wmma::row_major> a[Cfg::kFM];
       wmma::fragment<wmma::matrix_b, 16, 16, Cfg::kFragK, Frag, wmma::col_major> b[Cfg::kFN];
@@ -106,7 +109,11 @@ __global__ void __launch_bounds__(Tf32Tile::kThreads, 2) dense_forward_tf32(Dens
 
   // Epilogue: each warp stages one 16 x 32 strip of fp32 accumulators in
   // shared memory (reusing the tiles), then its lanes finish the strip.
+  // Unrolled so that acc[i] has a constant index: indexed at run time, the
+  // whole acc array lived in local memory (a 256-byte stack frame, written
+  // back at every k-tile of the loop above).
   float* strip = reinterpret_cast<float*>(smem_raw) + warp * 16 * Cfg::kEpiLd;
+#pragma unroll
   for (int i = 0; i < Cfg::kFM; ++i) {
 #pragma unroll
     for (int j = 0; j < Cfg::kFN; ++j) {
