@@ -131,3 +131,56 @@ def test_head_dims_over_256_run_on_the_reference_with_a_warning():
         out = attention(q, q, q)
     torch.testing.assert_close(out.float().cpu(), attention(q.float().cpu(), q.float().cpu(), q.float().cpu()),
                                atol=2e-3, rtol=2e-3)
+
+
+# Ranges a block finds empty: key tiles no query reaches (top-left causal with
+# S > L, a narrow window), query tiles that reach no key, a single query.
+# The kernels must drain their copies and write zeros there.
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("E", [64, 256])
+@pytest.mark.parametrize("feature,L,S", [("causal", 67, 131), ("causal", 1, 131), ("plain", 1, 100),
+                                         ("window", 40, 200), ("window", 200, 40)], ids=str)
+def test_empty_ranges(dtype, E, feature, L, S):
+    check(dtype, feature, B=1, L=L, S=S, E=E, Ev=E, seed=L + S, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_grad_output(dtype):
+    # a contiguous view one element into its storage: the kernels' 16-byte copies cannot read it in place
+    q, k, v, grad = (t.cuda().to(dtype) for t in make_inputs(2, 2, 2, 33, 47, 64, 64, seed=11))
+    storage = torch.empty(grad.numel() + 1, device="cuda", dtype=dtype)
+    odd = storage[1:].view_as(grad).copy_(grad)
+    assert odd.is_contiguous() and odd.data_ptr() % 16 != 0
+    grads = []
+    for g in (grad, odd):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, is_causal=True).backward(g)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,E", [(torch.bfloat16, 64), (torch.bfloat16, 256), (torch.float32, 128),
+                                     (torch.float64, 64)], ids=str)
+def test_backward_is_bit_identical_when_repeated(dtype, E):
+    # no atomics: the same inputs give the same bits, every head dim's dK/dV split included
+    q, k, v, grad = (t.cuda().to(dtype) for t in make_inputs(2, 4, 2, 200, 333, E, E, seed=12))
+    runs = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, is_causal=True, enable_gqa=True).backward(grad)
+        runs.append([t.grad for t in leaves])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,E,rows", [(torch.float16, 64, 64), (torch.float32, 64, 64), (torch.float32, 256, 16),
+                                          (torch.float64, 256, 8)], ids=str)
+def test_too_long_for_the_grid_is_a_clear_error(dtype, E, rows):
+    # one block per `rows` queries, at most 65535 blocks; an expanded q allocates nothing
+    L = 65535 * rows + 1
+    q = torch.randn(1, 1, 1, E, device="cuda", dtype=dtype).expand(1, 1, L, E)
+    k = torch.randn(1, 1, 8, E, device="cuda", dtype=dtype)
+    with pytest.raises(ValueError, match=f"at most {65535 * rows} queries"):
+        attention(q, k, k)

@@ -17,7 +17,7 @@ namespace bigkernels {
 namespace cuda {
 namespace attention {
 
-constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int kThreads = kAttentionThreads, kWarps = kThreads / 32;
 
 __device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : x > hi ? hi : x;

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "attention/attention.h"
 #include "attention/cuda/launchers.h"
@@ -24,23 +26,29 @@ namespace {
 
 int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 
-// What the kernels' 16-byte copies need: a contiguous last dim of a multiple
-// of 8 elements, strides of 8 elements (where the dim has more than one
-// entry), a 16-byte aligned start.
-bool copyable_in_chunks(const at::Tensor& t) {
-  if (t.size(-1) % 8 != 0 || (t.size(-1) > 1 && t.stride(-1) != 1)) return false;
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
-  return true;
+bool readable_in_chunks(const at::Tensor& t) {
+  return cuda::attention_readable_in_chunks(t.const_data_ptr(), static_cast<int>(t.dim()), t.sizes().data(),
+                                            t.strides().data());
 }
 
 // t itself when the kernels can read it in place, else a contiguous copy
 // with the last dim zero-padded to a multiple of 8 (zeros change no score
 // and give output columns that are cut off again).
 at::Tensor kernel_layout(const at::Tensor& t) {
-  if (copyable_in_chunks(t)) return t;
+  if (readable_in_chunks(t)) return t;
   return at::constant_pad_nd(t, {0, round_up8(t.size(-1)) - t.size(-1)}).contiguous();
+}
+
+// grad_output as the backward kernels read it: contiguous, `width` wide (the
+// padded Ev), 16-byte aligned. contiguous() alone would keep a view with an
+// odd storage offset, which the kernels' 16-byte copies cannot read.
+at::Tensor contiguous_for_kernels(const at::Tensor& t, int64_t width) {
+  if (t.size(-1) == width && t.is_contiguous() && readable_in_chunks(t)) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes.back() = width;
+  at::Tensor out = t.size(-1) == width ? at::empty(sizes, t.options()) : at::zeros(sizes, t.options());
+  out.narrow(-1, 0, t.size(-1)).copy_(t);  // a fresh allocation: aligned
+  return out;
 }
 
 // The first `n` entries of the last dim, contiguous.
@@ -53,16 +61,22 @@ bool on_tensor_cores(const at::Tensor& q) {
 }
 
 void check_cuda_args(const at::Tensor& q, const AttentionShape& s) {
-  TORCH_CHECK_VALUE(cuda::attention_head_dim_bucket(std::max(s.E, s.Ev)) != 0, "bigkernels.attention: the CUDA "
-                    "kernels take head dims up to 256, got ", s.E, " and ", s.Ev);
+  const int bucket = cuda::attention_head_dim_bucket(std::max(s.E, s.Ev));
+  TORCH_CHECK_VALUE(bucket != 0, "bigkernels.attention: the CUDA kernels take head dims up to 256, got ", s.E,
+                    " and ", s.Ev);
   if (on_tensor_cores(q)) {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
     TORCH_CHECK(major >= 8, "bigkernels.attention: ", q.scalar_type(), " runs on tensor cores (mma.sync bf16, "
                 "cp.async), which need compute capability 8.0 or newer; this GPU has ", major, ".x");
   }
-  TORCH_CHECK_VALUE((s.L + 63) / 64 <= 65535 && (s.S + 63) / 64 <= 65535 && s.B * s.Hq <= INT32_MAX,
-                    "bigkernels.attention: sequence too long for the CUDA grid (", s.L, ", ", s.S, ")");
+  // One block per `rows` queries (keys in dK/dV) in the grid's y, at most 65535 of them.
+  const int64_t rows = cuda::attention_rows_per_block(on_tensor_cores(q), q.element_size(), bucket);
+  TORCH_CHECK_VALUE((s.L + rows - 1) / rows <= 65535 && (s.S + rows - 1) / rows <= 65535,
+                    "bigkernels.attention: the CUDA kernels take at most ", 65535 * rows, " queries and keys for ",
+                    q.scalar_type(), " at head dim ", std::max(s.E, s.Ev), "; got L = ", s.L, ", S = ", s.S);
+  TORCH_CHECK_VALUE(s.B * s.Hq <= INT32_MAX, "bigkernels.attention: batch x heads = ", s.B * s.Hq,
+                    " is too many for the CUDA grid (at most ", INT32_MAX, ")");
 }
 
 cuda::AttentionParams make_params(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
@@ -173,8 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   // delta = rowsum(dO * O), the softmax gradient's shared term, in lse's type
   const at::Tensor delta =
       at::mul(grad_output.to(lse_dtype(query)), output.to(lse_dtype(query))).sum(-1).contiguous();
-  at::Tensor grad_out = grad_output.to(query.scalar_type());
-  grad_out = (p.Ev == s.Ev ? grad_out : at::constant_pad_nd(grad_out, {0, p.Ev - s.Ev})).contiguous();
+  const at::Tensor grad_out = contiguous_for_kernels(grad_output.to(query.scalar_type()), p.Ev);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, p.E}, query.options());
   at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, p.E}, query.options());

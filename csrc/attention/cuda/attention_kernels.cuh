@@ -35,6 +35,7 @@ namespace cuda {
 namespace attention {
 
 constexpr int kRows = 16 * kWarps;  // rows of a block's resident tile (queries, or keys for dK/dV)
+static_assert(kRows == attention_rows_per_block(true, 2, 64), "the host's grid check assumes this");
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Tile shapes per head-dim bucket kD: kN rows of the streamed tile (keys in
@@ -334,10 +335,18 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
 
 // ---- backward, dK and dV: grid (B * Hkv, key tiles) ----
 
-template <typename T, int kD>
+// What one dK/dV kernel computes. Up to head dim 128 both; at 256 the two
+// [16 x 256] accumulators (256 floats a thread) cannot live in 255
+// registers, so a dV kernel and a dK kernel run one after the other, each
+// recomputing the scores (one extra K Q^T: 5 products instead of 4). One
+// kernel branching on the part would be sized for both and spill.
+enum class DkDvPart { kBoth, kDv, kDk };
+
+template <typename T, int kD, DkDvPart kPart>
 __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const AttentionParams p) {
 #if __CUDA_ARCH__ >= 800
   constexpr int kN = Tiles<kD>::kBackwardCols;
+  constexpr bool kWantDv = kPart != DkDvPart::kDk, kWantDk = kPart != DkDvPart::kDv;
   const int64_t b = blockIdx.x / p.Hkv, hk = blockIdx.x % p.Hkv, group = p.Hq / p.Hkv;
   const int64_t j0 = int64_t(blockIdx.y) * kRows, j1 = clamp(j0 + kRows, 0, p.S);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -351,13 +360,13 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   float* sdelta = slse + kN;
 
   load_tile<T, kD>(sk, k, j0, kRows, p.S, p.E, p.k_strides[2]);
-  load_tile<T, kD>(sv, v, j0, kRows, p.S, p.Ev, p.v_strides[2]);
+  if constexpr (kWantDk) load_tile<T, kD>(sv, v, j0, kRows, p.S, p.Ev, p.v_strides[2]);  // V only enters dP
   __pipeline_commit();
   const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
   int64_t ilo, ihi;
   w.queries_for(j0, j1, ilo, ihi);
   const int64_t key[2] = {j0 + warp * 16 + lane / 4, j0 + warp * 16 + lane / 4 + 8};
-  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};  // the part's unused one is optimised away
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t head_row0 = (b * p.Hq + h) * p.L;
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
@@ -378,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
       // Transposed tiles: rows are this warp's keys, columns the kN queries.
       float st[kN / 8][4], dpt[kN / 8][4];
       scores_tile<T, kD, kN>(st, sk, warp * 16, sq, p.E);
-      scores_tile<T, kD, kN>(dpt, sv, warp * 16, sdo, p.Ev);
+      if constexpr (kWantDk) scores_tile<T, kD, kN>(dpt, sv, warp * 16, sdo, p.Ev);
       const bool whole = w.whole(i0, i0 + kN, j0, j0 + kRows);
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt)
@@ -389,16 +398,17 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
           const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole) * kLog2e;
           const float prob = slse[c] == -INFINITY ? 0.f : exp2f(x - slse[c]);
           const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, i, j) : 1.f;
-          st[nt][e] = prob * keep;                               // (P * M)^T, for dV
-          dpt[nt][e] = prob * (dpt[nt][e] * keep - sdelta[c]);  // dS^T, for dK
+          st[nt][e] = prob * keep;                                          // (P * M)^T, for dV
+          if constexpr (kWantDk) dpt[nt][e] = prob * (dpt[nt][e] * keep - sdelta[c]);  // dS^T, for dK
         }
-      accumulate_pv<T, kD, kN>(dv, st, sdo, p.Ev);
-      accumulate_pv<T, kD, kN>(dk, dpt, sq, p.E);
+      if constexpr (kWantDv) accumulate_pv<T, kD, kN>(dv, st, sdo, p.Ev);
+      if constexpr (kWantDk) accumulate_pv<T, kD, kN>(dk, dpt, sq, p.E);
     }
   }
+  __pipeline_wait_prior(0);  // no copy outlives the block, even when no query reaches these keys
   const int64_t head_key0 = (b * p.Hkv + hk) * p.S;
-  store_rows<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j0, p.S, p.E, p.scale, p.scale);
-  store_rows<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j0, p.S, p.Ev, 1.f, 1.f);
+  if constexpr (kWantDk) store_rows<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j0, p.S, p.E, p.scale, p.scale);
+  if constexpr (kWantDv) store_rows<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j0, p.S, p.Ev, 1.f, 1.f);
 #endif
 }
 
@@ -414,18 +424,28 @@ cudaError_t launch_attention_forward(const AttentionParams& p, cudaStream_t stre
   return cudaGetLastError();
 }
 
+namespace attention {
+// One dK/dV kernel, opted in to its shared memory.
+template <typename T, int kD, DkDvPart kPart>
+cudaError_t launch_dkdv(const AttentionParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (cudaError_t e = allow_smem(backward_dkdv_kernel<T, kD, kPart>, smem); e != cudaSuccess) return e;
+  backward_dkdv_kernel<T, kD, kPart><<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+}  // namespace attention
+
 template <typename T, int kD>
 cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t stream) {
   using namespace attention;
   const size_t smem = Tiles<kD>::template backward_smem<T>();
   if (cudaError_t e = allow_smem(backward_dq_kernel<T, kD>, smem); e != cudaSuccess) return e;
-  if (cudaError_t e = allow_smem(backward_dkdv_kernel<T, kD>, smem); e != cudaSuccess) return e;
   const dim3 dq_grid(static_cast<unsigned>(p.B * p.Hq), static_cast<unsigned>((p.L + kRows - 1) / kRows));
   backward_dq_kernel<T, kD><<<dq_grid, kThreads, smem, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const dim3 dkdv_grid(static_cast<unsigned>(p.B * p.Hkv), static_cast<unsigned>((p.S + kRows - 1) / kRows));
-  backward_dkdv_kernel<T, kD><<<dkdv_grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  if constexpr (kD <= 128) return launch_dkdv<T, kD, DkDvPart::kBoth>(p, dkdv_grid, smem, stream);
+  if (cudaError_t e = launch_dkdv<T, kD, DkDvPart::kDv>(p, dkdv_grid, smem, stream); e != cudaSuccess) return e;
+  return launch_dkdv<T, kD, DkDvPart::kDk>(p, dkdv_grid, smem, stream);
 }
 
 }  // namespace cuda

@@ -1,9 +1,10 @@
 // The CUDA attention kernels for float and double: plain FMA (SIMT) code on
 // any GPU, exact in the input's precision (no TF32), never materialising the
 // L x S scores. Simple rather than fast: a block of 128 threads owns
-// 128 / kTpr rows (queries; keys for dK/dV), each row kTpr = kD / 32 threads
-// that own 32 of the head dims each, interleaved (dim d belongs to thread
-// d % kTpr, so a row's threads read consecutive words of a shared row: no bank
+// 128 / kTpr rows (queries; keys for dK/dV), each row kTpr = kD / kE threads
+// that own kE of the head dims each (32 for float, 16 for double, so that
+// dK/dV's four rows of them fit in registers), interleaved (dim d belongs to
+// thread d % kTpr, so a row's threads read consecutive words of a shared row: no bank
 // conflicts, and the rows of a warp read the same word: a broadcast). The
 // other operand streams through shared memory kN rows at a time. Same
 // structure as the tensor-core kernels (attention_kernels.cuh): an online
@@ -31,8 +32,10 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 template <typename T, int kD>
 struct Shape {
-  static constexpr int kTpr = kD / 32;              // threads per row
+  static constexpr int kE = attention_simt_dims_per_thread(sizeof(T));  // head dims a thread owns
+  static constexpr int kTpr = kD / kE;              // threads per row
   static constexpr int kRows = kThreads / kTpr;     // rows a block owns
+  static_assert(kRows == attention_rows_per_block(false, sizeof(T), kD), "the host's grid check assumes this");
   static constexpr int kN = sizeof(T) == 8 ? 16 : 32;  // rows per streamed tile
   static constexpr size_t smem() { return 2 * sizeof(T) * kN * kD + 2 * sizeof(acc_t<T>) * kN; }
 };
@@ -44,14 +47,19 @@ __device__ __forceinline__ A row_sum(A v) {
   return v;
 }
 
-// This thread's 32 dims of row r of a [n, dim] tensor (row stride `stride`), 0 outside.
+// A thread's share of one row: its kE dims.
 template <typename T, int kD>
-__device__ __forceinline__ void load_row(acc_t<T> (&x)[32], const T* src, int64_t r, int64_t n, int64_t dim,
+using RowPart = acc_t<T>[Shape<T, kD>::kE];
+
+// This thread's dims of row r of a [n, dim] tensor (row stride `stride`), 0 outside.
+template <typename T, int kD>
+__device__ __forceinline__ void load_row(RowPart<T, kD>& x, const T* src, int64_t r, int64_t n, int64_t dim,
                                          int64_t stride) {
-  const int t = threadIdx.x % (kD / 32);
+  using Sh = Shape<T, kD>;
+  const int t = threadIdx.x % Sh::kTpr;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
-    const int64_t d = e * (kD / 32) + t;
+  for (int e = 0; e < Sh::kE; ++e) {
+    const int64_t d = e * Sh::kTpr + t;
     x[e] = r < n && d < dim ? to_acc(src[r * stride + d]) : acc_t<T>(0);
   }
 }
@@ -68,31 +76,32 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t r0, int
 
 // sum over this thread's dims of x[e] * tile_row[e * kTpr + t], then over the row's threads.
 template <typename T, int kD>
-__device__ __forceinline__ acc_t<T> dot(const acc_t<T> (&x)[32], const T* tile_row) {
-  constexpr int kTpr = kD / 32;
-  const int t = threadIdx.x % kTpr;
+__device__ __forceinline__ acc_t<T> dot(const RowPart<T, kD>& x, const T* tile_row) {
+  using Sh = Shape<T, kD>;
+  const int t = threadIdx.x % Sh::kTpr;
   acc_t<T> sum = 0;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) sum += x[e] * to_acc(tile_row[e * kTpr + t]);
-  return row_sum<kTpr>(sum);
+  for (int e = 0; e < Sh::kE; ++e) sum += x[e] * to_acc(tile_row[e * Sh::kTpr + t]);
+  return row_sum<Sh::kTpr>(sum);
 }
 
 template <typename T, int kD>
-__device__ __forceinline__ void axpy(acc_t<T> (&y)[32], acc_t<T> a, const T* tile_row) {
-  constexpr int kTpr = kD / 32;
-  const int t = threadIdx.x % kTpr;
+__device__ __forceinline__ void axpy(RowPart<T, kD>& y, acc_t<T> a, const T* tile_row) {
+  using Sh = Shape<T, kD>;
+  const int t = threadIdx.x % Sh::kTpr;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) y[e] += a * to_acc(tile_row[e * kTpr + t]);
+  for (int e = 0; e < Sh::kE; ++e) y[e] += a * to_acc(tile_row[e * Sh::kTpr + t]);
 }
 
 template <typename T, int kD>
-__device__ __forceinline__ void store_row(T* dst, const acc_t<T> (&x)[32], int64_t r, int64_t n, int64_t dim,
+__device__ __forceinline__ void store_row(T* dst, const RowPart<T, kD>& x, int64_t r, int64_t n, int64_t dim,
                                           acc_t<T> factor) {
-  const int t = threadIdx.x % (kD / 32);
+  using Sh = Shape<T, kD>;
+  const int t = threadIdx.x % Sh::kTpr;
   if (r >= n) return;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
-    const int64_t d = e * (kD / 32) + t;
+  for (int e = 0; e < Sh::kE; ++e) {
+    const int64_t d = e * Sh::kTpr + t;
     if (d < dim) dst[r * dim + d] = static_cast<T>(x[e] * factor);
   }
 }
@@ -115,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
   int64_t jlo, jhi;
   w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
 
-  A qr[32], o[32] = {};
+  RowPart<T, kD> qr, o = {};
   load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
   A m = -INFINITY, l = 0;
   for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
@@ -125,7 +134,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     __syncthreads();
     if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // contributes nothing
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
-    A s[kN], tile_max = -INFINITY;
+    A s[kN], tile_max = -INFINITY;  // unrolled loops: s stays in registers, not on the stack
+#pragma unroll
     for (int jj = 0; jj < kN; ++jj) {
       s[jj] = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole);
       tile_max = s[jj] > tile_max ? s[jj] : tile_max;
@@ -135,8 +145,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     const A alpha = exp_acc(m - shift);
     m = m_new;
     l *= alpha;
-  #pragma unroll
-  for (int e = 0; e < 32; ++e) o[e] *= alpha;
+#pragma unroll
+    for (int e = 0; e < Sh::kE; ++e) o[e] *= alpha;
+#pragma unroll
     for (int jj = 0; jj < kN; ++jj) {
       A prob = exp_acc(s[jj] - shift);
       l += prob;  // the normaliser counts every key, dropped or not
@@ -170,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
   int64_t jlo, jhi;
   w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
 
-  A qr[32], dor[32], dq[32] = {};
+  RowPart<T, kD> qr, dor, dq = {};
   load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
   load_row<T, kD>(dor, static_cast<const T*>(p.grad_out) + head_row0 * p.Ev, i, p.L, p.Ev, p.Ev);
   const A lse = i < p.L ? static_cast<const A*>(p.lse)[head_row0 + i] : A(-INFINITY);
@@ -216,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   int64_t ilo, ihi;
   w.queries_for(j0, clamp(j0 + Sh::kRows, 0, p.S), ilo, ihi);
 
-  A kr[32], vr[32], dk[32] = {}, dv[32] = {};
+  RowPart<T, kD> kr, vr, dk = {}, dv = {};
   load_row<T, kD>(kr, k, j, p.S, p.E, p.k_strides[2]);
   load_row<T, kD>(vr, v, j, p.S, p.Ev, p.v_strides[2]);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {

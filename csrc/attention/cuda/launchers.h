@@ -42,6 +42,33 @@ struct AttentionParams {
   void* grad_mask;  // null, or [B, Hq, L, S] in lse's type, zeroed: the dQ kernel writes dS there
 };
 
+constexpr int kAttentionThreads = 128;  // threads per block, every attention kernel
+
+// Head dims one thread of the SIMT kernels owns: 32 floats, 16 doubles (so
+// that the dK/dV kernel's four such arrays fit in 255 registers).
+constexpr int attention_simt_dims_per_thread(int element_size) { return element_size == 8 ? 16 : 32; }
+
+// Rows (queries; keys for dK/dV) that one block owns: the grid's second
+// dimension is ceil(rows / this), at most 65535. The tensor-core kernels
+// give each of 4 warps 16 rows; the SIMT kernels give each row
+// kD / dims-per-thread threads.
+constexpr int attention_rows_per_block(bool tensor_cores, int element_size, int head_dim_bucket) {
+  return tensor_cores ? 64
+                      : kAttentionThreads * attention_simt_dims_per_thread(element_size) / head_dim_bucket;
+}
+
+// Whether the kernels' 16-byte copies can read a tensor of `dim` dims in
+// place: a contiguous last dim of a multiple of 8 elements, strides of
+// multiples of 8 elements (where the dim has more than one entry), a 16-byte
+// aligned start. A contiguous view can fail the last: a storage offset.
+inline bool attention_readable_in_chunks(const void* data, int dim, const int64_t* sizes, const int64_t* strides) {
+  if (sizes[dim - 1] % 8 != 0 || (sizes[dim - 1] > 1 && strides[dim - 1] != 1)) return false;
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  for (int d = 0; d + 1 < dim; ++d)
+    if (sizes[d] > 1 && strides[d] % 8 != 0) return false;
+  return true;
+}
+
 // The head dims the kernels are built for: E and Ev are padded (with zeros,
 // in shared memory) up to the next of these.
 constexpr int kAttentionHeadDims[] = {64, 128, 256};

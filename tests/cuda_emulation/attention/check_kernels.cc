@@ -15,7 +15,10 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace bigkernels;
@@ -118,7 +121,7 @@ template <typename T>
 struct Buffer {
   std::vector<unsigned char> raw;
   T* p;
-  explicit Buffer(size_t n) : raw(n * sizeof(T) + 64) {
+  explicit Buffer(size_t n) : raw(n * sizeof(T) + 128) {  // slack: room for a view one element in
     p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) / 64 * 64);
   }
 };
@@ -134,6 +137,7 @@ struct Case {
   bool strided = false;  // q and k as [B, positions, H, D] (transposed views, as Hugging Face passes)
   double peak = 1;       // q's scale: > 1 makes the softmax peaky, so that O and D = rowsum(dO O) are large
   int last_valid = -1;   // key padding: keys the last batch keeps (-1: all but a few), so whole tiles are masked
+  bool misaligned_grad_out = false;  // grad_out one element past an aligned start (the op must copy such a view)
   std::string name() const {
     char s[200];
     std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s peak%.0f", B, Hq,
@@ -295,7 +299,13 @@ void run_case(const Case& c, double tol) {
       }
     }
 
-  p.grad_out = dout.p, p.delta = delta.data();
+  if (c.misaligned_grad_out) {  // the same values, one element further on
+    std::memmove(dout.p + 1, dout.p, B * Hq * L * Ev * sizeof(T));
+    p.grad_out = dout.p + 1;
+  } else {
+    p.grad_out = dout.p;
+  }
+  p.delta = delta.data();
   p.grad_q = dq.p, p.grad_k = dk.p, p.grad_v = dv.p;
   std::vector<A> grad_mask(c.mask == Mask::kFloat ? B * Hq * L * S : 0, A(0));
   p.grad_mask = grad_mask.empty() ? nullptr : grad_mask.data();
@@ -320,12 +330,66 @@ void run_case(const Case& c, double tol) {
   if (!grad_mask.empty()) compare("grad_mask", grad_mask.data(), ref_ds);
 }
 
+// The op's rule for reading a tensor in place (launchers.h): a contiguous
+// view at an odd storage offset must be refused, so that it gets copied.
+static void check_layout_rule() {
+  Buffer<uint16_t> t(8 * 64 + 8);
+  const int64_t sizes[2] = {8, 64}, strides[2] = {64, 1};
+  expect(attention_readable_in_chunks(t.p, 2, sizes, strides), "layout rule: aligned and contiguous");
+  expect(!attention_readable_in_chunks(t.p + 1, 2, sizes, strides), "layout rule: contiguous at an odd offset");
+  const int64_t odd_row_stride[2] = {69, 1}, gapped[2] = {72, 1}, one_row_sizes[2] = {1, 64};
+  expect(!attention_readable_in_chunks(t.p, 2, sizes, odd_row_stride), "layout rule: odd row stride");
+  expect(attention_readable_in_chunks(t.p, 2, sizes, gapped), "layout rule: row stride a multiple of 8");
+  expect(attention_readable_in_chunks(t.p, 2, one_row_sizes, odd_row_stride), "layout rule: one row, any stride");
+  const int64_t narrow_sizes[2] = {8, 60}, strided_cols[2] = {128, 2};
+  expect(!attention_readable_in_chunks(t.p, 2, narrow_sizes, strides), "layout rule: width not a multiple of 8");
+  expect(!attention_readable_in_chunks(t.p, 2, sizes, strided_cols), "layout rule: strided last dim");
+}
+
+// And the emulation refuses the kernels' 16-byte copies of a misaligned
+// grad_out (in a child process: the check aborts), as the GPU would fault.
+static void check_misaligned_grad_out_is_refused() {
+  std::fflush(stdout);
+  int fds[2];
+  if (pipe(fds) != 0) { expect(false, "pipe"); return; }
+  const pid_t child = fork();
+  if (child == 0) {
+    dup2(fds[1], 2);
+    Case c{1, 1, 1, 20, 30, 64, 64};
+    c.misaligned_grad_out = true;
+    run_case<__nv_bfloat16>(c, 6e-3);
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string said;
+  char buf[256];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) said.append(buf, n);
+  close(fds[0]);
+  int status = 0;
+  waitpid(child, &status, 0);
+  expect(!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && said.find("cp.async 16-byte alignment") != std::string::npos,
+         "a misaligned grad_out is refused by the emulation's alignment check; the child said: " + said);
+}
+
 // Every case for one dtype; `quick` keeps the head dims and one case per feature.
 template <typename T>
 void run_all(double tol, bool quick = false) {
   // head dims: every bucket, padded (E < bucket) and E != Ev
   for (auto [E, Ev] : {std::pair{64, 64}, {8, 8}, {40, 40}, {128, 128}, {80, 96}, {256, 256}, {160, 192}, {64, 128}})
     run_case<T>(Case{1, 2, 1, 17, 33, E, Ev}, tol);
+  // Empty ranges: key tiles no query reaches and query tiles that reach no
+  // key. The kernels must still drain their copies and write zeros.
+  for (auto [E, L, S, left, right] : {std::tuple{64, 67, 131, -1, 0},    // top-left causal, S > L: last key tile idle
+                                      std::tuple{256, 67, 131, -1, 0},   // the same with 16-row SIMT tiles
+                                      std::tuple{64, 40, 200, 5, 5},     // a narrow window: key tiles past 45 idle
+                                      std::tuple{128, 200, 40, 3, 3},    // and query tiles past 43 see no key
+                                      std::tuple{64, 1, 131, -1, 0},     // L = 1, causal: one key allowed
+                                      std::tuple{64, 1, 100, -1, -1}}) { // L = 1, full
+    Case c{1, 2, 1, L, S, E, E};
+    c.left = left, c.right = right;
+    run_case<T>(c, tol);
+    if (quick) break;
+  }
   if (quick) {
     Case c{1, 4, 2, 40, 70, 64, 64};
     c.right = 0, c.bottom_right = true, c.mask = Mask::kBool, c.dropout = 0.2f;
@@ -386,6 +450,8 @@ int main(int argc, char** argv) {
     std::printf("%d checks, %d failures\n", checks, failures);
     return failures != 0;
   }
+  check_misaligned_grad_out_is_refused();  // first: fork before this process has run any threads
+  check_layout_rule();
   check_fragments();
   run_all<__nv_bfloat16>(6e-3);
   std::printf("bf16: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
