@@ -349,7 +349,7 @@ cudaError_t bk_emulated_launch_kernel_ex(const cudaLaunchConfig_t* config, Kerne
   }
   if (!bk_valid_launch(bk_kernel_key(kernel), grid, block, config->dynamicSmemBytes)) return cudaErrorInvalidConfiguration;
   require(block.y == 1 && block.z == 1 && grid.y == 1 && grid.z == 1, "1-d cooperative grids");
-  if (grid.x > kEmulatedCooperativeBlocks) return cudaErrorCooperativeLaunchTooLarge;
+  if (grid.x > kEmulatedCooperativeBlocks) return g_last_error = cudaErrorCooperativeLaunchTooLarge;  // recorded, as on a GPU
   gridDim = grid;
   blockDim = block;
   std::vector<dim3> blocks;

@@ -7,9 +7,14 @@
 // separated by a grid-wide barrier. Where the grid that needs cannot be
 // resident at once (a large hidden size), the same kernels run one launch per
 // step (per phase of a step, in backward) instead: the kernel boundary is the
-// barrier, and each launch loads its slice of W_hh again. Rows, gates and the
-// workspace follow csrc/rnn/rnn.h (packed time-major rows; the workspace in
-// float).
+// barrier, and each launch loads its slice of W_hh again. A cooperative
+// launch the GPU refuses at run time (cudaErrorCooperativeLaunchTooLarge:
+// under MPS, or on a partitioned GPU, fewer SMs than the device reports) runs
+// per step instead, with the same units. Where even one unit's slice does not
+// fit (fp16/bf16 forward above a hidden size of about 6.7k on an H100, 4.6k
+// on an A100), the forward stages W_hh a slice of its depth at a time, every
+// step (stream_w_hh). Rows, gates and the workspace follow csrc/rnn/rnn.h
+// (packed time-major rows; the workspace in float).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,6 +49,7 @@ struct RnnForwardParams {
   unsigned* barrier;   // 2 zeroed words: the grid barrier's count and generation
   int units;           // U, hidden units per block
   bool persistent;     // one cooperative launch; else one launch per step
+  bool stream_w_hh;    // fp16/bf16 only: W_hh's slice staged kDepthChunk columns at a time, every step
 };
 
 struct RnnBackwardParams {
@@ -69,7 +75,7 @@ constexpr int kRnnThreads = 256;
 
 // Shared memory the kernels need per block for U units (any batch: the
 // forward takes a step's rows in chunks).
-size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units);
+size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units, bool stream_w_hh);
 size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units);
 
 // How many blocks of the kernel can be resident on one SM with `smem` bytes
@@ -78,7 +84,9 @@ size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units);
 cudaError_t rnn_blocks_per_sm(bool backward, RnnDType dtype, size_t smem, int* blocks);
 
 // ceil(H / units) blocks of kRnnThreads threads: one cooperative launch when
-// p.persistent, else one launch per step (two per step in backward).
+// p.persistent, else one launch per step (two per step in backward); a
+// refused cooperative launch falls back to the launches per step, and clears
+// the error it left for cudaGetLastError.
 cudaError_t launch_rnn_forward(const RnnForwardParams& p, cudaStream_t stream);
 cudaError_t launch_rnn_backward(const RnnBackwardParams& p, cudaStream_t stream);
 

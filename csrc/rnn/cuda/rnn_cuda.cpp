@@ -15,6 +15,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string_view>
+
 #include "rnn/cuda/launchers.h"
 #include "rnn/rnn.h"
 
@@ -36,33 +39,66 @@ at::Tensor on_device(const std::vector<int64_t>& v, const at::Device& device) {
   return at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::kLong).to(device);
 }
 
+// BIGKERNELS_RNN_CUDA_LAUNCH, for tests: unset (or "auto") lets choose_launch
+// decide; "per_step" never runs the persistent kernel (the path of large
+// hidden sizes); "cooperative", where the layer would run per step, tries a
+// cooperative launch of one block per hidden unit instead, which the GPU
+// refuses where they cannot all be resident, so that the launcher's fallback
+// runs (per step, a block per unit: a grid of hidden_size blocks shows it),
+// as under MPS. Read on every call (a getenv, far below a launch), so that a
+// test can switch it.
+enum class LaunchOverride { kAuto, kPerStep, kCooperative };
+
+LaunchOverride launch_override() {
+  const char* value = std::getenv("BIGKERNELS_RNN_CUDA_LAUNCH");
+  const std::string_view v = value ? value : "";
+  if (v.empty() || v == "auto") return LaunchOverride::kAuto;
+  if (v == "per_step") return LaunchOverride::kPerStep;
+  TORCH_CHECK(v == "cooperative", "BIGKERNELS_RNN_CUDA_LAUNCH must be auto, per_step or cooperative, not '", v, "'");
+  return LaunchOverride::kCooperative;
+}
+
 struct LaunchShape {
   int units;
   bool persistent;
+  bool stream_w_hh;
 };
 
 // The fewest hidden units per block whose grid (one block per SM at least)
 // can be resident at once: a persistent launch. Otherwise one launch per
-// step, with blocks of units small enough for their slice of W_hh to fit.
+// step, with blocks of units small enough for their slice of W_hh to fit;
+// where not even one unit's fits, the fp16/bf16 forward streams the slice
+// (its shared memory then does not grow with H). What stays out of reach, for
+// an LSTM on an H100 or H200 (227 KB): the fp32 forward and backward above a
+// hidden size of about 14.5k, the fp16/bf16 backward above about 29k.
 LaunchShape choose_launch(bool backward, RnnMode mode, cuda::RnnDType dtype, int64_t H) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const int64_t sms = props->multiProcessorCount;
   const size_t smem_limit = props->sharedMemPerBlockOptin;
-  const auto smem = [&](int units) {
-    return backward ? cuda::rnn_backward_smem(mode, dtype, H, units) : cuda::rnn_forward_smem(mode, dtype, H, units);
+  const auto smem = [&](int units, bool stream_w_hh) {
+    return backward ? cuda::rnn_backward_smem(mode, dtype, H, units)
+                    : cuda::rnn_forward_smem(mode, dtype, H, units, stream_w_hh);
   };
+  const LaunchOverride override = launch_override();
   const int units = int((H + sms - 1) / sms);
-  if (props->cooperativeLaunch && smem(units) <= smem_limit) {
+  if (override != LaunchOverride::kPerStep && props->cooperativeLaunch && smem(units, false) <= smem_limit) {
     int per_sm = 0;
-    C10_CUDA_CHECK(cuda::rnn_blocks_per_sm(backward, dtype, smem(units), &per_sm));
-    if (per_sm >= 1) return {units, true};  // ceil(H / units) <= sms blocks
+    C10_CUDA_CHECK(cuda::rnn_blocks_per_sm(backward, dtype, smem(units, false), &per_sm));
+    if (per_sm >= 1) return {units, true, false};  // ceil(H / units) <= sms blocks
   }
-  int step_units = std::max(1, int(H / (2 * sms)));
-  while (step_units > 1 && smem(step_units) > smem_limit) step_units /= 2;
-  TORCH_CHECK_NOT_IMPLEMENTED(smem(step_units) <= smem_limit, "bigkernels.rnn: hidden_size ", H, " needs ",
-                              smem(step_units), " bytes of shared memory per block, more than the ",
-                              smem_limit, " this GPU has");
-  return {step_units, false};
+  const auto step_units_that_fit = [&](bool stream_w_hh) {
+    int step_units = std::max(1, int(H / (2 * sms)));
+    while (step_units > 1 && smem(step_units, stream_w_hh) > smem_limit) step_units /= 2;
+    return step_units;
+  };
+  int step_units = step_units_that_fit(false);
+  const bool stream_w_hh = smem(step_units, false) > smem_limit && !backward && dtype != cuda::RnnDType::kFloat32;
+  if (stream_w_hh) step_units = step_units_that_fit(true);
+  TORCH_CHECK_NOT_IMPLEMENTED(smem(step_units, stream_w_hh) <= smem_limit, "bigkernels.rnn",
+                              backward ? "_backward" : "", ": hidden_size ", H, " needs ", smem(step_units, stream_w_hh),
+                              " bytes of shared memory per block, more than the ", smem_limit, " this GPU has");
+  if (override == LaunchOverride::kCooperative) return {1, true, stream_w_hh};  // fits: smem grows with units
+  return {step_units, false, stream_w_hh};
 }
 
 cuda::RnnStepPlan device_plan(const RnnShape& s, const RnnPlan& plan, const at::Tensor& batch,
@@ -115,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cud
   p.barrier = reinterpret_cast<unsigned*>(barrier.mutable_data_ptr<int>());
   p.units = shape.units;
   p.persistent = shape.persistent;
+  p.stream_w_hh = shape.stream_w_hh;
   C10_CUDA_CHECK(cuda::launch_rnn_forward(p, at::cuda::getCurrentCUDAStream()));
 
   const at::Tensor hy = out.index_select(0, on_device(rnn_final_rows(plan, s.B), input.device()));

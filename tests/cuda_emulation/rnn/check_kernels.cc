@@ -2,9 +2,13 @@
 // (emu_cuda.h: a cooperative launch runs every block at once, so the grid
 // barrier meets) and checks them against float64: every mode, fp32, bf16 and
 // fp16, several grid sizes (units per block), packed sequences in both
-// directions, persistent (one cooperative launch) and per step; fp16/bf16
-// take the tensor-core product (mma.sync, ldmatrix), fp32 the SIMT one. The forward is checked step by step from the kernel's own
-// previous outputs (each step's error alone, at the dtype's rounding), and
+// directions, persistent (one cooperative launch) and per step, and a
+// cooperative launch the emulation refuses (more than 16 blocks), which must
+// run per step and leave no error behind; fp16/bf16 take the tensor-core
+// product (mma.sync, ldmatrix), with W_hh's slice kept in shared memory or
+// streamed a depth slice at a time (the fallback of hidden sizes too large to
+// keep it), fp32 the SIMT one. The forward is checked step by step from the
+// kernel's own previous outputs (each step's error alone, at the dtype's rounding), and
 // inference (no workspace) against training; the backward against a float64
 // backward through time over the kernel's own forward. Built and run by
 // tests/test_cuda_emulation.py; exits non-zero on any mismatch.
@@ -48,6 +52,7 @@ struct Case {
   int64_t H;
   int units;
   bool reverse, bias;
+  bool stream_w_hh = false;
 };
 
 template <typename T>
@@ -76,21 +81,27 @@ void run_case(const Case& cs, std::mt19937& rng, bool persistent) {
   RnnStepPlan plan{cs.batch.data(), offset.data(), T_, B, H, N, cs.reverse};
   RnnForwardParams fp{mode, dtype_of<T>(), plan, xproj.data(), w_hh.data(), gru_bias ? b_hh.data() : nullptr,
                       hx.data(), mode == RnnMode::kLSTM ? c.data() : nullptr, out.data(), ws.data(), barrier,
-                      cs.units, persistent};
+                      cs.units, persistent, cs.stream_w_hh};
+  const bool refused = persistent && (H + cs.units - 1) / cs.units > kEmulatedCooperativeBlocks;
   std::string name = std::string(mode == RnnMode::kLSTM ? "lstm" : mode == RnnMode::kGRU ? "gru"
                                  : mode == RnnMode::kTanh ? "tanh" : "relu") +
                      " H" + std::to_string(H) + " U" + std::to_string(cs.units) + " T" + std::to_string(T_) +
                      (cs.reverse ? " reverse" : "") + " dtype" + std::to_string(int(dtype_of<T>())) +
-                     (persistent ? " persistent" : " per-step");
-  if (launch_rnn_forward(fp, nullptr) != cudaSuccess) {
-    check(false, name + " forward launch", 0, 0);
-    return;
-  }
+                     (refused ? " cooperative-refused" : persistent ? " persistent" : " per-step") +
+                     (cs.stream_w_hh ? " streamed" : "");
+  // A launch succeeds and leaves no error for cudaGetLastError (a refused
+  // cooperative launch records one, which the launcher must clear).
+  const auto launched = [&](cudaError_t e, const char* what) {
+    const cudaError_t last = cudaGetLastError();
+    check(e == cudaSuccess && last == cudaSuccess, name + " " + what, int(e), int(last));
+    return e == cudaSuccess;
+  };
+  if (!launched(launch_rnn_forward(fp, nullptr), "forward launch")) return;
   RnnForwardParams ip = fp;  // inference: no workspace
   ip.out = out_inference.data();
   ip.ws = nullptr;
   ip.c = mode == RnnMode::kLSTM ? c_inference.data() : nullptr;
-  launch_rnn_forward(ip, nullptr);
+  if (!launched(launch_rnn_forward(ip, nullptr), "inference launch")) return;
   for (int64_t i = 0; i < N * H; ++i) check(to_d(out[i]) == to_d(out_inference[i]), name + " inference", to_d(out_inference[i]), to_d(out[i]));
 
   // Forward, step by step from the kernel's own previous rows.
@@ -154,10 +165,7 @@ void run_case(const Case& cs, std::mt19937& rng, bool persistent) {
   RnnBackwardParams bp{mode, dtype_of<T>(), plan, w_hh.data(), hx.data(), mode == RnnMode::kLSTM ? cx.data() : nullptr,
                        out.data(), ws.data(), grad_out.data(), dh.data(), mode == RnnMode::kLSTM ? dc.data() : nullptr,
                        dgx.data(), mode == RnnMode::kGRU ? dgh.data() : dgx.data(), barrier, cs.units, persistent};
-  if (launch_rnn_backward(bp, nullptr) != cudaSuccess) {
-    check(false, name + " backward launch", 0, 0);
-    return;
-  }
+  if (!launched(launch_rnn_backward(bp, nullptr), "backward launch")) return;
   for (int64_t s = T_ - 1; s >= 0; --s) {
     const int64_t t = cs.reverse ? T_ - 1 - s : s, tp = cs.reverse ? t + 1 : t - 1;
     const int64_t from_prev = s == 0 ? 0 : std::min(cs.batch[t], cs.batch[tp]);
@@ -218,6 +226,8 @@ int main(int argc, char** argv) {
       run_case<__nv_bfloat16>({mode, {4, 3, 1}, 20, 16, true, true}, rng, false);  // packed, reverse, per step
     }
     run_case<__nv_bfloat16>({RnnMode::kLSTM, {2, 1}, 150, 30, true, true}, rng, true);  // tensor cores
+    run_case<__half>({RnnMode::kGRU, {2, 1}, 150, 40, false, true, true}, rng, true);  // streamed W_hh
+    run_case<float>({RnnMode::kTanh, {2, 1}, 17, 1, false, true}, rng, true);  // 17 blocks: refused, per step
     std::printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
   }
@@ -236,6 +246,10 @@ int main(int argc, char** argv) {
     run_case<float>({mode, {70, 66}, 5, 2, false, true}, rng, true);  // more rows than the forward's chunk
     run_case<__nv_bfloat16>({mode, {3, 2}, 150, 30, true, true}, rng, true);  // tensor cores: two depth slices
     run_case<__half>({mode, {70, 9}, 7, 7, false, true}, rng, false);        // tensor cores: two row chunks
+    // W_hh streamed a depth slice at a time: two slices, persistent and per step, two row chunks
+    run_case<__nv_bfloat16>({mode, {3, 2}, 150, 30, false, true, true}, rng, true);
+    run_case<__half>({mode, {70, 9}, 20, 3, true, true, true}, rng, false);
+    run_case<float>({mode, {3, 3, 2}, 37, 2, true, true}, rng, true);  // 19 blocks: refused, per step
   }
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
