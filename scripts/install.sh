@@ -15,6 +15,14 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   what="C++ and CUDA kernels: about 2-5 minutes on 2 cores"
 else what="C++ kernels: about 1-2 minutes on 2 cores"; fi
 say "building bigkernels ($what; the CPU kernels are compiled once per instruction set)"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+# The build's log keeps ptxas's resource report (registers, spills) of every
+# CUDA kernel it compiled: tests/test_kernel_resources.py reads it.
+mkdir -p build
+if ! BIGKERNELS_PTXAS_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+     .venv/bin/python -m pip install -v --no-build-isolation --no-deps -e . > build/install.log 2>&1; then
+  tail -60 build/install.log
+  say "the build failed; its whole log is build/install.log"
+  exit 1
+fi
 say "built:"
 .venv/bin/python -c "import bigkernels, json; print(json.dumps(bigkernels.backend_info()))"
