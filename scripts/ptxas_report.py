@@ -56,7 +56,7 @@ def parse(text):
 
 def short(name):
     """The kernel's name without namespaces and its parameter list."""
-    name = re.sub(r"\bbigkernels::(cuda::)?", "", name)
+    name = re.sub(r"\bbigkernels::(cuda::)?|\(anonymous namespace\)::", "", name)
     depth, end = 0, len(name)
     for i, c in enumerate(name):  # cut at the '(' that opens the parameters, outside template brackets
         depth += c == "<"

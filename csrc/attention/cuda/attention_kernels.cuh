@@ -443,9 +443,12 @@ cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t str
   backward_dq_kernel<T, kD><<<dq_grid, kThreads, smem, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const dim3 dkdv_grid(static_cast<unsigned>(p.B * p.Hkv), static_cast<unsigned>((p.S + kRows - 1) / kRows));
-  if constexpr (kD <= 128) return launch_dkdv<T, kD, DkDvPart::kBoth>(p, dkdv_grid, smem, stream);
-  if (cudaError_t e = launch_dkdv<T, kD, DkDvPart::kDv>(p, dkdv_grid, smem, stream); e != cudaSuccess) return e;
-  return launch_dkdv<T, kD, DkDvPart::kDk>(p, dkdv_grid, smem, stream);
+  if constexpr (kD <= 128) {
+    return launch_dkdv<T, kD, DkDvPart::kBoth>(p, dkdv_grid, smem, stream);
+  } else {  // (an else, so that the split kernels exist only where they run)
+    if (cudaError_t e = launch_dkdv<T, kD, DkDvPart::kDv>(p, dkdv_grid, smem, stream); e != cudaSuccess) return e;
+    return launch_dkdv<T, kD, DkDvPart::kDk>(p, dkdv_grid, smem, stream);
+  }
 }
 
 }  // namespace cuda
