@@ -35,7 +35,7 @@ else
   exit 1
 fi
 grep -E "C7510" "$OUT/build_sm90.log" | head -3 | tee -a "$SUMMARY"  # wgmma serialized: the mainloop would crawl
-"$PY" scripts/ptxas_report.py "$OUT/build_sm90.log" | grep -E "sm90|UNEXPECTED|kernel builds" >> "$SUMMARY"
+"$PY" scripts/ptxas_report.py "$OUT/build_sm90.log" | grep -iE "sm90|UNEXPECTED|kernel builds" >> "$SUMMARY"
 export BIGKERNELS_SM90=1  # the path runs only when asked at run time too
 say "sm90_dense: $("$PY" -c "import bigkernels; print(bigkernels.backend_info()['sm90_dense'])" 2>&1)"
 timeout -k 5 200 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_dense.py -m cuda > "$OUT/tests_sm90.log" 2>&1
