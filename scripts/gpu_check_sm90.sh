@@ -27,7 +27,7 @@ if [ ! -f "$CUTLASS_PATH/include/cutlass/cutlass.h" ]; then
 fi
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-if BIGKERNELS_CUDA=1 BIGKERNELS_SM90=1 BIGKERNELS_PTXAS_VERBOSE=1 timeout 420 "$PY" -m pip install -v \
+if BIGKERNELS_CUDA=1 BIGKERNELS_SM90=1 BIGKERNELS_PTXAS_VERBOSE=1 timeout 300 "$PY" -m pip install -v \
      --no-build-isolation --no-deps --no-index -e . > "$OUT/build_sm90.log" 2>&1; then
   say "build: ok at $(elapsed) s"
 else
@@ -38,9 +38,10 @@ grep -E "C7510" "$OUT/build_sm90.log" | head -3 | tee -a "$SUMMARY"  # wgmma ser
 "$PY" scripts/ptxas_report.py "$OUT/build_sm90.log" | grep -iE "sm90|UNEXPECTED|kernel builds" >> "$SUMMARY"
 export BIGKERNELS_SM90=1  # the path runs only when asked at run time too
 say "sm90_dense: $("$PY" -c "import bigkernels; print(bigkernels.backend_info()['sm90_dense'])" 2>&1)"
-timeout -k 5 200 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_dense.py -m cuda > "$OUT/tests_sm90.log" 2>&1
+limit=$(( 480 - $(elapsed) )); (( limit > 200 )) && limit=200  # the whole call stays under 500 s
+timeout -k 5 "$limit" "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_dense.py -m cuda > "$OUT/tests_sm90.log" 2>&1
 say "tests (dense through sm_90a): rc $? $(tail -1 "$OUT/tests_sm90.log") at $(elapsed) s"
-limit=$(( 500 - $(elapsed) )); (( limit < 60 )) && limit=60
+limit=$(( 500 - $(elapsed) )); (( limit < 20 )) && limit=20
 mkdir -p "$SCRATCH/bench_sm90"
 timeout -k 5 "$limit" "$PY" -m benchmarks --device cuda --only dense --full --skip compile \
   --out "$SCRATCH/bench_sm90" > "$SCRATCH/bench_sm90/bench.log" 2>&1

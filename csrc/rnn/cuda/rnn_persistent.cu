@@ -270,9 +270,8 @@ __global__ void __launch_bounds__(kRnnThreads, 1) rnn_forward_kernel(const RnnFo
 
 // The backward's rows of w_s: G * H elements and one 4-byte word more, so that
 // the transposing writes of neighbouring units fall in different banks.
-template <typename T>
-BK_RNN_HD inline int64_t backward_w_ld(int64_t GH) {
-  return GH + int64_t(4 / sizeof(T));
+BK_RNN_HD inline int64_t backward_w_ld(int64_t GH, size_t elem) {
+  return GH + int64_t(4 / elem);
 }
 
 // Steps [step_begin, step_end), from the last; a per-step launch runs one step's
@@ -286,7 +285,7 @@ __global__ void __launch_bounds__(kRnnThreads, 1) rnn_backward_kernel(const RnnB
   const int U = p.units;
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int nu = u0 >= H ? 0 : H - u0 < U ? int(H - u0) : U;  // units this block owns
-  const int64_t ld = backward_w_ld<T>(GH);
+  const int64_t ld = backward_w_ld(GH, sizeof(T));
   T* w_s = reinterpret_cast<T*>(dynamic_smem());  // [U][ld]: row u holds column u0 + u of W_hh
   const T* w_hh = static_cast<const T*>(p.w_hh);
   const T* hx = static_cast<const T*>(p.hx);
@@ -412,8 +411,7 @@ size_t rnn_forward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units, bool
 
 size_t rnn_backward_smem(RnnMode mode, RnnDType dtype, int64_t H, int units) {
   const int64_t GH = rnn_gates(mode) * H;
-  const int64_t ld = dtype == RnnDType::kFloat32 ? backward_w_ld<float>(GH) : backward_w_ld<__half>(GH);
-  return size_t(units) * size_t(ld) * dtype_size(dtype);
+  return size_t(units) * size_t(backward_w_ld(GH, dtype_size(dtype))) * dtype_size(dtype);
 }
 
 cudaError_t rnn_blocks_per_sm(bool backward, RnnDType dtype, size_t smem, int* blocks) {
