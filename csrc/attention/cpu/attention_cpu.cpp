@@ -2,6 +2,7 @@
 // attention_kernels.cpp (compiled per CPU capability) spread over threads:
 // forward by (batch, head, block of query rows), backward by (batch, key
 // head), so that every gradient has one writer (deterministic).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_to_copy.h>
@@ -10,6 +11,12 @@
 #include "attention/attention.h"
 #include "attention/cpu/attention_kernels.h"
 #include "common/column_panels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace bigkernels {
 namespace {
@@ -28,6 +35,19 @@ at::Tensor blocked_transpose(const at::Tensor& x) {
 // The kernels need a contiguous last dim; other strides are honoured.
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// The forward's output, [B, H, L, Ev]. When query is a [B, L, H, E] tensor
+// seen as [B, H, L, E] (Hugging Face's layout), the output is laid out the
+// same way, so that the caller's transpose(1, 2).contiguous() back to
+// [B, L, H, Ev] copies nothing. (bigkernels/ops/attention.py's fake
+// implementation follows the same rule.)
+at::Tensor attention_output_cpu(const at::Tensor& query, int64_t Ev) {
+  const int64_t B = query.size(0), H = query.size(1), L = query.size(2);
+  if (!query.is_contiguous() && query.transpose(1, 2).is_contiguous()) {
+    return at::empty({B, L, H, Ev}, query.options()).transpose(1, 2);
+  }
+  return at::empty({B, H, L, Ev}, query.options());
 }
 
 AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
@@ -52,6 +72,70 @@ AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
   return p;
 }
 
+// How the forward spreads over threads: tasks of up to kAttentionBlockRows
+// query rows (the heads of a GQA group packed together when the sequence is
+// short, so that decoding reads each key once per group), and, when those
+// are too few to keep every thread busy, the keys split as flash-decoding
+// does (each split's partial softmax combined afterwards).
+struct ForwardPlan {
+  int64_t heads_per_task, positions_per_task, splits, keys_per_split;
+};
+
+ForwardPlan plan_forward(const AttentionShape& s) {
+  ForwardPlan plan{};
+  plan.positions_per_task = std::max<int64_t>(1, std::min(s.L, kAttentionBlockRows));
+  const int64_t group = s.Hq / s.Hkv;
+  plan.heads_per_task = 1;
+  for (int64_t h = group; h >= 1; --h) {
+    if (group % h == 0 && h * plan.positions_per_task <= kAttentionBlockRows) {
+      plan.heads_per_task = h;
+      break;
+    }
+  }
+  const int64_t tasks = s.B * (s.Hq / plan.heads_per_task) *
+                        ((s.L + plan.positions_per_task - 1) / plan.positions_per_task);
+  // Splits of at least kMinSplitKeys keys (the combine step and each split's
+  // setup cost little against them) until there are 4 tasks per thread.
+  constexpr int64_t kMinSplitKeys = 512;
+  const int64_t wanted = (4 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1);
+  plan.splits = std::max<int64_t>(1, std::min(wanted, s.S / kMinSplitKeys));
+  const int64_t key_blocks = (s.S + kAttentionKeyBlock - 1) / kAttentionKeyBlock;
+  plan.keys_per_split = (key_blocks + plan.splits - 1) / plan.splits * kAttentionKeyBlock;
+  plan.splits = std::max<int64_t>(1, (s.S + plan.keys_per_split - 1) / std::max<int64_t>(plan.keys_per_split, 1));
+  return plan;
+}
+
+// The splits' rows, each normalised with its own lse, merged into out and lse:
+// weights exp(lse_s - lse) with lse = log(sum_s exp(lse_s)).
+template <typename T, typename C>
+void combine_splits(const AttentionCpuParams& p) {
+  const int64_t rows = p.B * p.Hq * p.L, Ev = p.Ev;
+  const C* split_out = static_cast<const C*>(p.split_out);
+  const C* split_lse = static_cast<const C*>(p.split_lse);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<C> acc(Ev);
+    for (int64_t row = r0; row < r1; ++row) {
+      C top = -std::numeric_limits<C>::infinity();
+      for (int64_t sp = 0; sp < p.splits; ++sp) top = std::max(top, split_lse[sp * rows + row]);
+      C sum = 0;
+      std::fill(acc.begin(), acc.end(), C(0));
+      if (top != -std::numeric_limits<C>::infinity()) {
+        for (int64_t sp = 0; sp < p.splits; ++sp) {
+          const C w = std::exp(split_lse[sp * rows + row] - top);
+          sum += w;
+          const C* o = split_out + (sp * rows + row) * Ev;
+          for (int64_t e = 0; e < Ev; ++e) acc[e] += w * o[e];
+        }
+      }
+      const int64_t b = row / (p.Hq * p.L), h = row / p.L % p.Hq, i = row % p.L;
+      T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[1] + i * p.out_strides[2];
+      const C inv = sum > C(0) ? C(1) / sum : C(0);
+      for (int64_t e = 0; e < Ev; ++e) out[e] = static_cast<T>(acc[e] * inv);
+      static_cast<C*>(p.lse)[row] = sum > C(0) ? top + std::log(sum) : top;
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                          const at::Tensor& value,
                                                          const std::optional<at::Tensor>& attn_mask,
@@ -59,27 +143,47 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          int64_t window_right, int64_t diagonal_offset,
                                                          double dropout_p, int64_t dropout_seed) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
-  const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
+  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
-  // K^T and V in the compute type, once per call (parallel copies):
-  // no block of the loops converts or transposes them again.
-  const at::Tensor k_t = blocked_transpose(k);
-  const at::Tensor v_c = v.to(compute_dtype(q)).contiguous();
-  p.k_t = k_t.const_data_ptr(), p.v_c = v_c.const_data_ptr();
-  at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, q.options());
+  p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
+  at::Tensor out = attention_output_cpu(query, s.Ev);
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
   p.out = out.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d) p.out_strides[d] = out.stride(d);
   p.lse = lse.mutable_data_ptr();
+  const ForwardPlan plan = plan_forward(s);
+  p.splits = plan.splits;
+  at::Tensor split_out, split_lse;
+  if (plan.splits > 1) {
+    split_out = at::empty({plan.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
+    split_lse = at::empty({plan.splits, s.B, s.Hq, s.L}, lse.options());
+    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
+  }
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
-  const int64_t blocks = (s.L + kAttentionBlockRows - 1) / kAttentionBlockRows;
-  at::parallel_for(0, s.B * s.Hq * blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t head_tasks = s.Hq / plan.heads_per_task;
+  const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
+  const int64_t tasks = s.B * head_tasks * position_tasks * plan.splits;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / blocks, i0 = (t % blocks) * kAttentionBlockRows;
-      kernels.forward_block(p, bh / s.Hq, bh % s.Hq, i0, std::min(s.L, i0 + kAttentionBlockRows));
+      AttentionForwardTask task{};
+      task.split = t % plan.splits;
+      const int64_t rest = t / plan.splits, i_task = rest % position_tasks, bh = rest / position_tasks;
+      task.b = bh / head_tasks;
+      task.h0 = bh % head_tasks * plan.heads_per_task, task.h1 = task.h0 + plan.heads_per_task;
+      task.i0 = i_task * plan.positions_per_task, task.i1 = std::min(s.L, task.i0 + plan.positions_per_task);
+      task.j_begin = task.split * plan.keys_per_split;
+      task.j_end = plan.splits > 1 ? std::min(s.S, task.j_begin + plan.keys_per_split) : s.S;
+      kernels.forward_task(p, task);
     }
   });
+  if (plan.splits > 1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_combine_splits", [&] {
+      combine_splits<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(p);
+    });
+  }
   return {out, lse};
 }
 

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/counter_rng.h"
@@ -48,19 +50,6 @@ C exp_shifted(C* x, int64_t n, C shift) {
   }
   C total = at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, sum);
   for (; j < n; ++j) total += x[j] = std::exp(x[j] - shift);
-  return total;
-}
-
-// max(x[0:n]), -inf for n = 0.
-template <typename C>
-C row_max(const C* x, int64_t n) {
-  using V = at::vec::Vectorized<C>;
-  constexpr int64_t W = V::size();
-  V best(-std::numeric_limits<C>::infinity());
-  int64_t j = 0;
-  for (; j + W <= n; j += W) best = at::vec::maximum(best, V::loadu(x + j));
-  C total = at::vec::vec_reduce_all<C>([](V a, V b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) total = std::max(total, x[j]);
   return total;
 }
 
@@ -138,47 +127,231 @@ void load_rows(C* dst, const T* src, int64_t rows, int64_t cols, int64_t stride,
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < cols; ++e) dst[r * cols + e] = static_cast<C>(src[r * stride + e]) * factor;
 }
+// n values set to x, in this capability's namespace. (std::vector's fill
+// constructor is a template GCC may clone with this capability's vector
+// instructions under a name without it: tests/test_dense.py refuses that.)
+template <typename C>
+std::unique_ptr<C[]> filled(int64_t n, C x) {
+  std::unique_ptr<C[]> buffer(new C[std::max<int64_t>(n, 1)]);
+  for (int64_t i = 0; i < n; ++i) buffer[i] = x;
+  return buffer;
+}
+
+// Keys [j0, j0 + n) of head `head` of batch b, as rows of `dim` values in the
+// compute type with row stride *ld: read in place when already in it, else
+// converted into scratch (per block, so no per-call copy of K or V exists).
 template <typename T, typename C>
-void forward_block(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
+                  int64_t dim, C* scratch, int64_t* ld) {
+  const T* rows = static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
+  if constexpr (std::is_same_v<T, C>) {
+    *ld = strides[2];
+    return rows;
+  } else {
+    load_rows(scratch, rows, n, dim, strides[2]);
+    *ld = dim;
+    return scratch;
+  }
+}
+
+// max(x[0:n]), -inf for n = 0.
+template <typename C>
+C row_max(const C* x, int64_t n) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  V best(-std::numeric_limits<C>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) best = at::vec::maximum(best, V::loadu(x + j));
+  C total = at::vec::vec_reduce_all<C>([](V a, V b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j) total = std::max(total, x[j]);
+  return total;
+}
+
+// s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
+// products along the head dim, four keys at a time (four FMA chains), for
+// tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
+// most lanes idle.
+template <typename C>
+void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, int64_t ldk, C* s, int64_t lds) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  const auto sum = [](const V& x) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, x); };
+  int64_t jj = 0;
+  for (; jj + 4 <= n; jj += 4) {
+    const C* k0 = k + jj * ldk;
+    for (int64_t r = 0; r < rows; ++r) {
+      const C* qr = q + r * E;
+      V x0(0), x1(0), x2(0), x3(0);
+      for (int64_t e = 0; e < E; e += W) {
+        const int64_t c = std::min<int64_t>(W, E - e);
+        const V qv = V::loadu(qr + e, c);  // lanes past c are zero
+        x0 = at::vec::fmadd(qv, V::loadu(k0 + e, c), x0);
+        x1 = at::vec::fmadd(qv, V::loadu(k0 + ldk + e, c), x1);
+        x2 = at::vec::fmadd(qv, V::loadu(k0 + 2 * ldk + e, c), x2);
+        x3 = at::vec::fmadd(qv, V::loadu(k0 + 3 * ldk + e, c), x3);
+      }
+      C* sr = s + r * lds + jj;
+      sr[0] = sum(x0), sr[1] = sum(x1), sr[2] = sum(x2), sr[3] = sum(x3);
+    }
+  }
+  for (; jj < n; ++jj) {
+    for (int64_t r = 0; r < rows; ++r) {
+      V x(0);
+      for (int64_t e = 0; e < E; e += W) {
+        const int64_t c = std::min<int64_t>(W, E - e);
+        x = at::vec::fmadd(V::loadu(q + r * E + e, c), V::loadu(k + jj * ldk + e, c), x);
+      }
+      s[r * lds + jj] = sum(x);
+    }
+  }
+}
+
+// The forward of one task (AttentionForwardTask), flash-style: the task's
+// query rows walk the key blocks with an online softmax; the L x S scores
+// never exist beyond one block. Two layouts of a block's scores:
+// - with at least a vector's worth of rows, transposed, st[key][row]
+//   (queries across the vector lanes, rows padded to whole vectors): st =
+//   K Q^T reads K in place (no per-call transposed copy), and the softmax's
+//   max and sum run down the keys as plain vector ops, with no horizontal
+//   reduction per row;
+// - with fewer (decoding: one position, a GQA group's heads), by rows,
+//   s[row][key], from dot products along the head dim.
+// P V then reads the scores as A (a transposed view for the first) and V in place.
+template <typename T, typename C>
+void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
-  const int64_t hk = h / (p.Hq / p.Hkv), E = p.E, Ev = p.Ev, bq = i1 - i0;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const C* vc = static_cast<const C*>(p.v_c) + (b * p.Hkv + hk) * p.S * Ev;  // [S, Ev]
-  std::vector<C> qf(bq * E), s(bq * kBlockK), acc(bq * Ev, C(0));
-  std::vector<C> m(bq, kNegInf), l(bq, C(0));
-  load_rows(qf.data(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
-  const Band band{p, b, h};
-  const auto [jlo, jhi] = band.key_range(i0, i1);
+  const int64_t E = p.E, Ev = p.Ev, len = t.i1 - t.i0, rows = (t.h1 - t.h0) * len;
+  const int64_t hk = t.h0 / (p.Hq / p.Hkv);
+  const bool transposed = rows >= W;
+  const int64_t ld = transposed ? (rows + W - 1) / W * W : rows;  // columns of qt and of the scores' rows
+  // Score (r, jj) is st[r * row_step + jj * key_step].
+  const int64_t row_step = transposed ? 1 : kBlockK, key_step = transposed ? ld : 1;
+  const auto q_scaled = filled(E * ld, C(0)), st = filled(kBlockK * ld, C(0)), acc = filled(rows * Ev, C(0));
+  const auto m = filled(ld, kNegInf), l = filled(ld, C(0)), alpha = filled(ld, C(0));
+  const bool convert = !std::is_same_v<T, C>;
+  const auto k_scratch = filled(convert ? kBlockK * E : 0, C(0)), v_scratch = filled(convert ? kBlockK * Ev : 0, C(0));
+  // Row r is head h0 + r / len at position i0 + r % len.
+  const auto head_of = [&](int64_t r) { return t.h0 + r / len; };
+  const auto pos_of = [&](int64_t r) { return t.i0 + r % len; };
+  const C scale = static_cast<C>(p.scale);
+  for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
+    const T* qr = static_cast<const T*>(p.q) + t.b * p.q_strides[0] + head_of(r) * p.q_strides[1] +
+                  pos_of(r) * p.q_strides[2];
+    for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
+  }
+  // The mask's rows; one shared row when it is broadcast over the task's
+  // heads and positions (a key-padding mask), which is then read once per key.
+  const int64_t* ms = p.mask_strides;
+  const bool shared_mask_row = p.mask != nullptr && (ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1);
+  const auto mask_row = [&](int64_t r) { return t.b * ms[0] + head_of(r) * ms[1] + pos_of(r) * ms[2]; };
+  const Band band{p, t.b, t.h0};
+  auto [jlo, jhi] = band.key_range(t.i0, t.i1);
+  jlo = std::max(jlo, t.j_begin), jhi = std::min(jhi, t.j_end);
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
-    if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // contributes nothing
-    const bool whole = band.whole(i0, i1, j0, j0 + jn);
-    gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, b * p.Hkv + hk, p.S, E, j0), kBlockK, s.data(),
-             kBlockK, false);
-    for (int64_t r = 0; r < bq; ++r) {
-      C* sr = s.data() + r * kBlockK;
-      if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
-      const C m_new = std::max(m[r], row_max(sr, jn));
-      if (m_new == kNegInf) {  // nothing to attend to so far
-        std::fill(sr, sr + jn, C(0));
-        continue;
-      }
-      const C alpha = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
-      l[r] = l[r] * alpha + exp_shifted(sr, jn, m_new);  // the normaliser counts every key
-      m[r] = m_new;
-      if (alpha != C(1)) {
-        for (int64_t e = 0; e < Ev; ++e) acc[r * Ev + e] *= alpha;
-      }
-      if (p.dropout_p > 0) apply_dropout(p, sr, b, h, i0 + r, j0, jn);  // the values only the kept ones
+    const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
+    int64_t k_ld = 0, v_ld = 0;
+    const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
+    if (transposed) {
+      gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
+    } else {
+      scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), kBlockK);
     }
-    gemm_acc(bq, Ev, jn, s.data(), kBlockK, 1, vc + j0 * Ev, Ev, acc.data(), Ev, true);
+    // Masks and windows: -inf where a pair may not attend, a float mask added.
+    if (shared_mask_row) {
+      bool any = false;
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const int64_t at = mask_row(0) + (j0 + jj) * ms[3];
+        if (p.mask_is_bool) {
+          const bool keep = static_cast<const bool*>(p.mask)[at];
+          for (int64_t r = 0; r < rows && !keep; ++r) st[r * row_step + jj * key_step] = kNegInf;
+          any = any || keep;
+        } else {
+          const C add = static_cast<C>(static_cast<const T*>(p.mask)[at]);
+          for (int64_t r = 0; r < rows; ++r) st[r * row_step + jj * key_step] += add;
+        }
+      }
+      if (p.mask_is_bool && !any) continue;  // the whole block is masked: it contributes nothing
+    } else if (p.mask != nullptr) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          const int64_t at = mask_row(r) + (j0 + jj) * ms[3];
+          C& x = st[r * row_step + jj * key_step];
+          if (p.mask_is_bool) {
+            if (!static_cast<const bool*>(p.mask)[at]) x = kNegInf;
+          } else {
+            x += static_cast<C>(static_cast<const T*>(p.mask)[at]);
+          }
+        }
+    }
+    if (!whole) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t jj = 0; jj < jn; ++jj)
+          if (!band.allowed(pos_of(r), j0 + jj)) st[r * row_step + jj * key_step] = kNegInf;
+    }
+    // Online softmax: the new max, the old sum and output rescaled by alpha =
+    // exp(old max - new max), the scores turned into exp(score - max). A row
+    // with nothing to attend to yet shifts by 0: its exp(-inf) are 0.
+    if (transposed) {  // a vector of rows at a time, down the keys
+      for (int64_t c = 0; c < ld; c += W) {
+        V block_max(kNegInf);
+        for (int64_t jj = 0; jj < jn; ++jj) block_max = at::vec::maximum(block_max, V::loadu(st.get() + jj * ld + c));
+        const V m_old = V::loadu(m.get() + c), m_new = at::vec::maximum(m_old, block_max);
+        const V shift = V::blendv(m_new, V(0), m_new == V(kNegInf));
+        V sum(0);
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          const V e = MathOps<V>::exp(V::loadu(st.get() + jj * ld + c) - shift);
+          e.store(st.get() + jj * ld + c);
+          sum = sum + e;
+        }
+        const V a = MathOps<V>::exp(m_old - shift);
+        (V::loadu(l.get() + c) * a + sum).store(l.get() + c);
+        m_new.store(m.get() + c);
+        a.store(alpha.get() + c);
+      }
+    } else {  // a row at a time, along its keys
+      for (int64_t r = 0; r < rows; ++r) {
+        C* sr = st.get() + r * kBlockK;
+        const C m_new = std::max(m[r], row_max(sr, jn)), shift = m_new == kNegInf ? C(0) : m_new;
+        alpha[r] = std::exp(m[r] - shift);
+        l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, shift);
+        m[r] = m_new;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (alpha[r] == C(1)) continue;
+      C* ar = acc.get() + r * Ev;
+      for (int64_t e = 0; e < Ev; ++e) ar[e] *= alpha[r];
+    }
+    if (p.dropout_p > 0) {  // the values see only the kept probabilities; the sum counted every key
+      const float drop = static_cast<float>(p.dropout_p);
+      const C keep_scale = static_cast<C>(1.0 / (1.0 - p.dropout_p));
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint64_t first = static_cast<uint64_t>(((t.b * p.Hq + head_of(r)) * p.L + pos_of(r)) * p.S + j0);
+        for (int64_t jj = 0; jj < jn; ++jj)
+          st[r * row_step + jj * key_step] *= counter_uniform(p.dropout_seed, first + jj) >= drop ? keep_scale : C(0);
+      }
+    }
+    const C* vb = key_rows<T, C>(p.v, p.v_strides, t.b, hk, j0, jn, Ev, v_scratch.get(), &v_ld);
+    gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);  // acc += P V
   }
-  T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.L + i0) * Ev;
-  C* lse = static_cast<C*>(p.lse) + (b * p.Hq + h) * p.L + i0;
-  for (int64_t r = 0; r < bq; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = head_of(r), i = pos_of(r), row = (t.b * p.Hq + h) * p.L + i;
     const C inv = l[r] > C(0) ? C(1) / l[r] : C(0);  // a row that attends to nothing gives 0
-    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = static_cast<T>(acc[r * Ev + e] * inv);
-    lse[r] = l[r] > C(0) ? m[r] + std::log(l[r]) : kNegInf;
+    const C lse = l[r] > C(0) ? m[r] + std::log(l[r]) : kNegInf;
+    const C* ar = acc.get() + r * Ev;
+    if (p.splits > 1) {
+      const int64_t rows_total = p.B * p.Hq * p.L;
+      C* so = static_cast<C*>(p.split_out) + (t.split * rows_total + row) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) so[e] = ar[e] * inv;
+      static_cast<C*>(p.split_lse)[t.split * rows_total + row] = lse;
+    } else {
+      T* out = static_cast<T*>(p.out) + t.b * p.out_strides[0] + h * p.out_strides[1] + i * p.out_strides[2];
+      for (int64_t e = 0; e < Ev; ++e) out[e] = static_cast<T>(ar[e] * inv);
+      static_cast<C*>(p.lse)[row] = lse;
+    }
   }
 }
 
@@ -260,10 +433,10 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   for (int64_t x = 0; x < S * Ev; ++x) gv[x] = static_cast<T>(dv[x]);
 }
 
-void forward_block_any(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+void forward_task_any(const AttentionCpuParams& p, const AttentionForwardTask& task) {
   dispatch_storage_type(p.dtype, [&](auto t) {
     using T = decltype(t);
-    forward_block<T, typename VecIO<T>::C>(p, b, h, i0, i1);
+    forward_task<T, typename VecIO<T>::C>(p, task);
   });
 }
 
@@ -278,7 +451,7 @@ void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
 }  // namespace CPU_CAPABILITY
 
 extern const AttentionCpuKernels BK_CAPABILITY_NAME(attention_cpu_kernels) = {
-    &CPU_CAPABILITY::forward_block_any,
+    &CPU_CAPABILITY::forward_task_any,
     &CPU_CAPABILITY::backward_head_any,
 };
 

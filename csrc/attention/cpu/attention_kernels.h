@@ -10,32 +10,40 @@
 
 namespace bigkernels {
 
-// Raw pointers and strides (in elements) of one attention call. q is read in
-// place (any strides, contiguous last dim); every other tensor is contiguous.
+// Raw pointers and strides (in elements) of one attention call. The forward
+// reads q, k and v in place (any strides, contiguous last dim: Hugging Face's
+// [B, L, H, D] views included) and writes out with its own strides; the
+// backward's other tensors are contiguous.
 struct AttentionCpuParams {
   c10::ScalarType dtype;
-  const void* q;
-  int64_t q_strides[3];  // batch, head, position
+  const void *q, *k, *v;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, position
   const void* mask;  // null, bool, or dtype; broadcast dims have stride 0
   bool mask_is_bool;
   int64_t mask_strides[4];  // batch, head, query, key
   int64_t B, Hq, Hkv, L, S, E, Ev;
-  // K and V in the compute type (float; double for double), converted once
-  // per call by the op. k_t and v_t hold them transposed in key blocks,
-  // [B, Hkv, ceil(S / kAttentionKeyBlock), E (or Ev), kAttentionKeyBlock],
-  // zero-padded, so that one block's rows are contiguous; v_c [B, Hkv, S, Ev]
-  // and k_c [B, Hkv, S, E] are plain. The forward reads k_t and v_c, the
-  // backward k_t, v_t and k_c.
-  const void *k_t, *v_c, *k_c, *v_t;
+  // The backward's K and V in the compute type (float; double for double),
+  // converted once per call by the op. k_t and v_t hold them transposed in
+  // key blocks, [B, Hkv, ceil(S / kAttentionKeyBlock), E (or Ev),
+  // kAttentionKeyBlock], zero-padded, so that one block's rows are
+  // contiguous; k_c [B, Hkv, S, E] is plain.
+  const void *k_t, *k_c, *v_t;
   double scale;
   // Dropout of the probabilities (0: none): element (b, h, i, j) is kept when
   // counter_uniform(dropout_seed, ((b * Hq + h) * L + i) * S + j) >= dropout_p.
   double dropout_p;
   uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
-  // forward: out [B, Hq, L, Ev] (dtype), lse [B, Hq, L] (float; double for double)
+  // forward: out [B, Hq, L, Ev] (dtype; strides out_strides: batch, head,
+  // position), lse [B, Hq, L] (float; double for double). With the keys
+  // split (splits > 1), each split writes its rows' normalised output and
+  // lse in the compute type to split_out [splits, B, Hq, L, Ev] and
+  // split_lse [splits, B, Hq, L] instead, for the op to combine.
   void* out;
+  int64_t out_strides[3];
   void* lse;
+  int64_t splits;
+  void *split_out, *split_lse;
   // backward: also grad_out [B, Hq, L, Ev] (contiguous), grads (contiguous, like q, k, v)
   const void* grad_out;
   void *grad_q, *grad_k, *grad_v;
@@ -45,9 +53,18 @@ struct AttentionCpuParams {
 // Query rows per forward task (and per backward block), and keys per block.
 constexpr int64_t kAttentionBlockRows = 64, kAttentionKeyBlock = 64;
 
+// One forward task: the query heads [h0, h1) of batch b, all sharing key head
+// h0 / (Hq / Hkv), at positions [i0, i1), as (h1 - h0) * (i1 - i0) <=
+// kAttentionBlockRows rows (head-major), against the keys [j_begin, j_end)
+// (split number `split`; the whole of S when the keys are not split).
+// Packing a GQA group's heads into one task reads its keys once for all of
+// them, which is what decoding (L = 1) needs.
+struct AttentionForwardTask {
+  int64_t b, h0, h1, i0, i1, j_begin, j_end, split;
+};
+
 struct AttentionCpuKernels {
-  // Query rows [i0, i1) of head h of batch b.
-  void (*forward_block)(const AttentionCpuParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
+  void (*forward_task)(const AttentionCpuParams& p, const AttentionForwardTask& t);
   // Every gradient of key head hkv of batch b (and of the query heads that share it).
   void (*backward_head)(const AttentionCpuParams& p, int64_t b, int64_t hkv);
 };
