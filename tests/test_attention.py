@@ -137,6 +137,57 @@ def test_strided_inputs():
         torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
 
 
+# Decoding and short prefills against long caches: the forward packs a GQA
+# group's heads into one task (dot-product scores below a vector's worth of
+# rows, transposed scores above) and splits the keys across threads when
+# there are few tasks (S >= 1024 here splits them in 2-4), then combines.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal_bottom_right", "window", "key_padding", "head_mask"])
+@pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (8, 1, 3), (4, 4, 1), (16, 2, 5)], ids=str)
+def test_decoding_against_long_caches(dtype, feature, Hq, Hkv, L):
+    B, S = 1, 2100  # S is not a whole number of key blocks
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, S, 64, 48, seed=Hq * 10 + L)
+    gen = torch.Generator().manual_seed(L)
+    if feature == "head_mask":  # a different float mask per head and row, with some keys ruled out
+        mask = torch.randn(B, Hq, L, S, generator=gen, dtype=torch.float64)
+        kw = dict(attn_mask=mask.masked_fill(torch.rand(B, Hq, L, S, generator=gen) < 0.2, float("-inf")))
+    elif feature == "window":
+        kw = dict(window=(700, 0), causal_align="bottom_right", is_causal=False)
+    else:
+        kw = feature_kwargs(feature, B, L, S, seed=L)
+    got = run(ours, (q, k, v), grad, dtype, kw)
+    kw_lse = {key: val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+              for key, val in kw.items()}
+    _, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), enable_gqa=True, return_lse=True, **kw_lse)
+    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, dict(kw))
+    truth = run(exact, (q, k, v), grad, torch.float64, dict(kw))
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+    allowed = reference.attention_allowed(L, S, kw.get("is_causal", False), kw.get("causal_align", "top_left"),
+                                          kw.get("window"))
+    mask = kw.get("attn_mask")
+    qd, kd = (t.to(dtype).double() for t in (q, k))  # the inputs as the kernel saw them
+    scores = torch.einsum("bhle,bhse->bhls", qd, kd.repeat_interleave(Hq // Hkv, 1)) / math.sqrt(64)
+    if mask is not None:
+        mask = mask.to(dtype).double() if mask.is_floating_point() else mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    want_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_output_keeps_hugging_face_layout():
+    # query [B, L, H, E] seen as [B, H, L, E]: the output is laid out the same
+    # way, so the backend's transpose(1, 2).contiguous() copies nothing
+    q, k, v, grad = make_inputs(2, 4, 2, 9, 30, 16, 8, seed=8)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2).float() for t in (q, k, v))
+    out = attention(qt, kt, vt, enable_gqa=True)
+    assert out.transpose(1, 2).is_contiguous()
+    fake = torch.library.opcheck  # the fake implementation must agree on the strides
+    fake(torch.ops.bigkernels.attention_forward.default, (qt, kt, vt, None, 0.25, -1, -1, 0, 0.0, 0))
+    torch.testing.assert_close(out.double(), exact(q, k, v), atol=1e-5, rtol=1e-5)
+    assert attention(q.float(), k.float(), v.float(), enable_gqa=True).is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rows_with_nothing_to_attend_give_zero(dtype):
     q, k, v, grad = make_inputs(1, 2, 2, 5, 6, 8, 8, seed=6)

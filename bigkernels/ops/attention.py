@@ -181,6 +181,17 @@ def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, lef
     return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
 
 
+def _output_like(query, Ev):
+    """The forward op's output, [B, H, L, Ev], laid out as the CPU kernel lays
+    it out (attention_output_cpu in csrc/attention/cpu/attention_cpu.cpp):
+    like query when query is a [B, L, H, E] tensor seen as [B, H, L, E]
+    (Hugging Face's layout), so that transposing it back copies nothing."""
+    B, H, L, _ = query.shape
+    if query.device.type == "cpu" and not query.is_contiguous() and query.transpose(1, 2).is_contiguous():
+        return query.new_empty((B, L, H, Ev)).transpose(1, 2)
+    return query.new_empty((B, H, L, Ev))
+
+
 def _register():
     """Fake implementations and autograd for the compiled ops."""
 
@@ -189,7 +200,7 @@ def _register():
                       dropout_seed):
         B, H, L, _ = query.shape
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        return query.new_empty((B, H, L, value.shape[-1])), query.new_empty((B, H, L), dtype=lse_dtype)
+        return _output_like(query, value.shape[-1]), query.new_empty((B, H, L), dtype=lse_dtype)
 
     @torch.library.register_fake("bigkernels::attention_backward")
     def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,

@@ -16,7 +16,6 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "common/counter_rng.h"
 #include "common/vec_gemm.h"
@@ -360,17 +359,18 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
   const int64_t head = b * p.Hkv + hk;
   const C* kc = static_cast<const C*>(p.k_c) + head * S * E;   // [S, E]
-  std::vector<C> dk(S * E, C(0)), dv(S * Ev, C(0));
-  std::vector<C> qf(kBlockQ * E), dof(kBlockQ * Ev), d(kBlockQ), lse(kBlockQ), dq(kBlockQ * E);
-  std::vector<C> s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+  const auto dk = filled(S * E, C(0)), dv = filled(S * Ev, C(0));
+  const auto qf = filled(kBlockQ * E, C(0)), dof = filled(kBlockQ * Ev, C(0)), d = filled(kBlockQ, C(0));
+  const auto lse = filled(kBlockQ, C(0)), dq = filled(kBlockQ * E, C(0));
+  const auto s = filled(kBlockQ * kBlockK, C(0)), dp = filled(kBlockQ * kBlockK, C(0));
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
     const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in out/grad_out/lse/grad_q
     const Band band{p, b, h};
     for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
       const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0;
-      load_rows(qf.data(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
-      load_rows(dof.data(), static_cast<const T*>(p.grad_out) + (row0 + i0) * Ev, bq, Ev, Ev);
+      load_rows(qf.get(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
+      load_rows(dof.get(), static_cast<const T*>(p.grad_out) + (row0 + i0) * Ev, bq, Ev, Ev);
       const T* out = static_cast<const T*>(p.out) + (row0 + i0) * Ev;
       for (int64_t r = 0; r < bq; ++r) {
         C sum = 0;  // D = rowsum(dO * O)
@@ -378,17 +378,17 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         d[r] = sum;
         lse[r] = static_cast<const C*>(p.lse)[row0 + i0 + r];
       }
-      std::fill(dq.begin(), dq.begin() + bq * E, C(0));
+      std::fill(dq.get(), dq.get() + bq * E, C(0));
       const auto [jlo, jhi] = band.key_range(i0, i1);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
         if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // no gradient flows through it
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
         // P = exp(scores - lse), recomputed
-        gemm_acc(bq, jn, E, qf.data(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.data(), kBlockK,
+        gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
                  false);
         for (int64_t r = 0; r < bq; ++r) {
-          C* sr = s.data() + r * kBlockK;
+          C* sr = s.get() + r * kBlockK;
           if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
           if (std::isinf(lse[r])) {  // attends to nothing: no gradient
             std::fill(sr, sr + jn, C(0));
@@ -398,11 +398,11 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         }
         // With the dropout mask M (scaled by 1 / (1 - p); all ones without dropout):
         // dP = dO V^T;  dS = P * (dP * M - D);  dV += (P * M)^T dO;  dK += dS^T (Q scale);  dQ += dS K
-        gemm_acc(bq, jn, Ev, dof.data(), Ev, 1, key_block<C>(p.v_t, head, S, Ev, j0), kBlockK, dp.data(), kBlockK,
+        gemm_acc(bq, jn, Ev, dof.get(), Ev, 1, key_block<C>(p.v_t, head, S, Ev, j0), kBlockK, dp.get(), kBlockK,
                  false);
         if (p.dropout_p > 0) {
           for (int64_t r = 0; r < bq; ++r) {
-            apply_dropout(p, dp.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // dP * M
+            apply_dropout(p, dp.get() + r * kBlockK, b, h, i0 + r, j0, jn);  // dP * M
           }
         }
         for (int64_t r = 0; r < bq; ++r)
@@ -413,15 +413,15 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         if (p.grad_mask != nullptr) {  // a float mask adds to the scores: its gradient is dS
           C* gm = static_cast<C*>(p.grad_mask) + (row0 + i0) * S + j0;
           for (int64_t r = 0; r < bq; ++r) {
-            std::copy(dp.data() + r * kBlockK, dp.data() + r * kBlockK + jn, gm + r * S);
+            std::copy(dp.get() + r * kBlockK, dp.get() + r * kBlockK + jn, gm + r * S);
           }
         }
         if (p.dropout_p > 0) {
-          for (int64_t r = 0; r < bq; ++r) apply_dropout(p, s.data() + r * kBlockK, b, h, i0 + r, j0, jn);  // P * M
+          for (int64_t r = 0; r < bq; ++r) apply_dropout(p, s.get() + r * kBlockK, b, h, i0 + r, j0, jn);  // P * M
         }
-        gemm_acc(jn, Ev, bq, s.data(), 1, kBlockK, dof.data(), Ev, dv.data() + j0 * Ev, Ev, true);
-        gemm_acc(jn, E, bq, dp.data(), 1, kBlockK, qf.data(), E, dk.data() + j0 * E, E, true);
-        gemm_acc(bq, E, jn, dp.data(), kBlockK, 1, kc + j0 * E, E, dq.data(), E, true);
+        gemm_acc(jn, Ev, bq, s.get(), 1, kBlockK, dof.get(), Ev, dv.get() + j0 * Ev, Ev, true);
+        gemm_acc(jn, E, bq, dp.get(), 1, kBlockK, qf.get(), E, dk.get() + j0 * E, E, true);
+        gemm_acc(bq, E, jn, dp.get(), kBlockK, 1, kc + j0 * E, E, dq.get(), E, true);
       }
       T* gq = static_cast<T*>(p.grad_q) + (row0 + i0) * E;
       for (int64_t x = 0; x < bq * E; ++x) gq[x] = static_cast<T>(dq[x] * static_cast<C>(p.scale));
