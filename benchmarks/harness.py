@@ -124,7 +124,7 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1):
     # Stop early once the time budget is spent (keeps slow CPU cases bounded),
     # but always take at least 3 samples for a meaningful median.
     for round_ in range(repeats):
-        if round_ >= 3 and time.perf_counter() > t_end:
+        if round_ >= 3 and time.perf_counter() > t_end or not steps:  # (none: every variant n/a or failed)
             break
         names = list(steps)
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate who goes first

@@ -126,12 +126,13 @@ void load_rows(C* dst, const T* src, int64_t rows, int64_t cols, int64_t stride,
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < cols; ++e) dst[r * cols + e] = static_cast<C>(src[r * stride + e]) * factor;
 }
-// n values set to x, in this capability's namespace. (std::vector's fill
-// constructor is a template GCC may clone with this capability's vector
-// instructions under a name without it: tests/test_dense.py refuses that.)
+// Scratch: a buffer of max(n, size) values, the first n set to x. (Not
+// std::vector: its fill constructor is a template that GCC may emit with this
+// capability's vector instructions under a name shared by every build, which
+// tests/test_dense.py refuses.)
 template <typename C>
-std::unique_ptr<C[]> filled(int64_t n, C x) {
-  std::unique_ptr<C[]> buffer(new C[std::max<int64_t>(n, 1)]);
+std::unique_ptr<C[]> filled(int64_t n, C x, int64_t size = 0) {
+  std::unique_ptr<C[]> buffer(new C[std::max<int64_t>({n, size, 1})]);
   for (int64_t i = 0; i < n; ++i) buffer[i] = x;
   return buffer;
 }
@@ -151,6 +152,17 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
     *ld = dim;
     return scratch;
   }
+}
+
+// Prefetches keys [j0, j0 + n) of head `head` of batch b (rows of `dim` values).
+template <typename T>
+void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
+                   int64_t dim) {
+  const char* first = reinterpret_cast<const char*>(static_cast<const T*>(base) + b * strides[0] +
+                                                    head * strides[1] + j0 * strides[2]);
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T)), stride_bytes = strides[2] * sizeof(T);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(first + j * stride_bytes + byte);
 }
 
 // max(x[0:n]), -inf for n = 0.
@@ -227,17 +239,27 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const int64_t ld = transposed ? (rows + W - 1) / W * W : rows;  // columns of qt and of the scores' rows
   // Score (r, jj) is st[r * row_step + jj * key_step].
   const int64_t row_step = transposed ? 1 : kBlockK, key_step = transposed ? ld : 1;
-  const auto q_scaled = filled(E * ld, C(0)), st = filled(kBlockK * ld, C(0)), acc = filled(rows * Ev, C(0));
-  const auto m = filled(ld, kNegInf), l = filled(ld, C(0)), alpha = filled(ld, C(0));
+  // Scratch: only the output sums, the running max and sum, and Q's padding
+  // columns need initial values; everything else is written before it is read.
+  const auto q_scaled = filled(rows < ld ? E * ld : 0, C(0), E * ld), st = filled(0, C(0), kBlockK * ld);
+  const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0)), alpha = filled(0, C(0), ld);
   const bool convert = !std::is_same_v<T, C>;
-  const auto k_scratch = filled(convert ? kBlockK * E : 0, C(0)), v_scratch = filled(convert ? kBlockK * Ev : 0, C(0));
+  const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0), v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
   // Row r is head h0 + r / len at position i0 + r % len.
   const auto head_of = [&](int64_t r) { return t.h0 + r / len; };
   const auto pos_of = [&](int64_t r) { return t.i0 + r % len; };
   const C scale = static_cast<C>(p.scale);
+  const auto q_row = [&](int64_t r) {
+    return static_cast<const T*>(p.q) + t.b * p.q_strides[0] + head_of(r) * p.q_strides[1] + pos_of(r) * p.q_strides[2];
+  };
+  // Every row of Q requested at once (strided rows: the copy below would
+  // otherwise wait for them a few at a time).
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* qr = reinterpret_cast<const char*>(q_row(r));
+    for (int64_t byte = 0; byte < E * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(qr + byte);
+  }
   for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
-    const T* qr = static_cast<const T*>(p.q) + t.b * p.q_strides[0] + head_of(r) * p.q_strides[1] +
-                  pos_of(r) * p.q_strides[2];
+    const T* qr = q_row(r);
     for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
   }
   // The mask's rows; one shared row when it is broadcast over the task's
@@ -251,6 +273,19 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
+    // Ask for this block's V and the next block's K now: they arrive while
+    // the scores and the softmax are computed (their rows are strided, e.g.
+    // in Hugging Face's layout, which the hardware prefetcher follows poorly).
+    prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
+    if (j0 + kBlockK < jhi) {
+      prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + kBlockK, std::min(kBlockK, jhi - j0 - kBlockK), E);
+    } else if (p.splits == 1) {  // the last block: the output rows, for writing
+      for (int64_t r = 0; r < rows; ++r) {
+        const char* o = reinterpret_cast<const char*>(static_cast<T*>(p.out) + t.b * p.out_strides[0] +
+                                                      head_of(r) * p.out_strides[1] + pos_of(r) * p.out_strides[2]);
+        for (int64_t byte = 0; byte < Ev * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(o + byte, 1);
+      }
+    }
     int64_t k_ld = 0, v_ld = 0;
     const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
     if (transposed) {
