@@ -148,7 +148,17 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
     *ld = strides[2];
     return rows;
   } else {
-    load_rows(scratch, rows, n, dim, strides[2]);
+    using IO = VecIO<T>;  // converted in registers, a chunk at a time
+    for (int64_t j = 0; j < n; ++j) {
+      const T* src = rows + j * strides[2];
+      C* dst = scratch + j * dim;
+      for (int64_t e = 0; e < dim; e += IO::kWidth) {
+        const int64_t c = std::min<int64_t>(IO::kWidth, dim - e);
+        const typename IO::Chunk x = IO::load(src + e, c);
+        x[0].store(dst + e, static_cast<int>(std::min<int64_t>(c, IO::kPart)));
+        if (c > IO::kPart) x[1].store(dst + e + IO::kPart, static_cast<int>(c - IO::kPart));
+      }
+    }
     *ld = dim;
     return scratch;
   }
