@@ -287,7 +287,10 @@ def _write(path, text):
 
 
 def plot(records, path):
-    """Bar plot of the subject's speed-ups; skipped silently without matplotlib."""
+    """The subject's speed-up against each baseline, one panel per family:
+    a row per case and pass, a bar per baseline, a log scale centred on the
+    1.0x line (losing bars hatched, so they show at a glance). Skipped
+    silently without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -295,22 +298,39 @@ def plot(records, path):
     except ImportError:
         return None
     ok = [r for r in records if r["variant"] != SUBJECT and r.get("speedup")]
-    baselines = list(dict.fromkeys(r["variant"] for r in ok))
-    keys = list(dict.fromkeys((r["case"], r["pass_"]) for r in ok))
-    if not keys:
+    families = list(dict.fromkeys(r["family"] for r in ok))
+    if not families:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) * len(baselines)), 5))
-    width = 0.8 / len(baselines)
-    for i, b in enumerate(baselines):
-        vals = {(r["case"], r["pass_"]): r["speedup"] for r in ok if r["variant"] == b}
-        ax.bar([k + i * width for k in range(len(keys))], [vals.get(k, 0) for k in keys], width, label=b)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
-    ax.set_xticklabels([f"{c}\n{p}" for c, p in keys], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"speed-up of {SUBJECT} (baseline ms / {SUBJECT} ms)")
-    ax.legend()
+    rows_of = {f: list(dict.fromkeys((r["case"], r["pass_"]) for r in ok if r["family"] == f)) for f in families}
+    heights = [max(2.0, 0.22 * len(rows_of[f]) * len({r["variant"] for r in ok if r["family"] == f}) + 1.0)
+               for f in families]
+    fig, axes = plt.subplots(len(families), 1, figsize=(11, sum(heights)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=heights))
+    colours = {}
+    for ax, family in zip(axes[:, 0], families):
+        keys = rows_of[family]
+        baselines = list(dict.fromkeys(r["variant"] for r in ok if r["family"] == family))
+        height = 0.8 / len(baselines)
+        for i, b in enumerate(baselines):
+            vals = {(r["case"], r["pass_"]): r["speedup"] for r in ok if r["variant"] == b and r["family"] == family}
+            ys = [k + i * height for k, key in enumerate(keys) if key in vals]
+            xs = [vals[key] for key in keys if key in vals]
+            colour = colours.setdefault(b, f"C{len(colours)}")
+            ax.barh(ys, xs, height, label=f"vs {b}", color=colour,
+                    hatch=None, edgecolor="none", left=0)
+            ax.barh([y for y, x in zip(ys, xs) if x < 1], [x for x in xs if x < 1], height, color="none",
+                    edgecolor="red", hatch="///", lw=0)
+        ax.axvline(1.0, color="k", lw=1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))])
+        ax.set_yticklabels([f"{c}  [{p}]" for c, p in keys], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{family}: speed-up of {SUBJECT} (baseline ms / {SUBJECT} ms; > 1: faster; red hatching: slower)",
+                     fontsize=9)
+        ax.grid(axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -324,7 +344,9 @@ def plot_tflops_by_seqlen(records, path):
     for r in ok:  # B and H change with L (a fixed token count): the panel is the rest
         key = (r["params"]["D"], r["params"]["causal"], r["params"]["dtype"], r["pass_"])
         panels.setdefault(key, []).append(r)
-    panels = {k: rs for k, rs in panels.items() if len({r["params"]["L"] for r in rs}) >= 2}
+    # a panel is a sweep at a fixed token count B·L (the GPU cases), not the CPU's matrix of models
+    panels = {k: rs for k, rs in panels.items() if len({r["params"]["L"] for r in rs}) >= 2
+              and len({r["params"]["B"] * r["params"]["L"] for r in rs}) == 1}
     if not panels:
         return None
     import matplotlib

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +46,13 @@ def test_outputs_include_the_tflops_by_seqlen_plot(tmp_path):
     harness.write_outputs(str(tmp_path), harness.machine_info("cpu"), records)
     for name in ("results.json", "report.md", "speedup.png", "attention_tflops.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_a_pass_where_every_variant_is_not_applicable_is_recorded_not_raised():
+    # decoding rows have no backward: their fwd+bwd pass has nothing to time
+    from benchmarks import harness
+
+    variants = {name: harness.Variant(lambda: torch.zeros(2), backward=False, note="no backward")
+                for name in ("bigkernels", "eager")}
+    results = harness.measure_pass(variants, "fwd+bwd", "cpu", warmup=1, repeats=3, budget_s=1.0)
+    assert {name: r[0] for name, r in results.items()} == {"bigkernels": "n/a", "eager": "n/a"}
