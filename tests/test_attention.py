@@ -186,6 +186,20 @@ def test_output_keeps_hugging_face_layout():
     fake(torch.ops.bigkernels.attention_forward.default, (qt, kt, vt, None, 0.25, -1, -1, 0, 0.0, 0))
     torch.testing.assert_close(out.double(), exact(q, k, v), atol=1e-5, rtol=1e-5)
     assert attention(q.float(), k.float(), v.float(), enable_gqa=True).is_contiguous()
+    # the backward reads that output and a [B, L, H, D]-laid grad_output in place, and lays each
+    # gradient out like its input, so that autograd's views back to the projections copy nothing
+    backward = torch.ops.bigkernels.attention_backward.default
+    _, lse = attention(qt, kt, vt, enable_gqa=True, return_lse=True)
+    g = grad.float().transpose(1, 2).contiguous().transpose(1, 2)
+    args = (g, qt, kt, vt, None, out, lse, 0.25, -1, -1, 0, 0.0, 0, False)
+    grads = backward(*args)
+    for got, like in zip(grads[:3], (qt, kt, vt)):
+        assert got.stride() == like.stride()
+    fake(backward, args)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    exact(*leaves).backward(grad)
+    for got, want in zip(grads[:3], leaves):
+        torch.testing.assert_close(got.double(), want.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

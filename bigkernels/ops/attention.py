@@ -192,6 +192,13 @@ def _output_like(query, Ev):
     return query.new_empty((B, H, L, Ev))
 
 
+def _grad_like(t):
+    """The backward op's gradient for input t, laid out as the CPU kernel lays
+    it out (attention_grad_like in attention_cpu.cpp): like t when t is dense
+    (Hugging Face's [B, L, H, D] views included); contiguous on CUDA."""
+    return torch.empty_like(t) if t.device.type == "cpu" else t.new_empty(t.shape)
+
+
 def _register():
     """Fake implementations and autograd for the compiled ops."""
 
@@ -206,7 +213,7 @@ def _register():
     def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,
                        diagonal_offset, dropout_p, dropout_seed, grad_mask=False):
         grad_attn_mask = attn_mask.new_empty(attn_mask.shape) if grad_mask else query.new_empty((0,))
-        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_attn_mask
+        return _grad_like(query), _grad_like(key), _grad_like(value), grad_attn_mask
 
     # Autograd is registered in C++ (csrc/attention/attention_autograd.cpp);
     # its double backward (create_graph=True) calls this, which differentiates

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/_to_copy.h>
 #include <torch/library.h>
 
@@ -48,6 +49,13 @@ at::Tensor attention_output_cpu(const at::Tensor& query, int64_t Ev) {
     return at::empty({B, L, H, Ev}, query.options()).transpose(1, 2);
   }
   return at::empty({B, H, L, Ev}, query.options());
+}
+
+// A gradient's buffer: laid out like its input when that is a permutation of
+// a contiguous tensor (Hugging Face's [B, L, H, D] views), else contiguous.
+// (bigkernels/ops/attention.py's fake implementation follows the same rule.)
+at::Tensor attention_grad_like(const at::Tensor& input) {
+  return at::empty_like(input, at::MemoryFormat::Preserve);
 }
 
 AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
@@ -194,22 +202,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     bool grad_mask) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_attention_backward_args(grad_output, output, lse, query, s);
+  // Everything read in place where it can be (the forward's [B, L, H, D]-laid
+  // output and Hugging Face's grad_output included); K in the compute type.
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
-  const at::Tensor g = grad_output.contiguous().to(q.scalar_type()), o = output.contiguous(), l = lse.contiguous();
+  const at::Tensor g = unit_last_stride(grad_output.to(q.scalar_type())), o = unit_last_stride(output);
+  const at::Tensor l = lse.contiguous();
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
-  const at::Tensor k_c = k.to(compute_dtype(q)).contiguous();
+  const at::Tensor k_c = unit_last_stride(k.to(compute_dtype(q)));
   const at::Tensor k_t = blocked_transpose(k_c);
   const at::Tensor v_t = blocked_transpose(v);
   p.k_c = k_c.const_data_ptr(), p.k_t = k_t.const_data_ptr(), p.v_t = v_t.const_data_ptr();
-  at::Tensor grad_q = at::empty({s.B, s.Hq, s.L, s.E}, q.options());
-  at::Tensor grad_k = at::empty({s.B, s.Hkv, s.S, s.E}, q.options());
-  at::Tensor grad_v = at::empty({s.B, s.Hkv, s.S, s.Ev}, q.options());
+  // The gradients laid out like the inputs (attention_grad_like; the fake
+  // implementation agrees), so that autograd's views back to the caller's
+  // [B, L, H, D] projections copy nothing.
+  at::Tensor grad_q = attention_grad_like(query), grad_k = attention_grad_like(key);
+  at::Tensor grad_v = attention_grad_like(value);
   p.out = const_cast<void*>(o.const_data_ptr());  // read only in backward
   p.lse = const_cast<void*>(l.const_data_ptr());
   p.grad_out = g.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.k_c_strides[d] = k_c.stride(d), p.out_strides[d] = o.stride(d), p.grad_out_strides[d] = g.stride(d);
+    p.grad_q_strides[d] = grad_q.stride(d), p.grad_k_strides[d] = grad_k.stride(d);
+    p.grad_v_strides[d] = grad_v.stride(d);
+  }
   at::Tensor grad_mask_full = grad_mask_buffer(attn_mask, grad_mask, s, compute_dtype(q));
   p.grad_mask = grad_mask_full.defined() ? grad_mask_full.mutable_data_ptr() : nullptr;
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);

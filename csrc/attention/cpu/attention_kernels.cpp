@@ -399,27 +399,41 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   }
 }
 
+// Rows [i0, i0 + n) of head `head` of batch b of dst (strides: batch, head,
+// row) = factor * src [n, dim] (row-major).
+template <typename T, typename C>
+void store_rows(T* dst, const int64_t* strides, int64_t b, int64_t head, int64_t i0, int64_t n, int64_t dim,
+                const C* src, C factor) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = dst + b * strides[0] + head * strides[1] + (i0 + r) * strides[2];
+    for (int64_t e = 0; e < dim; ++e) row[e] = static_cast<T>(src[r * dim + e] * factor);
+  }
+}
+
 template <typename T, typename C>
 void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
   const int64_t head = b * p.Hkv + hk;
-  const C* kc = static_cast<const C*>(p.k_c) + head * S * E;   // [S, E]
+  const C* kc = static_cast<const C*>(p.k_c) + b * p.k_c_strides[0] + hk * p.k_c_strides[1];  // rows of E
+  const int64_t kc_ld = p.k_c_strides[2];
   const auto dk = filled(S * E, C(0)), dv = filled(S * Ev, C(0));
   const auto qf = filled(kBlockQ * E, C(0)), dof = filled(kBlockQ * Ev, C(0)), d = filled(kBlockQ, C(0));
   const auto lse = filled(kBlockQ, C(0)), dq = filled(kBlockQ * E, C(0));
   const auto s = filled(kBlockQ * kBlockK, C(0)), dp = filled(kBlockQ * kBlockK, C(0));
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-    const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in out/grad_out/lse/grad_q
+    const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in lse
+    const T* go = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides[0] + h * p.grad_out_strides[1];
+    const T* o = static_cast<const T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[1];
     const Band band{p, b, h};
     for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
       const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0;
       load_rows(qf.get(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
-      load_rows(dof.get(), static_cast<const T*>(p.grad_out) + (row0 + i0) * Ev, bq, Ev, Ev);
-      const T* out = static_cast<const T*>(p.out) + (row0 + i0) * Ev;
+      load_rows(dof.get(), go + i0 * p.grad_out_strides[2], bq, Ev, p.grad_out_strides[2]);
       for (int64_t r = 0; r < bq; ++r) {
+        const T* out = o + (i0 + r) * p.out_strides[2];
         C sum = 0;  // D = rowsum(dO * O)
-        for (int64_t e = 0; e < Ev; ++e) sum += dof[r * Ev + e] * static_cast<C>(out[r * Ev + e]);
+        for (int64_t e = 0; e < Ev; ++e) sum += dof[r * Ev + e] * static_cast<C>(out[e]);
         d[r] = sum;
         lse[r] = static_cast<const C*>(p.lse)[row0 + i0 + r];
       }
@@ -466,16 +480,13 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         }
         gemm_acc(jn, Ev, bq, s.get(), 1, kBlockK, dof.get(), Ev, dv.get() + j0 * Ev, Ev, true);
         gemm_acc(jn, E, bq, dp.get(), 1, kBlockK, qf.get(), E, dk.get() + j0 * E, E, true);
-        gemm_acc(bq, E, jn, dp.get(), kBlockK, 1, kc + j0 * E, E, dq.get(), E, true);
+        gemm_acc(bq, E, jn, dp.get(), kBlockK, 1, kc + j0 * kc_ld, kc_ld, dq.get(), E, true);
       }
-      T* gq = static_cast<T*>(p.grad_q) + (row0 + i0) * E;
-      for (int64_t x = 0; x < bq * E; ++x) gq[x] = static_cast<T>(dq[x] * static_cast<C>(p.scale));
+      store_rows(static_cast<T*>(p.grad_q), p.grad_q_strides, b, h, i0, bq, E, dq.get(), static_cast<C>(p.scale));
     }
   }
-  T* gk = static_cast<T*>(p.grad_k) + (b * p.Hkv + hk) * S * E;
-  T* gv = static_cast<T*>(p.grad_v) + (b * p.Hkv + hk) * S * Ev;
-  for (int64_t x = 0; x < S * E; ++x) gk[x] = static_cast<T>(dk[x]);
-  for (int64_t x = 0; x < S * Ev; ++x) gv[x] = static_cast<T>(dv[x]);
+  store_rows(static_cast<T*>(p.grad_k), p.grad_k_strides, b, hk, 0, S, E, dk.get(), C(1));
+  store_rows(static_cast<T*>(p.grad_v), p.grad_v_strides, b, hk, 0, S, Ev, dv.get(), C(1));
 }
 
 void forward_task_any(const AttentionCpuParams& p, const AttentionForwardTask& task) {

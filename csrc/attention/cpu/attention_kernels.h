@@ -10,10 +10,10 @@
 
 namespace bigkernels {
 
-// Raw pointers and strides (in elements) of one attention call. The forward
-// reads q, k and v in place (any strides, contiguous last dim: Hugging Face's
-// [B, L, H, D] views included) and writes out with its own strides; the
-// backward's other tensors are contiguous.
+// Raw pointers and strides (in elements) of one attention call. Every
+// [B, H, L|S, D] tensor is read or written in place through its batch, head
+// and position strides with a contiguous last dim (Hugging Face's
+// [B, L, H, D] views included); the rest is contiguous.
 struct AttentionCpuParams {
   c10::ScalarType dtype;
   const void *q, *k, *v;
@@ -26,8 +26,10 @@ struct AttentionCpuParams {
   // converted once per call by the op. k_t and v_t hold them transposed in
   // key blocks, [B, Hkv, ceil(S / kAttentionKeyBlock), E (or Ev),
   // kAttentionKeyBlock], zero-padded, so that one block's rows are
-  // contiguous; k_c [B, Hkv, S, E] is plain.
+  // contiguous; k_c is K itself when already in the compute type (strides
+  // k_c_strides).
   const void *k_t, *k_c, *v_t;
+  int64_t k_c_strides[3];
   double scale;
   // Dropout of the probabilities (0: none): element (b, h, i, j) is kept when
   // counter_uniform(dropout_seed, ((b * Hq + h) * L + i) * S + j) >= dropout_p.
@@ -44,9 +46,13 @@ struct AttentionCpuParams {
   void* lse;
   int64_t splits;
   void *split_out, *split_lse;
-  // backward: also grad_out [B, Hq, L, Ev] (contiguous), grads (contiguous, like q, k, v)
+  // backward: out and lse are the forward's; also grad_out [B, Hq, L, Ev] and
+  // the gradients, each with its strides (the op lays the gradients out like
+  // q, k and v, so that the caller's views back to [B, L, H, D] copy nothing).
   const void* grad_out;
+  int64_t grad_out_strides[3];
   void *grad_q, *grad_k, *grad_v;
+  int64_t grad_q_strides[3], grad_k_strides[3], grad_v_strides[3];
   void* grad_mask;  // null, or [B, Hq, L, S] in the compute type, zeroed: gets dS (the scores' gradient)
 };
 
