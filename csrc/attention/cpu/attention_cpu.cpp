@@ -1,7 +1,8 @@
 // CPU attention ops: checks, layouts, and the block loops of
 // attention_kernels.cpp (compiled per CPU capability) spread over threads:
-// forward by (batch, head, block of query rows), backward by (batch, key
-// head), so that every gradient has one writer (deterministic).
+// forward by the tasks plan_forward picks (query rows, heads packed, keys
+// split), backward by (batch, key head), so that every gradient has one
+// writer (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
