@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace bigkernels {
 namespace CPU_CAPABILITY {
@@ -69,11 +70,15 @@ inline void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_r
   constexpr int64_t W = V::size();
   for (int64_t n0 = 0; n0 < n; n0 += 4 * W) {
     const int64_t nn = std::min<int64_t>(4 * W, n - n0);
+    const auto tiles = [&](auto vectors) {
+      constexpr int NV = decltype(vectors)::value;
+      gemm_rows<gemm_tile_rows<C, NV>(), NV>(0, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    };
     switch (nn % W == 0 ? nn / W : 0) {
-      case 4: gemm_rows<gemm_tile_rows<C, 4>(), 4>(0, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate); continue;
-      case 3: gemm_rows<gemm_tile_rows<C, 3>(), 3>(0, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate); continue;
-      case 2: gemm_rows<gemm_tile_rows<C, 2>(), 2>(0, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate); continue;
-      case 1: gemm_rows<gemm_tile_rows<C, 1>(), 1>(0, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate); continue;
+      case 4: tiles(std::integral_constant<int, 4>{}); continue;
+      case 3: tiles(std::integral_constant<int, 3>{}); continue;
+      case 2: tiles(std::integral_constant<int, 2>{}); continue;
+      case 1: tiles(std::integral_constant<int, 1>{}); continue;
       default: break;
     }
     const auto count = [&](int v) { return static_cast<int>(std::min<int64_t>(W, nn - v * W)); };

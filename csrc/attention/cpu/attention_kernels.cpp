@@ -252,9 +252,11 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   // Scratch: only the output sums, the running max and sum, and Q's padding
   // columns need initial values; everything else is written before it is read.
   const auto q_scaled = filled(rows < ld ? E * ld : 0, C(0), E * ld), st = filled(0, C(0), kBlockK * ld);
-  const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0)), alpha = filled(0, C(0), ld);
-  const bool convert = !std::is_same_v<T, C>;
-  const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0), v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
+  const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0));
+  const auto alpha = filled(0, C(0), ld);
+  const bool convert = !std::is_same_v<T, C>;  // then K and V blocks are converted into scratch
+  const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0);
+  const auto v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
   // Row r is head h0 + r / len at position i0 + r % len.
   const auto head_of = [&](int64_t r) { return t.h0 + r / len; };
   const auto pos_of = [&](int64_t r) { return t.i0 + r % len; };
