@@ -559,7 +559,7 @@ def test_every_capability_matches_the_reference(capability):
     # the kernels of each capability (dense, attention, RNN), forced as ATen's are, against the reference
     dense = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
     attention = ("test_attention and (matches_reference or head_dims or long_sequence or nothing_to_attend"
-                 " or float_mask_gradient or masks_whole_blocks)")
+                 " or float_mask_gradient or masks_whole_blocks or decoding_against_long_caches or hugging_face_layout)")
     rnn = "test_rnn and (matches_torch or packed or gradcheck or sizes)"
     here = os.path.dirname(__file__)
     run = subprocess.run(
