@@ -14,8 +14,9 @@ from .harness import Case, Variant
 
 # The CPU shape matrix, drawn from the models people run (Hugging Face
 # configs): (label, B, Hq, Hkv, L, S, D, mask, causal, training).
-# mask "padding": a [B, 1, 1, S] bool key-padding mask whose sequences keep
-# between half and all of their keys, as a tokenizer's padding gives;
+# mask "padding": a bool key-padding mask whose sequences keep between half
+# and all of their keys, as a tokenizer's padding gives, materialised
+# [B, 1, L, S] as transformers' sdpa_mask hands it to attention backends;
 # training rows also time forward+backward. Encoder and prefill rows are in
 # Hugging Face's layout ([B, L, H, D] tensors seen as [B, H, L, D]) and
 # include the backend's transpose back to [B, L, H, D]; decoding rows read
@@ -73,7 +74,7 @@ def _make_cpu(B, Hq, Hkv, L, S, D, mask, causal, training, dtype):
         attn_mask = None
         if mask == "padding":
             keep = torch.randint(S // 2, S + 1, (B,), generator=g)
-            attn_mask = (torch.arange(S)[None, :] < keep[:, None])[:, None, None, :]
+            attn_mask = (torch.arange(S)[None, :] < keep[:, None])[:, None, None, :].expand(B, 1, L, S).contiguous()
 
         def call(fn):
             def run():

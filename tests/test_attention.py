@@ -15,7 +15,8 @@ from bigkernels.ops.attention import scaled_dot_product_attention as attention
 from conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-SDPA_FEATURES = {"plain", "causal", "key_padding", "float_mask", "gqa", "three_d"}
+SDPA_FEATURES = {"plain", "causal", "key_padding", "float_mask", "padding_rows", "float_padding_rows", "gqa",
+                 "three_d"}
 
 
 def make_inputs(B, Hq, Hkv, L, S, E, Ev, seed, logit_scale=1.0):
@@ -39,6 +40,16 @@ def feature_kwargs(feature, B, L, S, seed):
         return dict(attn_mask=torch.rand(B, 1, 1, S, generator=gen) > 0.3)
     if feature == "float_mask":
         return dict(attn_mask=torch.randn(L, S, generator=gen, dtype=torch.float64))
+    if feature in ("padding_rows", "float_padding_rows"):
+        # a padding mask as Hugging Face hands it over: [B, 1, L, S] with equal rows,
+        # but for one row of the first sequence (the kernel compares rows per task)
+        if feature == "padding_rows":
+            mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
+        else:
+            mask = torch.randn(B, 1, 1, S, generator=gen, dtype=torch.float64)
+        mask = mask.expand(B, 1, L, S).contiguous()
+        mask[0, 0, L // 2, 0] = True if feature == "padding_rows" else 5.0
+        return dict(attn_mask=mask)
     return {}
 
 
@@ -94,7 +105,7 @@ def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, log
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "key_padding",
-                                     "float_mask", "gqa", "three_d"])
+                                     "float_mask", "padding_rows", "float_padding_rows", "gqa", "three_d"])
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (113, 203), (127, 65), (70, 1)], ids=str)
 def test_matches_reference(dtype, feature, L, S):
     check(dtype, feature, L=L, S=S)

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -274,14 +275,28 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     const T* qr = q_row(r);
     for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
   }
-  // The mask's rows; one shared row when it is broadcast over the task's
-  // heads and positions (a key-padding mask), which is then read once per key.
   const int64_t* ms = p.mask_strides;
-  const bool shared_mask_row = p.mask != nullptr && (ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1);
   const auto mask_row = [&](int64_t r) { return t.b * ms[0] + head_of(r) * ms[1] + pos_of(r) * ms[2]; };
   const Band band{p, t.b, t.h0};
   auto [jlo, jhi] = band.key_range(t.i0, t.i1);
   jlo = std::max(jlo, t.j_begin), jhi = std::min(jhi, t.j_end);
+  // One shared mask row, read once per key, when the task's rows all see the
+  // same one: broadcast over its heads and positions (a key-padding mask), or
+  // materialised with equal rows, as Hugging Face hands a padding mask over
+  // ([B, 1, L, S]): comparing the rows costs far less than masking each.
+  const auto rows_equal = [&] {
+    if (ms[3] != 1 || jhi <= jlo) return false;
+    const int64_t size = p.mask_is_bool ? sizeof(bool) : sizeof(T);
+    const char* mask = static_cast<const char*>(p.mask);
+    const char* first = mask + (mask_row(0) + jlo) * size;
+    for (int64_t r = 1; r < rows; ++r) {
+      const char* row = mask + (mask_row(r) + jlo) * size;
+      if (row != first && std::memcmp(row, first, (jhi - jlo) * size) != 0) return false;
+    }
+    return true;
+  };
+  const bool shared_mask_row =
+      p.mask != nullptr && (((ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1)) || rows_equal());
   for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, jhi - j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
