@@ -18,14 +18,20 @@ def _to_fused(linear, activation):
 def optimize(model):
     """Swaps torch.nn layers for bigkernels' in place, keeping their
     parameters: nn.MultiheadAttention and nn.TransformerEncoderLayer become
-    ours (same parameters, the fused attention inside), nn.Linear becomes
-    bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
+    ours (same parameters, the fused attention inside). In Hugging Face
+    models, the blocks of the families we know fuse their activations, and
+    the attention moves from SDPA to our backend (optimize_blocks in
+    integrations/transformers.py). nn.Linear becomes bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
     GELU, SiLU, Sigmoid or Tanh becomes one fused Linear (the activation
     module is replaced by nn.Identity). nn.RNN, LSTM, GRU and their cells
     become ours: the same module with its class changed (ours replace forward
     only). Returns the model."""
     if type(model) is nn.Linear:
         return _to_fused(model, None)
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        from .integrations.transformers import optimize_blocks
+
+        optimize_blocks(model, _to_fused)
     for module in model.modules():
         if type(module) in FUSED_RNN_CLASSES:
             module.__class__ = FUSED_RNN_CLASSES[type(module)]

@@ -45,3 +45,74 @@ def test_matches_sdpa_backend(arch):
         assert got_grads.keys() == want_grads.keys()
         for name in want_grads:
             torch.testing.assert_close(got_grads[name], want_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+# bigkernels.optimize() on Hugging Face models: the blocks it knows fuse their
+# activation, the attention moves to our backend; outputs and gradients keep
+# the 2x rule against stock in float64, the state_dict and checkpoints are unchanged.
+import bigkernels  # noqa: E402
+from bigkernels.nn import Linear  # noqa: E402
+from conftest import assert_close  # noqa: E402
+
+ENCODER = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+FAMILIES = {  # (config, model, output, its feed-forward block's (module, linear, activation) names)
+    "bert": (transformers.BertConfig, transformers.BertModel, "last_hidden_state",
+             ("intermediate", "dense", "intermediate_act_fn")),
+    "roberta": (transformers.RobertaConfig, transformers.RobertaModel, "last_hidden_state",
+                ("intermediate", "dense", "intermediate_act_fn")),
+    "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel, "last_hidden_state",
+                   ("ffn", "lin1", "activation")),
+}
+DISTILBERT = dict(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4, max_position_embeddings=64,
+                  dropout=0.0, attention_dropout=0.0)
+
+
+def feed_forward_blocks(model, names):
+    return [m for n, m in model.named_modules() if n.endswith("." + names[0])]
+
+
+@pytest.mark.parametrize("family,act,ours_act", [("bert", "gelu", "gelu"), ("bert", "gelu_new", "gelu_tanh"),
+                                                  ("roberta", "gelu", "gelu"), ("distilbert", "gelu", "gelu")])
+def test_optimize_fuses_known_blocks_and_keeps_the_numbers(family, act, ours_act, tmp_path):
+    config_cls, model_cls, output, names = FAMILIES[family]
+    config = dict(DISTILBERT, activation=act) if family == "distilbert" else dict(ENCODER, hidden_act=act)
+    torch.manual_seed(0)
+    stock = model_cls(config_cls(**config, attn_implementation="sdpa")).eval()
+    truth = model_cls(config_cls(**config, attn_implementation="sdpa")).double().eval()
+    truth.load_state_dict(stock.state_dict())
+    state = {k: v.clone() for k, v in stock.state_dict().items()}
+    ours = bigkernels.optimize(model_cls(config_cls(**config, attn_implementation="sdpa")).eval())
+    ours.load_state_dict(state)
+
+    assert ours.config._attn_implementation == bk_hf.NAME
+    for block in feed_forward_blocks(ours, names):
+        linear, activation = getattr(block, names[1]), getattr(block, names[2])
+        assert type(linear) is Linear and linear.activation == ours_act and type(activation) is torch.nn.Identity
+    assert ours.state_dict().keys() == state.keys()
+
+    ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 6:] = 0
+    got, theirs, want = (run(m, dict(input_ids=ids, attention_mask=mask), output) for m in (ours, stock, truth))
+    keep = mask.bool()
+    assert_close("output", got[0][keep], theirs[0][keep], want[0][keep])
+    for name in want[1]:
+        assert_close(name, got[1][name], theirs[1][name], want[1][name])
+
+    # a second optimize() changes nothing; the checkpoint loads into stock transformers
+    assert repr(bigkernels.optimize(ours)) == repr(ours)
+    ours.save_pretrained(tmp_path)
+    reloaded = model_cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    for k, v in reloaded.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+
+
+def test_optimize_leaves_what_it_cannot_fuse():
+    # an activation our kernels lack (relu2) stays a module; a model on the eager backend keeps it
+    config_cls, model_cls, _, names = FAMILIES["bert"]
+    model = bigkernels.optimize(model_cls(config_cls(**ENCODER, hidden_act="relu2", attn_implementation="eager")))
+    assert model.config._attn_implementation == "eager"
+    for block in feed_forward_blocks(model, names):
+        assert type(block.dense) is Linear and block.dense.activation == "none"
+        assert type(block.intermediate_act_fn).__name__ == "ReLUSquaredActivation"

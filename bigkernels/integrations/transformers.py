@@ -6,13 +6,30 @@ bigkernels.scaled_dot_product_attention.
     bk_hf.register()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="bigkernels")
 
+bigkernels.optimize(model) also uses optimize_blocks() below: the blocks of
+the model families it knows, and this backend where the model takes it.
+
 transformers is an optional dependency: importing this module does not
 import it; register() does.
 """
 
+from torch import nn
+
+from ..nn.transformer import fused_activation_name
 from ..ops.attention import scaled_dot_product_attention
 
 NAME = "bigkernels"
+
+# Blocks whose forward is activation(linear(x)) through two attributes, by
+# module and class name (so transformers need not be imported to look):
+# class -> (linear, activation). Checked against transformers 5.25's code.
+DENSE_ACTIVATION_BLOCKS = {
+    f"transformers.models.{family}.modeling_{family}.{prefix}Intermediate": ("dense", "intermediate_act_fn")
+    for family, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"),
+                           ("camembert", "Camembert"), ("electra", "Electra"), ("mpnet", "MPNet"),
+                           ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
+}
+DENSE_ACTIVATION_BLOCKS["transformers.models.distilbert.modeling_distilbert.FFN"] = ("lin1", "activation")
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -38,6 +55,39 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                        scale=scaling, is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _class_path(module):
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def optimize_blocks(model, to_fused):
+    """The Hugging Face part of bigkernels.optimize(): in the blocks of
+    DENSE_ACTIVATION_BLOCKS, the activation is fused into the linear
+    (to_fused(linear, activation) shares its parameters) and replaced by
+    nn.Identity; models on torch's SDPA backend move to this one (register()
+    is called), those on another (eager, flash...) keep it, as do models that
+    cannot change theirs. Already optimized blocks and models are left alone."""
+    for module in model.modules():
+        names = DENSE_ACTIVATION_BLOCKS.get(_class_path(module))
+        if names is None:
+            continue
+        linear, activation = (getattr(module, name, None) for name in names)
+        activation = fused_activation_name(activation)
+        if type(linear) is nn.Linear and activation is not None:
+            setattr(module, names[0], to_fused(linear, activation))
+            setattr(module, names[1], nn.Identity())
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(module, "set_attn_implementation"):
+            continue
+        if not module._can_set_attn_implementation():
+            continue
+        register()
+        try:
+            module.set_attn_implementation(NAME)
+        except ValueError:  # the model refuses attention backends (_supports_attention_backend is False)
+            pass
 
 
 def register():

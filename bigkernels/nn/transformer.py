@@ -8,8 +8,17 @@ from .attention import MultiheadAttention
 _FUSED = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.sigmoid: "sigmoid", F.tanh: "tanh"}
 
 
+# transformers' activation modules (transformers.activations) by class name, so
+# that they are recognised without importing transformers. Each computes the
+# function named, whichever of its implementations it was built with.
+_HF_ACTIVATIONS = {"GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+                   "FastGELUActivation": "gelu_tanh", "SiLUActivation": "silu"}
+
+
 def fused_activation_name(activation):
-    """Our name for a torch activation (function or module), or None."""
+    """Our name for a torch or transformers activation (function or module), or None."""
+    if type(activation).__module__ == "transformers.activations":
+        return _HF_ACTIVATIONS.get(type(activation).__name__)
     if isinstance(activation, nn.GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
     for module, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
