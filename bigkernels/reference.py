@@ -156,3 +156,10 @@ def rnn_layer(input, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, mode, re
             c = torch.cat([c_new, c[bs:]])
         outputs[t] = h_new
     return torch.cat(outputs), h, c
+
+
+def norm(x, weight=None, bias=None, eps=1e-5, rms=False):
+    """LayerNorm (or RMSNorm) over the last dimension, in x's dtype."""
+    if rms:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

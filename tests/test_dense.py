@@ -556,16 +556,17 @@ def test_kernels_run_at_atens_capability():
 @pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")), reason="already inside a forced run")
 @pytest.mark.parametrize("capability", host_capabilities())
 def test_every_capability_matches_the_reference(capability):
-    # the kernels of each capability (dense, attention, RNN), forced as ATen's are, against the reference
+    # the kernels of each capability (dense, attention, RNN, norms), forced as ATen's are, against the reference
     dense = "cpu and (matches_reference or extreme or zero or noncontiguous or recompute or fuzz or capability)"
     attention = ("test_attention and (matches_reference or head_dims or long_sequence or nothing_to_attend"
                  " or float_mask_gradient or masks_whole_blocks or decoding_against_long_caches or hugging_face_layout)")
     rnn = "test_rnn and (matches_torch or packed or gradcheck or sizes)"
+    norm = "test_norm and (matches_reference or many_rows or large_mean)"
     here = os.path.dirname(__file__)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
          os.path.join(here, "test_attention.py"), os.path.join(here, "test_rnn.py"),
-         "-k", f"({dense}) or ({attention}) or ({rnn})"],
+         os.path.join(here, "test_norm.py"), "-k", f"({dense}) or ({attention}) or ({rnn}) or ({norm})"],
         env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}, capture_output=True, text=True,
         timeout=900, cwd=os.path.dirname(__file__))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

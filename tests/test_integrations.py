@@ -50,6 +50,9 @@ def test_matches_sdpa_backend(arch):
 # bigkernels.optimize() on Hugging Face models: the blocks it knows fuse their
 # activation, the attention moves to our backend; outputs and gradients keep
 # the 2x rule against stock in float64, the state_dict and checkpoints are unchanged.
+import copy  # noqa: E402
+import pickle  # noqa: E402
+
 import bigkernels  # noqa: E402
 from bigkernels.nn import Linear  # noqa: E402
 from conftest import assert_close  # noqa: E402
@@ -90,6 +93,8 @@ def test_optimize_fuses_known_blocks_and_keeps_the_numbers(family, act, ours_act
         linear, activation = getattr(block, names[1]), getattr(block, names[2])
         assert type(linear) is Linear and linear.activation == ours_act and type(activation) is torch.nn.Identity
     assert ours.state_dict().keys() == state.keys()
+    fused_norms = [m for m in ours.modules() if isinstance(m, bk_hf._ResidualNormBlock)]
+    assert len(fused_norms) == (0 if family == "distilbert" else 2 * 2)  # two per layer
 
     ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(3, 11, dtype=torch.long)
@@ -100,8 +105,13 @@ def test_optimize_fuses_known_blocks_and_keeps_the_numbers(family, act, ours_act
     for name in want[1]:
         assert_close(name, got[1][name], theirs[1][name], want[1][name])
 
-    # a second optimize() changes nothing; the checkpoint loads into stock transformers
+    # a second optimize() changes nothing; copies and pickles stay fused and give the same
+    # output; the checkpoint loads into stock transformers
     assert repr(bigkernels.optimize(ours)) == repr(ours)
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert len([m for m in twin.modules() if isinstance(m, bk_hf._ResidualNormBlock)]) == len(fused_norms)
+        with torch.no_grad():
+            torch.testing.assert_close(getattr(twin(input_ids=ids, attention_mask=mask), output), got[0])
     ours.save_pretrained(tmp_path)
     reloaded = model_cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     for k, v in reloaded.state_dict().items():

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..nn.transformer import fused_activation_name
 from ..ops.attention import scaled_dot_product_attention
+from ..ops.norm import layer_norm
 
 NAME = "bigkernels"
 
@@ -30,6 +31,48 @@ DENSE_ACTIVATION_BLOCKS = {
                            ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
 }
 DENSE_ACTIVATION_BLOCKS["transformers.models.distilbert.modeling_distilbert.FFN"] = ("lin1", "activation")
+
+# Blocks whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor)
+# (attributes dense, dropout, LayerNorm), by module and class name: their
+# class becomes a subclass whose forward fuses the residual add into the norm.
+RESIDUAL_NORM_BLOCKS = {
+    f"transformers.models.{family}.modeling_{family}.{prefix}{kind}"
+    for family, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"),
+                           ("camembert", "Camembert"), ("electra", "Electra"), ("mpnet", "MPNet"),
+                           ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
+    for kind in ("SelfOutput", "Output")
+} - {"transformers.models.mpnet.modeling_mpnet.MPNetSelfOutput"}  # not this pattern (no such class)
+
+
+class _ResidualNormBlock:
+    """The forward of RESIDUAL_NORM_BLOCKS with the add fused into the norm;
+    the parameters and state_dict are the block's own."""
+
+    def forward(self, hidden_states, input_tensor):
+        norm = self.LayerNorm
+        return layer_norm(self.dropout(self.dense(hidden_states)), norm.weight, norm.bias, norm.eps,
+                          residual=input_tensor)[0]
+
+    def __reduce_ex__(self, protocol):
+        # pickled (and deep-copied) as the transformers class, fused again when rebuilt
+        return _rebuild_fused, (self._unfused_class, self.__dict__)
+
+
+_FUSED_CLASSES = {}
+
+
+def _fused_class(cls):
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(cls.__name__, (_ResidualNormBlock, cls),
+                                   {"__module__": __name__, "_unfused_class": cls})
+    return _FUSED_CLASSES[cls]
+
+
+def _rebuild_fused(cls, state):
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    module.__class__ = _fused_class(cls)
+    return module
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -65,9 +108,11 @@ def optimize_blocks(model, to_fused):
     """The Hugging Face part of bigkernels.optimize(): in the blocks of
     DENSE_ACTIVATION_BLOCKS, the activation is fused into the linear
     (to_fused(linear, activation) shares its parameters) and replaced by
-    nn.Identity; models on torch's SDPA backend move to this one (register()
-    is called), those on another (eager, flash...) keep it, as do models that
-    cannot change theirs. Already optimized blocks and models are left alone."""
+    nn.Identity; those of RESIDUAL_NORM_BLOCKS add their residual inside the
+    LayerNorm (bigkernels.layer_norm). Models on torch's SDPA backend move to
+    this one (register() is called); those on another (eager, flash...) keep
+    it, as do models that cannot change theirs. Already optimized blocks and
+    models are left alone."""
     for module in model.modules():
         names = DENSE_ACTIVATION_BLOCKS.get(_class_path(module))
         if names is None:
@@ -77,6 +122,10 @@ def optimize_blocks(model, to_fused):
         if type(linear) is nn.Linear and activation is not None:
             setattr(module, names[0], to_fused(linear, activation))
             setattr(module, names[1], nn.Identity())
+    for module in model.modules():
+        if _class_path(module) in RESIDUAL_NORM_BLOCKS and type(getattr(module, "LayerNorm", None)) is nn.LayerNorm \
+                and len(module.LayerNorm.normalized_shape) == 1:
+            module.__class__ = _fused_class(type(module))
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(module, "set_attn_implementation"):
