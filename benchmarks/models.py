@@ -67,7 +67,7 @@ def _bert_base(dtype):
         import transformers
 
         torch.manual_seed(0)
-        stock = transformers.BertModel(transformers.BertConfig()).to(dtype).eval()
+        stock = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False).to(dtype).eval()
         B, L = 2, 512
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1000, 30000, (B, L), generator=g)
