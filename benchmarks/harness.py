@@ -316,12 +316,19 @@ def plot(records, path):
             ys = [k + i * height for k, key in enumerate(keys) if key in vals]
             xs = [vals[key] for key in keys if key in vals]
             colour = colours.setdefault(b, f"C{len(colours)}")
-            ax.barh(ys, xs, height, label=f"vs {b}", color=colour,
-                    hatch=None, edgecolor="none", left=0)
-            ax.barh([y for y, x in zip(ys, xs) if x < 1], [x for x in xs if x < 1], height, color="none",
-                    edgecolor="red", hatch="///", lw=0)
+            # bars grow from the 1.0x line: right when faster, left (and hatched) when slower
+            ax.barh(ys, [x - 1 for x in xs], height, left=1, label=f"vs {b}", color=colour, edgecolor="none")
+            ax.barh([y for y, x in zip(ys, xs) if x < 1], [x - 1 for x in xs if x < 1], height, left=1,
+                    color="none", edgecolor="red", hatch="///", lw=0)
         ax.axvline(1.0, color="k", lw=1.2)
         ax.set_xscale("log", base=2)
+        speedups = [r["speedup"] for r in ok if r["family"] == family]
+        lo, hi = min(0.5, min(speedups) / 1.15), max(2.0, max(speedups) * 1.15)
+        ax.set_xlim(lo, hi)
+        fine = (0.5, 0.67, 0.8, 1, 1.25, 1.5, 2)  # readable only on a narrow range
+        ticks = [t for t in (fine if hi / lo <= 8 else [2.0 ** e for e in range(-6, 7)]) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:.2g}x" for t in ticks])
+        ax.minorticks_off()
         ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))])
         ax.set_yticklabels([f"{c}  [{p}]" for c, p in keys], fontsize=7)
         ax.invert_yaxis()
