@@ -120,6 +120,8 @@ def test_head_dims(dtype, E, Ev):
 def test_long_sequence_several_blocks_both_ways():
     check(torch.float32, "window", L=300, S=500, seed=3)
     check(torch.bfloat16, "key_padding", B=1, L=260, S=390, seed=4)
+    check(torch.bfloat16, "window", L=300, S=600, seed=5)  # bf16 packs keys in blocks the window starts inside
+    check(torch.bfloat16, "causal", Hq=4, Hkv=2, L=130, S=530, E=40, Ev=24, seed=6)
 
 
 def test_key_padding_that_masks_whole_blocks():

@@ -5,6 +5,7 @@
 // writer (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/_to_copy.h>
@@ -22,6 +23,10 @@
 
 namespace bigkernels {
 namespace {
+
+// Fewer query positions than this (decoding) read K and V in place rather
+// than packing them for the BLAS micro-kernel: too few rows would reuse them.
+constexpr int64_t kMinPackedQueries = 16;
 
 // The kernels compute in float, or double for double inputs: lse's type.
 at::ScalarType compute_dtype(const at::Tensor& q) { return lse_dtype(q); }
@@ -172,6 +177,23 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
   }
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+  // bf16/fp16 where ATen's BLAS has a micro-kernel for them (AMX, AVX512-BF16):
+  // K and V packed once for it (AttentionCpuParams::k_vnni), when enough query
+  // rows reuse each key block to repay that (not when decoding).
+  at::Tensor k_vnni, v_vnni;
+  const at::ScalarType dtype = q.scalar_type();
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && s.E % 2 == 0 && s.L >= kMinPackedQueries &&
+      plan.splits == 1 && at::native::cpublas::could_pack(dtype)) {
+    // blocks of up to kAttentionPackedKeyBlock keys, a multiple of 64 (no more padding than that)
+    p.vnni_keys = std::min(kAttentionPackedKeyBlock, (s.S + 63) / 64 * 64);
+    const int64_t blocks = (s.S + p.vnni_keys - 1) / p.vnni_keys;
+    k_vnni = at::empty({s.B, s.Hkv, blocks, s.E * p.vnni_keys}, q.options());
+    v_vnni = at::empty({s.B, s.Hkv, blocks, p.vnni_keys * s.Ev}, q.options());
+    p.k_vnni = k_vnni.mutable_data_ptr(), p.v_vnni = v_vnni.mutable_data_ptr();
+    at::parallel_for(0, s.B * s.Hkv * blocks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) kernels.pack_key_block(p, t / blocks / s.Hkv, t / blocks % s.Hkv, t % blocks);
+    });
+  }
   const int64_t head_tasks = s.Hq / plan.heads_per_task;
   const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
   const int64_t tasks = s.B * head_tasks * position_tasks * plan.splits;

@@ -18,6 +18,8 @@
 #include <memory>
 #include <type_traits>
 
+#include <ATen/native/CPUBlas.h>
+
 #include "common/counter_rng.h"
 #include "common/vec_gemm.h"
 #include "common/vec_math.h"
@@ -36,20 +38,37 @@ const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, in
   return static_cast<const C*>(blocked) + (head * blocks + j0 / kBlockK) * dim * kBlockK;
 }
 
-// x[0:n] = exp(x[0:n] - shift) (0 where x is -inf); returns their sum.
-template <typename C>
-C exp_shifted(C* x, int64_t n, C shift) {
+// x[0:n] = exp(x[0:n] * scale - shift) (0 where x is -inf); returns their
+// sum. With `rounded`, the results go there instead, rounded to T, zeros
+// after them up to `width` (bf16/fp16 probabilities for the BLAS micro-kernel).
+template <typename C, typename T = C>
+C exp_shifted(C* x, int64_t n, C shift, C scale = C(1), T* rounded = nullptr, int64_t width = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   V sum(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const V e = MathOps<V>::exp(V::loadu(x + j) - V(shift));
-    e.store(x + j);
+    const V e = MathOps<V>::exp(at::vec::fmadd(V::loadu(x + j), V(scale), V(-shift)));
     sum = sum + e;
+    if constexpr (!std::is_same_v<T, C>) {
+      if (rounded) {
+        at::vec::convert_from_float<T>(e, e).store(rounded + j, static_cast<int>(W));  // the low half: e
+        continue;
+      }
+    }
+    e.store(x + j);
   }
   C total = at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, sum);
-  for (; j < n; ++j) total += x[j] = std::exp(x[j] - shift);
+  for (; j < n; ++j) {
+    const C e = std::exp(x[j] * scale - shift);
+    total += e;
+    if (rounded) {
+      rounded[j] = static_cast<T>(e);
+    } else {
+      x[j] = e;
+    }
+  }
+  if (rounded) std::fill(rounded + n, rounded + width, T(0));
   return total;
 }
 
@@ -189,6 +208,41 @@ C row_max(const C* x, int64_t n) {
   return total;
 }
 
+// The bf16/fp16 micro-kernel of ATen's BLAS (cpublas::brgemm: AMX or
+// AVX512-BF16 where the CPU has them): c[M, N] (+)= a[M, K] b, float c, b
+// packed as pairs of rows (k_vnni, v_vnni), N columns wide. (Templated on
+// every T and C for forward_task's sake; only bf16/fp16 with float get here.)
+template <typename T, typename C>
+constexpr bool kHasMicroKernel = (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) &&
+                                 std::is_same_v<C, float>;
+
+template <typename T, typename C>
+void brgemm_vnni(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, C* c, int64_t ldc,
+                 bool accumulate) {
+  if constexpr (kHasMicroKernel<T, C>) {
+    at::native::cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "brgemm_vnni: bf16 and fp16 only");
+  }
+}
+
+// dst[0:width] = src[0:n] rounded to T, then zeros.
+template <typename T, typename C>
+void round_row(const C* src, T* dst, int64_t n, int64_t width) {
+  if constexpr (kHasMicroKernel<T, C>) {
+    using IO = VecIO<T>;
+    using V = typename IO::V;
+    for (int64_t j = 0; j < n; j += IO::kWidth) {
+      const int64_t c = std::min(IO::kWidth, n - j);
+      IO::store(dst + j, {V::loadu(src + j, static_cast<int>(std::min(c, IO::kPart))),
+                          c > IO::kPart ? V::loadu(src + j + IO::kPart, static_cast<int>(c - IO::kPart)) : V(0)}, c);
+    }
+    std::fill(dst + n, dst + width, T(0));
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "round_row: bf16 and fp16 only");
+  }
+}
+
 // s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
 // products along the head dim, four keys at a time (four FMA chains), for
 // tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
@@ -246,22 +300,39 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t E = p.E, Ev = p.Ev, len = t.i1 - t.i0, rows = (t.h1 - t.h0) * len;
   const int64_t hk = t.h0 / (p.Hq / p.Hkv);
-  const bool transposed = rows >= W;
+  const bool packed = p.k_vnni != nullptr;  // both products on the BLAS micro-kernel, scores by rows
+  const bool transposed = !packed && rows >= W;
+  // keys per block: more when packed, so fewer per-block softmax steps per key
+  const int64_t block = packed ? p.vnni_keys : kBlockK;
   const int64_t ld = transposed ? (rows + W - 1) / W * W : rows;  // columns of qt and of the scores' rows
   // Score (r, jj) is st[r * row_step + jj * key_step].
-  const int64_t row_step = transposed ? 1 : kBlockK, key_step = transposed ? ld : 1;
+  const int64_t row_step = transposed ? 1 : block, key_step = transposed ? ld : 1;
   // Scratch: only the output sums, the running max and sum, and Q's padding
   // columns need initial values; everything else is written before it is read.
-  const auto q_scaled = filled(rows < ld ? E * ld : 0, C(0), E * ld), st = filled(0, C(0), kBlockK * ld);
+  const auto q_scaled = filled(rows < ld ? E * ld : 0, C(0), E * ld), st = filled(0, C(0), block * ld);
   const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0));
   const auto alpha = filled(0, C(0), ld);
   const bool convert = !std::is_same_v<T, C>;  // then K and V blocks are converted into scratch
   const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0);
   const auto v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
+  // packed: Q's rows as they are ([rows, E]; the scale is applied to the
+  // scores), and a block's probabilities rounded to T ([rows, block])
+  const auto q_rows = filled(0, T(0), packed ? rows * E : 0), p_rows = filled(0, T(0), packed ? rows * block : 0);
+  const auto mask_bias = filled(0, C(0), block);  // a shared mask row over one block's keys
+  const int64_t key_blocks = (p.S + block - 1) / block;
+  const T* k_vnni = packed ? static_cast<const T*>(p.k_vnni) + (t.b * p.Hkv + hk) * key_blocks * E * block : nullptr;
+  const T* v_vnni = packed ? static_cast<const T*>(p.v_vnni) + (t.b * p.Hkv + hk) * key_blocks * block * Ev : nullptr;
   // Row r is head h0 + r / len at position i0 + r % len.
   const auto head_of = [&](int64_t r) { return t.h0 + r / len; };
   const auto pos_of = [&](int64_t r) { return t.i0 + r % len; };
   const C scale = static_cast<C>(p.scale);
+  // packed: the scale is applied in the softmax's passes (max(scale x) =
+  // scale max(x), -inf stays), unless a float mask must be added to scaled
+  // scores; the probabilities are rounded to T there too, unless dropout
+  // must see them first
+  const bool scale_in_softmax = packed && (p.mask == nullptr || p.mask_is_bool);
+  const bool round_in_softmax = packed && p.dropout_p == 0;
+  const C softmax_scale = scale_in_softmax ? scale : C(1);
   const auto q_row = [&](int64_t r) {
     return static_cast<const T*>(p.q) + t.b * p.q_strides[0] + head_of(r) * p.q_strides[1] + pos_of(r) * p.q_strides[2];
   };
@@ -273,6 +344,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   }
   for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
     const T* qr = q_row(r);
+    if (packed) {
+      std::copy(qr, qr + E, q_rows.get() + r * E);
+      continue;
+    }
     for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
   }
   const int64_t* ms = p.mask_strides;
@@ -280,6 +355,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const Band band{p, t.b, t.h0};
   auto [jlo, jhi] = band.key_range(t.i0, t.i1);
   jlo = std::max(jlo, t.j_begin), jhi = std::min(jhi, t.j_end);
+  if (packed) jlo = jlo / block * block;  // whole packed blocks (the keys are never split then)
   // One shared mask row, read once per key, when the task's rows all see the
   // same one: broadcast over its heads and positions (a key-padding mask), or
   // materialised with equal rows, as Hugging Face hands a padding mask over
@@ -297,15 +373,16 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   };
   const bool shared_mask_row =
       p.mask != nullptr && (((ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1)) || rows_equal());
-  for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-    const int64_t jn = std::min(kBlockK, jhi - j0);
+  for (int64_t j0 = jlo; j0 < jhi; j0 += block) {
+    const int64_t jn = std::min(block, jhi - j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
     // Ask for this block's V and the next block's K now: they arrive while
     // the scores and the softmax are computed (their rows are strided, e.g.
     // in Hugging Face's layout, which the hardware prefetcher follows poorly).
-    prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
-    if (j0 + kBlockK < jhi) {
-      prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + kBlockK, std::min(kBlockK, jhi - j0 - kBlockK), E);
+    // (Packed blocks are contiguous: the hardware prefetcher follows them.)
+    if (!packed) prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
+    if (j0 + block < jhi) {
+      if (!packed) prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + block, std::min(block, jhi - j0 - block), E);
     } else if (p.splits == 1) {  // the last block: the output rows, for writing
       for (int64_t r = 0; r < rows; ++r) {
         const char* o = reinterpret_cast<const char*>(static_cast<T*>(p.out) + t.b * p.out_strides[0] +
@@ -314,27 +391,53 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       }
     }
     int64_t k_ld = 0, v_ld = 0;
-    const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
-    if (transposed) {
-      gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
+    if (packed) {  // s = Q K^T (K^T's block is zero-padded to `block` keys), scaled below
+      brgemm_vnni(rows, block, E, q_rows.get(), E, k_vnni + j0 / block * E * block, st.get(), block, false);
+      for (int64_t r = 0; r < rows && !scale_in_softmax; ++r) {
+        C* sr = st.get() + r * block;
+        for (int64_t jj = 0; jj < jn; jj += W) {
+          const int n = static_cast<int>(std::min(W, jn - jj));
+          (V::loadu(sr + jj, n) * V(scale)).store(sr + jj, n);
+        }
+      }
     } else {
-      scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), kBlockK);
+      const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
+      if (transposed) {
+        gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
+      } else {
+        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block);
+      }
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
-    if (shared_mask_row) {
-      bool any = false;
+    if (shared_mask_row) {  // the shared row as a bias over this block's keys, added with vector ops
+      bool any = !p.mask_is_bool, all = p.mask_is_bool;  // a key kept; every key kept (nothing to add)
       for (int64_t jj = 0; jj < jn; ++jj) {
         const int64_t at = mask_row(0) + (j0 + jj) * ms[3];
         if (p.mask_is_bool) {
           const bool keep = static_cast<const bool*>(p.mask)[at];
-          for (int64_t r = 0; r < rows && !keep; ++r) st[r * row_step + jj * key_step] = kNegInf;
-          any = any || keep;
+          mask_bias[jj] = keep ? C(0) : kNegInf;
+          any = any || keep, all = all && keep;
         } else {
-          const C add = static_cast<C>(static_cast<const T*>(p.mask)[at]);
-          for (int64_t r = 0; r < rows; ++r) st[r * row_step + jj * key_step] += add;
+          mask_bias[jj] = static_cast<C>(static_cast<const T*>(p.mask)[at]);
         }
       }
-      if (p.mask_is_bool && !any) continue;  // the whole block is masked: it contributes nothing
+      if (!any) continue;  // the whole block is masked: it contributes nothing
+      if (all) {
+        // every key kept: nothing to add
+      } else if (transposed) {  // st[key][:] += bias[key]
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          if (mask_bias[jj] == C(0)) continue;
+          const V add(mask_bias[jj]);
+          for (int64_t c = 0; c < ld; c += W) (V::loadu(st.get() + jj * ld + c) + add).store(st.get() + jj * ld + c);
+        }
+      } else {  // st[row][:] += bias
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t jj = 0; jj < jn; jj += W) {
+            const int n = static_cast<int>(std::min(W, jn - jj));
+            C* x = st.get() + r * row_step + jj;
+            (V::loadu(x, n) + V::loadu(mask_bias.get() + jj, n)).store(x, n);
+          }
+      }
     } else if (p.mask != nullptr) {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t jj = 0; jj < jn; ++jj) {
@@ -374,10 +477,11 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       }
     } else {  // a row at a time, along its keys
       for (int64_t r = 0; r < rows; ++r) {
-        C* sr = st.get() + r * kBlockK;
-        const C m_new = std::max(m[r], row_max(sr, jn)), shift = m_new == kNegInf ? C(0) : m_new;
+        C* sr = st.get() + r * block;
+        const C m_new = std::max(m[r], row_max(sr, jn) * softmax_scale), shift = m_new == kNegInf ? C(0) : m_new;
         alpha[r] = std::exp(m[r] - shift);
-        l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, shift);
+        T* rounded = round_in_softmax ? p_rows.get() + r * block : nullptr;
+        l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, shift, softmax_scale, rounded, block);
         m[r] = m_new;
       }
     }
@@ -395,9 +499,16 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
           st[r * row_step + jj * key_step] *= counter_uniform(p.dropout_seed, first + jj) >= drop ? keep_scale : C(0);
       }
     }
-    const C* vb = key_rows<T, C>(p.v, p.v_strides, t.b, hk, j0, jn, Ev, v_scratch.get(), &v_ld);
-    gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);  // acc += P V
+    if (packed) {  // acc += P V with P rounded to T, as SDPA's and flash-attention's bf16 kernels do
+      for (int64_t r = 0; r < rows && !round_in_softmax; ++r)
+        round_row(st.get() + r * block, p_rows.get() + r * block, jn, block);
+      brgemm_vnni(rows, Ev, block, p_rows.get(), block, v_vnni + j0 / block * block * Ev, acc.get(), Ev, true);
+    } else {
+      const C* vb = key_rows<T, C>(p.v, p.v_strides, t.b, hk, j0, jn, Ev, v_scratch.get(), &v_ld);
+      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);  // acc += P V
+    }
   }
+  if (packed) at::native::cpublas::brgemm_release();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = head_of(r), i = pos_of(r), row = (t.b * p.Hq + h) * p.L + i;
     const C inv = l[r] > C(0) ? C(1) / l[r] : C(0);  // a row that attends to nothing gives 0
@@ -506,11 +617,47 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   store_rows(static_cast<T*>(p.grad_v), p.grad_v_strides, b, hk, 0, S, Ev, dv.get(), C(1));
 }
 
+// Key block `block` of key head hk of batch b into k_vnni (K^T: element
+// (e, j) at [e / 2][j][e % 2], so a 32-bit word of a K row moves whole) and
+// v_vnni (V: element (j, e) at [j / 2][e][j % 2]); keys past S are zeros.
+template <typename T>
+void pack_key_block(const AttentionCpuParams& p, int64_t b, int64_t hk, int64_t block) {
+  const int64_t kKeys = p.vnni_keys;
+  const int64_t E = p.E, Ev = p.Ev, j0 = block * kKeys, jn = std::min(kKeys, p.S - j0);
+  const int64_t first = (b * p.Hkv + hk) * ((p.S + kKeys - 1) / kKeys) + block;
+  uint32_t* kt = static_cast<uint32_t*>(p.k_vnni) + first * (E / 2) * kKeys;  // [E / 2][kKeys] words
+  T* vv = static_cast<T*>(p.v_vnni) + first * kKeys * Ev;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + j0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + j0 * p.v_strides[2];
+  for (int64_t w = 0; w < E / 2; ++w) {  // K^T: word w of key j (its elements 2w, 2w + 1) to kt[w][j]
+    uint32_t* dst = kt + w * kKeys;
+    for (int64_t j = 0; j < jn; ++j) std::memcpy(dst + j, k + j * p.k_strides[2] + 2 * w, sizeof(uint32_t));
+    std::fill(dst + jn, dst + kKeys, 0u);
+  }
+  static_assert(sizeof(T) == sizeof(uint16_t));
+  for (int64_t j = 0; j < kKeys; j += 2) {  // V: rows j and j + 1 interleaved, as 32-bit words
+    const uint16_t* v0 = j < jn ? reinterpret_cast<const uint16_t*>(v + j * p.v_strides[2]) : nullptr;
+    const uint16_t* v1 = j + 1 < jn ? reinterpret_cast<const uint16_t*>(v + (j + 1) * p.v_strides[2]) : nullptr;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(vv) + (j / 2) * Ev;
+    if (v0 && v1) {
+      for (int64_t e = 0; e < Ev; ++e) dst[e] = uint32_t{v0[e]} | uint32_t{v1[e]} << 16;
+    } else {
+      for (int64_t e = 0; e < Ev; ++e) dst[e] = v0 ? uint32_t{v0[e]} : 0u;
+    }
+  }
+}
+
 void forward_task_any(const AttentionCpuParams& p, const AttentionForwardTask& task) {
   dispatch_storage_type(p.dtype, [&](auto t) {
     using T = decltype(t);
     forward_task<T, typename VecIO<T>::C>(p, task);
   });
+}
+
+void pack_key_block_any(const AttentionCpuParams& p, int64_t b, int64_t hk, int64_t block) {
+  TORCH_INTERNAL_ASSERT(p.dtype == at::kBFloat16 || p.dtype == at::kHalf, "pack_key_block: bf16 and fp16 only");
+  if (p.dtype == at::kBFloat16) return pack_key_block<c10::BFloat16>(p, b, hk, block);
+  pack_key_block<c10::Half>(p, b, hk, block);
 }
 
 void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
@@ -525,6 +672,7 @@ void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
 
 extern const AttentionCpuKernels BK_CAPABILITY_NAME(attention_cpu_kernels) = {
     &CPU_CAPABILITY::forward_task_any,
+    &CPU_CAPABILITY::pack_key_block_any,
     &CPU_CAPABILITY::backward_head_any,
 };
 
