@@ -141,6 +141,7 @@ def cases(device, full, log=print):
         log("models: CPU only for now")
         return []
     dtypes = (torch.float32, torch.bfloat16) if full else (torch.float32,)
-    return [Case(family="models", name=f"{DTYPE_NAMES[dtype]} {name}", params=dict(model=name, dtype=DTYPE_NAMES[dtype]),
-                 flops=flops, make=make(dtype), backward_flops_factor=2.0)
+    return [Case(family="models", name=f"{DTYPE_NAMES[dtype]} {name}",
+                 params=dict(model=name, dtype=DTYPE_NAMES[dtype]), flops=flops, make=make(dtype),
+                 backward_flops_factor=2.0)
             for dtype in dtypes for name, make, flops in _cases() if full or name in SHORT]

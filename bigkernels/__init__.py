@@ -16,4 +16,5 @@ from . import nn, models
 from ._optimize import optimize
 from ._info import backend_info, __version__
 
-__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "optimize", "backend_info", "nn", "models", "__version__"]
+__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "optimize", "backend_info", "nn",
+           "models", "__version__"]

@@ -19,9 +19,10 @@ def optimize(model):
     """Swaps torch.nn layers for bigkernels' in place, keeping their
     parameters: nn.MultiheadAttention and nn.TransformerEncoderLayer become
     ours (same parameters, the fused attention inside). In Hugging Face
-    models, the blocks of the families we know fuse their activations, and
-    the attention moves from SDPA to our backend (optimize_blocks in
-    integrations/transformers.py). nn.Linear becomes bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
+    models, the blocks of the families we know fuse their activations and
+    residual norms, and the attention moves from SDPA to our backend
+    (optimize_blocks in integrations/transformers.py). nn.Linear becomes
+    bigkernels.nn.Linear, and inside nn.Sequential a Linear followed by ReLU,
     GELU, SiLU, Sigmoid or Tanh becomes one fused Linear (the activation
     module is replaced by nn.Identity). nn.RNN, LSTM, GRU and their cells
     become ours: the same module with its class changed (ours replace forward

@@ -123,8 +123,9 @@ def optimize_blocks(model, to_fused):
             setattr(module, names[0], to_fused(linear, activation))
             setattr(module, names[1], nn.Identity())
     for module in model.modules():
-        if _class_path(module) in RESIDUAL_NORM_BLOCKS and type(getattr(module, "LayerNorm", None)) is nn.LayerNorm \
-                and len(module.LayerNorm.normalized_shape) == 1:
+        norm = getattr(module, "LayerNorm", None)
+        if _class_path(module) in RESIDUAL_NORM_BLOCKS and type(norm) is nn.LayerNorm \
+                and len(norm.normalized_shape) == 1:
             module.__class__ = _fused_class(type(module))
     for module in model.modules():
         config = getattr(module, "config", None)

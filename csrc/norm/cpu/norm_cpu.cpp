@@ -70,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
   const bool want_w = output_mask[1] && w.has_value(), want_b = output_mask[2];
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
   const auto stats = x.options().dtype(stats_dtype(x));
-  at::Tensor partial_w = at::zeros({want_w ? blocks : 0, N}, stats), partial_b = at::zeros({want_b ? blocks : 0, N}, stats);
+  at::Tensor partial_w = at::zeros({want_w ? blocks : 0, N}, stats);
+  at::Tensor partial_b = at::zeros({want_b ? blocks : 0, N}, stats);
   const NormBackwardRows rows{g.const_data_ptr(), data_or_null(gs), xc.const_data_ptr(), data_or_null(w),
                               rms ? nullptr : mean.const_data_ptr(), rstd.const_data_ptr(),
                               grad_input.mutable_data_ptr(), N};
