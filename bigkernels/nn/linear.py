@@ -1,3 +1,4 @@
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dense import GATED, check_recompute, dense, normalize_activation
@@ -22,6 +23,10 @@ class Linear(nn.Linear):
         self.recompute = recompute
 
     def forward(self, input):
+        if self.activation == "none" and input.device.type == "cpu":
+            # Nothing to fuse: on the CPU our op runs the same addmm after a few
+            # microseconds of dispatch, which cost greedy decoding 4-5 % (docs/PERFORMANCE.md).
+            return F.linear(input, self.weight, self.bias)
         return dense(input, self.weight, self.bias, self.activation, recompute=self.recompute)
 
     def extra_repr(self):
