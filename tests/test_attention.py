@@ -15,8 +15,6 @@ from bigkernels.ops.attention import scaled_dot_product_attention as attention
 from conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-SDPA_FEATURES = {"plain", "causal", "key_padding", "float_mask", "padding_rows", "float_padding_rows", "gqa",
-                 "three_d"}
 
 
 def make_inputs(B, Hq, Hkv, L, S, E, Ev, seed, logit_scale=1.0):

@@ -21,26 +21,26 @@ from ..ops.norm import layer_norm
 
 NAME = "bigkernels"
 
-# Blocks whose forward is activation(linear(x)) through two attributes, by
-# module and class name (so transformers need not be imported to look):
-# class -> (linear, activation). Checked against transformers 5.25's code.
+# The BERT-like encoder families, as (module, class prefix): their blocks
+# below are recognised by module and class name, so transformers need not be
+# imported to look. Checked against transformers 5.25's code.
+_BERT_FAMILIES = (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"), ("camembert", "Camembert"),
+                  ("electra", "Electra"), ("mpnet", "MPNet"), ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
+
+# Blocks whose forward is activation(linear(x)) through two attributes:
+# class -> (linear, activation).
 DENSE_ACTIVATION_BLOCKS = {
     f"transformers.models.{family}.modeling_{family}.{prefix}Intermediate": ("dense", "intermediate_act_fn")
-    for family, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"),
-                           ("camembert", "Camembert"), ("electra", "Electra"), ("mpnet", "MPNet"),
-                           ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
+    for family, prefix in _BERT_FAMILIES
 }
 DENSE_ACTIVATION_BLOCKS["transformers.models.distilbert.modeling_distilbert.FFN"] = ("lin1", "activation")
 
 # Blocks whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor)
-# (attributes dense, dropout, LayerNorm), by module and class name: their
-# class becomes a subclass whose forward fuses the residual add into the norm.
+# (attributes dense, dropout, LayerNorm): their class becomes a subclass
+# whose forward fuses the residual add into the norm.
 RESIDUAL_NORM_BLOCKS = {
     f"transformers.models.{family}.modeling_{family}.{prefix}{kind}"
-    for family, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"),
-                           ("camembert", "Camembert"), ("electra", "Electra"), ("mpnet", "MPNet"),
-                           ("data2vec", "Data2VecText"), ("ernie", "Ernie"))
-    for kind in ("SelfOutput", "Output")
+    for family, prefix in _BERT_FAMILIES for kind in ("SelfOutput", "Output")
 } - {"transformers.models.mpnet.modeling_mpnet.MPNetSelfOutput"}  # not this pattern (no such class)
 
 

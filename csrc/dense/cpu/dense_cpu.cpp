@@ -12,15 +12,12 @@
 
 #include <algorithm>
 
+#include "common/parallel_rows.h"
 #include "dense/dense.h"
 #include "dense/cpu/dense_kernels.h"
 
 namespace bigkernels {
 namespace {
-
-// Rows per task of the elementwise passes: about 32k elements, so that a task
-// is worth scheduling even for narrow layers.
-int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
 // The bias gradient is summed over fixed blocks of rows, each into its own
 // partial row, and the partial rows by ATen's (cascaded) sum. Fixed blocks

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 
+#include "common/parallel_rows.h"
+
 #include "norm/cpu/norm_kernels.h"
 #include "norm/norm.h"
 
@@ -18,8 +20,6 @@ namespace bigkernels {
 namespace {
 
 constexpr int64_t kBlockRows = 64;  // rows per partial sum of the weight and bias gradients
-
-int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
 at::ScalarType stats_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
