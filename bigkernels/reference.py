@@ -45,8 +45,11 @@ def activation(z, name):
     raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
 
 
-def dense(x, weight, bias=None, activation_name="none"):
-    """act(x @ weight.T + bias), F.linear's convention."""
+def dense(x, weight, bias=None, activation_name="none", up_weight=None):
+    """act(x @ weight.T + bias), F.linear's convention; up_weight (gated
+    activations): the weight's second half as its own tensor."""
+    if up_weight is not None:
+        weight = torch.cat([weight, up_weight])
     return activation(F.linear(x, weight, bias), activation_name)
 
 

@@ -30,8 +30,8 @@ def transposed_copy(t):
 
 
 def run_dense(fn, tensors, grad, device, dtype, noncontiguous=False):
-    """Calls fn(x, w, b) on copies of the float64 tensors in dtype, runs backward
-    with grad, and returns the output and the gradients."""
+    """Calls fn(*tensors) on copies of the float64 tensors in dtype, runs
+    backward with grad, and returns the output and the tensors' gradients."""
     leaves = []
     for t in tensors:
         if t is None:
@@ -47,24 +47,29 @@ def run_dense(fn, tensors, grad, device, dtype, noncontiguous=False):
 
 
 def check_against_reference(device, dtype, activation, lead, K, N, bias=True, noncontiguous=False,
-                            recompute=False, seed=0):
+                            recompute=False, seed=0, up_weight=False):
+    """up_weight (gated): the weight's second half passed as its own tensor."""
     gen = torch.Generator().manual_seed(seed)
     rows = 2 * N if activation in GATED else N
     x = torch.randn(*lead, K, generator=gen, dtype=torch.float64)
     w = torch.randn(rows, K, generator=gen, dtype=torch.float64) / math.sqrt(max(K, 1))
     b = torch.randn(rows, generator=gen, dtype=torch.float64) if bias else None
     grad = torch.randn(*lead, N, generator=gen, dtype=torch.float64)
+    weights = w.chunk(2) if up_weight else (w,)
 
-    def ours(x, w, b):
-        return bigkernels.dense(x, w, b, activation, recompute=recompute)
+    def ours(x, b, *weights):
+        up = weights[1] if up_weight else None
+        return bigkernels.dense(x, weights[0], b, activation, recompute=recompute, up_weight=up)
 
-    def torch_ref(x, w, b):
-        return reference.dense(x, w, b, activation)
+    def torch_ref(x, b, *weights):
+        return reference.dense(x, torch.cat(weights), b, activation)
 
-    got = run_dense(ours, (x, w, b), grad, device, dtype, noncontiguous)
-    same_dtype = run_dense(torch_ref, (x, w, b), grad, device, dtype)
-    exact = run_dense(torch_ref, (x, w, b), grad, "cpu", torch.float64)
-    for name, a, t, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, same_dtype, exact):
+    tensors = (x, b) + weights
+    got = run_dense(ours, tensors, grad, device, dtype, noncontiguous)
+    same_dtype = run_dense(torch_ref, tensors, grad, device, dtype)
+    exact = run_dense(torch_ref, tensors, grad, "cpu", torch.float64)
+    names = ("output", "grad_input", "grad_bias", "grad_weight", "grad_up_weight")
+    for name, a, t, r in zip(names, got, same_dtype, exact):
         if r is None:
             assert a is None, f"{name}: expected no gradient"
             continue
@@ -90,6 +95,17 @@ def test_noncontiguous_inputs(device, dtype, activation):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "geglu"])
 def test_recompute_matches_reference(device, dtype, activation):
     check_against_reference(device, dtype, activation, (45,), 31, 19, recompute=True)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("activation", sorted(GATED))
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("bias,lead,K,N,noncontiguous", [
+    (True, (1,), 1, 1, False), (False, (3, 1), 24, 8, False), (True, (2, 65), 33, 47, True), (False, (130,), 64, 70, True),
+], ids=["1x1x1", "decode", "odd-transposed", "rows-transposed"])
+def test_up_weight_matches_reference(device, dtype, activation, recompute, bias, lead, K, N, noncontiguous):
+    check_against_reference(device, dtype, activation, lead, K, N, bias=bias, noncontiguous=noncontiguous,
+                            recompute=recompute, up_weight=True)
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)
@@ -148,6 +164,24 @@ def test_gradcheck_cpu_float64(activation, bias, recompute):
         return bigkernels.dense(x, w, b, activation, recompute=recompute)
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("activation", sorted(GATED))
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_gradcheck_up_weight_cpu_float64(activation, recompute):
+    gen = torch.Generator().manual_seed(8)
+    x, w, up, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                   for shape in ((2, 3, 5), (4, 5), (4, 5), (8,)))
+
+    def fn(x, w, up, b):
+        return bigkernels.dense(x, w, b, activation, recompute=recompute, up_weight=up)
+
+    assert torch.autograd.gradcheck(fn, (x, w, up, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, up, b))
+    # one weight alone wanting a gradient gets it (the other's half is dropped)
+    (gw,) = torch.autograd.grad(fn(x, w, up.detach(), b).sum(), (w,))
+    (ref,) = torch.autograd.grad(reference.dense(x, torch.cat([w, up.detach()]), b, activation).sum(), (w,))
+    torch.testing.assert_close(gw, ref)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "swiglu"])
@@ -214,6 +248,21 @@ def test_opcheck_dense_backward(device, activation):
         torch.library.opcheck(torch.ops.bigkernels.dense_backward.default, args)
 
 
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("save_preactivation", [False, True])
+def test_opcheck_up_weight(device, save_preactivation):
+    x, w, b, _, _ = sample_forward_args("swiglu", save_preactivation, requires_grad=True, device=device)
+    gate, up = (t.detach().clone().requires_grad_() for t in w.chunk(2))
+    torch.library.opcheck(torch.ops.bigkernels.dense_forward.default, (x, gate, b, "swiglu", save_preactivation, up))
+    x, gate, up, b = (t.detach() for t in (x, gate, up, b))
+    out, preact = torch.ops.bigkernels.dense_forward(x, gate, b, "swiglu", True, up)
+    grad = torch.randn_like(out)
+    for saved in (preact, preact.new_empty(0)):  # kept, and recomputed
+        for mask in ([True, True, True], [False, True, False]):
+            args = (grad, x, gate, b, saved, "swiglu", False, mask, up)
+            torch.library.opcheck(torch.ops.bigkernels.dense_backward.default, args)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_compile_fullgraph_no_graph_breaks(activation):
     torch._dynamo.reset()  # one code object per activation: don't hit the recompile limit
@@ -277,6 +326,18 @@ def test_compile_under_autocast():
         ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "Gelu"}, ValueError, "did you mean 'gelu'"),
         ((torch.ones(2, 3), torch.ones(4, 3)), {"recompute": "yes"}, TypeError, "recompute must be a bool"),
         ((torch.ones(2, 3, device="meta"), torch.ones(4, 3)), {}, ValueError, "weight is on cpu but input is on meta"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "gelu", "up_weight": torch.ones(4, 3)}, ValueError,
+         "up_weight is only for the gated"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "swiglu", "up_weight": torch.ones(5, 3)}, ValueError,
+         "up_weight must have weight's shape"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "swiglu", "up_weight": torch.ones(4, 3).double()},
+         TypeError, "up_weight dtype"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "swiglu", "up_weight": torch.ones(4, 3, device="meta")},
+         ValueError, "up_weight is on meta"),
+        ((torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)), {"activation": "swiglu", "up_weight": torch.ones(4, 3)},
+         ValueError, r"bias must have shape .8"),
+        ((torch.ones(2, 3), torch.ones(4, 3)), {"activation": "swiglu", "up_weight": "up"}, TypeError,
+         "up_weight must be a torch.Tensor or None"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -38,16 +38,17 @@ def out_features(weight_rows, activation):
     return weight_rows // 2 if activation in GATED else weight_rows
 
 
-def check_dense_args(input, weight, bias, activation):
+def check_dense_args(input, weight, bias, activation, up_weight=None):
     """Raises TypeError/ValueError naming the bad argument."""
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    for name, t in (("bias", bias), ("up_weight", up_weight)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("up_weight", up_weight)):
         if t is None:
             continue
         if t.dtype != input.dtype:
@@ -62,21 +63,34 @@ def check_dense_args(input, weight, bias, activation):
         raise ValueError(
             f"weight has {weight.shape[1]} input features but input's last dimension is {input.shape[-1]}"
         )
-    if activation in GATED and weight.shape[0] % 2:
+    rows = weight.shape[0]
+    if up_weight is not None:
+        if activation not in GATED:
+            raise ValueError(f"up_weight is only for the gated activations ({', '.join(GATED)}), "
+                             f"got activation {activation!r}")
+        if up_weight.shape != weight.shape:
+            raise ValueError(f"up_weight must have weight's shape {tuple(weight.shape)}, "
+                             f"got {tuple(up_weight.shape)}")
+        rows *= 2
+    elif activation in GATED and rows % 2:
         raise ValueError(
             f"activation {activation!r} needs an even number of weight rows (2 * out_features), "
-            f"got {weight.shape[0]}"
+            f"got {rows}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
 
 
-def dense(input, weight, bias=None, activation="none", *, recompute=False):
+def dense(input, weight, bias=None, activation="none", *, recompute=False, up_weight=None):
     """act(input @ weight.T + bias), with bias and activation fused into the GEMM.
 
     input: (..., in_features); weight: (out_features, in_features), or
     (2 * out_features, in_features) for the gated activations swiglu/geglu,
     whose output is act(first half) * second half; bias: (weight rows,) or None.
+    up_weight (gated activations only): the second half as its own tensor,
+    weight's shape, e.g. a Llama MLP's up_proj.weight next to gate_proj.weight.
+    The result is that of torch.cat([weight, up_weight]) without the copy, and
+    bias, when given, covers both halves (2 * out_features,).
     activation: one of none, relu, gelu (exact), gelu_tanh, silu, sigmoid,
     tanh, swiglu, geglu (or None), spelt exactly so. recompute=True keeps
     nothing but the inputs for backward and recomputes the pre-activation
@@ -88,46 +102,56 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False):
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    input, weight, bias = autocast_inputs(input, weight, bias)
+    for name, t in (("bias", bias), ("up_weight", up_weight)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    input, weight, bias, up_weight = autocast_inputs(input, weight, bias, up_weight)
     if not _ext.LOADED:
-        check_dense_args(input, weight, bias, activation)
-        return reference.dense(input, weight, bias, activation)
+        check_dense_args(input, weight, bias, activation, up_weight)
+        return reference.dense(input, weight, bias, activation, up_weight)
     # The op checks the rest itself (in C++, or in its fake implementation):
     # checking here as well cost a few microseconds per call.
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, up_weight))
     save_preactivation = (
         needs_grad and not recompute and activation != "none" and activation not in DERIVATIVE_FROM_OUTPUT
     )
-    output, _ = torch.ops.bigkernels.dense_forward(input, weight, bias, activation, save_preactivation)
+    output, _ = torch.ops.bigkernels.dense_forward(input, weight, bias, activation, save_preactivation, up_weight)
     return output
+
+
+def _empty_grads(input, weight, bias, output_mask, up_weight):
+    """dense_backward's outputs' shapes: grad_weight is [weight; up_weight]'s."""
+    rows = weight.shape[0] * (1 if up_weight is None else 2)
+    shapes = (input.shape, (rows, weight.shape[1]), None if bias is None else bias.shape)
+    return tuple(input.new_empty(shape) if wanted and shape is not None else input.new_empty((0,))
+                 for shape, wanted in zip(shapes, output_mask))
 
 
 def _register():
     """Fake implementations and autograd for the compiled ops."""
 
     @torch.library.register_fake("bigkernels::dense_forward")
-    def _dense_forward_fake(input, weight, bias, activation, save_preactivation):
-        check_dense_args(input, weight, bias, activation)
+    def _dense_forward_fake(input, weight, bias, activation, save_preactivation, up_weight=None):
+        check_dense_args(input, weight, bias, activation, up_weight)
         lead = tuple(input.shape[:-1])
-        output = input.new_empty(lead + (out_features(weight.shape[0], activation),))
-        preact = input.new_empty(lead + (weight.shape[0],) if save_preactivation else (0,))
+        rows = weight.shape[0] * (1 if up_weight is None else 2)
+        output = input.new_empty(lead + (out_features(rows, activation),))
+        preact = input.new_empty(lead + (rows,) if save_preactivation else (0,))
         return output, preact
 
     @torch.library.register_fake("bigkernels::dense_backward")
-    def _dense_backward_fake(grad_output, input, weight, bias, saved, activation, saved_is_output, output_mask):
-        def grad_like(t, wanted):
-            return t.new_empty(t.shape) if wanted and t is not None else input.new_empty((0,))
-
-        return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_like(bias, output_mask[2])
+    def _dense_backward_fake(grad_output, input, weight, bias, saved, activation, saved_is_output, output_mask,
+                             up_weight=None):
+        return _empty_grads(input, weight, bias, output_mask, up_weight)
 
     # Autograd is registered in C++ (csrc/dense/dense_autograd.cpp); its
     # double backward (create_graph=True) calls this, which differentiates
     # the reference's PyTorch ops, themselves differentiable.
     @torch.library.impl("bigkernels::dense_backward_reference", "CompositeImplicitAutograd")
-    def _dense_backward_reference(grad_output, input, weight, bias, activation, output_mask):
+    def _dense_backward_reference(grad_output, input, weight, bias, activation, output_mask, up_weight=None):
+        # With an up_weight, the gradient of [weight; up_weight], as dense_backward's.
+        weight = weight if up_weight is None else torch.cat([weight, up_weight])
         wanted = [t for t, m in zip((input, weight, bias), output_mask) if m]
         grads = iter(torch.autograd.grad(reference.dense(input, weight, bias, activation), wanted, grad_output,
                                          create_graph=True))

@@ -19,7 +19,9 @@ namespace bigkernels {
 Activation parse_activation(c10::string_view name);
 
 // Sizes of one dense call: input is viewed as [M, K], weight is [Nz, K] and
-// the output is [M, Nout] (Nout = Nz / 2 for the gated activations).
+// the output is [M, Nout] (Nout = Nz / 2 for the gated activations). With an
+// up_weight (gated only), weight and up_weight are [Nout, K] each and act as
+// the two halves of one [Nz, K] weight, read in place.
 struct DenseShape {
   int64_t M, K, Nz, Nout;
 };
@@ -27,7 +29,13 @@ struct DenseShape {
 // Checks every argument of dense (dtype, device, shapes) and returns the
 // sizes. The error messages name the argument and show the bad value.
 DenseShape check_dense_args(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, Activation act);
+                            const std::optional<at::Tensor>& bias, Activation act,
+                            const std::optional<at::Tensor>& up_weight = std::nullopt);
+
+// x[M, K] @ [weight; up_weight]^T + bias as one [M, Nz] matrix, by one BLAS
+// call per weight into its half of the columns (no concatenated weight).
+at::Tensor gated_preactivation(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& up_weight,
+                               const std::optional<at::Tensor>& bias);
 
 // input.shape[:-1] + [last]
 std::vector<int64_t> leading_shape_with(const at::Tensor& input, int64_t last);
@@ -49,20 +57,22 @@ using ActivationBackwardFn = void (*)(const at::Tensor& grad_out,  // [M, Nout]
                                       at::Tensor& grad_preact,  // [M, Nz], written
                                       at::Tensor* grad_bias);   // [Nz] or null
 
+// With an up_weight, grad_weight is that of [weight; up_weight], [Nz, K]:
+// the autograd hands its two halves to the two weights.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& saved,
     c10::string_view activation, bool saved_is_output, std::array<bool, 3> output_mask,
-    ActivationBackwardFn activation_backward);
+    const std::optional<at::Tensor>& up_weight, ActivationBackwardFn activation_backward);
 
 // The dense_backward op of a device, given its activation-backward kernel.
 template <ActivationBackwardFn activation_backward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& saved, c10::string_view activation,
-    bool saved_is_output, std::array<bool, 3> output_mask) {
+    bool saved_is_output, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& up_weight) {
   return dense_backward_common(grad_output, input, weight, bias, saved, activation,
-                               saved_is_output, output_mask, activation_backward);
+                               saved_is_output, output_mask, up_weight, activation_backward);
 }
 
 }  // namespace bigkernels

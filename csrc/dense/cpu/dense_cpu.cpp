@@ -29,16 +29,21 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                                                      const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
                                                      c10::string_view activation,
-                                                     bool save_preactivation) {
+                                                     bool save_preactivation,
+                                                     const std::optional<at::Tensor>& up_weight) {
   const Activation act = parse_activation(activation);
-  const DenseShape s = check_dense_args(input, weight, bias, act);
+  const DenseShape s = check_dense_args(input, weight, bias, act, up_weight);
   const at::Tensor x = as_matrix(input, s.M, s.K);
-  const at::Tensor wt = weight.contiguous().t();
   // One GEMM with the bias folded in, which BLAS parallelises well, then the
   // activation in one parallel pass. Splitting the GEMM into blocks of rows
   // so that each block's activation runs while it is in L2 was slower here:
-  // BLAS packs the weight again for every block (docs/PERFORMANCE.md).
-  at::Tensor z = bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
+  // BLAS packs the weight again for every block (docs/PERFORMANCE.md). BLAS
+  // reads the weight in either layout, so a transposed one (GPT-2's Conv1D
+  // weight, passed as weight.t()) is not copied.
+  const at::Tensor wt = weight.t();
+  at::Tensor z = up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, bias)
+                 : bias.has_value()    ? at::addmm(*bias, x, wt)
+                                       : at::mm(x, wt);
   // Without a pre-activation to keep, the activation runs in place.
   const bool in_place = !is_gated(act) && !save_preactivation;
   at::Tensor out = in_place ? z : at::empty({s.M, s.Nout}, x.options());

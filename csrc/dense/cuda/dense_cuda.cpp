@@ -52,13 +52,15 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
                                                       const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias,
                                                       c10::string_view activation,
-                                                      bool save_preactivation) {
+                                                      bool save_preactivation,
+                                                      const std::optional<at::Tensor>& up_weight) {
   const Activation act = parse_activation(activation);
-  const DenseShape s = check_dense_args(input, weight, bias, act);
+  const DenseShape s = check_dense_args(input, weight, bias, act, up_weight);
   const c10::cuda::CUDAGuard guard(input.device());
 
   const at::Tensor x = as_matrix(input, s.M, s.K);
   const at::Tensor w = weight.contiguous();
+  const at::Tensor w_up = up_weight.has_value() ? up_weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.M, s.Nout}, x.options());
   at::Tensor preact = save_preactivation ? at::empty({s.M, s.Nz}, x.options())
@@ -67,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cuda(const at::Tensor& input,
   cuda::DenseForwardParams p{};
   p.x = x.const_data_ptr();
   p.w = w.const_data_ptr();
+  p.w_up = w_up.defined() ? w_up.const_data_ptr() : nullptr;
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
   p.preact = save_preactivation ? preact.mutable_data_ptr() : nullptr;

@@ -167,13 +167,11 @@ __global__ void __launch_bounds__(FmaTile::kThreads) dense_forward_fma(DenseForw
   const int64_t m0 = tile.row_tile * kB;
   const ColumnMap cols{gated, tile.col_tile * block_cols, kHalf};
   const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
 
   // This thread copies 4 consecutive k of tile row/column `copy_row`.
   const int copy_row = tid / 2, copy_k = (tid % 2) * 4;
   const T* a_src = m0 + copy_row < p.M ? x + (m0 + copy_row) * p.K : nullptr;
-  const int64_t w_row = cols.weight_row(copy_row, p);
-  const T* b_src = w_row >= 0 ? w + w_row * p.K : nullptr;
+  const T* b_src = weight_row_ptr<T>(p, cols.weight_row(copy_row, p));
   T a_next[4], b_next[4];
   auto fetch = [&](int64_t k0) {
 #pragma unroll
@@ -243,7 +241,8 @@ cudaError_t launch_tf32(const DenseForwardParams& p, cudaStream_t stream) {
   using Cfg = Tf32Tile;
   const int64_t block_cols = is_gated(p.act) ? Cfg::kBN / 2 : Cfg::kBN;
   const dim3 grid = tile_grid((p.M + Cfg::kBM - 1) / Cfg::kBM, (p.Nout + block_cols - 1) / block_cols);
-  const bool vec_ok = p.K % Cfg::kVec == 0 && aligned16(p.x) && aligned16(p.w);
+  const bool vec_ok = p.K % Cfg::kVec == 0 && aligned16(p.x) && aligned16(p.w) &&
+                      (p.w_up == nullptr || aligned16(p.w_up));
   dense_forward_tf32<<<grid, Cfg::kThreads, 0, stream>>>(p, vec_ok);
   return cudaGetLastError();
 }

@@ -70,6 +70,15 @@ struct ColumnMap {
   }
 };
 
+// Row r of the [Nz, K] weight (null when r < 0): w's own, or up_weight's
+// for the second half when the two halves are separate tensors.
+template <typename T>
+__device__ __forceinline__ const T* weight_row_ptr(const DenseForwardParams& p, int64_t r) {
+  if (r < 0) return nullptr;
+  if (p.w_up != nullptr && r >= p.Nout) return static_cast<const T*>(p.w_up) + (r - p.Nout) * p.K;
+  return static_cast<const T*>(p.w) + r * p.K;
+}
+
 // Which (row tile, column tile) this block computes. Blocks run roughly in
 // launch order; walking the tiles in groups of kGroupRows row tiles, column
 // by column, keeps a group's rows of x and the columns of w in flight in L2
@@ -131,8 +140,7 @@ struct TileLoader {
     for (int i = 0; i < kPasses; ++i) {
       const int r = row(i);
       a_src[i] = m0 + r < p.M ? static_cast<const T*>(p.x) + (m0 + r) * p.K : nullptr;
-      const int64_t wr = cols.weight_row(r, p);
-      b_src[i] = wr >= 0 ? static_cast<const T*>(p.w) + wr * p.K : nullptr;
+      b_src[i] = weight_row_ptr<T>(p, cols.weight_row(r, p));
     }
   }
   __device__ __forceinline__ static int row(int pass) { return threadIdx.x / kChunksPerRow + pass * kRowsPerPass; }

@@ -197,7 +197,8 @@ cudaError_t launch(const DenseForwardParams& p, cudaStream_t stream) {
   const int64_t block_cols = is_gated(A) ? kBN / 2 : kBN;
   const dim3 grid = tile_grid((p.M + kBM - 1) / kBM, (p.Nout + block_cols - 1) / block_cols);
   // The 16-byte copies need K % 8 == 0 and 16-byte aligned rows (the epilogue checks its own).
-  const bool vec_ok = p.K % 8 == 0 && aligned16(p.x) && aligned16(p.w);
+  const bool vec_ok = p.K % 8 == 0 && aligned16(p.x) && aligned16(p.w) &&
+                      (p.w_up == nullptr || aligned16(p.w_up));
   const cudaError_t e = cudaFuncSetAttribute(dense_forward_mma_kernel<T, A>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return e;

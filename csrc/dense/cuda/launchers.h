@@ -19,6 +19,7 @@ enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 struct DenseForwardParams {
   const void* x;
   const void* w;
+  const void* w_up;  // gated only, may be null: rows Nout.. of the weight, [Nout, K], when not in w
   const void* bias;  // may be null
   void* out;
   void* preact;  // may be null

@@ -5,6 +5,7 @@
 // tests/test_cuda_emulation.py; exits non-zero on any mismatch.
 #include "emu_cuda.h"
 #include "dense/cuda/launchers.h"
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -72,7 +73,7 @@ static void expect_close(const char* what, const std::string& tag, double got, d
 
 template <typename T>
 void check_forward(int64_t M, int64_t K, int64_t Nout, Activation act, bool bias, bool preact, bool tf32,
-                   int misalign, double tol) {
+                   int misalign, double tol, bool split_weight = false) {
   const int64_t Nz = gated(act) ? 2 * Nout : Nout;
   std::mt19937 gen(M * 131 + K * 7 + Nout);
   std::normal_distribution<double> nd;
@@ -83,10 +84,24 @@ void check_forward(int64_t M, int64_t K, int64_t Nout, Activation act, bool bias
   DenseForwardParams p{};
   p.x = x.p; p.w = w.p; p.bias = bias ? b.p : nullptr; p.out = out.p; p.preact = preact ? pre.p : nullptr;
   p.M = M; p.K = K; p.Nz = Nz; p.Nout = Nout; p.act = act; p.dtype = dtype_of<T>(); p.allow_tf32 = tf32;
+  // split_weight (gated): the second half from its own buffer (up_weight), and
+  // NaN where it used to be in w, so that reading the old place shows.
+  Buffer<T> w_up(split_weight ? Nout * K : 0, misalign);
+  std::vector<T> second_half;
+  if (split_weight) {
+    second_half.assign(w.p + Nout * K, w.p + Nz * K);
+    for (int64_t i = 0; i < Nout * K; ++i) {
+      w_up.p[i] = w.p[Nout * K + i];
+      w.p[Nout * K + i] = from_d<T>(std::numeric_limits<double>::quiet_NaN());
+    }
+    p.w_up = w_up.p;
+  }
   require(launch_dense_forward(p, nullptr) == cudaSuccess, "launch");
+  if (split_weight) std::copy(second_half.begin(), second_half.end(), w.p + Nout * K);  // for the reference
   const std::string tag = "M" + std::to_string(M) + " K" + std::to_string(K) + " N" + std::to_string(Nout) +
                           " act" + std::to_string((int)act) + " dtype" + std::to_string((int)p.dtype) +
-                          (tf32 ? " tf32" : "") + (misalign ? " misaligned" : "");
+                          (tf32 ? " tf32" : "") + (misalign ? " misaligned" : "") +
+                          (split_weight ? " up_weight" : "");
   for (int64_t m = 0; m < M; ++m) {
     std::vector<double> z(Nz);
     for (int64_t n = 0; n < Nz; ++n) {
@@ -206,6 +221,8 @@ int quick_checks() {
     check_backward<__nv_bfloat16, float>(63, 45, a, false, true, 1e-2);
     check_backward<float, float>(63, 45, a, false, true, 1e-4);
   }
+  check_forward<__nv_bfloat16>(130, 200, 70, Activation::kSwiGLU, true, true, false, 0, 1e-2, true);
+  check_forward<float>(33, 131, 12, Activation::kSwiGLU, true, true, false, 0, 1e-5, true);
   check_backward<float, float>(63, 45, Activation::kTanh, true, true, 1e-5);
   std::printf("total: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
@@ -238,6 +255,16 @@ int main(int argc, char** argv) {
     check_forward<float>(33, 131, 12, a, true, true, false, 0, 1e-5);
   }
   std::printf("deep K, odd widths: %d checks, %d failures\n", checks, failures);
+  // gated with the second half in its own tensor (up_weight), every kernel
+  for (Activation a : {Activation::kSwiGLU, Activation::kGEGLU}) {
+    check_forward<__nv_bfloat16>(130, 200, 70, a, true, true, false, 0, 1e-2, true);
+    check_forward<__half>(9, 16, 12, a, false, true, false, 0, 2e-3, true);
+    check_forward<float>(70, 200, 72, a, true, true, true, 0, 5e-3, true);
+    check_forward<float>(33, 131, 12, a, false, false, false, 0, 1e-5, true);
+    check_forward<double>(7, 33, 5, a, true, true, false, 0, 1e-10, true);
+    check_forward<float>(70, 64, 50, a, true, true, true, 1, 5e-3, true);
+  }
+  std::printf("up_weight: %d checks, %d failures\n", checks, failures);
   // misaligned storage with K % 8 == 0: the 16-byte copies must not be taken
   check_forward<__nv_bfloat16>(70, 64, 50, Activation::kReLU, true, true, false, 1, 1e-2);
   check_forward<float>(70, 64, 50, Activation::kGELU, true, true, true, 1, 5e-3);
