@@ -126,3 +126,119 @@ def test_optimize_leaves_what_it_cannot_fuse():
     for block in feed_forward_blocks(model, names):
         assert type(block.dense) is Linear and block.dense.activation == "none"
         assert type(block.intermediate_act_fn).__name__ == "ReLUSquaredActivation"
+
+
+DECODER = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)
+# family -> (config, model, config overrides, fused blocks expected per layer, and once per model)
+DECODERS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, {"_RMSNorm": 2, "_GatedMLP": 1,
+                                                                             "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+    "llama-bias-geglu": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                         {"mlp_bias": True, "hidden_act": "gelu"},
+                         {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {},
+                {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {},
+              {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8},  # + q_norm, k_norm
+              {"_RMSNorm": 4, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {}, {"_Conv1DMLP": 1}, {}),
+}
+
+
+def fused_counts(model):
+    counts = {}
+    for m in model.modules():
+        if isinstance(m, bk_hf._Fused):
+            name = type(m)._fused_forward.__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_optimize_fuses_decoder_blocks_and_keeps_the_numbers(family, tmp_path):
+    config_cls, model_cls, overrides, per_layer, once = DECODERS[family]
+    config = dict(GPT2 if family == "gpt2" else DECODER, **overrides)
+    make = lambda: model_cls(config_cls(**config, attn_implementation="sdpa")).eval()  # noqa: E731
+    torch.manual_seed(0)
+    stock = make()
+    with torch.no_grad():  # norms start at ones and biases at zeros: make them count
+        for name, p in stock.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape) * 0.2 + (1.0 if "norm" in name or "ln_" in name else 0.0))
+    state = {k: v.clone() for k, v in stock.state_dict().items()}
+    truth = make().double()
+    truth.load_state_dict(stock.state_dict())
+    ours = bigkernels.optimize(make())
+    ours.load_state_dict(state)
+
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    assert fused_counts(ours) == {k: layers * v + once.get(k, 0) for k, v in per_layer.items()}
+    assert ours.config._attn_implementation == bk_hf.NAME
+    assert ours.state_dict().keys() == state.keys()
+
+    ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0  # left padding, as for generation
+    got, theirs, want = (run(m, dict(input_ids=ids, attention_mask=mask), "logits") for m in (ours, stock, truth))
+    keep = mask.bool()
+    assert_close("logits", got[0][keep], theirs[0][keep], want[0][keep])
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        assert_close(name, got[1][name], theirs[1][name], want[1][name])
+
+    # greedy generation (a KV cache, one token per step) gives stock's tokens
+    prompt = ids[:, :5]
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, **gen), stock.generate(prompt, **gen))
+
+    assert repr(bigkernels.optimize(ours)) == repr(ours)
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert fused_counts(twin) == fused_counts(ours)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits, got[0])
+    ours.save_pretrained(tmp_path)
+    reloaded = model_cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    for k, v in reloaded.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+
+
+def test_fused_decoder_blocks_step_aside_for_what_they_cannot_read():
+    # A projection wrapped after optimize() (as LoRA does), a norm weight in another dtype (torch
+    # promotes, our op would refuse), and a positional call run transformers' own forward: the same
+    # numbers as stock with the same change.
+    config_cls, model_cls, overrides, _, _ = DECODERS["llama"]
+    torch.manual_seed(0)
+    stock = model_cls(config_cls(**DECODER, attn_implementation="sdpa")).eval()
+    ours = bigkernels.optimize(copy.deepcopy(stock))
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    for model in (stock, ours):
+        mlp = model.model.layers[0].mlp
+        mlp.up_proj = Scaled(mlp.up_proj)
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        x = torch.randn(2, 7, 32)
+        norms = [copy.deepcopy(m.model.layers[1].post_attention_layernorm).double() for m in (stock, ours)]
+        for residual in (None, torch.randn(2, 7, 32)):
+            want = norms[0](x + (0 if residual is None else residual))
+            got = norms[1](x, residual=residual)
+            torch.testing.assert_close(got if residual is None else got[0], want)
+            assert want.dtype == torch.float64
+        layer = ours.model.layers[0]
+        rope = ours.model.rotary_emb(x, torch.arange(7)[None])
+        mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+        torch.testing.assert_close(layer(x, mask, position_embeddings=rope),
+                                   stock.model.layers[0](x, mask, position_embeddings=rope), atol=1e-5, rtol=1e-4)

@@ -13,11 +13,14 @@ transformers is an optional dependency: importing this module does not
 import it; register() does.
 """
 
+import torch
 from torch import nn
 
+from ..nn.linear import Linear
 from ..nn.transformer import fused_activation_name
 from ..ops.attention import scaled_dot_product_attention
-from ..ops.norm import layer_norm
+from ..ops.dense import dense
+from ..ops.norm import layer_norm, rms_norm
 
 NAME = "bigkernels"
 
@@ -44,35 +47,133 @@ RESIDUAL_NORM_BLOCKS = {
 } - {"transformers.models.mpnet.modeling_mpnet.MPNetSelfOutput"}  # not this pattern (no such class)
 
 
-class _ResidualNormBlock:
-    """The forward of RESIDUAL_NORM_BLOCKS with the add fused into the norm;
-    the parameters and state_dict are the block's own."""
+# The Llama-like decoder families: their RMSNorm, MLP and decoder layer are
+# Llama's code (checked against transformers 5.25).
+_LLAMA_FAMILIES = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+
+
+def _classes(families, kind):
+    return {f"transformers.models.{family}.modeling_{family}.{prefix}{kind}" for family, prefix in families}
+
+
+class _Fused:
+    """A fused forward for a transformers block: optimize_blocks() swaps the
+    block's class for a subclass of it with one of these first, so the
+    parameters, state_dict and everything but forward stay the block's own."""
+
+    def __reduce_ex__(self, protocol):
+        # pickled (and deep-copied) as the transformers class, fused again when rebuilt
+        return _rebuild_fused, (self._unfused_class, self._fused_forward, self.__dict__)
+
+
+class _ResidualNormBlock(_Fused):
+    """RESIDUAL_NORM_BLOCKS: the residual add fused into the LayerNorm."""
 
     def forward(self, hidden_states, input_tensor):
         norm = self.LayerNorm
         return layer_norm(self.dropout(self.dense(hidden_states)), norm.weight, norm.bias, norm.eps,
                           residual=input_tensor)[0]
 
-    def __reduce_ex__(self, protocol):
-        # pickled (and deep-copied) as the transformers class, fused again when rebuilt
-        return _rebuild_fused, (self._unfused_class, self.__dict__)
 
+class _RMSNorm(_Fused):
+    """Llama's RMSNorm on bigkernels.rms_norm (statistics in float32, as
+    there); residual= adds it first and returns (output, sum)."""
+
+    def forward(self, hidden_states, residual=None):
+        if self.weight.dtype == hidden_states.dtype:
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual=residual)
+        # A weight in another dtype: torch promotes the product, our op does not.
+        if residual is None:
+            return super().forward(hidden_states)
+        hidden_states = hidden_states + residual
+        return super().forward(hidden_states), hidden_states
+
+
+def _plain_linear(module):
+    """A Linear whose forward is x @ weight.T + bias, nothing else (not
+    wrapped since by LoRA, quantization...)."""
+    return type(module) is nn.Linear or (type(module) is Linear and module.activation == "none")
+
+
+_GATED = {"silu": "swiglu", "gelu": "geglu"}  # the activation of gate_proj -> the gated activation
+
+
+class _GatedMLP(_Fused):
+    """Llama's MLP, down(act(gate(x)) * up(x)): gate and up as one gated dense
+    reading both weights in place (dense's up_weight), then down."""
+
+    def forward(self, x):
+        gate, up = self.gate_proj, self.up_proj
+        activation = _GATED.get(fused_activation_name(self.act_fn))
+        if activation is None or not (_plain_linear(gate) and _plain_linear(up)) \
+                or (gate.bias is None) != (up.bias is None):
+            return super().forward(x)
+        bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+        return self.down_proj(dense(x, gate.weight, bias, activation, up_weight=up.weight))
+
+
+class _DecoderLayer(_Fused):
+    """Llama's decoder layer with the residual add after the attention fused
+    into post_attention_layernorm (a _RMSNorm)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        norm = self.post_attention_layernorm
+        if args or not isinstance(norm, _RMSNorm):  # called positionally: transformers' own forward
+            return super().forward(hidden_states, *args, **kwargs)
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states, residual = norm(hidden_states, residual=residual)
+        return residual + self.mlp(hidden_states)
+
+
+class _Conv1DMLP(_Fused):
+    """GPT-2's MLP, c_proj(act(c_fc(x))): the activation fused into c_fc,
+    whose Conv1D weight [in, out] the CPU dense reads in place, transposed.
+    Elsewhere transformers' forward (our CUDA kernel would copy it)."""
+
+    def forward(self, hidden_states):
+        fc = self.c_fc
+        activation = fused_activation_name(self.act)
+        if hidden_states.device.type != "cpu" or activation is None or type(fc).__name__ != "Conv1D":
+            return super().forward(hidden_states)
+        return self.dropout(self.c_proj(dense(hidden_states, fc.weight.t(), fc.bias, activation)))
+
+
+# class -> the fused forward its blocks take
+FUSED_FORWARDS = {
+    **{name: _ResidualNormBlock for name in RESIDUAL_NORM_BLOCKS},
+    **{name: _RMSNorm for name in _classes(_LLAMA_FAMILIES, "RMSNorm")},
+    **{name: _GatedMLP for name in _classes(_LLAMA_FAMILIES, "MLP")},
+    **{name: _DecoderLayer for name in _classes(_LLAMA_FAMILIES, "DecoderLayer")},
+    "transformers.models.gpt2.modeling_gpt2.GPT2MLP": _Conv1DMLP,
+}
 
 _FUSED_CLASSES = {}
 
 
-def _fused_class(cls):
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(cls.__name__, (_ResidualNormBlock, cls),
-                                   {"__module__": __name__, "_unfused_class": cls})
-    return _FUSED_CLASSES[cls]
+def _fused_class(cls, fused_forward):
+    key = (cls, fused_forward)
+    if key not in _FUSED_CLASSES:
+        _FUSED_CLASSES[key] = type(cls.__name__, (fused_forward, cls),
+                                   {"__module__": __name__, "_unfused_class": cls, "_fused_forward": fused_forward})
+    return _FUSED_CLASSES[key]
 
 
-def _rebuild_fused(cls, state):
+def _rebuild_fused(cls, fused_forward, state):
     module = cls.__new__(cls)
     module.__dict__.update(state)
-    module.__class__ = _fused_class(cls)
+    module.__class__ = _fused_class(cls, fused_forward)
     return module
+
+
+def _can_fuse(module, fused_forward):
+    """Whether the block has what its fused forward reads."""
+    if fused_forward is _ResidualNormBlock:
+        norm = getattr(module, "LayerNorm", None)
+        return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+    if fused_forward is _RMSNorm:
+        return isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1
+    return True  # the others check at each call, and fall back to transformers' forward
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -108,8 +209,11 @@ def optimize_blocks(model, to_fused):
     """The Hugging Face part of bigkernels.optimize(): in the blocks of
     DENSE_ACTIVATION_BLOCKS, the activation is fused into the linear
     (to_fused(linear, activation) shares its parameters) and replaced by
-    nn.Identity; those of RESIDUAL_NORM_BLOCKS add their residual inside the
-    LayerNorm (bigkernels.layer_norm). Models on torch's SDPA backend move to
+    nn.Identity. The blocks of FUSED_FORWARDS take a fused forward (a class
+    swap): BERT-like output blocks add their residual inside the LayerNorm;
+    Llama-like models run RMSNorm on bigkernels.rms_norm with the residual add
+    after the attention fused in, and gate/up as one gated dense over both
+    weights; GPT-2's MLP fuses gelu_new into c_fc. Models on torch's SDPA backend move to
     this one (register() is called); those on another (eager, flash...) keep
     it, as do models that cannot change theirs. Already optimized blocks and
     models are left alone."""
@@ -123,10 +227,9 @@ def optimize_blocks(model, to_fused):
             setattr(module, names[0], to_fused(linear, activation))
             setattr(module, names[1], nn.Identity())
     for module in model.modules():
-        norm = getattr(module, "LayerNorm", None)
-        if _class_path(module) in RESIDUAL_NORM_BLOCKS and type(norm) is nn.LayerNorm \
-                and len(norm.normalized_shape) == 1:
-            module.__class__ = _fused_class(type(module))
+        fused_forward = FUSED_FORWARDS.get(_class_path(module))
+        if fused_forward is not None and _can_fuse(module, fused_forward):
+            module.__class__ = _fused_class(type(module), fused_forward)
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(module, "set_attn_implementation"):
