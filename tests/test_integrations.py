@@ -242,3 +242,25 @@ def test_fused_decoder_blocks_step_aside_for_what_they_cannot_read():
         mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
         torch.testing.assert_close(layer(x, mask, position_embeddings=rope),
                                    stock.model.layers[0](x, mask, position_embeddings=rope), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_optimized_decoder_compiles_without_graph_breaks(family):
+    torch._dynamo.reset()
+    config_cls, model_cls, overrides, _, _ = DECODERS[family]
+    torch.manual_seed(0)
+    ours = bigkernels.optimize(model_cls(config_cls(**(GPT2 if family == "gpt2" else DECODER), **overrides,
+                                                    attn_implementation="sdpa")).eval())
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads(model):
+        ours.zero_grad(set_to_none=True)
+        # the loss outside: GPT-2's own loss logs a warning, a graph break in stock transformers too
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.flatten(0, 1), ids.flatten())
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in ours.parameters()]
+
+    want = loss_and_grads(ours)
+    got = loss_and_grads(torch.compile(ours, fullgraph=True, backend="aot_eager"))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
