@@ -34,26 +34,34 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   const Activation act = parse_activation(activation);
   const DenseShape s = check_dense_args(input, weight, bias, act, up_weight);
   const at::Tensor x = as_matrix(input, s.M, s.K);
-  // One GEMM with the bias folded in, which BLAS parallelises well, then the
-  // activation in one parallel pass. Splitting the GEMM into blocks of rows
-  // so that each block's activation runs while it is in L2 was slower here:
-  // BLAS packs the weight again for every block (docs/PERFORMANCE.md). BLAS
-  // reads the weight in either layout, so a transposed one (GPT-2's Conv1D
-  // weight, passed as weight.t()) is not copied.
+  // One GEMM, which BLAS parallelises well, then the activation in one
+  // parallel pass. Splitting the GEMM into blocks of rows so that each
+  // block's activation runs while it is in L2 was slower here: BLAS packs the
+  // weight again for every block (docs/PERFORMANCE.md). BLAS reads the weight
+  // in either layout, so a transposed one (GPT-2's Conv1D weight, passed as
+  // weight.t()) is not copied. The bias: in float32/64 our pass adds it, for
+  // addmm first copies the broadcast bias into the output, a pass of its own
+  // (8 % of a 5120x384x1536 call); in bf16/fp16 the GEMM adds it before its
+  // one rounding, which a pass after the rounded product could not.
+  const bool bias_in_pass = bias.has_value() && act != Activation::kNone &&
+                            (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  const std::optional<at::Tensor> gemm_bias = bias_in_pass ? std::nullopt : bias;
   const at::Tensor wt = weight.t();
-  at::Tensor z = up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, bias)
-                 : bias.has_value()    ? at::addmm(*bias, x, wt)
-                                       : at::mm(x, wt);
+  at::Tensor z = up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
+                 : gemm_bias.has_value() ? at::addmm(*gemm_bias, x, wt)
+                                         : at::mm(x, wt);
   // Without a pre-activation to keep, the activation runs in place.
   const bool in_place = !is_gated(act) && !save_preactivation;
   at::Tensor out = in_place ? z : at::empty({s.M, s.Nout}, x.options());
 
   if (!(in_place && act == Activation::kNone)) {
     const DenseCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(dense_cpu_kernels);
-    const void* zp = z.const_data_ptr();
+    const at::Tensor b = bias_in_pass ? bias->contiguous() : at::Tensor();
+    void* zp = z.mutable_data_ptr();
+    const void* bp = bias_in_pass ? b.const_data_ptr() : nullptr;
     void* op = out.mutable_data_ptr();
     at::parallel_for(0, s.M, grain_rows(s.Nz), [&](int64_t r0, int64_t r1) {
-      kernels.forward_rows(x.scalar_type(), act, zp, op, r0, r1, s.Nz, s.Nout);
+      kernels.forward_rows(x.scalar_type(), act, zp, bp, save_preactivation, op, r0, r1, s.Nz, s.Nout);
     });
   }
 

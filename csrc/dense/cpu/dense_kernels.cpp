@@ -10,19 +10,29 @@ namespace CPU_CAPABILITY {
 namespace {
 
 template <typename T>
-void forward_rows(Activation act, const T* z, T* out, int64_t r0, int64_t r1, int64_t nz,
-                  int64_t nout) {
+void forward_rows(Activation act, T* z, const T* bias, bool keep_preact, T* out, int64_t r0, int64_t r1,
+                  int64_t nz, int64_t nout) {
   using IO = VecIO<T>;
   const bool gated = is_gated(act);
+  const auto add = [](const auto& u, const auto& v) { return u + v; };
+  const auto mul = [](const auto& u, const auto& v) { return u * v; };
   dispatch_activation(act, [&](auto tag) {
     const auto f = [](const auto& v) { return act_forward<decltype(tag)::value>(v); };
     for (int64_t r = r0; r < r1; ++r) {
-      const T* zr = z + r * nz;
+      T* zr = z + r * nz;
       T* y = out + r * nout;
+      // column c of the pre-activation, plus its bias (kept in z when asked)
+      const auto preact = [&](int64_t c, int64_t n) {
+        auto v = IO::load(zr + c, n);
+        if (bias == nullptr) return v;
+        v = map_parts(add, v, IO::load(bias + c, n));
+        if (keep_preact) IO::store(zr + c, v, n);
+        return v;
+      };
       for (int64_t j = 0; j < nout; j += IO::kWidth) {
         const int64_t n = std::min(IO::kWidth, nout - j);
-        auto a = map_parts(f, IO::load(zr + j, n));
-        if (gated) a = map_parts([](const auto& u, const auto& v) { return u * v; }, a, IO::load(zr + nout + j, n));
+        auto a = map_parts(f, preact(j, n));
+        if (gated) a = map_parts(mul, a, preact(nout + j, n));
         IO::store(y + j, a, n);
       }
     }
@@ -82,11 +92,12 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
   }
 }
 
-void forward_rows_any(c10::ScalarType dtype, Activation act, const void* z, void* out, int64_t r0,
-                      int64_t r1, int64_t nz, int64_t nout) {
+void forward_rows_any(c10::ScalarType dtype, Activation act, void* z, const void* bias, bool keep_preact,
+                      void* out, int64_t r0, int64_t r1, int64_t nz, int64_t nout) {
   dispatch_storage_type(dtype, [&](auto t) {
     using T = decltype(t);
-    forward_rows(act, static_cast<const T*>(z), static_cast<T*>(out), r0, r1, nz, nout);
+    forward_rows(act, static_cast<T*>(z), static_cast<const T*>(bias), keep_preact, static_cast<T*>(out), r0,
+                 r1, nz, nout);
   });
 }
 

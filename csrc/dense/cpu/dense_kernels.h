@@ -14,8 +14,10 @@ namespace bigkernels {
 struct DenseCpuKernels {
   // Rows [r0, r1): out = act(z), or act(z1) * z2 for a gated activation (z is
   // [rows, nz], out [rows, nout]); out may be z when the activation is not gated.
-  void (*forward_rows)(c10::ScalarType dtype, Activation act, const void* z, void* out, int64_t r0,
-                       int64_t r1, int64_t nz, int64_t nout);
+  // With a bias ([nz], or null), z + bias first, written back into z when
+  // keep_preact (z is then the saved pre-activation).
+  void (*forward_rows)(c10::ScalarType dtype, Activation act, void* z, const void* bias, bool keep_preact,
+                       void* out, int64_t r0, int64_t r1, int64_t nz, int64_t nout);
   // Rows [r0, r1): dz = g * act'(...), from the saved rows (the output, width
   // nout, when saved_is_output, else the pre-activation, width nz). When
   // dbias (float; double for double) is not null, the column sums of these
