@@ -33,6 +33,10 @@ struct NormForwardParams {
 
 cudaError_t launch_norm_forward(const NormForwardParams& p, cudaStream_t stream);
 
+// The elements each access of the row kernels moves: 16 bytes' worth when N
+// and every pointer allow rows to start 16-byte aligned, else 1.
+int norm_forward_vector_width(const NormForwardParams& p);
+
 // grad_input = d(norm)/dx applied to grad_out, plus grad_sum when not null.
 struct NormBackwardParams {
   const void* grad_out;
@@ -54,6 +58,7 @@ struct NormBackwardParams {
 };
 
 int64_t norm_backward_partial_rows(int64_t M, int64_t max_blocks);
+int norm_backward_vector_width(const NormBackwardParams& p);
 cudaError_t launch_norm_backward(const NormBackwardParams& p, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,8 +1,9 @@
 // Runs the norm CUDA kernels (csrc/norm/cuda/*.cu) under host emulation
 // (emu_cuda.h) and checks them against float64: LayerNorm and RMSNorm, every
 // dtype, with and without residual, weight and bias, widths on both sides of
-// the warp-per-row / block-per-row switch (1, 7, 33, 1000, 1024, 1025, 4097),
-// more rows than the grid (a small grid cap, so the kernels grid-stride),
+// the warp-per-row / block-per-row switch (1, 7, 33, 1000, 1024, 1025, 4096,
+// 4097), 16-byte and single-element accesses (and storage too misaligned for
+// the former), more rows than the grid (a small grid cap, so the kernels grid-stride),
 // rows with a large mean (a one-pass variance cancels there), a small
 // variance where eps dominates, the backward (grad_input with and without
 // grad_sum, the weight and bias gradients from the partial rows) fed the
@@ -74,13 +75,15 @@ struct Case {
   double offset = 0, spread = 3, eps = 1e-5;
   int64_t max_blocks = 0;
   bool backward = true, grad_sum = true;
+  int misalign = 0;  // elements by which the input (and grad_out) start past a 16-byte boundary
 };
 
 static std::string describe(const char* dtype, const Case& c) {
   return std::string(dtype) + " M" + std::to_string(c.M) + " N" + std::to_string(c.N) + (c.rms ? " rms" : " layer") +
          (c.residual ? " +res" : "") + (c.weight ? " w" : "") + (c.bias ? " b" : "") +
          (c.offset ? " offset" + std::to_string((int)c.offset) : "") + " spread" + std::to_string(c.spread) +
-         " eps" + std::to_string(c.eps) + (c.max_blocks ? " grid" + std::to_string(c.max_blocks) : "");
+         " eps" + std::to_string(c.eps) + (c.max_blocks ? " grid" + std::to_string(c.max_blocks) : "") +
+         (c.misalign ? " misaligned" : "");
 }
 
 // tol: the output's (relative to its largest value); the statistics and
@@ -104,8 +107,13 @@ void check_case(const char* name, const Case& c, double tol) {
   for (auto& v : b) v = from_d<T>(nd(gen));
   std::vector<A> mean(M, anan), rstd(M, anan);
 
+  // 16-byte accesses exactly where rows start 16-byte aligned (std::vector's
+  // storage is; the misaligned copy is not)
+  const int vec = 16 / sizeof(T), want_width = c.misalign || N % vec ? 1 : vec;
+  std::vector<T> x_misaligned(n + vec);
+  std::copy(x.begin(), x.end(), x_misaligned.begin() + c.misalign);
   NormForwardParams p{};
-  p.input = x.data();
+  p.input = c.misalign ? x_misaligned.data() + c.misalign : x.data();
   p.residual = c.residual ? r.data() : nullptr;
   p.weight = c.weight ? w.data() : nullptr;
   p.bias = c.bias ? b.data() : nullptr;
@@ -114,6 +122,7 @@ void check_case(const char* name, const Case& c, double tol) {
   p.mean = c.rms ? nullptr : mean.data();
   p.rstd = rstd.data();
   p.M = M, p.N = N, p.eps = c.eps, p.dtype = dtype_of<T>(), p.max_blocks = c.max_blocks;
+  expect("forward vector width " + tag, norm_forward_vector_width(p), want_width, 0, 1);
   require(launch_norm_forward(p, nullptr) == cudaSuccess, "forward launch");
 
   // What is normalised: the sum rounded to T (checked first), else the input.
@@ -157,7 +166,9 @@ void check_case(const char* name, const Case& c, double tol) {
   const int64_t rows = norm_backward_partial_rows(M, c.max_blocks);
   std::vector<A> pw(rows * N, anan), pb(rows * N, anan);
   NormBackwardParams q{};
-  q.grad_out = dy.data();
+  std::vector<T> dy_misaligned(n + vec);
+  std::copy(dy.begin(), dy.end(), dy_misaligned.begin() + c.misalign);
+  q.grad_out = c.misalign ? dy_misaligned.data() + c.misalign : dy.data();
   q.grad_sum = c.grad_sum ? ds.data() : nullptr;
   q.x = xs.data();
   q.weight = c.weight ? w.data() : nullptr;
@@ -167,6 +178,7 @@ void check_case(const char* name, const Case& c, double tol) {
   q.weight_partials = c.weight ? pw.data() : nullptr;
   q.bias_partials = pb.data();
   q.M = M, q.N = N, q.dtype = dtype_of<T>(), q.max_blocks = c.max_blocks;
+  expect("backward vector width " + tag, norm_backward_vector_width(q), want_width, 0, 1);
   require(launch_norm_backward(q, nullptr) == cudaSuccess, "backward launch");
   std::vector<double> want_dx(n);
   double dx_scale = 1;
@@ -212,10 +224,18 @@ void check_dtype(const char* name, double tol) {
           c.grad_sum = residual;
           check_case<T>(name, c, tol);
         }
-  // the widest rows: block-per-row, one row more than the grid cap
-  for (bool rms : {false, true}) {
-    Case c{3, 4097, rms, true, true, !rms};
-    c.max_blocks = 2;
+  // the widest rows: block-per-row, one row more than the grid cap, with
+  // single-element (4097) and 16-byte (4096) accesses
+  for (int64_t N : {4096, 4097})
+    for (bool rms : {false, true}) {
+      Case c{3, N, rms, true, true, !rms};
+      c.max_blocks = 2;
+      check_case<T>(name, c, tol);
+    }
+  // a width that allows 16-byte accesses, on storage that does not: both layouts
+  for (int64_t N : {64, 2048}) {
+    Case c{5, N, false, true, true, true};
+    c.misalign = 1;
     check_case<T>(name, c, tol);
   }
   // more rows than the grid on both row kernels, and more chunks of rows
@@ -280,8 +300,10 @@ int quick_checks() {
     Case warp{150, 40, rms, true, true, !rms};
     warp.max_blocks = 2;
     check_case<float>("float32", warp, 1e-5);
-    Case block{3, 1100, rms, true, true, !rms};
+    Case block{3, 1100, rms, true, true, !rms};  // single-element accesses (1100 % 8 != 0)
     block.max_blocks = 2;
+    check_case<__nv_bfloat16>("bfloat16", block, 1e-2);
+    block.N = 1104;  // 16-byte accesses
     check_case<__nv_bfloat16>("bfloat16", block, 1e-2);
   }
   std::printf("total: %d checks, %d failures\n", checks, failures);
