@@ -1,8 +1,10 @@
 // CUDA LayerNorm / RMSNorm with the residual add fused, and their backward.
-// The same arithmetic as the CPU rows (csrc/norm/cpu/norm_kernels.cpp):
-// statistics in float (double for float64), two passes (the mean, then the
-// squares about it: exact where E[x^2] - mean^2 would cancel), the sum
+// The same contract as the CPU rows (csrc/norm/cpu/norm_kernels.cpp):
+// statistics in float (double for float64) over two passes (the mean, then
+// the squares about it: exact where E[x^2] - mean^2 would cancel), the sum
 // rounded to the dtype before it is normalised, as the unfused add does.
+// One refinement over the CPU rows: the second pass also sums the deviations,
+// which corrects the mean's own rounding (see the forward kernel).
 //
 // Forward and the input gradient: one row per warp (N <= 1024, four rows a
 // block) or per block of 256 threads (wider rows), grid-striding over rows.
