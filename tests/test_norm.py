@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import bigkernels
-from conftest import assert_close
+from conftest import HAS_CUDA, assert_close
+
+from bigkernels._info import BUILD_INFO
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -30,16 +32,17 @@ def torch_unfused(rms):
     return fn
 
 
-def run(fn, tensors, grads, dtype, eps):
-    """fn's outputs and the gradients of its tensor inputs, for float64 data cast to dtype."""
-    leaves = [None if t is None else t.to(dtype).requires_grad_() for t in tensors]
+def run(fn, tensors, grads, dtype, eps, device="cpu"):
+    """fn's outputs and the gradients of its tensor inputs (on the CPU), for
+    float64 data cast to dtype on device."""
+    leaves = [None if t is None else t.to(device, dtype).requires_grad_() for t in tensors]
     outs = fn(*leaves, eps)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [g.to(dtype) for g in grads[:len(outs)]])
-    return [o.detach() for o in outs] + [t.grad for t in leaves if t is not None]
+    torch.autograd.backward(outs, [g.to(device, dtype) for g in grads[:len(outs)]])
+    return [t.cpu() for t in [o.detach() for o in outs] + [t.grad for t in leaves if t is not None]]
 
 
-def check(dtype, rms, residual, affine, shape, seed=0, offset=0.0, eps=1e-5):
+def check(dtype, rms, residual, affine, shape, seed=0, offset=0.0, eps=1e-5, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     N = shape[-1]
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + offset
@@ -48,8 +51,8 @@ def check(dtype, rms, residual, affine, shape, seed=0, offset=0.0, eps=1e-5):
     b = torch.randn(N, generator=gen, dtype=torch.float64) if affine and not rms else None
     grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]
     tensors = (x, r, w, b)
-    got = run(ours(rms), tensors, grads, dtype, eps)
-    theirs = run(torch_unfused(rms), tensors, grads, dtype, eps)
+    got = run(ours(rms), tensors, grads, dtype, eps, device)
+    theirs = run(torch_unfused(rms), tensors, grads, dtype, eps, device)
     truth = run(torch_unfused(rms), tensors, grads, torch.float64, eps)
     names = ["output"] + (["sum"] if residual else []) + [n for n, t in zip(("grad_input", "grad_residual",
                                                                              "grad_weight", "grad_bias"), tensors)
@@ -169,3 +172,89 @@ def test_meta_tensors():
     x = torch.empty(2, 3, 16, device="meta")
     out, total = bigkernels.layer_norm(x, torch.empty(16, device="meta"), None, residual=torch.empty_like(x))
     assert out.shape == total.shape == x.shape and out.device.type == "meta"
+
+
+# CUDA: the kernels of csrc/norm/cuda/ (in a build compiled with CUDA; else
+# PyTorch's add and norm), against float64 by the same 2x rule. Widths on both
+# sides of the warp-per-row / block-per-row switch (1024).
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("shape", [(3, 5, 37), (7, 1000), (4, 1), (5, 1024), (6, 1025), (3, 4097), (2, 8192)],
+                         ids=str)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_matches_reference(dtype, rms, residual, affine, shape):
+    check(dtype, rms, residual, affine, shape, device="cuda")
+
+
+@pytest.mark.parametrize("shape", [(10007, 96), (300001, 5), (70001, 1100)], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_many_rows(shape, rms):
+    # more row groups than the kernels' grid (65535 blocks: they grid-stride),
+    # and the weight/bias gradients summed over thousands of partial rows
+    check(torch.float32, rms, True, True, shape, seed=9, device="cuda")
+    check(torch.bfloat16, rms, True, True, shape[:1] + (min(shape[1], 96),), seed=10, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_large_mean_and_eps():
+    check(torch.float32, False, False, True, (16, 256), offset=1e4, seed=5, device="cuda")
+    check(torch.float32, False, True, True, (16, 2048), offset=1e4, seed=5, device="cuda")
+    check(torch.float32, False, False, True, (8, 300), eps=0.5, seed=11, device="cuda")
+    check(torch.float32, True, False, True, (8, 3000), eps=0.5, seed=12, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_runs_the_kernel_and_is_deterministic():
+    if not BUILD_INFO["cuda_compiled"]:
+        pytest.skip("this build has no CUDA kernels")
+    gen = torch.Generator().manual_seed(13)
+    x, h = (torch.randn(4096, 768, generator=gen).cuda().requires_grad_() for _ in range(2))
+    w, b = (torch.randn(768, generator=gen).cuda().requires_grad_() for _ in range(2))
+    out, total, mean, rstd = torch.ops.bigkernels.norm_forward(x, h, w, b, 1e-5, False)
+    assert mean.shape == rstd.shape == (4096,) and mean.dtype == torch.float32
+    grads = []
+    for _ in range(2):
+        o, t = bigkernels.layer_norm(x, w, b, residual=h)
+        grads.append(torch.autograd.grad((o * o).sum() + t.sum(), (x, w, b)))
+    for a, e in zip(*grads):
+        assert torch.equal(a, e)  # the same bits: no atomics in the reductions
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_strided_and_empty():
+    x = torch.randn(6, 40, dtype=torch.float64, device="cuda")[:, ::2]
+    h = torch.randn(6, 20, dtype=torch.float64, device="cuda")
+    w, b = torch.randn(20, dtype=torch.float64, device="cuda"), torch.randn(20, dtype=torch.float64, device="cuda")
+    out, total = bigkernels.layer_norm(x, w, b, residual=h)
+    torch.testing.assert_close(total, x + h)
+    torch.testing.assert_close(out, F.layer_norm(x + h, (20,), w, b))
+    for shape in ((0, 8), (3, 0), (2, 0, 5)):
+        x = torch.randn(shape, device="cuda", requires_grad=True)
+        w = torch.randn(shape[-1], device="cuda", requires_grad=True)
+        out, total = bigkernels.layer_norm(x, w, None, residual=torch.zeros(shape, device="cuda"))
+        assert out.shape == total.shape == x.shape
+        (out.sum() + total.sum()).backward()
+        assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_opcheck(rms, residual):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 1100, generator=gen).cuda().requires_grad_()
+    r = torch.randn(3, 5, 1100, generator=gen).cuda().requires_grad_() if residual else None
+    w = torch.randn(1100, generator=gen).cuda().requires_grad_()
+    b = None if rms else torch.randn(1100, generator=gen).cuda().requires_grad_()
+    torch.library.opcheck(torch.ops.bigkernels.norm_forward, (x, r, w, b, 1e-5, rms))

@@ -3,13 +3,16 @@ added first: argument checks, fake implementations, autograd, and the
 fallback to PyTorch where the kernels are absent.
 
 The ops (bigkernels::norm_forward, bigkernels::norm_backward) are defined in
-csrc/norm/norm.cpp. There is a CPU kernel only so far: on other devices the
-same results come from PyTorch's own add and norm.
+csrc/norm/norm.cpp, with kernels for the CPU (csrc/norm/cpu/) and CUDA
+(csrc/norm/cuda/, in builds compiled with CUDA). Elsewhere (other devices, a
+CPU-only build on a CUDA tensor, no extension) the same results come from
+PyTorch's own add and norm.
 """
 
 import torch
 
 from .. import _ext, reference
+from .._info import BUILD_INFO
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,9 +44,17 @@ def _check(input, residual, weight, bias, eps):
                              f"got {tuple(t.shape)}")
 
 
+def _has_kernel(device):
+    """Whether the compiled op has a kernel for device: the CPU's, or CUDA's
+    when this build compiled the CUDA kernels."""
+    if not _ext.LOADED:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and BUILD_INFO["cuda_compiled"])
+
+
 def _norm(input, residual, weight, bias, eps, rms):
     _check(input, residual, weight, bias, eps)
-    if not _ext.LOADED or input.device.type != "cpu":
+    if not _has_kernel(input.device):
         x = input if residual is None else input + residual
         return reference.norm(x, weight, bias, eps, rms), x
     out, x, _, _ = torch.ops.bigkernels.norm_forward(input, residual, weight, bias, float(eps), rms)
