@@ -120,6 +120,25 @@ struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
 // same symbol (the linker would keep just one of them).
 namespace CPU_CAPABILITY {
 
+// A float vector's lanes as two double vectors (low half, high half), where
+// the instructions are at hand; elsewhere callers go lane by lane.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool widens_in_registers = true;
+inline std::array<at::vec::Vectorized<double>, 2> widen(const at::vec::Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))};
+#else
+  const __m256 x = v;
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
+#endif
+}
+#else
+constexpr bool widens_in_registers = false;
+inline std::array<at::vec::Vectorized<double>, 2> widen(const at::vec::Vectorized<float>&) { return {}; }
+#endif
+
 // Storage type T as vectors of its compute type C (float; double for
 // double): a chunk is two vectors of C, kWidth elements. bf16 and half are
 // converted in registers, inside the loops; two independent vectors per
@@ -162,17 +181,29 @@ struct VecIO {
       if (n > kPart) c[1].store(p + kPart, static_cast<int>(n - kPart));
     }
   }
-  // acc[0, n) += c, acc in the compute type (the bias-gradient partial sums).
-  static void accumulate(C* acc, const Chunk& c, int64_t n) {
-    if (n == kWidth) {
-      (V::loadu(acc) + c[0]).store(acc);
-      (V::loadu(acc + kPart) + c[1]).store(acc + kPart);
-      return;
-    }
-    for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {
-      const int m = static_cast<int>(std::min(kPart, n - part * kPart));
-      C* a = acc + part * kPart;
-      (V::loadu(a, m) + c[part]).store(a, m);
+  // acc[0, n) += c in double (the bias-gradient partial sums): summed in
+  // float, a block's rounding errors would add up to more than torch's sum of
+  // the same values (issue 16 §4); in double only each value's own rounding is left.
+  static void accumulate(double* acc, const Chunk& c, int64_t n) {
+    using D = at::vec::Vectorized<double>;
+    if constexpr (std::is_same_v<C, double>) {
+      for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {
+        const int m = static_cast<int>(std::min(kPart, n - part * kPart));
+        double* a = acc + part * kPart;
+        (D::loadu(a, m) + c[part]).store(a, m);
+      }
+    } else if (n == kWidth && widens_in_registers) {
+      for (int part = 0; part < 2; ++part) {
+        const auto [lo, hi] = widen(c[part]);
+        double* a = acc + part * kPart;
+        (D::loadu(a) + lo).store(a);
+        (D::loadu(a + D::size()) + hi).store(a + D::size());
+      }
+    } else {
+      std::array<float, kWidth> lanes;
+      c[0].store(lanes.data());
+      c[1].store(lanes.data() + kPart);
+      for (int64_t i = 0; i < n; ++i) acc[i] += lanes[i];
     }
   }
 };
