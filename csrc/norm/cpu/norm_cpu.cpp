@@ -69,9 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
   at::Tensor grad_input = at::empty_like(xc);
   const bool want_w = output_mask[1] && w.has_value(), want_b = output_mask[2];
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-  const auto sums = x.options().dtype(at::kDouble);  // partial sums in double, as dense's bias gradient
-  at::Tensor partial_w = at::zeros({want_w ? blocks : 0, N}, sums);
-  at::Tensor partial_b = at::zeros({want_b ? blocks : 0, N}, sums);
+  const auto stats = x.options().dtype(stats_dtype(x));
+  at::Tensor partial_w = at::zeros({want_w ? blocks : 0, N}, stats);
+  at::Tensor partial_b = at::zeros({want_b ? blocks : 0, N}, stats);
   const NormBackwardRows rows{g.const_data_ptr(), data_or_null(gs), xc.const_data_ptr(), data_or_null(w),
                               rms ? nullptr : mean.const_data_ptr(), rstd.const_data_ptr(),
                               grad_input.mutable_data_ptr(), N};

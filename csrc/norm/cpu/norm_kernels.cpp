@@ -91,7 +91,7 @@ void forward_rows(const NormForwardRows& a, int64_t r0, int64_t r1) {
 }
 
 template <typename T>
-void backward_rows(const NormBackwardRows& a, double* dweight, double* dbias,
+void backward_rows(const NormBackwardRows& a, typename VecIO<T>::C* dweight, typename VecIO<T>::C* dbias,
                    int64_t r0, int64_t r1) {
   using IO = VecIO<T>;
   using C = typename IO::C;
@@ -138,7 +138,8 @@ void forward_rows_any(c10::ScalarType dtype, const NormForwardRows& a, int64_t r
 void backward_rows_any(c10::ScalarType dtype, const NormBackwardRows& a, void* dweight, void* dbias, int64_t r0,
                        int64_t r1) {
   dispatch_storage_type(dtype, [&](auto t) {
-    backward_rows<decltype(t)>(a, static_cast<double*>(dweight), static_cast<double*>(dbias), r0, r1);
+    using C = typename VecIO<decltype(t)>::C;
+    backward_rows<decltype(t)>(a, static_cast<C*>(dweight), static_cast<C*>(dbias), r0, r1);
   });
 }
 

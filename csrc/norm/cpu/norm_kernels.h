@@ -40,8 +40,7 @@ struct NormBackwardRows {
 struct NormCpuKernels {
   void (*forward_rows)(c10::ScalarType dtype, const NormForwardRows& a, int64_t r0, int64_t r1);
   // Rows [r0, r1): grad_input, and when not null the column sums of
-  // grad_out * x_hat (weight) and of grad_out (bias) added to dweight, dbias
-  // (double, whatever the dtype).
+  // grad_out * x_hat (weight) and of grad_out (bias) added to dweight, dbias.
   void (*backward_rows)(c10::ScalarType dtype, const NormBackwardRows& a, void* dweight, void* dbias,
                         int64_t r0, int64_t r1);
 };
