@@ -187,10 +187,23 @@ struct VecIO {
       if (n > kPart) c[1].store(p + kPart, static_cast<int>(n - kPart));
     }
   }
-  // acc[0, n) += c in double (the bias-gradient partial sums): summed in
+  // acc[0, n) += c, acc in the compute type (the norms' partial sums).
+  static BK_VEC_INLINE void accumulate(C* acc, const Chunk& c, int64_t n) {
+    if (n == kWidth) {
+      (V::loadu(acc) + c[0]).store(acc);
+      (V::loadu(acc + kPart) + c[1]).store(acc + kPart);
+      return;
+    }
+    for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {
+      const int m = static_cast<int>(std::min(kPart, n - part * kPart));
+      C* a = acc + part * kPart;
+      (V::loadu(a, m) + c[part]).store(a, m);
+    }
+  }
+  // acc[0, n) += c in double (dense's bias-gradient partial sums): summed in
   // float, a block's rounding errors would add up to more than torch's sum of
   // the same values (issue 16 §4); in double only each value's own rounding is left.
-  static BK_VEC_INLINE void accumulate(double* acc, const Chunk& c, int64_t n) {
+  static BK_VEC_INLINE void accumulate_double(double* acc, const Chunk& c, int64_t n) {
     using D = at::vec::Vectorized<double>;
     if constexpr (std::is_same_v<C, double>) {
       for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {

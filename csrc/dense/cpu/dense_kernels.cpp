@@ -56,7 +56,7 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
           IO::store(dz + row * nz + j, v, n);
           sum = k == 0 ? v : map_parts(add, sum, v);
         }
-        if (dbias) IO::accumulate(dbias + j, sum, n);
+        if (dbias) IO::accumulate_double(dbias + j, sum, n);
       }
     }
   };
@@ -91,8 +91,8 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
             sum2 = k == 0 ? d2 : map_parts(add, sum2, d2);
           }
           if (dbias) {
-            IO::accumulate(dbias + j, sum1, n);
-            IO::accumulate(dbias + nout + j, sum2, n);
+            IO::accumulate_double(dbias + j, sum1, n);
+            IO::accumulate_double(dbias + nout + j, sum2, n);
           }
         }
       }
