@@ -122,6 +122,39 @@ def test_long_sequence_several_blocks_both_ways():
     check(torch.bfloat16, "causal", Hq=4, Hkv=2, L=130, S=530, E=40, Ev=24, seed=6)
 
 
+# Sums over many rows (issue 16 §4): dK and dV add up every query of a GQA
+# group (heads x positions), the output every key. FLOOR's 1e-5 of the scale
+# would hide an error several times torch's (its own is ~1e-7 of the scale):
+# the floor here is one float ulp of the scale.
+SUM_FLOOR = torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("Hq,Hkv,L,S,causal", [(8, 2, 1024, 1024, False), (8, 1, 1024, 1024, True),
+                                               (4, 2, 256, 2048, False)], ids=str)
+def test_gqa_gradients_over_long_sequences(Hq, Hkv, L, S, causal):
+    q, k, v, grad = make_inputs(1, Hq, Hkv, L, S, 64, 64, seed=L + S)
+    kw = dict(is_causal=True) if causal else {}
+    got = run(ours, (q, k, v), grad, torch.float32, kw)
+    theirs = run(torch_same_dtype, (q, k, v), grad, torch.float32, kw)
+    truth = run(exact, (q, k, v), grad, torch.float64, kw)
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r, floor=SUM_FLOOR)
+
+
+@pytest.mark.parametrize("L", [5, 64], ids=str)
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=str)
+def test_softmax_over_a_single_key(L, logit_scale):
+    # one key: its probability is exactly 1 whatever its score, so the output
+    # is v itself, dV the sum of dO over the group, and the exact dQ and dK are 0
+    q, k, v, grad = make_inputs(2, 4, 2, L, 1, 32, 32, seed=9, logit_scale=logit_scale)
+    got = run(ours, (q, k, v), grad, torch.float32, {})
+    theirs = run(torch_same_dtype, (q, k, v), grad, torch.float32, {})
+    truth = run(exact, (q, k, v), grad, torch.float64, {})
+    assert torch.equal(got[0], v.float().repeat_interleave(2, dim=1).expand(-1, -1, L, -1))
+    for name, a, t, r in zip(("grad_query", "grad_key", "grad_value"), got[1:], theirs[1:], truth[1:]):
+        assert_close(name, a, t, r, floor=SUM_FLOOR)
+
+
 def test_key_padding_that_masks_whole_blocks():
     # the second sequence keeps 10 of 200 keys: its later key blocks are skipped, not computed
     q, k, v, grad = make_inputs(2, 2, 2, 150, 200, 16, 16, seed=24)

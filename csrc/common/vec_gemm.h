@@ -20,9 +20,9 @@ inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a
                       int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
-  V x[R][NV];
+  V x[R][NV];  // from zero, added to c at the end (see gemm_acc)
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) x[r][v] = accumulate ? V::loadu(c + (i + r) * ldc + n0 + v * W) : V(0);
+    for (int v = 0; v < NV; ++v) x[r][v] = V(0);
   const C* ai = a + i * a_row;
   for (int64_t kk = 0; kk < kdim; ++kk) {
     const C* bk = b + kk * ldb + n0;
@@ -34,7 +34,10 @@ inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) x[r][v].store(c + (i + r) * ldc + n0 + v * W);
+    for (int v = 0; v < NV; ++v) {
+      C* cv = c + (i + r) * ldc + n0 + v * W;
+      (accumulate ? V::loadu(cv) + x[r][v] : x[r][v]).store(cv);
+    }
 }
 
 // Rows [i, m) by NV vectors: tiles of R rows, then the last m % R rows as
@@ -60,6 +63,11 @@ constexpr int gemm_tile_rows() {
 
 // c[i][0:n] (+)= sum_k A(i, k) * b[k][0:n], with A(i, k) = a[i * a_row + k * a_col]
 // (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
+// With `accumulate`, the k products are summed from zero and then added to c
+// once: c often holds a sum over many earlier calls (attention's output over
+// key blocks, dK and dV over query blocks and heads), and adding each product
+// to it directly rounds every one at c's magnitude, an error that grows with
+// the number of calls (dK and dV with GQA: 3-3.7x torch's RMS error; issue 16 §4).
 // Register-blocked by column chunks of up to 4 vectors (narrow outputs such
 // as head dim 32 get taller tiles of fewer vectors); a chunk that ends
 // mid-vector goes a row at a time with masked loads.
@@ -85,13 +93,15 @@ inline void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_r
     for (int64_t i = 0; i < m; ++i) {  // a partial column chunk, a row at a time
       C* ci = c + i * ldc + n0;
       V x[4];
-      for (int v = 0; v * W < nn; ++v) x[v] = accumulate ? V::loadu(ci + v * W, count(v)) : V(0);
+      for (int v = 0; v * W < nn; ++v) x[v] = V(0);
       for (int64_t kk = 0; kk < kdim; ++kk) {
         const V s0(a[i * a_row + kk * a_col]);
         const C* bk = b + kk * ldb + n0;
         for (int v = 0; v * W < nn; ++v) x[v] = at::vec::fmadd(s0, V::loadu(bk + v * W, count(v)), x[v]);
       }
-      for (int v = 0; v * W < nn; ++v) x[v].store(ci + v * W, count(v));
+      for (int v = 0; v * W < nn; ++v) {
+        (accumulate ? V::loadu(ci + v * W, count(v)) + x[v] : x[v]).store(ci + v * W, count(v));
+      }
     }
   }
 }

@@ -17,6 +17,12 @@
 
 #include "common/activations.h"
 
+// Forced inline (BK_HD does the same for the shared formulas): the row loops
+// instantiate every activation in one function, and past GCC's inlining
+// budget it would call these per chunk, passing vectors through memory (the
+// relu pass ran 1.5x slower when exp grew by a few instructions).
+#define BK_VEC_INLINE inline __attribute__((always_inline))
+
 namespace bigkernels {
 
 // Shared by every Vectorized type: selections by comparison (blendv(a, b,
@@ -24,36 +30,74 @@ namespace bigkernels {
 template <typename C>
 struct VecSelectOps {
   using V = at::vec::Vectorized<C>;
-  static V abs(const V& x) { return x.abs(); }
-  static V if_negative(const V& c, const V& a, const V& b) { return V::blendv(b, a, c < V(0)); }
+  static BK_VEC_INLINE V abs(const V& x) { return x.abs(); }
+  static BK_VEC_INLINE V if_negative(const V& c, const V& a, const V& b) { return V::blendv(b, a, c < V(0)); }
   // ATen's clamp_min/clamp_max keep NaN on every capability (max_ps(lo, x)
   // returns x when x is NaN): one instruction each.
-  static V at_least(const V& x, const V& lo) { return at::vec::clamp_min(x, lo); }
-  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp_min(at::vec::clamp_max(x, hi), lo); }
-  static V relu(const V& x) { return at::vec::clamp_min(x, V(0)); }
-  static V step(const V& x) { return V::blendv(V(1), V(0), x <= V(0)); }  // relu's derivative
+  static BK_VEC_INLINE V at_least(const V& x, const V& lo) { return at::vec::clamp_min(x, lo); }
+  static BK_VEC_INLINE V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp_min(at::vec::clamp_max(x, hi), lo); }
+  static BK_VEC_INLINE V relu(const V& x) { return at::vec::clamp_min(x, V(0)); }
+  static BK_VEC_INLINE V step(const V& x) { return V::blendv(V(1), V(0), x <= V(0)); }  // relu's derivative
 };
 
 // double: ATen's vectorized exp/erf/tanh (Sleef on AVX2 and AVX-512).
 template <>
 struct MathOps<at::vec::Vectorized<double>> : VecSelectOps<double> {
-  static V exp(const V& x) { return x.exp(); }
-  static V erf(const V& x) { return x.erf(); }
-  static V tanh(const V& x) { return x.tanh(); }
+  static BK_VEC_INLINE V exp(const V& x) { return x.exp(); }
+  static BK_VEC_INLINE V erf(const V& x) { return x.erf(); }
+  static BK_VEC_INLINE V tanh(const V& x) { return x.tanh(); }
 };
 
-// float: inline polynomials around ATen's exp_u20 (at most 20 ulp, inline,
-// no function call), which run 1.5-2x faster than the Sleef calls on AVX2
-// (docs/PERFORMANCE.md); oneDNN's JIT GELU, which eager F.gelu runs, is the
-// bar. The error stays far below the tests' float floor (1e-5). The activation
-// formulas only call exp with arguments <= 0 (or, in tanh, where a saturated
-// result is harmless): exp_u20 flushes below -87.3 to 0 (no denormals) and
-// saturates above 88.7.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// 2^(n-1) for the lanes of t = n + 1.5 * 2^23 (n in its low mantissa bits):
+// n << 23 plus the exponent bias less one. n = -126 gives +0 (a zero
+// exponent field, no mantissa); n = 128 gives 2^127.
+BK_VEC_INLINE at::vec::Vectorized<float> half_pow2_from_shifted(const at::vec::Vectorized<float>& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
+                                              _mm512_set1_epi32(126 << 23)));
+#else
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
+                                              _mm256_set1_epi32(126 << 23)));
+#endif
+}
+#endif
+
+// float: inline polynomials, no function call: they run 1.5-2x faster than
+// the Sleef calls on AVX2 (docs/PERFORMANCE.md); oneDNN's JIT GELU, which
+// eager F.gelu runs, is the bar.
 template <>
 struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
-  static V exp(const V& x) { return V::blendv(x.exp_u20(), x, x != x); }  // exp_u20 drops NaN
+  // e^x = 2^n e^r, n = round(x log2 e) by the shifter, r = x - n ln 2 in two
+  // steps (Cephes' expf), e^r = 1 + r (1 + r p(r)) by Horner to the end,
+  // Cephes' degree-5 p. At most 0.9 ulp, mean error -0.01 ulp; ATen's exp_u20
+  // (used before) had up to 5.3 ulp, and a mean of -0.24 ulp on [-1, 1] and
+  // -1.7 on [0, 88]. Computed as 2^(n-1) * 2e^r so that n reaches 128: +inf and
+  // x > 88.73 give inf; -inf and results below 1.7e-38 give 0 (no
+  // denormals); exp(0) = 1 exactly; NaN stays NaN (the clamp keeps it).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static BK_VEC_INLINE V exp(const V& x) {
+    const V xc = clamp(x, V(-87.5f), V(89.0f));  // n in [-126, 128]
+    const V shifter(12582912.0f);                // 1.5 * 2^23: adding it rounds to an integer
+    const V t = at::vec::fmadd(xc, V(1.44269504088896341f), shifter);
+    const V n = t - shifter;
+    V r = at::vec::fnmadd(n, V(0.693359375f), xc);  // ln 2 = 0.693359375 - 2.12194440e-4
+    r = at::vec::fnmadd(n, V(-2.12194440e-4f), r);
+    // Everything doubled (exactly): 2p, then 2 + r 2p, then 2e^r.
+    V p = at::vec::fmadd(V(2 * 1.9875691500e-4f), r, V(2 * 1.3981999507e-3f));
+    p = at::vec::fmadd(p, r, V(2 * 8.3334519073e-3f));
+    p = at::vec::fmadd(p, r, V(2 * 4.1665795894e-2f));
+    p = at::vec::fmadd(p, r, V(2 * 1.6666665459e-1f));
+    p = at::vec::fmadd(p, r, V(2 * 5.0000001201e-1f));
+    const V h = at::vec::fmadd(p, r, V(2));
+    return at::vec::fmadd(h, r, V(2)) * half_pow2_from_shifted(t);
+  }
+#else
+  // ATen's: std::exp lane by lane, or Sleef's u10 (aarch64); no FMA here.
+  static BK_VEC_INLINE V exp(const V& x) { return x.exp(); }
+#endif
   // Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), as ATen's own erf.
-  static V erf(const V& x) {
+  static BK_VEC_INLINE V erf(const V& x) {
     const V a = x.abs();
     const V t = (at::vec::fmadd(V(0.3275911f), a, V(1))).reciprocal();
     V p = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
@@ -65,7 +109,7 @@ struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
   }
   // Cephes' odd polynomial for |x| < 0.625 (where the exp form would cancel),
   // 1 - 2 / (exp(2|x|) + 1) with x's sign elsewhere.
-  static V tanh(const V& x) {
+  static BK_VEC_INLINE V tanh(const V& x) {
     const V a = x.abs(), x2 = x * x;
     V p = at::vec::fmadd(V(-5.70498872745e-3f), x2, V(2.06390887954e-2f));
     p = at::vec::fmadd(p, x2, V(-5.37397155531e-2f));
@@ -82,6 +126,25 @@ struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
 // same symbol (the linker would keep just one of them).
 namespace CPU_CAPABILITY {
 
+// A float vector's lanes as two double vectors (low half, high half), where
+// the instructions are at hand; elsewhere callers go lane by lane.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool widens_in_registers = true;
+BK_VEC_INLINE std::array<at::vec::Vectorized<double>, 2> widen(const at::vec::Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))};
+#else
+  const __m256 x = v;
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
+#endif
+}
+#else
+constexpr bool widens_in_registers = false;
+inline std::array<at::vec::Vectorized<double>, 2> widen(const at::vec::Vectorized<float>&) { return {}; }
+#endif
+
 // Storage type T as vectors of its compute type C (float; double for
 // double): a chunk is two vectors of C, kWidth elements. bf16 and half are
 // converted in registers, inside the loops; two independent vectors per
@@ -96,7 +159,7 @@ struct VecIO {
   using Chunk = std::array<V, 2>;
 
   // Loads n <= kWidth elements (lanes past n are unspecified: never stored).
-  static Chunk load(const T* p, int64_t n) {
+  static BK_VEC_INLINE Chunk load(const T* p, int64_t n) {
     if constexpr (kReduced) {
       static_assert(at::vec::Vectorized<T>::size() == kWidth);
       const auto v = n == kWidth ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
@@ -108,7 +171,7 @@ struct VecIO {
       return {V::loadu(p, std::min(n, kPart)), n > kPart ? V::loadu(p + kPart, n - kPart) : V(0)};
     }
   }
-  static void store(T* p, const Chunk& c, int64_t n) {
+  static BK_VEC_INLINE void store(T* p, const Chunk& c, int64_t n) {
     if constexpr (kReduced) {
       const auto v = at::vec::convert_from_float<T>(c[0], c[1]);
       if (n == kWidth) {
@@ -124,8 +187,8 @@ struct VecIO {
       if (n > kPart) c[1].store(p + kPart, static_cast<int>(n - kPart));
     }
   }
-  // acc[0, n) += c, acc in the compute type (the bias-gradient partial sums).
-  static void accumulate(C* acc, const Chunk& c, int64_t n) {
+  // acc[0, n) += c, acc in the compute type (the norms' partial sums).
+  static BK_VEC_INLINE void accumulate(C* acc, const Chunk& c, int64_t n) {
     if (n == kWidth) {
       (V::loadu(acc) + c[0]).store(acc);
       (V::loadu(acc + kPart) + c[1]).store(acc + kPart);
@@ -135,6 +198,31 @@ struct VecIO {
       const int m = static_cast<int>(std::min(kPart, n - part * kPart));
       C* a = acc + part * kPart;
       (V::loadu(a, m) + c[part]).store(a, m);
+    }
+  }
+  // acc[0, n) += c in double (dense's bias-gradient partial sums): summed in
+  // float, a block's rounding errors would add up to more than torch's sum of
+  // the same values (issue 16 §4); in double only each value's own rounding is left.
+  static BK_VEC_INLINE void accumulate_double(double* acc, const Chunk& c, int64_t n) {
+    using D = at::vec::Vectorized<double>;
+    if constexpr (std::is_same_v<C, double>) {
+      for (int64_t part = 0; part < 2 && n > part * kPart; ++part) {
+        const int m = static_cast<int>(std::min(kPart, n - part * kPart));
+        double* a = acc + part * kPart;
+        (D::loadu(a, m) + c[part]).store(a, m);
+      }
+    } else if (n == kWidth && widens_in_registers) {
+      for (int part = 0; part < 2; ++part) {
+        const auto [lo, hi] = widen(c[part]);
+        double* a = acc + part * kPart;
+        (D::loadu(a) + lo).store(a);
+        (D::loadu(a + D::size()) + hi).store(a + D::size());
+      }
+    } else {
+      std::array<float, kWidth> lanes;
+      c[0].store(lanes.data());
+      c[1].store(lanes.data() + kPart);
+      for (int64_t i = 0; i < n; ++i) acc[i] += lanes[i];
     }
   }
 };
@@ -154,11 +242,11 @@ void dispatch_storage_type(c10::ScalarType dtype, F&& f) {
 
 // {f(a[0]), f(a[1])}, or {f(a[0], b[0]), f(a[1], b[1])}.
 template <typename Chunk, typename F>
-inline Chunk map_parts(F&& f, const Chunk& a) {
+BK_VEC_INLINE Chunk map_parts(F&& f, const Chunk& a) {
   return {f(a[0]), f(a[1])};
 }
 template <typename Chunk, typename F>
-inline Chunk map_parts(F&& f, const Chunk& a, const Chunk& b) {
+BK_VEC_INLINE Chunk map_parts(F&& f, const Chunk& a, const Chunk& b) {
   return {f(a[0], b[0]), f(a[1], b[1])};
 }
 

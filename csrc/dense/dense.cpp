@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_common(
   if (g.scalar_type() != x.scalar_type()) g = g.to(x.scalar_type());
 
   at::Tensor grad_preact;
-  at::Tensor grad_bias_acc;  // summed in float32 (float64 for double inputs)
+  at::Tensor grad_bias_acc;  // summed in float32 at least (float64 on the CPU, and for double inputs)
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool need_bias = output_mask[2] && bias.has_value();
   if (act == Activation::kNone) {

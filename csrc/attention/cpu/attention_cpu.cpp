@@ -170,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   p.lse = lse.mutable_data_ptr();
   const ForwardPlan plan = plan_forward(s);
   p.splits = plan.splits;
+  p.heads_per_task = plan.heads_per_task;
   at::Tensor split_out, split_lse;
   if (plan.splits > 1) {
     split_out = at::empty({plan.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
@@ -237,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::Tensor k_t = blocked_transpose(k_c);
   const at::Tensor v_t = blocked_transpose(v);
   p.k_c = k_c.const_data_ptr(), p.k_t = k_t.const_data_ptr(), p.v_t = v_t.const_data_ptr();
+  p.heads_per_task = plan_forward(s).heads_per_task;
   // The gradients laid out like the inputs (attention_grad_like; the fake
   // implementation agrees), so that autograd's views back to the caller's
   // [B, L, H, D] projections copy nothing.

@@ -568,13 +568,22 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       }
       std::fill(dq.get(), dq.get() + bq * E, C(0));
       const auto [jlo, jhi] = band.key_range(i0, i1);
+      // the forward's task over these positions: its rows (forward_task's `transposed`)
+      const bool dot_scores = p.heads_per_task * bq < at::vec::Vectorized<C>::size();
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
         if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // no gradient flows through it
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
-        // P = exp(scores - lse), recomputed
-        gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
-                 false);
+        // P = exp(scores - lse), recomputed with the scores rounded as the
+        // forward's were (so that P is the forward's: one key's exactly 1): by
+        // dot products where its task had fewer rows than a vector, else by
+        // gemm_acc, whose sums run in the order of the forward's K Q^T.
+        if (dot_scores) {
+          scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK);
+        } else {
+          gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
+                   false);
+        }
         for (int64_t r = 0; r < bq; ++r) {
           C* sr = s.get() + r * kBlockK;
           if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);

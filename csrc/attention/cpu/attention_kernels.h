@@ -53,6 +53,9 @@ struct AttentionCpuParams {
   int64_t out_strides[3];
   void* lse;
   int64_t splits;
+  // The forward's heads per task (a GQA group's heads packed with each block
+  // of positions): backward recomputes the scores the way the forward did.
+  int64_t heads_per_task;
   void *split_out, *split_lse;
   // backward: out and lse are the forward's; also grad_out [B, Hq, L, Ev] and
   // the gradients, each with its strides (the op lays the gradients out like

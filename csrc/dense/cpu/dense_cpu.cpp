@@ -20,9 +20,10 @@ namespace bigkernels {
 namespace {
 
 // The bias gradient is summed over fixed blocks of rows, each into its own
-// partial row, and the partial rows by ATen's (cascaded) sum. Fixed blocks
-// make the result independent of the thread count (deterministic), and the
-// float error grows with kBiasBlockRows + log(M / kBiasBlockRows), not with M.
+// partial row, and the partial rows by ATen's (cascaded) sum, in double (the
+// kernel adds 4 rows in registers first): what is left is mostly each row's
+// own rounding of dz, which torch's float sum of the same dz has too. Fixed
+// blocks make the result independent of the thread count (deterministic).
 constexpr int64_t kBiasBlockRows = 64;
 
 // x @ [weight; up_weight]^T + bias for x of at most kSkinnyMaxRows rows, on
@@ -106,12 +107,10 @@ void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved
   const DenseCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(dense_cpu_kernels);
   const int64_t blocks = (M + kBiasBlockRows - 1) / kBiasBlockRows;
   at::Tensor partial;  // one row of column sums per block of rows
-  char* partial_rows = nullptr;
-  int64_t partial_row_bytes = 0;
+  double* partial_rows = nullptr;
   if (grad_bias) {
-    partial = at::zeros({blocks, nz}, grad_bias->options());
-    partial_rows = static_cast<char*>(partial.mutable_data_ptr());
-    partial_row_bytes = nz * partial.element_size();
+    partial = at::zeros({blocks, nz}, grad_bias->options().dtype(at::kDouble));
+    partial_rows = partial.mutable_data_ptr<double>();
   }
   const void* g = grad_out.const_data_ptr();
   const void* sv = saved.const_data_ptr();
@@ -119,12 +118,12 @@ void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved
   const int64_t grain = std::max<int64_t>(1, grain_rows(nz) / kBiasBlockRows);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      void* dbias = partial_rows ? partial_rows + b * partial_row_bytes : nullptr;
+      double* dbias = partial_rows ? partial_rows + b * nz : nullptr;
       kernels.backward_rows(grad_out.scalar_type(), act, saved_is_output, g, sv, dz, dbias,
                             b * kBiasBlockRows, std::min(M, (b + 1) * kBiasBlockRows), nz, nout);
     }
   });
-  if (grad_bias) *grad_bias = partial.sum(0);
+  if (grad_bias) *grad_bias = partial.sum(0);  // double: the caller rounds it once to the dtype
 }
 
 }  // namespace

@@ -20,10 +20,10 @@ struct DenseCpuKernels {
                        void* out, int64_t r0, int64_t r1, int64_t nz, int64_t nout);
   // Rows [r0, r1): dz = g * act'(...), from the saved rows (the output, width
   // nout, when saved_is_output, else the pre-activation, width nz). When
-  // dbias (float; double for double) is not null, the column sums of these
+  // dbias (double, whatever the dtype) is not null, the column sums of these
   // rows of dz are added to it, in the same loop.
   void (*backward_rows)(c10::ScalarType dtype, Activation act, bool saved_is_output, const void* g,
-                        const void* saved, void* dz, void* dbias, int64_t r0, int64_t r1,
+                        const void* saved, void* dz, double* dbias, int64_t r0, int64_t r1,
                         int64_t nz, int64_t nout);
   // z[m, n] = x[m] . w[n] (+ bias[n]) for the M <= kSkinnyMaxRows rows of x
   // ([M, K], contiguous) and the rows n in [n0, n1) of w ([*, K], contiguous;
