@@ -1,7 +1,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dense import GATED, SKINNY_MAX_ROWS, check_recompute, dense, normalize_activation
+from ..ops.dense import GATED, check_recompute, dense, normalize_activation
 
 
 class Linear(nn.Linear):
@@ -23,10 +23,9 @@ class Linear(nn.Linear):
         self.recompute = recompute
 
     def forward(self, input):
-        if self.activation == "none" and input.device.type == "cpu" \
-                and input.numel() > SKINNY_MAX_ROWS * self.in_features:
-            # Nothing to fuse: on the CPU our op would run the same addmm after a few
-            # microseconds of dispatch. A few rows (decoding) run on its skinny kernel instead.
+        if self.activation == "none" and input.device.type == "cpu":
+            # Nothing to fuse: on the CPU our op runs the same addmm after a few
+            # microseconds of dispatch, which cost greedy decoding 4-5 % (docs/PERFORMANCE.md).
             return F.linear(input, self.weight, self.bias)
         return dense(input, self.weight, self.bias, self.activation, recompute=self.recompute)
 

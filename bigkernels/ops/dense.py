@@ -13,9 +13,6 @@ from ._autocast import autocast_inputs
 from ..reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Inputs of up to this many rows run the CPU forward's product on our skinny
-# kernel rather than BLAS (kSkinnyMaxRows in csrc/dense/cpu/dense_kernels.h).
-SKINNY_MAX_ROWS = 8
 
 
 def normalize_activation(activation):

@@ -26,29 +26,6 @@ namespace {
 // blocks make the result independent of the thread count (deterministic).
 constexpr int64_t kBiasBlockRows = 64;
 
-// x @ [weight; up_weight]^T + bias for x of at most kSkinnyMaxRows rows, on
-// skinny_rows, the weight's rows split over threads.
-at::Tensor skinny_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& up_weight,
-                          const std::optional<at::Tensor>& bias) {
-  const int64_t M = x.size(0), K = x.size(1), rows = weight.size(0);
-  const int64_t Nz = up_weight.has_value() ? 2 * rows : rows;
-  at::Tensor z = at::empty({M, Nz}, x.options());
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const DenseCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(dense_cpu_kernels);
-  const int64_t size = x.element_size();
-  const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(K, 1));  // >= 32k weights per chunk
-  // the weight, or its two halves: each writes its own columns of z
-  for (int half = 0; half < (up_weight.has_value() ? 2 : 1); ++half) {
-    const void* w = (half == 0 ? weight : *up_weight).const_data_ptr();
-    const char* bh = b.defined() ? static_cast<const char*>(b.const_data_ptr()) + half * rows * size : nullptr;
-    char* zh = static_cast<char*>(z.mutable_data_ptr()) + half * rows * size;
-    at::parallel_for(0, rows, grain, [&](int64_t n0, int64_t n1) {
-      kernels.skinny_rows(x.scalar_type(), x.const_data_ptr(), M, K, w, bh, zh, Nz, n0, n1);
-    });
-  }
-  return z;
-}
-
 std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                                                      const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
@@ -67,18 +44,11 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   // addmm first copies the broadcast bias into the output, a pass of its own
   // (8 % of a 5120x384x1536 call); in bf16/fp16 the GEMM adds it before its
   // one rounding, which a pass after the rounded product could not.
-  //
-  // A few rows (decoding) run on our skinny kernel instead, which reads each
-  // weight row once for all of them (BLAS at 4 rows read the weight at half
-  // the bandwidth a plain read gets here); it adds the bias itself.
-  const bool skinny = s.M >= 1 && s.M <= kSkinnyMaxRows && weight.is_contiguous() &&
-                      (!up_weight.has_value() || up_weight->is_contiguous());
-  const bool bias_in_pass = !skinny && bias.has_value() && act != Activation::kNone &&
+  const bool bias_in_pass = bias.has_value() && act != Activation::kNone &&
                             (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
   const std::optional<at::Tensor> gemm_bias = bias_in_pass ? std::nullopt : bias;
   const at::Tensor wt = weight.t();
-  at::Tensor z = skinny                  ? skinny_product(x, weight, up_weight, bias)
-                 : up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
+  at::Tensor z = up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
                  : gemm_bias.has_value() ? at::addmm(*gemm_bias, x, wt)
                                          : at::mm(x, wt);
   // Without a pre-activation to keep, the activation runs in place.

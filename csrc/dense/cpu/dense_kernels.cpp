@@ -5,9 +5,6 @@
 
 #include "common/vec_math.h"
 
-#include <type_traits>
-#include <vector>
-
 namespace bigkernels {
 namespace CPU_CAPABILITY {
 namespace {
@@ -113,70 +110,6 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
   }
 }
 
-// skinny_rows for MR rows of x (a template, so that the MR x kRows
-// accumulators live in registers). x is first converted to the compute type,
-// zero-padded to whole chunks.
-template <int MR, typename T>
-void skinny_rows(const T* x, int64_t K, const T* w, const T* bias, T* z, int64_t ldz, int64_t n0, int64_t n1) {
-  using IO = VecIO<T>;
-  using C = typename IO::C;
-  using V = typename IO::V;
-  constexpr int64_t kW = IO::kWidth;
-  // rows of w per step: the accumulators (2 MR kRows vectors) and w's chunks
-  // (2 kRows) fit AVX-512's 32 registers
-  constexpr int kRows = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
-  const int64_t Kp = (K + kW - 1) / kW * kW;
-  std::vector<C> xc(MR * Kp, C(0));
-  for (int m = 0; m < MR; ++m)
-    for (int64_t k = 0; k < K; ++k) xc[m * Kp + k] = static_cast<C>(x[m * K + k]);
-  for (int64_t n = n0; n < n1; n += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - n));
-    typename IO::Chunk acc[MR][kRows];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < kRows; ++r) acc[m][r] = {V(0), V(0)};
-    for (int64_t k = 0; k < K; k += kW) {
-      const int64_t len = std::min(kW, K - k);  // past it, both w's loads and x's padding are 0
-      typename IO::Chunk wk[kRows];
-      for (int r = 0; r < kRows; ++r) wk[r] = r < rows ? IO::load(w + (n + r) * K + k, len) : typename IO::Chunk{V(0), V(0)};
-      for (int m = 0; m < MR; ++m) {
-        const V x0 = V::loadu(xc.data() + m * Kp + k), x1 = V::loadu(xc.data() + m * Kp + k + IO::kPart);
-        for (int r = 0; r < kRows; ++r) {
-          acc[m][r][0] = at::vec::fmadd(x0, wk[r][0], acc[m][r][0]);
-          acc[m][r][1] = at::vec::fmadd(x1, wk[r][1], acc[m][r][1]);
-        }
-      }
-    }
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < rows; ++r) {
-        C sum = at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, acc[m][r][0] + acc[m][r][1]);
-        if (bias != nullptr) sum += static_cast<C>(bias[n + r]);
-        z[m * ldz + n + r] = static_cast<T>(sum);
-      }
-  }
-}
-
-void skinny_rows_any(c10::ScalarType dtype, const void* x, int64_t M, int64_t K, const void* w, const void* bias,
-                     void* z, int64_t ldz, int64_t n0, int64_t n1) {
-  dispatch_storage_type(dtype, [&](auto t) {
-    using T = decltype(t);
-    const auto run = [&](auto rows) {
-      skinny_rows<decltype(rows)::value>(static_cast<const T*>(x), K, static_cast<const T*>(w),
-                                         static_cast<const T*>(bias), static_cast<T*>(z), ldz, n0, n1);
-    };
-    switch (M) {
-      case 1: return run(std::integral_constant<int, 1>{});
-      case 2: return run(std::integral_constant<int, 2>{});
-      case 3: return run(std::integral_constant<int, 3>{});
-      case 4: return run(std::integral_constant<int, 4>{});
-      case 5: return run(std::integral_constant<int, 5>{});
-      case 6: return run(std::integral_constant<int, 6>{});
-      case 7: return run(std::integral_constant<int, 7>{});
-      case 8: return run(std::integral_constant<int, 8>{});
-      default: TORCH_INTERNAL_ASSERT(false, "skinny_rows: M = ", M, " outside 1..", kSkinnyMaxRows);
-    }
-  });
-}
-
 void forward_rows_any(c10::ScalarType dtype, Activation act, void* z, const void* bias, bool keep_preact,
                       void* out, int64_t r0, int64_t r1, int64_t nz, int64_t nout) {
   dispatch_storage_type(dtype, [&](auto t) {
@@ -202,7 +135,6 @@ void backward_rows_any(c10::ScalarType dtype, Activation act, bool saved_is_outp
 extern const DenseCpuKernels BK_CAPABILITY_NAME(dense_cpu_kernels) = {
     &CPU_CAPABILITY::forward_rows_any,
     &CPU_CAPABILITY::backward_rows_any,
-    &CPU_CAPABILITY::skinny_rows_any,
 };
 
 }  // namespace bigkernels
