@@ -166,6 +166,28 @@ def test_key_padding_that_masks_whole_blocks():
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("L", [1, 70], ids=lambda L: f"L{L}")
+def test_scores_that_grow_along_the_keys(dtype, L):
+    # The online softmax keeps a row's shift until a block's max exceeds it by more than
+    # kLazyRescale (8): scores that climb slowly (less than that per block) and then jump
+    # (more) take both branches, in the layouts by rows (L 1; bf16 packed) and transposed.
+    B, H, S, E = 1, 2, 600, 32
+    q, k, v, grad = make_inputs(B, H, H, L, S, E, E, seed=9)
+    u = torch.zeros(E, dtype=torch.float64)
+    u[0] = 1.0
+    climb = torch.linspace(0, 3, S, dtype=torch.float64)
+    climb[400:] += 4  # a jump of 12 in the scores below
+    k = k + climb[:, None] * u
+    q = q.clone()
+    q[..., 0] = 3 * math.sqrt(E)  # score(i, j) ~ 3 * climb(j) + noise: up to ~21 over the keys
+    got = run(ours, (q, k, v), grad, dtype, {})
+    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, {})
+    truth = run(exact, (q, k, v), grad, torch.float64, {})
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+
+
 def test_large_logits_stay_finite():
     # scores of order +-1e4: the online softmax must not overflow
     check(torch.float32, "causal", L=40, S=40, E=16, logit_scale=2500.0)

@@ -109,6 +109,18 @@ def test_up_weight_matches_reference(device, dtype, activation, recompute, bias,
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("activation,up_weight", [("none", False), ("gelu", False), ("swiglu", True),
+                                                  ("geglu", False)])
+def test_decode_sized_inputs(device, dtype, rows, activation, up_weight):
+    # decoding-sized inputs: K and N odd, past one vector and not a multiple of one, with and
+    # without a bias
+    check_against_reference(device, dtype, activation, (rows,), 333, 45, bias=rows % 2 == 1, up_weight=up_weight)
+    check_against_reference(device, dtype, activation, (1, rows), 7, 3, bias=rows % 2 == 0, up_weight=up_weight,
+                            noncontiguous=True)
+
+
+@pytest.mark.parametrize("device,dtype", ALL_DTYPES)
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
 def test_zero_size_batch(device, dtype, lead):
     w = torch.randn(6, 5, device=device, dtype=dtype, requires_grad=True)
