@@ -35,6 +35,23 @@ void check_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& r
   }
 }
 
+void check_norm_backward_args(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_sum,
+                              const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                              const at::Tensor& rstd, bool rms) {
+  check_norm_args(x, grad_sum, weight, std::nullopt, 0.0);
+  TORCH_CHECK_VALUE(grad_output.sizes() == x.sizes(), "bigkernels norm_backward: grad_output has shape ",
+                    grad_output.sizes(), " but x has shape ", x.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == x.device(), "bigkernels norm_backward: grad_output is on ",
+                    grad_output.device(), " but x is on ", x.device());
+  const int64_t N = x.size(-1), M = N ? x.numel() / N : 0;
+  TORCH_CHECK_VALUE(rstd.numel() == M && rstd.scalar_type() == stats_dtype(x) && rstd.device() == x.device() &&
+                        (rms ? mean.numel() == 0
+                             : mean.numel() == M && mean.scalar_type() == rstd.scalar_type() &&
+                                   mean.device() == x.device()),
+                    "bigkernels norm_backward: mean and rstd must be the forward's (", M, " rows on ", x.device(),
+                    ")");
+}
+
 }  // namespace bigkernels
 
 TORCH_LIBRARY_FRAGMENT(bigkernels, m) {

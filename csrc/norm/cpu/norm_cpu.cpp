@@ -21,10 +21,6 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;  // rows per partial sum of the weight and bias gradients
 
-at::ScalarType stats_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-const void* data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
@@ -32,9 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
   TORCH_CHECK_VALUE(!rms || !bias.has_value(), "bigkernels.rms_norm: takes no bias");
   const int64_t N = input.size(-1), M = N ? input.numel() / N : 0;
   const at::Tensor x = input.contiguous();
-  const std::optional<at::Tensor> r = residual.has_value() ? std::optional(residual->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> b = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> r = contiguous(residual), w = contiguous(weight), b = contiguous(bias);
   at::Tensor out = at::empty_like(x);
   at::Tensor sum = r.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
   const auto stats = x.options().dtype(stats_dtype(x));
@@ -53,19 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_sum, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool rms,
     std::array<bool, 3> output_mask) {
-  check_norm_args(x, grad_sum, weight, std::nullopt, 0.0);
-  TORCH_CHECK_VALUE(grad_output.sizes() == x.sizes(), "bigkernels norm_backward: grad_output has shape ",
-                    grad_output.sizes(), " but x has shape ", x.sizes());
+  check_norm_backward_args(grad_output, grad_sum, x, weight, mean, rstd, rms);
   const int64_t N = x.size(-1), M = N ? x.numel() / N : 0;
-  TORCH_CHECK_VALUE(rstd.numel() == M && rstd.scalar_type() == stats_dtype(x) &&
-                        (rms ? mean.numel() == 0 : mean.numel() == M && mean.scalar_type() == rstd.scalar_type()),
-                    "bigkernels norm_backward: mean and rstd must be the forward's (", M, " rows)");
-  const auto same_dtype = [&](const at::Tensor& t) {
-    return (t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type())).contiguous();
-  };
-  const at::Tensor g = same_dtype(grad_output), xc = x.contiguous();
-  const std::optional<at::Tensor> gs = grad_sum.has_value() ? std::optional(same_dtype(*grad_sum)) : std::nullopt;
-  const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
+  const at::Tensor g = like_x(grad_output, x), xc = x.contiguous();
+  const std::optional<at::Tensor> gs = grad_sum.has_value() ? std::optional(like_x(*grad_sum, x)) : std::nullopt;
+  const std::optional<at::Tensor> w = contiguous(weight);
   at::Tensor grad_input = at::empty_like(xc);
   const bool want_w = output_mask[1] && w.has_value(), want_b = output_mask[2];
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;

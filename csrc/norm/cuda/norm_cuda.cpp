@@ -28,14 +28,6 @@ cuda::NormDType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
-at::ScalarType stats_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional(t->contiguous()) : std::nullopt;
-}
-
-const void* data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
@@ -68,25 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_sum, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool rms,
     std::array<bool, 3> output_mask) {
-  check_norm_args(x, grad_sum, weight, std::nullopt, 0.0);
-  TORCH_CHECK_VALUE(grad_output.sizes() == x.sizes(), "bigkernels norm_backward: grad_output has shape ",
-                    grad_output.sizes(), " but x has shape ", x.sizes());
-  TORCH_CHECK_VALUE(grad_output.device() == x.device(), "bigkernels norm_backward: grad_output is on ",
-                    grad_output.device(), " but x is on ", x.device());
+  check_norm_backward_args(grad_output, grad_sum, x, weight, mean, rstd, rms);
   const int64_t N = x.size(-1), M = N ? x.numel() / N : 0;
-  TORCH_CHECK_VALUE(rstd.numel() == M && rstd.scalar_type() == stats_dtype(x) && rstd.device() == x.device() &&
-                        (rms ? mean.numel() == 0
-                             : mean.numel() == M && mean.scalar_type() == rstd.scalar_type() &&
-                                   mean.device() == x.device()),
-                    "bigkernels norm_backward: mean and rstd must be the forward's (", M, " rows on ", x.device(),
-                    ")");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto same_dtype = [&](const at::Tensor& t) {
-    return (t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type())).contiguous();
-  };
-  const at::Tensor g = same_dtype(grad_output), xc = x.contiguous();
+  const at::Tensor g = like_x(grad_output, x), xc = x.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  const std::optional<at::Tensor> gs = grad_sum.has_value() ? std::optional(same_dtype(*grad_sum)) : std::nullopt;
+  const std::optional<at::Tensor> gs = grad_sum.has_value() ? std::optional(like_x(*grad_sum, x)) : std::nullopt;
   const std::optional<at::Tensor> w = contiguous(weight);
   const bool want_x = output_mask[0], want_w = output_mask[1] && w.has_value(), want_b = output_mask[2];
   const auto none = [&] { return at::empty({0}, x.options()); };
