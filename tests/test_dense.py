@@ -101,7 +101,8 @@ def test_recompute_matches_reference(device, dtype, activation):
 @pytest.mark.parametrize("activation", sorted(GATED))
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("bias,lead,K,N,noncontiguous", [
-    (True, (1,), 1, 1, False), (False, (3, 1), 24, 8, False), (True, (2, 65), 33, 47, True), (False, (130,), 64, 70, True),
+    (True, (1,), 1, 1, False), (False, (3, 1), 24, 8, False), (True, (2, 65), 33, 47, True),
+    (False, (130,), 64, 70, True),
 ], ids=["1x1x1", "decode", "odd-transposed", "rows-transposed"])
 def test_up_weight_matches_reference(device, dtype, activation, recompute, bias, lead, K, N, noncontiguous):
     check_against_reference(device, dtype, activation, lead, K, N, bias=bias, noncontiguous=noncontiguous,
