@@ -83,12 +83,19 @@ __device__ __forceinline__ void store(T* p, int64_t j, const acc_t<T> (&in)[kVec
   *reinterpret_cast<Pack<T, kVec>*>(p + j) = pack;
 }
 
+// The row kernels ask for 1024 resident threads per SM (kResidentRowThreads over
+// their block size), a cap of 64 registers: enough loads in flight for a
+// bandwidth-bound pass, and room enough that ptxas spills nothing (left to
+// itself it chose 40 registers and spilled 8 bytes in two instantiations).
+constexpr int kResidentRowThreads = 1024;
+
 // Thread t of a row owns the chunks of kVec elements that start at
 // j = t * kVec, (t + kThreadsPerRow) * kVec, ...: the loops below are over j.
 #define BK_FOR_CHUNKS(j) for (int64_t j = int64_t(t) * kVec; j < N; j += int64_t(kThreadsPerRow) * kVec)
 
 template <typename T, int kThreadsPerRow, int kRowsPerBlock, int kVec>
-__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock) norm_forward_kernel(NormForwardParams p) {
+__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kResidentRowThreads / (kThreadsPerRow * kRowsPerBlock))
+    norm_forward_kernel(NormForwardParams p) {
   using Acc = acc_t<T>;
   const int64_t N = p.N;
   const int t = threadIdx.x % kThreadsPerRow;
@@ -168,8 +175,24 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock) norm_forward_ke
 // grad_input per row: with g = grad_out * weight and x_hat = (x - mean) * rstd,
 // dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (RMSNorm: no mean(g)),
 // plus grad_sum.
+// One chunk's grad_out times the weight (g) and x_hat, from x and the row's statistics.
+template <int kVec, typename T, typename Acc>
+__device__ __forceinline__ void weighted_grad_and_xhat(const T* dy, const T* x, const T* w, int64_t j, Acc mean,
+                                                       Acc rstd, Acc (&g)[kVec], Acc (&xh)[kVec]) {
+  load<kVec>(dy, j, g);
+  load<kVec>(x, j, xh);
+  Acc wv[kVec];
+  if (w != nullptr) load<kVec>(w, j, wv);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    if (w != nullptr) g[i] *= wv[i];
+    xh[i] = (xh[i] - mean) * rstd;
+  }
+}
+
 template <typename T, int kThreadsPerRow, int kRowsPerBlock, int kVec>
-__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock) norm_backward_input_kernel(NormBackwardParams p) {
+__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kResidentRowThreads / (kThreadsPerRow * kRowsPerBlock))
+    norm_backward_input_kernel(NormBackwardParams p) {
   using Acc = acc_t<T>;
   const int64_t N = p.N;
   const int t = threadIdx.x % kThreadsPerRow;
@@ -181,22 +204,10 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock) norm_backward_i
     const T* dy = static_cast<const T*>(p.grad_out) + row * N;
     const Acc mean = rms ? Acc(0) : static_cast<const Acc*>(p.mean)[row];
     const Acc rstd = static_cast<const Acc*>(p.rstd)[row];
-    // g and x_hat of one chunk
-    const auto chunk = [&](int64_t j, Acc (&g)[kVec], Acc (&xh)[kVec]) {
-      load<kVec>(dy, j, g);
-      load<kVec>(x, j, xh);
-      Acc wv[kVec];
-      if (w != nullptr) load<kVec>(w, j, wv);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        if (w != nullptr) g[i] *= wv[i];
-        xh[i] = (xh[i] - mean) * rstd;
-      }
-    };
     Acc sums[2] = {0, 0};  // of g * x_hat, of g
     BK_FOR_CHUNKS(j) {
       Acc g[kVec], xh[kVec];
-      chunk(j, g, xh);
+      weighted_grad_and_xhat<kVec>(dy, x, w, j, mean, rstd, g, xh);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         sums[0] += g[i] * xh[i];
@@ -209,7 +220,7 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock) norm_backward_i
     const T* dsum = p.grad_sum != nullptr ? static_cast<const T*>(p.grad_sum) + row * N : nullptr;
     BK_FOR_CHUNKS(j) {
       Acc g[kVec], xh[kVec], d[kVec], ds[kVec];
-      chunk(j, g, xh);
+      weighted_grad_and_xhat<kVec>(dy, x, w, j, mean, rstd, g, xh);
       if (dsum != nullptr) load<kVec>(dsum, j, ds);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
