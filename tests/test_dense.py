@@ -13,6 +13,7 @@ import torch
 
 import bigkernels
 from bigkernels import reference
+from bigkernels.ops.dense import runs_cpu_decode_product
 from bigkernels.reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 from conftest import FLOOR, assert_close, device_params
 
@@ -119,6 +120,31 @@ def test_decode_sized_inputs(device, dtype, rows, activation, up_weight):
     check_against_reference(device, dtype, activation, (rows,), 333, 45, bias=rows % 2 == 1, up_weight=up_weight)
     check_against_reference(device, dtype, activation, (1, rows), 7, 3, bias=rows % 2 == 0, up_weight=up_weight,
                             noncontiguous=True)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 5), (torch.float32, 8),
+                                        (torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 3)], ids=str)
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_decode_product_matches_reference(dtype, rows, activation):
+    # The CPU's product for a few rows (decoding), not BLAS's: weights whose rows lie further apart
+    # than K (column slices), enough rows to fill several tiles and be split over threads, K past a
+    # whole number of vector chunks.
+    gen = torch.Generator().manual_seed(rows)
+    K, N = 100, 1000
+    x = torch.randn(rows, K, generator=gen, dtype=torch.float64)
+    wide = torch.randn(2 * N, K + 11, generator=gen, dtype=torch.float64) / 10
+    b = torch.randn(2 * N if activation == "swiglu" else N, generator=gen, dtype=torch.float64)
+
+    def run(dtype):
+        w = wide.to(dtype)[:, 3:3 + K]
+        weight, up_weight = (w[:N], w[N:]) if activation == "swiglu" else (w[:N], None)
+        return weight, bigkernels.dense(x.to(dtype), weight, b.to(dtype), activation, up_weight=up_weight)
+
+    weight, got = run(dtype)
+    assert runs_cpu_decode_product(x.to(dtype), weight)
+    ref_w = wide[:, 3:3 + K] if activation == "swiglu" else wide[:N, 3:3 + K]
+    same_dtype = reference.dense(x.to(dtype), ref_w.to(dtype), b.to(dtype), activation)
+    assert_close("output", got, same_dtype, reference.dense(x, ref_w, b, activation))
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)

@@ -15,6 +15,20 @@ from ..reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# The rows of input for which the CPU op runs its decoding product (each weight
+# row read once for all rows, at the memory's bandwidth) rather than BLAS: the
+# same table as decode_min_rows/decode_max_rows in csrc/dense/cpu/dense_kernels.h.
+_CPU_DECODE_ROWS = {torch.float32: (2, 8), torch.bfloat16: (1, 4), torch.float16: (1, 4)}
+
+
+def runs_cpu_decode_product(input, weight):
+    """Whether dense() on the CPU takes its decoding product for these inputs,
+    which beats BLAS (docs/PERFORMANCE.md)."""
+    low, high = _CPU_DECODE_ROWS.get(input.dtype, (1, 0))
+    features = input.shape[-1] if input.dim() else 0
+    return features > 0 and low <= input.numel() // features <= high and weight.dim() == 2 and weight.stride(1) == 1
+
+
 def normalize_activation(activation):
     """None -> "none"; checks the name. Names are exact (lower case), as
     torch's own string options are: "Gelu" is refused, not guessed."""

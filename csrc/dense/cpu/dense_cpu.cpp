@@ -26,6 +26,42 @@ namespace {
 // blocks make the result independent of the thread count (deterministic).
 constexpr int64_t kBiasBlockRows = 64;
 
+// Whether the product runs on decode_rows (a few rows of x, as in decoding):
+// a weight with unit column stride (GPT-2's transposed Conv1D weight goes to
+// BLAS) and a dtype with a kernel.
+bool use_decode_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& up_weight) {
+  const auto rows_in_place = [](const at::Tensor& w) { return w.stride(1) == 1 && w.stride(0) >= w.size(1); };
+  return x.size(0) >= decode_min_rows(x.scalar_type()) && x.size(0) <= decode_max_rows(x.scalar_type()) &&
+         x.size(1) >= 1 && rows_in_place(weight) &&
+         (!up_weight.has_value() || rows_in_place(*up_weight));
+}
+
+// x @ [weight; up_weight]^T + bias on decode_rows, the weight's rows split
+// over threads; each half writes its own columns of z.
+at::Tensor decode_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& up_weight,
+                          const std::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), rows = weight.size(0);
+  const int64_t Nz = up_weight.has_value() ? 2 * rows : rows;
+  const int64_t ldx = (K + kDecodeKPad - 1) / kDecodeKPad * kDecodeKPad;
+  at::Tensor xf = at::zeros({M, ldx}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, K).copy_(x);
+  at::Tensor z = at::empty({M, Nz}, x.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const DenseCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(dense_cpu_kernels);
+  const int64_t size = x.element_size();
+  const int64_t grain = std::max<int64_t>(16, 65536 / (K * size));  // >= 64 KB of weight per thread's share
+  for (int half = 0; half < (up_weight.has_value() ? 2 : 1); ++half) {
+    const at::Tensor& w = half == 0 ? weight : *up_weight;
+    const char* bh = b.defined() ? static_cast<const char*>(b.const_data_ptr()) + half * rows * size : nullptr;
+    char* zh = static_cast<char*>(z.mutable_data_ptr()) + half * rows * size;
+    at::parallel_for(0, rows, grain, [&](int64_t n0, int64_t n1) {
+      kernels.decode_rows(x.scalar_type(), xf.const_data_ptr<float>(), ldx, M, K, w.const_data_ptr(), w.stride(0),
+                          bh, zh, Nz, n0, n1);
+    });
+  }
+  return z;
+}
+
 std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                                                      const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
@@ -44,11 +80,17 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   // addmm first copies the broadcast bias into the output, a pass of its own
   // (8 % of a 5120x384x1536 call); in bf16/fp16 the GEMM adds it before its
   // one rounding, which a pass after the rounded product could not.
-  const bool bias_in_pass = bias.has_value() && act != Activation::kNone &&
+  //
+  // A few rows (decoding) run on our decode_rows instead, which reads each
+  // weight row once for all of them at the memory's bandwidth; it adds the
+  // bias itself, in float before its one rounding.
+  const bool decode = use_decode_rows(x, weight, up_weight);
+  const bool bias_in_pass = !decode && bias.has_value() && act != Activation::kNone &&
                             (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
   const std::optional<at::Tensor> gemm_bias = bias_in_pass ? std::nullopt : bias;
   const at::Tensor wt = weight.t();
-  at::Tensor z = up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
+  at::Tensor z = decode                  ? decode_product(x, weight, up_weight, bias)
+                 : up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
                  : gemm_bias.has_value() ? at::addmm(*gemm_bias, x, wt)
                                          : at::mm(x, wt);
   // Without a pre-activation to keep, the activation runs in place.

@@ -5,6 +5,9 @@
 
 #include "common/vec_math.h"
 
+#include <algorithm>
+#include <type_traits>
+
 namespace bigkernels {
 namespace CPU_CAPABILITY {
 namespace {
@@ -110,6 +113,123 @@ void backward_rows(Activation act, bool saved_is_output, const T* g, const T* sa
   }
 }
 
+// The decoding product. A tile is G rows of x by R rows of w: G x R
+// accumulators, each a vector summed across at the end, so that every chunk of
+// w loaded feeds G FMAs and w streams from memory once. Weight rows per tile
+// for G rows of x: the accumulators within half the vector registers (32 on
+// AVX-512, 16 otherwise); a chunk of w that does not fit a register is folded
+// into the FMAs from L1.
+template <typename C, int G>
+constexpr int decode_tile_rows() {
+  constexpr int budget = sizeof(at::vec::Vectorized<C>) >= 64 ? 16 : 8;
+  return std::min(8, std::max(1, budget / G));
+}
+
+template <int G, int R, typename T>
+BK_VEC_INLINE void decode_tile(const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, const T* bias,
+                               T* z, int64_t ldz, bool prefetch_next) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int64_t kW = IO::kWidth;
+  V acc[G][R];
+#pragma GCC unroll 64
+  for (int i = 0; i < G * R; ++i) acc[i / R][i % R] = V(0);
+  const auto step = [&](const typename IO::Chunk (&wk)[R], int64_t k) {
+#pragma GCC unroll 8
+    for (int m = 0; m < G; ++m) {
+      const V x0 = V::loadu(x + m * ldx + k), x1 = V::loadu(x + m * ldx + k + IO::kPart);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = at::vec::fmadd(x1, wk[r][1], at::vec::fmadd(x0, wk[r][0], acc[m][r]));
+    }
+  };
+  const int64_t k_full = K / kW * kW;
+  for (int64_t k = 0; k < k_full; k += kW) {
+    typename IO::Chunk wk[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wk[r] = IO::load(w + r * ldw + k, kW);
+    // The next tile's rows, a tile ahead: with this many FMAs per byte the
+    // hardware prefetcher alone fell behind (10-20 GB/s against 25).
+    if (prefetch_next) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const char* p = reinterpret_cast<const char*>(w + (r + R) * ldw + k);
+        for (int64_t b = 0; b < kW * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+      }
+    }
+    step(wk, k);
+  }
+  if (k_full < K) {  // the last columns, zero-padded (x is zero there too)
+    T tail[R][kW];
+    typename IO::Chunk wk[R];
+    for (int r = 0; r < R; ++r) {
+      for (int64_t k = 0; k < kW; ++k) tail[r][k] = k_full + k < K ? w[r * ldw + k_full + k] : T(0);
+      wk[r] = IO::load(tail[r], kW);
+    }
+    step(wk, k_full);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < G; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float sum = at::vec::vec_reduce_all<float>([](const V& a, const V& b) { return a + b; }, acc[m][r]);
+      if (bias != nullptr) sum += static_cast<float>(bias[r]);
+      z[m * ldz + r] = static_cast<T>(sum);
+    }
+}
+
+// Rows [n, n1) of w against G rows of x: tiles of R rows, the rest in tiles
+// of R / 2, R / 4, ... rows. A tile prefetches the next one's rows if they are
+// before `end`.
+template <int G, int R, typename T>
+void decode_rows_of_w(const float* x, int64_t ldx, int64_t K, const T* w, int64_t ldw, const T* bias, T* z,
+                      int64_t ldz, int64_t n, int64_t n1, int64_t end) {
+  for (; n + R <= n1; n += R)
+    decode_tile<G, R>(x, ldx, K, w + n * ldw, ldw, bias ? bias + n : nullptr, z + n, ldz, n + 2 * R <= end);
+  if constexpr (R > 1) {
+    if (n < n1) decode_rows_of_w<G, R / 2>(x, ldx, K, w, ldw, bias, z, ldz, n, n1, end);
+  }
+}
+
+template <typename T>
+void decode_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const T* w, int64_t ldw, const T* bias, T* z,
+                 int64_t ldz, int64_t n0, int64_t n1) {
+  // x's rows in groups of at most 4 (the accumulators' budget). With more
+  // than one group, w goes in blocks of ~16 KB, each block read from memory
+  // by the first group and from L1 by the others.
+  const int64_t block = M <= 4 ? n1 - n0 : std::max<int64_t>(8, 16384 / (K * static_cast<int64_t>(sizeof(T))));
+  for (int64_t b0 = n0; b0 < n1; b0 += block) {
+    const int64_t b1 = std::min(n1, b0 + block);
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = x + m * ldx;
+      T* zm = z + m * ldz;
+      const auto run = [&](auto g) {
+        constexpr int G = decltype(g)::value;
+        decode_rows_of_w<G, decode_tile_rows<float, G>()>(xm, ldx, K, w, ldw, bias, zm, ldz, b0, b1, n1);
+      };
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        default: run(std::integral_constant<int, 4>{}); break;
+      }
+    }
+  }
+}
+
+void decode_rows_any(c10::ScalarType dtype, const float* x, int64_t ldx, int64_t M, int64_t K, const void* w,
+                     int64_t ldw, const void* bias, void* z, int64_t ldz, int64_t n0, int64_t n1) {
+  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kDecodeMaxRows && ldx % kDecodeKPad == 0 && ldx >= K);
+  dispatch_storage_type(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, double>) {
+      TORCH_INTERNAL_ASSERT(false, "decode_rows: no double kernel (BLAS runs it)");
+    } else {
+      decode_rows(x, ldx, M, K, static_cast<const T*>(w), ldw, static_cast<const T*>(bias), static_cast<T*>(z),
+                  ldz, n0, n1);
+    }
+  });
+}
+
 void forward_rows_any(c10::ScalarType dtype, Activation act, void* z, const void* bias, bool keep_preact,
                       void* out, int64_t r0, int64_t r1, int64_t nz, int64_t nout) {
   dispatch_storage_type(dtype, [&](auto t) {
@@ -135,6 +255,7 @@ void backward_rows_any(c10::ScalarType dtype, Activation act, bool saved_is_outp
 extern const DenseCpuKernels BK_CAPABILITY_NAME(dense_cpu_kernels) = {
     &CPU_CAPABILITY::forward_rows_any,
     &CPU_CAPABILITY::backward_rows_any,
+    &CPU_CAPABILITY::decode_rows_any,
 };
 
 }  // namespace bigkernels
