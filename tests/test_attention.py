@@ -38,6 +38,8 @@ def feature_kwargs(feature, B, L, S, seed):
         return dict(attn_mask=torch.rand(B, 1, 1, S, generator=gen) > 0.3)
     if feature == "float_mask":
         return dict(attn_mask=torch.randn(L, S, generator=gen, dtype=torch.float64))
+    if feature == "window_padding_rows":  # the shared mask row and a window in one block
+        return dict(feature_kwargs("padding_rows", B, L, S, seed), window=(7, 3))
     if feature in ("padding_rows", "float_padding_rows"):
         # a padding mask as Hugging Face hands it over: [B, 1, L, S] with equal rows,
         # but for one row of the first sequence (the kernel compares rows per task)
@@ -70,6 +72,8 @@ def torch_same_dtype(q, k, v, **kw):
     if "window" in kw or kw.get("causal_align") == "bottom_right":
         mask = reference.attention_allowed(q.shape[-2], k.shape[-2], kw.pop("is_causal", False),
                                            kw.pop("causal_align", "top_left"), kw.pop("window", None))
+        if "attn_mask" in kw:
+            mask = mask & kw.pop("attn_mask")
         return reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)[0]
     try:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
@@ -103,7 +107,8 @@ def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, log
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "key_padding",
-                                     "float_mask", "padding_rows", "float_padding_rows", "gqa", "three_d"])
+                                     "float_mask", "padding_rows", "float_padding_rows", "window_padding_rows", "gqa",
+                                     "three_d"])
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (113, 203), (127, 65), (70, 1)], ids=str)
 def test_matches_reference(dtype, feature, L, S):
     check(dtype, feature, L=L, S=S)

@@ -126,7 +126,50 @@ struct Band {
       if (!ok) s[jj] = kNegInf;
     }
   }
+  // Scores row i over keys [j0, j0 + n): -inf where the window forbids a pair.
+  template <typename C>
+  void apply_window(C* s, int64_t i, int64_t j0, int64_t n) const {
+    for (int64_t jj = 0; jj < n; ++jj)
+      if (!allowed(i, j0 + jj)) s[jj] = -std::numeric_limits<C>::infinity();
+  }
 };
+
+// A mask row shared by every row of a block, over keys [j0, j0 + n), as a
+// bias to add with vector ops: 0 or -inf for a bool mask, the values of a
+// float one. `row` is the row's offset in the mask. Returns whether any key
+// is kept and whether every key is (nothing to add).
+template <typename T, typename C>
+std::pair<bool, bool> shared_mask_bias(const AttentionCpuParams& p, int64_t row, int64_t j0, int64_t n, C* bias) {
+  bool any = !p.mask_is_bool, all = p.mask_is_bool;
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const int64_t at = row + (j0 + jj) * p.mask_strides[3];
+    if (p.mask_is_bool) {
+      const bool keep = static_cast<const bool*>(p.mask)[at];
+      bias[jj] = keep ? C(0) : -std::numeric_limits<C>::infinity();
+      any = any || keep, all = all && keep;
+    } else {
+      bias[jj] = static_cast<C>(static_cast<const T*>(p.mask)[at]);
+    }
+  }
+  return {any, all};
+}
+
+// Whether the mask rows at offsets row(0), ..., row(n - 1) are equal over
+// keys [j0, j1) (unit key stride): Hugging Face materialises a padding mask
+// as [B, 1, L, S] with every row equal, and comparing the rows costs far less
+// than masking each.
+template <typename T, typename RowOffset>
+bool mask_rows_equal(const AttentionCpuParams& p, int64_t n, int64_t j0, int64_t j1, RowOffset row) {
+  if (p.mask_strides[3] != 1 || j1 <= j0) return false;
+  const int64_t size = p.mask_is_bool ? sizeof(bool) : sizeof(T);
+  const char* mask = static_cast<const char*>(p.mask);
+  const char* first = mask + (row(0) + j0) * size;
+  for (int64_t r = 1; r < n; ++r) {
+    const char* other = mask + (row(r) + j0) * size;
+    if (other != first && std::memcmp(other, first, (j1 - j0) * size) != 0) return false;
+  }
+  return true;
+}
 
 // Multiplies row i's probabilities over keys [j0, j0 + n) by the dropout
 // keep-mask scaled by 1 / (1 - p): kept ones grow, dropped ones become 0.
@@ -359,21 +402,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   if (packed) jlo = jlo / block * block;  // whole packed blocks (the keys are never split then)
   // One shared mask row, read once per key, when the task's rows all see the
   // same one: broadcast over its heads and positions (a key-padding mask), or
-  // materialised with equal rows, as Hugging Face hands a padding mask over
-  // ([B, 1, L, S]): comparing the rows costs far less than masking each.
-  const auto rows_equal = [&] {
-    if (ms[3] != 1 || jhi <= jlo) return false;
-    const int64_t size = p.mask_is_bool ? sizeof(bool) : sizeof(T);
-    const char* mask = static_cast<const char*>(p.mask);
-    const char* first = mask + (mask_row(0) + jlo) * size;
-    for (int64_t r = 1; r < rows; ++r) {
-      const char* row = mask + (mask_row(r) + jlo) * size;
-      if (row != first && std::memcmp(row, first, (jhi - jlo) * size) != 0) return false;
-    }
-    return true;
-  };
+  // materialised with equal rows.
   const bool shared_mask_row =
-      p.mask != nullptr && (((ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1)) || rows_equal());
+      p.mask != nullptr && (((ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1)) ||
+                            mask_rows_equal<T>(p, rows, jlo, jhi, mask_row));
   for (int64_t j0 = jlo; j0 < jhi; j0 += block) {
     const int64_t jn = std::min(block, jhi - j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
@@ -411,17 +443,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
     if (shared_mask_row) {  // the shared row as a bias over this block's keys, added with vector ops
-      bool any = !p.mask_is_bool, all = p.mask_is_bool;  // a key kept; every key kept (nothing to add)
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        const int64_t at = mask_row(0) + (j0 + jj) * ms[3];
-        if (p.mask_is_bool) {
-          const bool keep = static_cast<const bool*>(p.mask)[at];
-          mask_bias[jj] = keep ? C(0) : kNegInf;
-          any = any || keep, all = all && keep;
-        } else {
-          mask_bias[jj] = static_cast<C>(static_cast<const T*>(p.mask)[at]);
-        }
-      }
+      const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
       if (!any) continue;  // the whole block is masked: it contributes nothing
       if (all) {
         // every key kept: nothing to add
@@ -549,6 +571,9 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const auto qf = filled(kBlockQ * E, C(0)), dof = filled(kBlockQ * Ev, C(0)), d = filled(kBlockQ, C(0));
   const auto lse = filled(kBlockQ, C(0)), dq = filled(kBlockQ * E, C(0));
   const auto s = filled(kBlockQ * kBlockK, C(0)), dp = filled(kBlockQ * kBlockK, C(0));
+  const auto mask_bias = filled(0, C(0), kBlockK);  // a shared mask row over one block's keys
+  const int64_t* ms = p.mask_strides;
+  using V = at::vec::Vectorized<C>;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
     const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in lse
@@ -569,10 +594,23 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       std::fill(dq.get(), dq.get() + bq * E, C(0));
       const auto [jlo, jhi] = band.key_range(i0, i1);
       // the forward's task over these positions: its rows (forward_task's `transposed`)
-      const bool dot_scores = p.heads_per_task * bq < at::vec::Vectorized<C>::size();
+      const bool dot_scores = p.heads_per_task * bq < V::size();
+      // One mask row for the whole query block, as in the forward: a bias
+      // added with vector ops instead of a mask read per score (that read was
+      // ~45 % of this function's own time on a padded MiniLM batch).
+      const auto mask_row = [&](int64_t r) { return b * ms[0] + h * ms[1] + (i0 + r) * ms[2]; };
+      const bool shared_mask_row =
+          p.mask != nullptr && (ms[2] == 0 || bq == 1 || mask_rows_equal<T>(p, bq, jlo, jhi, mask_row));
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
-        if (band.masked_out(i0, i1, j0, j0 + jn)) continue;  // no gradient flows through it
+        bool every_key_kept = false;  // by the shared mask row: nothing to add
+        if (shared_mask_row) {
+          const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
+          if (!any) continue;  // no gradient flows through it
+          every_key_kept = all;
+        } else if (band.masked_out(i0, i1, j0, j0 + jn)) {
+          continue;
+        }
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
         // P = exp(scores - lse), recomputed with the scores rounded as the
         // forward's were (so that P is the forward's: one key's exactly 1): by
@@ -586,7 +624,15 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         }
         for (int64_t r = 0; r < bq; ++r) {
           C* sr = s.get() + r * kBlockK;
-          if (!whole || p.mask != nullptr) band.apply<T>(sr, i0 + r, j0, jn, whole);
+          if (shared_mask_row) {
+            for (int64_t jj = 0; jj < jn && !every_key_kept; jj += V::size()) {
+              const int n = static_cast<int>(std::min<int64_t>(V::size(), jn - jj));
+              (V::loadu(sr + jj, n) + V::loadu(mask_bias.get() + jj, n)).store(sr + jj, n);
+            }
+            if (!whole) band.apply_window(sr, i0 + r, j0, jn);
+          } else if (!whole || p.mask != nullptr) {
+            band.apply<T>(sr, i0 + r, j0, jn, whole);
+          }
           if (std::isinf(lse[r])) {  // attends to nothing: no gradient
             std::fill(sr, sr + jn, C(0));
           } else {
