@@ -214,6 +214,10 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
     using IO = VecIO<T>;  // converted in registers, a chunk at a time
     for (int64_t j = 0; j < n; ++j) {
       const T* src = rows + j * strides[2];
+      if (j + 8 < n) {  // rows 8 ahead, spread over the loop (see scores_by_dot)
+        const char* ahead = reinterpret_cast<const char*>(src + 8 * strides[2]);
+        for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(ahead + byte);
+      }
       C* dst = scratch + j * dim;
       for (int64_t e = 0; e < dim; e += IO::kWidth) {
         const int64_t c = std::min<int64_t>(IO::kWidth, dim - e);
@@ -289,15 +293,26 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
 // s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
 // products along the head dim, four keys at a time (four FMA chains), for
 // tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
-// most lanes idle.
+// most lanes idle. Such tasks stream K and V from memory at a few FMAs per
+// byte: the loop asks for the K rows of the group after next and (when
+// v_rows is given: `v_bytes` bytes each, `v_stride` apart) the same keys' V
+// rows, spread over the loop. A block-sized burst of prefetches instead filled
+// the core's line-fill buffers and left a decoding call at ~10 GB/s.
 template <typename C>
-void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, int64_t ldk, C* s, int64_t lds) {
+void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, int64_t ldk, C* s, int64_t lds,
+                   const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& x) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, x); };
+  const auto prefetch = [](const char* row, int64_t bytes) {
+    for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte);
+  };
   int64_t jj = 0;
   for (; jj + 4 <= n; jj += 4) {
     const C* k0 = k + jj * ldk;
+    for (int64_t key = jj + 8; key < std::min(jj + 12, n); ++key)
+      prefetch(reinterpret_cast<const char*>(k + key * ldk), E * static_cast<int64_t>(sizeof(C)));
+    for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key) prefetch(v_rows + key * v_stride, v_bytes);
     for (int64_t r = 0; r < rows; ++r) {
       const C* qr = q + r * E;
       V x0(0), x1(0), x2(0), x3(0);
@@ -412,10 +427,13 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     // Ask for this block's V and the next block's K now: they arrive while
     // the scores and the softmax are computed (their rows are strided, e.g.
     // in Hugging Face's layout, which the hardware prefetcher follows poorly).
-    // (Packed blocks are contiguous: the hardware prefetcher follows them.)
-    if (!packed) prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
+    // (Packed blocks are contiguous: the hardware prefetcher follows them.
+    // Tasks with scores by dot products ask for K and V inside their loops:
+    // see scores_by_dot.)
+    const bool burst = transposed;
+    if (burst) prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
     if (j0 + block < jhi) {
-      if (!packed) prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + block, std::min(block, jhi - j0 - block), E);
+      if (burst) prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + block, std::min(block, jhi - j0 - block), E);
     } else if (p.splits == 1) {  // the last block: the output rows, for writing
       for (int64_t r = 0; r < rows; ++r) {
         const char* o = reinterpret_cast<const char*>(static_cast<T*>(p.out) + t.b * p.out_strides[0] +
@@ -438,7 +456,11 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       if (transposed) {
         gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
       } else {
-        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block);
+        // V read in place (not converted block by block): its rows ride along
+        const char* v_rows = std::is_same_v<T, C> ? reinterpret_cast<const char*>(
+            static_cast<const T*>(p.v) + t.b * p.v_strides[0] + hk * p.v_strides[1] + j0 * p.v_strides[2]) : nullptr;
+        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block, v_rows,
+                      p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)));
       }
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
