@@ -4,11 +4,14 @@
 // the L x S scores never exist beyond one block. Backward recomputes each
 // block's probabilities from the saved log-sum-exp.
 //
-// Everything is computed in C = float (double for double inputs): the op
-// hands over K and V already converted (and transposed where a product needs
-// it), each block of queries is converted once into scratch, and the
-// products are one small routine, gemm_acc (common/vec_gemm.h), vectorized
-// over the output columns.
+// Everything is computed in C = float (double for double inputs). The
+// forward reads K and V in place, converting bf16/fp16 blocks into scratch
+// block by block (or, for longer bf16/fp16 queries, runs both products on
+// ATen's BLAS micro-kernel over blocks the op packs once); the backward gets
+// K and V from the op converted, and transposed where a product needs it.
+// Each block of queries is converted once into scratch; the other products
+// are one small routine, gemm_acc (common/vec_gemm.h), vectorized over the
+// output columns.
 #include "attention/cpu/attention_kernels.h"
 
 #include <algorithm>
