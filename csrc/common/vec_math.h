@@ -126,6 +126,15 @@ struct MathOps<at::vec::Vectorized<float>> : VecSelectOps<float> {
 // same symbol (the linker would keep just one of them).
 namespace CPU_CAPABILITY {
 
+// Asks for the `bytes` bytes from p, a cache line at a time (for_write: lines
+// about to be written). Spread such requests over a loop: a burst of more
+// than the core's ~16 line-fill buffers stalls (docs/PERFORMANCE.md).
+template <bool for_write = false>
+BK_VEC_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, for_write ? 1 : 0);
+}
+
 // A float vector's lanes as two double vectors (low half, high half), where
 // the instructions are at hand; elsewhere callers go lane by lane.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

@@ -217,10 +217,7 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
     using IO = VecIO<T>;  // converted in registers, a chunk at a time
     for (int64_t j = 0; j < n; ++j) {
       const T* src = rows + j * strides[2];
-      if (j + 8 < n) {  // rows 8 ahead, spread over the loop (see scores_by_dot)
-        const char* ahead = reinterpret_cast<const char*>(src + 8 * strides[2]);
-        for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(ahead + byte);
-      }
+      if (j + 8 < n) prefetch_bytes(src + 8 * strides[2], dim * static_cast<int64_t>(sizeof(T)));  // 8 rows ahead
       C* dst = scratch + j * dim;
       for (int64_t e = 0; e < dim; e += IO::kWidth) {
         const int64_t c = std::min<int64_t>(IO::kWidth, dim - e);
@@ -238,11 +235,8 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
 template <typename T>
 void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
                    int64_t dim) {
-  const char* first = reinterpret_cast<const char*>(static_cast<const T*>(base) + b * strides[0] +
-                                                    head * strides[1] + j0 * strides[2]);
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T)), stride_bytes = strides[2] * sizeof(T);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(first + j * stride_bytes + byte);
+  const T* first = static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
+  for (int64_t j = 0; j < n; ++j) prefetch_bytes(first + j * strides[2], dim * static_cast<int64_t>(sizeof(T)));
 }
 
 // max(x[0:n]), -inf for n = 0.
@@ -297,25 +291,23 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
 // products along the head dim, four keys at a time (four FMA chains), for
 // tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
 // most lanes idle. Such tasks stream K and V from memory at a few FMAs per
-// byte: the loop asks for the K rows of the group after next and (when
-// v_rows is given: `v_bytes` bytes each, `v_stride` apart) the same keys' V
+// byte: the loop asks for the K rows of the group after next (with
+// prefetch_k: not for K already converted into scratch) and (when v_rows is
+// given: `v_bytes` bytes each, `v_stride` apart) the same keys' V
 // rows, spread over the loop. A block-sized burst of prefetches instead filled
 // the core's line-fill buffers and left a decoding call at ~10 GB/s.
 template <typename C>
 void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, int64_t ldk, C* s, int64_t lds,
-                   const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
+                   bool prefetch_k, const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& x) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, x); };
-  const auto prefetch = [](const char* row, int64_t bytes) {
-    for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte);
-  };
   int64_t jj = 0;
   for (; jj + 4 <= n; jj += 4) {
     const C* k0 = k + jj * ldk;
-    for (int64_t key = jj + 8; key < std::min(jj + 12, n); ++key)
-      prefetch(reinterpret_cast<const char*>(k + key * ldk), E * static_cast<int64_t>(sizeof(C)));
-    for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key) prefetch(v_rows + key * v_stride, v_bytes);
+    for (int64_t key = jj + 8; prefetch_k && key < std::min(jj + 12, n); ++key)
+      prefetch_bytes(k + key * ldk, E * static_cast<int64_t>(sizeof(C)));
+    for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key) prefetch_bytes(v_rows + key * v_stride, v_bytes);
     for (int64_t r = 0; r < rows; ++r) {
       const C* qr = q + r * E;
       V x0(0), x1(0), x2(0), x3(0);
@@ -400,10 +392,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   };
   // Every row of Q requested at once (strided rows: the copy below would
   // otherwise wait for them a few at a time).
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* qr = reinterpret_cast<const char*>(q_row(r));
-    for (int64_t byte = 0; byte < E * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(qr + byte);
-  }
+  for (int64_t r = 0; r < rows; ++r) prefetch_bytes(q_row(r), E * static_cast<int64_t>(sizeof(T)));
   for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
     const T* qr = q_row(r);
     if (packed) {
@@ -438,11 +427,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     if (j0 + block < jhi) {
       if (burst) prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + block, std::min(block, jhi - j0 - block), E);
     } else if (p.splits == 1) {  // the last block: the output rows, for writing
-      for (int64_t r = 0; r < rows; ++r) {
-        const char* o = reinterpret_cast<const char*>(static_cast<T*>(p.out) + t.b * p.out_strides[0] +
-                                                      head_of(r) * p.out_strides[1] + pos_of(r) * p.out_strides[2]);
-        for (int64_t byte = 0; byte < Ev * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(o + byte, 1);
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        prefetch_bytes<true>(static_cast<T*>(p.out) + t.b * p.out_strides[0] + head_of(r) * p.out_strides[1] +
+                                 pos_of(r) * p.out_strides[2],
+                             Ev * static_cast<int64_t>(sizeof(T)));
     }
     int64_t k_ld = 0, v_ld = 0;
     if (packed) {  // s = Q K^T (K^T's block is zero-padded to `block` keys), scaled below
@@ -459,10 +447,13 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       if (transposed) {
         gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
       } else {
-        // V read in place (not converted block by block): its rows ride along
-        const char* v_rows = std::is_same_v<T, C> ? reinterpret_cast<const char*>(
-            static_cast<const T*>(p.v) + t.b * p.v_strides[0] + hk * p.v_strides[1] + j0 * p.v_strides[2]) : nullptr;
-        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block, v_rows,
+        // K and V read in place (not converted block by block into scratch,
+        // which key_rows prefetches itself): their rows ride along
+        constexpr bool in_place = std::is_same_v<T, C>;
+        const char* v_rows = in_place ? reinterpret_cast<const char*>(static_cast<const T*>(p.v) + t.b * p.v_strides[0] +
+                                                                      hk * p.v_strides[1] + j0 * p.v_strides[2])
+                                      : nullptr;
+        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block, in_place, v_rows,
                       p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)));
       }
     }
@@ -642,7 +633,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         // dot products where its task had fewer rows than a vector, else by
         // gemm_acc, whose sums run in the order of the forward's K Q^T.
         if (dot_scores) {
-          scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK);
+          scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK, true);
         } else {
           gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
                    false);

@@ -151,10 +151,7 @@ BK_VEC_INLINE void decode_tile(const float* x, int64_t ldx, int64_t K, const T* 
     // hardware prefetcher alone fell behind (10-20 GB/s against 25).
     if (prefetch_next) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const char* p = reinterpret_cast<const char*>(w + (r + R) * ldw + k);
-        for (int64_t b = 0; b < kW * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
-      }
+      for (int r = 0; r < R; ++r) prefetch_bytes(w + (r + R) * ldw + k, kW * static_cast<int64_t>(sizeof(T)));
     }
     step(wk, k);
   }
