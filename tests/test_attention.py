@@ -193,6 +193,20 @@ def test_scores_that_grow_along_the_keys(dtype, L):
         assert_close(name, a, t, r)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_scale_with_large_logits(dtype):
+    # A negative scale reverses the scores' order: the softmax's max must be
+    # taken of the scaled scores (the packed bf16 path once took scale * max,
+    # the smallest, and overflowed at scores this far apart).
+    q, k, v, grad = make_inputs(2, 2, 2, 40, 300, 16, 16, seed=11, logit_scale=60.0)
+    kw = dict(scale=-0.25)
+    got = run(ours, (q, k, v), grad, dtype, kw)
+    theirs = run(torch_same_dtype, (q, k, v), grad, dtype, kw)
+    truth = run(exact, (q, k, v), grad, torch.float64, kw)
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+
+
 def test_large_logits_stay_finite():
     # scores of order +-1e4: the online softmax must not overflow
     check(torch.float32, "causal", L=40, S=40, E=16, logit_scale=2500.0)

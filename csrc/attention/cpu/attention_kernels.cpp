@@ -32,6 +32,9 @@ namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = kAttentionKeyBlock;
+// How far a block's max may exceed the running max before the packed
+// forward's softmax rescales (FlashAttention-4's lazy rescaling): e^8 ~ 3000.
+constexpr double kLazyShift = 8;
 
 // Key block j0 / kBlockK of a head's transposed, blocked K or V (see
 // AttentionCpuParams): rows of kBlockK contiguous keys, `dim` of them.
@@ -41,17 +44,40 @@ const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, in
   return static_cast<const C*>(blocked) + (head * blocks + j0 / kBlockK) * dim * kBlockK;
 }
 
-// x[0:n] = exp(x[0:n] * scale - shift) (0 where x is -inf); returns their
-// sum. With `rounded`, the results go there instead, rounded to T, zeros
-// after them up to `width` (bf16/fp16 probabilities for the BLAS micro-kernel).
+// x[0:n] = exp(y - shift) with y = x[0:n] * scale (+ bias[0:n] where given)
+// (0 where y is -inf); returns their sum and max(y) (-inf for n = 0). With
+// `rounded`, the results go there instead, rounded to T, zeros after them up
+// to `width` (bf16/fp16 probabilities for the BLAS micro-kernel), x is left
+// as it was, and four vectors go per step: the exp is one long dependency
+// chain, and a vector at a time left the core waiting on it.
 template <typename C, typename T = C>
-C exp_shifted(C* x, int64_t n, C shift, C scale = C(1), T* rounded = nullptr, int64_t width = 0) {
+std::pair<C, C> exp_shifted(C* x, int64_t n, C shift, C scale = C(1), const C* bias = nullptr,
+                            T* rounded = nullptr, int64_t width = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
-  V sum(0);
+  const V vscale(scale), vshift(shift);
+  V sum(0), top(-std::numeric_limits<C>::infinity());
+  const auto exp_at = [&](int64_t j) {  // exp(y - shift) for the vector at j; top takes y
+    V y = V::loadu(x + j) * vscale;
+    if (bias != nullptr) y = y + V::loadu(bias + j);
+    top = at::vec::maximum(top, y);
+    return MathOps<V>::exp(y - vshift);
+  };
   int64_t j = 0;
+  if constexpr (!std::is_same_v<T, C>) {
+    if (rounded) {
+      V sum2(0);
+      for (; j + 4 * W <= n; j += 4 * W) {
+        const V e0 = exp_at(j), e1 = exp_at(j + W), e2 = exp_at(j + 2 * W), e3 = exp_at(j + 3 * W);
+        sum = sum + (e0 + e1), sum2 = sum2 + (e2 + e3);
+        at::vec::convert_from_float<T>(e0, e1).store(rounded + j);
+        at::vec::convert_from_float<T>(e2, e3).store(rounded + j + 2 * W);
+      }
+      sum = sum + sum2;
+    }
+  }
   for (; j + W <= n; j += W) {
-    const V e = MathOps<V>::exp(at::vec::fmadd(V::loadu(x + j), V(scale), V(-shift)));
+    const V e = exp_at(j);
     sum = sum + e;
     if constexpr (!std::is_same_v<T, C>) {
       if (rounded) {
@@ -62,8 +88,11 @@ C exp_shifted(C* x, int64_t n, C shift, C scale = C(1), T* rounded = nullptr, in
     e.store(x + j);
   }
   C total = at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, sum);
+  C best = at::vec::vec_reduce_all<C>([](V a, V b) { return at::vec::maximum(a, b); }, top);
   for (; j < n; ++j) {
-    const C e = std::exp(x[j] * scale - shift);
+    const C y = x[j] * scale + (bias != nullptr ? bias[j] : C(0));
+    best = std::max(best, y);
+    const C e = std::exp(y - shift);
     total += e;
     if (rounded) {
       rounded[j] = static_cast<T>(e);
@@ -72,7 +101,7 @@ C exp_shifted(C* x, int64_t n, C shift, C scale = C(1), T* rounded = nullptr, in
     }
   }
   if (rounded) std::fill(rounded + n, rounded + width, T(0));
-  return total;
+  return {total, best};
 }
 
 // The part of the query block [i0, i1) x key range that causality, the window
@@ -239,16 +268,20 @@ void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t 
   for (int64_t j = 0; j < n; ++j) prefetch_bytes(first + j * strides[2], dim * static_cast<int64_t>(sizeof(T)));
 }
 
-// max(x[0:n]), -inf for n = 0.
+// max(x[0:n] * scale (+ bias[0:n] where given)), -inf for n = 0.
 template <typename C>
-C row_max(const C* x, int64_t n) {
+C scaled_max(const C* x, int64_t n, C scale = C(1), const C* bias = nullptr) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   V best(-std::numeric_limits<C>::infinity());
   int64_t j = 0;
-  for (; j + W <= n; j += W) best = at::vec::maximum(best, V::loadu(x + j));
+  for (; j + W <= n; j += W) {
+    V y = V::loadu(x + j) * V(scale);
+    if (bias != nullptr) y = y + V::loadu(bias + j);
+    best = at::vec::maximum(best, y);
+  }
   C total = at::vec::vec_reduce_all<C>([](V a, V b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) total = std::max(total, x[j]);
+  for (; j < n; ++j) total = std::max(total, x[j] * scale + (bias != nullptr ? bias[j] : C(0)));
   return total;
 }
 
@@ -380,13 +413,6 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const auto head_of = [&](int64_t r) { return t.h0 + r / len; };
   const auto pos_of = [&](int64_t r) { return t.i0 + r % len; };
   const C scale = static_cast<C>(p.scale);
-  // packed: the scale is applied in the softmax's passes (max(scale x) =
-  // scale max(x), -inf stays), unless a float mask must be added to scaled
-  // scores; the probabilities are rounded to T there too, unless dropout
-  // must see them first
-  const bool scale_in_softmax = packed && (p.mask == nullptr || p.mask_is_bool);
-  const bool round_in_softmax = packed && p.dropout_p == 0;
-  const C softmax_scale = scale_in_softmax ? scale : C(1);
   const auto q_row = [&](int64_t r) {
     return static_cast<const T*>(p.q) + t.b * p.q_strides[0] + head_of(r) * p.q_strides[1] + pos_of(r) * p.q_strides[2];
   };
@@ -413,6 +439,14 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const bool shared_mask_row =
       p.mask != nullptr && (((ms[1] == 0 || t.h1 - t.h0 == 1) && (ms[2] == 0 || len == 1)) ||
                             mask_rows_equal<T>(p, rows, jlo, jhi, mask_row));
+  // packed: the probabilities are rounded to T in the softmax's pass (unless
+  // dropout must see them first), which also adds a shared mask row and
+  // applies a positive scale (max(scale x) = scale max(x), -inf stays), unless
+  // another float mask must be added to scaled scores first
+  const bool round_in_softmax = packed && p.dropout_p == 0;
+  const bool bias_in_softmax = round_in_softmax && shared_mask_row;
+  const bool scale_in_softmax = packed && scale > C(0) && (p.mask == nullptr || p.mask_is_bool || bias_in_softmax);
+  const C softmax_scale = scale_in_softmax ? scale : C(1);
   for (int64_t j0 = jlo; j0 < jhi; j0 += block) {
     const int64_t jn = std::min(block, jhi - j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
@@ -458,11 +492,14 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       }
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
+    const C* softmax_bias = nullptr;  // the shared row, when the softmax's pass adds it
     if (shared_mask_row) {  // the shared row as a bias over this block's keys, added with vector ops
       const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
       if (!any) continue;  // the whole block is masked: it contributes nothing
       if (all) {
         // every key kept: nothing to add
+      } else if (bias_in_softmax) {
+        softmax_bias = mask_bias.get();
       } else if (transposed) {  // st[key][:] += bias[key]
         for (int64_t jj = 0; jj < jn; ++jj) {
           if (mask_bias[jj] == C(0)) continue;
@@ -517,10 +554,33 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     } else {  // a row at a time, along its keys
       for (int64_t r = 0; r < rows; ++r) {
         C* sr = st.get() + r * block;
-        const C m_new = std::max(m[r], row_max(sr, jn) * softmax_scale), shift = m_new == kNegInf ? C(0) : m_new;
-        alpha[r] = std::exp(m[r] - shift);
         T* rounded = round_in_softmax ? p_rows.get() + r * block : nullptr;
-        l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, shift, softmax_scale, rounded, block);
+        if (rounded != nullptr) {
+          // Past a row's first block: one pass shifted by the running max m[r],
+          // which also finds the block's max, kept (no rescale, no max pass)
+          // unless that max exceeds m[r] by more than kLazyShift; the
+          // probabilities are then at most e^kLazyShift, far from overflow,
+          // rounded to T with the same relative error, and the lse is still
+          // m + log(l). At the first block, the max first: the largest
+          // probability is then exactly 1 (one key gives exactly V).
+          const C shift = m[r] != kNegInf ? m[r] : scaled_max(sr, jn, softmax_scale, softmax_bias);
+          // (every key masked so far: shifted by 0, so that exp(-inf) is 0)
+          const auto [sum, top] =
+              exp_shifted(sr, jn, shift == kNegInf ? C(0) : shift, softmax_scale, softmax_bias, rounded, block);
+          if (top <= shift + C(kLazyShift) || top != top) {  // (NaN: as it is)
+            alpha[r] = shift == kNegInf ? C(1) : std::exp(m[r] - shift);
+            l[r] = l[r] * alpha[r] + sum;
+            if (shift != kNegInf) m[r] = shift;
+            continue;
+          }
+          alpha[r] = std::exp(m[r] - top);  // a larger max: one more pass, shifted by it
+          l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, top, softmax_scale, softmax_bias, rounded, block).first;
+          m[r] = top;
+          continue;
+        }
+        const C m_new = std::max(m[r], scaled_max(sr, jn, softmax_scale)), shift = m_new == kNegInf ? C(0) : m_new;
+        alpha[r] = std::exp(m[r] - shift);
+        l[r] = l[r] * alpha[r] + exp_shifted(sr, jn, shift, softmax_scale).first;
         m[r] = m_new;
       }
     }
@@ -701,9 +761,22 @@ void pack_key_block(const AttentionCpuParams& p, int64_t b, int64_t hk, int64_t 
   T* vv = static_cast<T*>(p.v_vnni) + first * kKeys * Ev;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + j0 * p.k_strides[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + j0 * p.v_strides[2];
-  for (int64_t w = 0; w < E / 2; ++w) {  // K^T: word w of key j (its elements 2w, 2w + 1) to kt[w][j]
+  // K^T: word w of key j (its elements 2w, 2w + 1) to kt[w][j], as a
+  // transpose of 32-bit words (floats to at::vec: moved, never computed on),
+  // 16 x 16 at a time where the rows are whole words apart
+  const int64_t words = E / 2, ld_words = p.k_strides[2] / 2;
+  int64_t j_done = 0;
+  if (p.k_strides[2] % 2 == 0) {
+    for (; j_done + 16 <= jn; j_done += 16)
+      for (int64_t w = 0; w + 16 <= words; w += 16)
+        at::vec::transpose_mxn<float, 16, 16>(reinterpret_cast<const float*>(k + j_done * p.k_strides[2]) + w,
+                                              ld_words, reinterpret_cast<float*>(kt + w * kKeys + j_done), kKeys);
+  }
+  const int64_t w_done = j_done > 0 ? words / 16 * 16 : 0;  // words [0, w_done) of keys [0, j_done) are in
+  for (int64_t w = 0; w < words; ++w) {
     uint32_t* dst = kt + w * kKeys;
-    for (int64_t j = 0; j < jn; ++j) std::memcpy(dst + j, k + j * p.k_strides[2] + 2 * w, sizeof(uint32_t));
+    for (int64_t j = w < w_done ? j_done : 0; j < jn; ++j)
+      std::memcpy(dst + j, k + j * p.k_strides[2] + 2 * w, sizeof(uint32_t));
     std::fill(dst + jn, dst + kKeys, 0u);
   }
   static_assert(sizeof(T) == sizeof(uint16_t));
