@@ -8,7 +8,9 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_to_copy.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "attention/attention.h"
@@ -150,6 +152,36 @@ void combine_splits(const AttentionCpuParams& p) {
   });
 }
 
+// Whether the forward is ATen's own CPU flash kernel's: bf16/fp16 prefill
+// (not decoding) at the AVX-512 capability on a host with the BLAS
+// micro-kernel for the dtype (AMX, AVX512-BF16), where that kernel runs the
+// same micro-kernel as our packed path and its softmax passes are faster
+// (ours runs at ~0.75x of it on the real-model shapes: docs/PERFORMANCE.md).
+// Only what it computes as we do: no dropout (its random numbers differ),
+// no window, top-left causality without a mask, equal head dims, 4-d inputs.
+// The backward stays ours: it needs only the output and the lse.
+bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
+                             const std::optional<at::Tensor>& mask, int64_t window_left, int64_t window_right,
+                             int64_t diagonal_offset, double dropout_p) {
+  const at::ScalarType dtype = q.scalar_type();
+  const bool causal = window_right == 0 && diagonal_offset == 0;
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && q.dim() == 4 && k.dim() == 4 && s.E == s.Ev &&
+         s.L >= kMinPackedQueries && s.S > 0 && s.B * s.Hq > 0 && dropout_p == 0 && window_left < 0 &&
+         (window_right < 0 || (causal && !mask.has_value())) && cpu_capability_level() == 2 &&
+         at::native::cpublas::could_pack(dtype);
+}
+
+// The mask as ATen's kernel takes it: a float bias in q's dtype (a bool mask
+// becomes 0 / -inf), with the dims it is broadcast over kept at size 1 so that
+// a Hugging Face padding mask is converted at [B, 1, 1, S], not [B, 1, L, S].
+at::Tensor aten_flash_mask(const at::Tensor& mask4, at::ScalarType dtype) {
+  at::Tensor m = mask4;
+  for (int64_t d = 0; d < 3; ++d)
+    if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
+  if (m.scalar_type() != at::kBool) return m.to(dtype);
+  return at::zeros(m.sizes(), m.options().dtype(dtype)).masked_fill_(m.logical_not(), -INFINITY);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                          const at::Tensor& value,
                                                          const std::optional<at::Tensor>& attn_mask,
@@ -164,6 +196,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
   for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
   at::Tensor out = attention_output_cpu(query, s.Ev);
+  if (runs_aten_flash_forward(s, q, k, attn_mask, window_left, window_right, diagonal_offset, dropout_p)) {
+    const at::Tensor bias = attn_mask.has_value() ? aten_flash_mask(mask4, q.scalar_type()) : at::Tensor();
+    auto [flash_out, flash_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, /*is_causal=*/window_right == 0, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+        scale);
+    // A row that attends to nothing gets lse 0 there (and output 0, as ours): -inf here, as ours.
+    if (bias.defined()) flash_lse.masked_fill_(bias.isneginf().all(-1).expand({s.B, s.Hq, s.L}), -INFINITY);
+    if (flash_out.strides() != out.strides()) flash_out = out.copy_(flash_out);
+    return {flash_out, flash_lse.to(lse_dtype(q))};
+  }
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
   p.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out.stride(d);
