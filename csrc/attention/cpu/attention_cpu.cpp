@@ -201,8 +201,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     auto [flash_out, flash_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, /*is_causal=*/window_right == 0, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
         scale);
-    // A row that attends to nothing gets lse 0 there (and output 0, as ours): -inf here, as ours.
-    if (bias.defined()) flash_lse.masked_fill_(bias.isneginf().all(-1).expand({s.B, s.Hq, s.L}), -INFINITY);
+    // A row that attends to nothing gets lse 0 there (and output 0, as ours):
+    // -inf here, as ours. (Only rows with lse 0 can be such rows: the mask is
+    // scanned only when there are some, a pass over it costing ~15 % of a
+    // BERT-sized call.)
+    if (bias.defined() && flash_lse.eq(0).any().item<bool>())
+      flash_lse.masked_fill_(bias.isneginf().all(-1).expand({s.B, s.Hq, s.L}), -INFINITY);
     if (flash_out.strides() != out.strides()) flash_out = out.copy_(flash_out);
     return {flash_out, flash_lse.to(lse_dtype(q))};
   }
