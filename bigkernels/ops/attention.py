@@ -68,10 +68,9 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
-        try:
-            ok = torch.broadcast_shapes(tuple(attn_mask.shape), full) == full
-        except RuntimeError:
-            ok = False
+        # (torch.broadcast_shapes is ~30 us a call: a third of this function's cost on small calls)
+        ok = attn_mask.dim() <= len(full) and all(m == 1 or m == f for m, f in zip(reversed(attn_mask.shape),
+                                                                                 reversed(full)))
         if not ok:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
                              f"shape {full}")
