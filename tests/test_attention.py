@@ -306,6 +306,19 @@ def test_rows_with_nothing_to_attend_give_zero(dtype, L):
     assert empty_window.isfinite().all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoding_row_with_nothing_to_attend(dtype):
+    # one token, no GQA (ATen's kernel on AMX hosts in bf16): a head whose keys are all masked
+    q, k, v, _ = make_inputs(2, 3, 3, 1, 40, 16, 16, seed=12)
+    mask = torch.ones(2, 3, 1, 40, dtype=torch.bool)
+    mask[1, 2] = False
+    out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, return_lse=True)
+    assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2])) and torch.isneginf(lse[1, 2]).all()
+    want = exact(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out[0].double(), want[0], atol=2e-2, rtol=2e-2)
+    assert lse[0].isfinite().all()
+
+
 def test_return_lse_matches_reference():
     q, k, v, _ = make_inputs(2, 2, 2, 30, 50, 16, 16, seed=7)
     mask = torch.rand(30, 50) > 0.2
