@@ -505,11 +505,21 @@ def test_gradcheck_with_dropout():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [1, 4, 20], ids=str)  # decoding, short, and bf16/fp16's packed prefill
+def test_empty_inputs(dtype, L):
     q, k, v = torch.randn(2, 3, 0, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 4)
-    assert attention(q, k, v).shape == (2, 3, 0, 4)
-    out = attention(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 4))
-    assert torch.equal(out, torch.zeros(2, 3, 4, 4))  # no keys: nothing to attend to
+    assert attention(q.to(dtype), k.to(dtype), v.to(dtype)).shape == (2, 3, 0, 4)
+    q = torch.randn(2, 3, L, 8, dtype=dtype, requires_grad=True)
+    out = attention(q, torch.randn(2, 3, 0, 8, dtype=dtype), torch.randn(2, 3, 0, 4, dtype=dtype))
+    assert torch.equal(out, torch.zeros(2, 3, L, 4, dtype=dtype))  # no keys: nothing to attend to
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    # a head dim of 0: every score is 0, so each row averages V (as SDPA)
+    q0, k0, v0 = torch.randn(2, 3, L, 0), torch.randn(2, 3, 5, 0), torch.randn(2, 3, 5, 4)
+    out = attention(q0.to(dtype), k0.to(dtype), v0.to(dtype))
+    torch.testing.assert_close(out.double(), v0.to(dtype).double().mean(-2, keepdim=True).expand(2, 3, L, 4),
+                               atol=1e-2, rtol=1e-2)
 
 
 OK_Q, OK_K, OK_V = torch.ones(1, 2, 3, 4), torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 6)

@@ -172,7 +172,9 @@ def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, lef
             attn_mask = attn_mask.unsqueeze(1)
     L, S = query.shape[-2], key.shape[-2]
     left, right = reference.causal_window(is_causal, (left, right))
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale is None:  # (a head dim of 0: every score is 0 whatever the scale, as in SDPA)
+        scale = query.shape[-1] ** -0.5 if query.shape[-1] > 0 else 1.0
+    scale = float(scale)
     offset = S - L if causal_align == "bottom_right" else 0
     seed = _dropout_seed(query.device) if dropout_p > 0 else 0
     out, lse = torch.ops.bigkernels.attention_forward(query, key, value, attn_mask, scale, left, right, offset,

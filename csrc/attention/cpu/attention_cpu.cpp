@@ -168,7 +168,7 @@ bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const
                              int64_t diagonal_offset, double dropout_p) {
   const at::ScalarType dtype = q.scalar_type();
   const bool causal = window_right == 0 && diagonal_offset == 0;
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && q.dim() == 4 && k.dim() == 4 && s.E == s.Ev &&
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && q.dim() == 4 && k.dim() == 4 && s.E == s.Ev && s.E > 0 &&
          (s.L >= kMinPackedQueries || (s.L == 1 && s.Hq == s.Hkv)) && s.S > 0 && s.B * s.Hq > 0 && dropout_p == 0 && window_left < 0 &&
          (window_right < 0 || (causal && !mask.has_value())) && cpu_capability_level() == 2 &&
          at::native::cpublas::could_pack(dtype);
@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   // rows reuse each key block to repay that (not when decoding).
   at::Tensor k_vnni, v_vnni;
   const at::ScalarType dtype = q.scalar_type();
-  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && s.E % 2 == 0 && s.L >= kMinPackedQueries &&
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && s.E % 2 == 0 && s.L >= kMinPackedQueries && s.S > 0 &&
       plan.splits == 1 && at::native::cpublas::could_pack(dtype)) {
     // blocks of up to kAttentionPackedKeyBlock keys, a multiple of 64 (no more padding than that)
     p.vnni_keys = std::min(kAttentionPackedKeyBlock, (s.S + 63) / 64 * 64);
