@@ -40,6 +40,9 @@ class Case:
     # Calls per timed sample, which then records their mean: for calls of a few
     # microseconds, where one call is too short to time alone.
     calls_per_sample: int = 1
+    # Samples taken even past the time budget: more for calls of a second or
+    # less whose ratio this shared host moves by a third between runs.
+    min_samples: int = 3
 
 
 # ---------------------------------------------------------------- timing
@@ -100,7 +103,7 @@ def _repeated(step, calls):
     return many
 
 
-def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1):
+def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1, min_samples=3):
     """-> {name: (status, median ms per call, samples, peak MiB or None, message)}.
 
     The variants take turns, one timed run each per round, so that a slow
@@ -122,9 +125,9 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1):
     times = {name: [] for name in steps}
     t_end = time.perf_counter() + budget_s * max(1, len(steps))
     # Stop early once the time budget is spent (keeps slow CPU cases bounded),
-    # but always take at least 3 samples for a meaningful median.
-    for round_ in range(repeats):
-        if round_ >= 3 and time.perf_counter() > t_end or not steps:  # (none: every variant n/a or failed)
+    # but always take at least min_samples (3: a meaningful median).
+    for round_ in range(max(repeats, min_samples)):
+        if round_ >= min_samples and time.perf_counter() > t_end or not steps:  # (none: every variant n/a or failed)
             break
         names = list(steps)
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate who goes first
@@ -160,7 +163,8 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
         log(f"  setup failed: {type(e).__name__}: {e}")
         return records
     for pass_ in PASSES:
-        measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s, case.calls_per_sample)
+        measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s, case.calls_per_sample,
+                                case.min_samples)
         for vname, variant in variants.items():
             status, ms, n, peak, msg = measured[vname]
             flops = case.flops * (1 + case.backward_flops_factor if pass_ == "fwd+bwd" else 1)
