@@ -168,9 +168,10 @@ bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const
                              int64_t diagonal_offset, double dropout_p) {
   const at::ScalarType dtype = q.scalar_type();
   const bool causal = window_right == 0 && diagonal_offset == 0;
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && q.dim() == 4 && k.dim() == 4 && s.E == s.Ev && s.E > 0 &&
-         (s.L >= kMinPackedQueries || (s.L == 1 && s.Hq == s.Hkv)) && s.S > 0 && s.B * s.Hq > 0 && dropout_p == 0 && window_left < 0 &&
-         (window_right < 0 || (causal && !mask.has_value())) && cpu_capability_level() == 2 &&
+  const bool shape = q.dim() == 4 && k.dim() == 4 && s.E == s.Ev && s.E > 0 && s.S > 0 && s.B * s.Hq > 0 &&
+                     (s.L >= kMinPackedQueries || (s.L == 1 && s.Hq == s.Hkv));
+  const bool options = dropout_p == 0 && window_left < 0 && (window_right < 0 || (causal && !mask.has_value()));
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && shape && options && cpu_capability_level() == 2 &&
          at::native::cpublas::could_pack(dtype);
 }
 

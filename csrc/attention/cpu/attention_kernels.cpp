@@ -441,8 +441,8 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
                             mask_rows_equal<T>(p, rows, jlo, jhi, mask_row));
   // packed: the probabilities are rounded to T in the softmax's pass (unless
   // dropout must see them first), which also adds a shared mask row and
-  // applies a positive scale (max(scale x) = scale max(x), -inf stays), unless
-  // another float mask must be added to scaled scores first
+  // applies the scale, if positive (scores already set to -inf must stay
+  // -inf), unless another float mask must be added to scaled scores first
   const bool round_in_softmax = packed && p.dropout_p == 0;
   const bool bias_in_softmax = round_in_softmax && shared_mask_row;
   const bool scale_in_softmax = packed && scale > C(0) && (p.mask == nullptr || p.mask_is_bool || bias_in_softmax);
