@@ -10,13 +10,15 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/vec_math.h"
+
 namespace bigkernels {
 namespace CPU_CAPABILITY {
 
 // Rows [i, i + R) of c by NV vectors of columns at n0, over all of k: the
 // register tile, so that each vector of b loaded feeds R FMAs.
-template <int R, int NV, typename C>
-inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
+template <int R, int NV, typename C, typename TB>
+inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const TB* b,
                       int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
@@ -25,11 +27,11 @@ inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a
     for (int v = 0; v < NV; ++v) x[r][v] = V(0);
   const C* ai = a + i * a_row;
   for (int64_t kk = 0; kk < kdim; ++kk) {
-    const C* bk = b + kk * ldb + n0;
+    const TB* bk = b + kk * ldb + n0;
     V s[R];  // R broadcasts + one vector of b + the accumulators fit the registers
     for (int r = 0; r < R; ++r) s[r] = V(ai[r * a_row + kk * a_col]);
     for (int v = 0; v < NV; ++v) {
-      const V bv = V::loadu(bk + v * W);
+      const V bv = load_as<C>(bk + v * W);
       for (int r = 0; r < R; ++r) x[r][v] = at::vec::fmadd(s[r], bv, x[r][v]);
     }
   }
@@ -42,9 +44,9 @@ inline void gemm_tile(int64_t i, int64_t n0, int64_t kdim, const C* a, int64_t a
 
 // Rows [i, m) by NV vectors: tiles of R rows, then the last m % R rows as
 // one smaller tile (a row at a time would be bound by the FMA latency).
-template <int R, int NV, typename C>
+template <int R, int NV, typename C, typename TB>
 inline void gemm_rows(int64_t i, int64_t m, int64_t n0, int64_t kdim, const C* a, int64_t a_row, int64_t a_col,
-                      const C* b, int64_t ldb, C* c, int64_t ldc, bool accumulate) {
+                      const TB* b, int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   for (; i + R <= m; i += R) gemm_tile<R, NV>(i, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate);
   if constexpr (R > 1) {
     if (i < m) gemm_rows<R - 1, NV>(i, m, n0, kdim, a, a_row, a_col, b, ldb, c, ldc, accumulate);
@@ -63,6 +65,7 @@ constexpr int gemm_tile_rows() {
 
 // c[i][0:n] (+)= sum_k A(i, k) * b[k][0:n], with A(i, k) = a[i * a_row + k * a_col]
 // (so A may be a transposed view), b and c row-major with leading dims ldb, ldc.
+// b may be bf16/fp16 with float a and c: widened in registers (load_as).
 // With `accumulate`, the k products are summed from zero and then added to c
 // once: c often holds a sum over many earlier calls (attention's output over
 // key blocks, dK and dV over query blocks and heads), and adding each product
@@ -71,8 +74,8 @@ constexpr int gemm_tile_rows() {
 // Register-blocked by column chunks of up to 4 vectors (narrow outputs such
 // as head dim 32 get taller tiles of fewer vectors); a chunk that ends
 // mid-vector goes a row at a time with masked loads.
-template <typename C>
-inline void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const C* b,
+template <typename C, typename TB>
+inline void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_row, int64_t a_col, const TB* b,
                      int64_t ldb, C* c, int64_t ldc, bool accumulate) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
@@ -96,8 +99,8 @@ inline void gemm_acc(int64_t m, int64_t n, int64_t kdim, const C* a, int64_t a_r
       for (int v = 0; v * W < nn; ++v) x[v] = V(0);
       for (int64_t kk = 0; kk < kdim; ++kk) {
         const V s0(a[i * a_row + kk * a_col]);
-        const C* bk = b + kk * ldb + n0;
-        for (int v = 0; v * W < nn; ++v) x[v] = at::vec::fmadd(s0, V::loadu(bk + v * W, count(v)), x[v]);
+        const TB* bk = b + kk * ldb + n0;
+        for (int v = 0; v * W < nn; ++v) x[v] = at::vec::fmadd(s0, load_as<C>(bk + v * W, count(v)), x[v]);
       }
       for (int v = 0; v * W < nn; ++v) {
         (accumulate ? V::loadu(ci + v * W, count(v)) + x[v] : x[v]).store(ci + v * W, count(v));

@@ -236,6 +236,25 @@ struct VecIO {
   }
 };
 
+// One vector of C from n <= its width elements of T (lanes past n are zero),
+// bf16/fp16 widened to float in registers: what the small products need to
+// read K and V in place instead of converting blocks into scratch first.
+template <typename C, typename T>
+BK_VEC_INLINE at::vec::Vectorized<C> load_as(const T* p, int64_t n = at::vec::Vectorized<C>::size()) {
+  using V = at::vec::Vectorized<C>;
+  if constexpr (std::is_same_v<T, C>) {
+    return n == V::size() ? V::loadu(p) : V::loadu(p, static_cast<int>(n));
+  } else {
+    static_assert(std::is_same_v<C, float> && at::vec::is_reduced_floating_point_v<T>);
+    if (n == V::size()) {
+      V x;
+      at::vec::load_to_float<T>(p, x);
+      return x;
+    }
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, static_cast<int>(n))));
+  }
+}
+
 // Calls f(T{}) with the storage type T of dtype, once per call, outside the
 // loops; VecIO<T>::C is then its compute type.
 template <typename F>

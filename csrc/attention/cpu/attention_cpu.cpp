@@ -156,10 +156,9 @@ void combine_splits(const AttentionCpuParams& p) {
 // AVX-512 capability on a host with the BLAS micro-kernel for the dtype
 // (AMX, AVX512-BF16), for prefill, where that kernel runs the same
 // micro-kernel as our packed path and its softmax passes are faster (ours
-// runs at ~0.75x of it on the real-model shapes), and for one-token decoding
-// without GQA, where each key meets one query row and its native bf16 dot
-// products beat our conversion to float (0.6x at S 1k-4k); docs/PERFORMANCE.md.
-// (GQA decoding, where a group's rows share each converted key, stays ours.)
+// runs at ~0.75x of it on the real-model shapes); docs/PERFORMANCE.md.
+// (Decoding stays ours: its dot products widen bf16 keys in registers and
+// split long caches over the threads, 1.0-2.8x that kernel.)
 // Only what it computes as we do: no dropout (its random numbers differ),
 // no window, top-left causality without a mask, equal head dims, 4-d inputs.
 // The backward stays ours: it needs only the output and the lse.
@@ -169,7 +168,7 @@ bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const
   const at::ScalarType dtype = q.scalar_type();
   const bool causal = window_right == 0 && diagonal_offset == 0;
   const bool shape = q.dim() == 4 && k.dim() == 4 && s.E == s.Ev && s.E > 0 && s.S > 0 && s.B * s.Hq > 0 &&
-                     (s.L >= kMinPackedQueries || (s.L == 1 && s.Hq == s.Hkv));
+                     s.L >= kMinPackedQueries;
   const bool options = dropout_p == 0 && window_left < 0 && (window_right < 0 || (causal && !mask.has_value()));
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && shape && options && cpu_capability_level() == 2 &&
          at::native::cpublas::could_pack(dtype);

@@ -232,13 +232,19 @@ std::unique_ptr<C[]> filled(int64_t n, C x, int64_t size = 0) {
   return buffer;
 }
 
+// Key j0 of head `head` of batch b of K or V in place (strides: batch, head, key).
+template <typename T>
+const T* key_row(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0) {
+  return static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
+}
+
 // Keys [j0, j0 + n) of head `head` of batch b, as rows of `dim` values in the
 // compute type with row stride *ld: read in place when already in it, else
 // converted into scratch (per block, so no per-call copy of K or V exists).
 template <typename T, typename C>
 const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
                   int64_t dim, C* scratch, int64_t* ld) {
-  const T* rows = static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
+  const T* rows = key_row<T>(base, strides, b, head, j0);
   if constexpr (std::is_same_v<T, C>) {
     *ld = strides[2];
     return rows;
@@ -264,7 +270,7 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
 template <typename T>
 void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
                    int64_t dim) {
-  const T* first = static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
+  const T* first = key_row<T>(base, strides, b, head, j0);
   for (int64_t j = 0; j < n; ++j) prefetch_bytes(first + j * strides[2], dim * static_cast<int64_t>(sizeof(T)));
 }
 
@@ -323,23 +329,24 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
 // s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
 // products along the head dim, four keys at a time (four FMA chains), for
 // tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
-// most lanes idle. Such tasks stream K and V from memory at a few FMAs per
-// byte: the loop asks for the K rows of the group after next (with
-// prefetch_k: not for K already converted into scratch) and (when v_rows is
-// given: `v_bytes` bytes each, `v_stride` apart) the same keys' V
-// rows, spread over the loop. A block-sized burst of prefetches instead filled
-// the core's line-fill buffers and left a decoding call at ~10 GB/s.
-template <typename C>
-void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, int64_t ldk, C* s, int64_t lds,
-                   bool prefetch_k, const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
+// most lanes idle. K is read in place, bf16/fp16 widened in registers (a
+// block converted into scratch first cost twice these products: issue 16).
+// Such tasks stream K and V from memory at a few FMAs per byte: the loop asks
+// for the K rows of the group after next and (when v_rows is given:
+// `v_bytes` bytes each, `v_stride` apart) the same keys' V rows, spread over
+// the loop. A block-sized burst of prefetches instead filled the core's
+// line-fill buffers and left a decoding call at ~10 GB/s.
+template <typename C, typename TK>
+void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, int64_t ldk, C* s, int64_t lds,
+                   const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& x) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, x); };
   int64_t jj = 0;
   for (; jj + 4 <= n; jj += 4) {
-    const C* k0 = k + jj * ldk;
-    for (int64_t key = jj + 8; prefetch_k && key < std::min(jj + 12, n); ++key)
-      prefetch_bytes(k + key * ldk, E * static_cast<int64_t>(sizeof(C)));
+    const TK* k0 = k + jj * ldk;
+    for (int64_t key = jj + 8; key < std::min(jj + 12, n); ++key)
+      prefetch_bytes(k + key * ldk, E * static_cast<int64_t>(sizeof(TK)));
     for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key) prefetch_bytes(v_rows + key * v_stride, v_bytes);
     for (int64_t r = 0; r < rows; ++r) {
       const C* qr = q + r * E;
@@ -347,10 +354,10 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, i
       for (int64_t e = 0; e < E; e += W) {
         const int64_t c = std::min<int64_t>(W, E - e);
         const V qv = V::loadu(qr + e, c);  // lanes past c are zero
-        x0 = at::vec::fmadd(qv, V::loadu(k0 + e, c), x0);
-        x1 = at::vec::fmadd(qv, V::loadu(k0 + ldk + e, c), x1);
-        x2 = at::vec::fmadd(qv, V::loadu(k0 + 2 * ldk + e, c), x2);
-        x3 = at::vec::fmadd(qv, V::loadu(k0 + 3 * ldk + e, c), x3);
+        x0 = at::vec::fmadd(qv, load_as<C>(k0 + e, c), x0);
+        x1 = at::vec::fmadd(qv, load_as<C>(k0 + ldk + e, c), x1);
+        x2 = at::vec::fmadd(qv, load_as<C>(k0 + 2 * ldk + e, c), x2);
+        x3 = at::vec::fmadd(qv, load_as<C>(k0 + 3 * ldk + e, c), x3);
       }
       C* sr = s + r * lds + jj;
       sr[0] = sum(x0), sr[1] = sum(x1), sr[2] = sum(x2), sr[3] = sum(x3);
@@ -361,7 +368,7 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const C* k, i
       V x(0);
       for (int64_t e = 0; e < E; e += W) {
         const int64_t c = std::min<int64_t>(W, E - e);
-        x = at::vec::fmadd(V::loadu(q + r * E + e, c), V::loadu(k + jj * ldk + e, c), x);
+        x = at::vec::fmadd(V::loadu(q + r * E + e, c), load_as<C>(k + jj * ldk + e, c), x);
       }
       s[r * lds + jj] = sum(x);
     }
@@ -399,7 +406,9 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const auto st = filled(0, C(0), block * ld);
   const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0));
   const auto alpha = filled(0, C(0), ld);
-  const bool convert = !packed && !std::is_same_v<T, C>;  // then K and V blocks are converted into scratch
+  // K and V blocks converted into scratch for K Q^T (scores by dot products
+  // and their P V read bf16/fp16 K and V in place, widened in registers)
+  const bool convert = transposed && !std::is_same_v<T, C>;
   const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0);
   const auto v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
   // packed: Q's rows as they are ([rows, E]; the scale is applied to the
@@ -476,20 +485,14 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
           (V::loadu(sr + jj, n) * V(scale)).store(sr + jj, n);
         }
       }
-    } else {
+    } else if (transposed) {  // st = K Q^T
       const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
-      if (transposed) {
-        gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);  // st = K Q^T
-      } else {
-        // K and V read in place (not converted block by block into scratch,
-        // which key_rows prefetches itself): their rows ride along
-        constexpr bool in_place = std::is_same_v<T, C>;
-        const char* v_rows = in_place ? reinterpret_cast<const char*>(static_cast<const T*>(p.v) + t.b * p.v_strides[0] +
-                                                                      hk * p.v_strides[1] + j0 * p.v_strides[2])
-                                      : nullptr;
-        scores_by_dot(rows, jn, E, q_scaled.get(), kb, k_ld, st.get(), block, in_place, v_rows,
-                      p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)));
-      }
+      gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);
+    } else {  // K and V read in place: the V rows' prefetches ride along
+      const char* v_rows = reinterpret_cast<const char*>(key_row<T>(p.v, p.v_strides, t.b, hk, j0));
+      scores_by_dot(rows, jn, E, q_scaled.get(), key_row<T>(p.k, p.k_strides, t.b, hk, j0), p.k_strides[2],
+                    st.get(), block, v_rows, p.v_strides[2] * static_cast<int64_t>(sizeof(T)),
+                    Ev * static_cast<int64_t>(sizeof(T)));
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
     const C* softmax_bias = nullptr;  // the shared row, when the softmax's pass adds it
@@ -602,9 +605,12 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       for (int64_t r = 0; r < rows && !round_in_softmax; ++r)
         round_row(st.get() + r * block, p_rows.get() + r * block, jn, block);
       brgemm_vnni(rows, Ev, block, p_rows.get(), block, v_vnni + j0 / block * block * Ev, acc.get(), Ev, true);
-    } else {
+    } else if (transposed) {  // acc += P V
       const C* vb = key_rows<T, C>(p.v, p.v_strides, t.b, hk, j0, jn, Ev, v_scratch.get(), &v_ld);
-      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);  // acc += P V
+      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);
+    } else {
+      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, key_row<T>(p.v, p.v_strides, t.b, hk, j0), p.v_strides[2],
+               acc.get(), Ev, true);
     }
   }
   if (packed) at::native::cpublas::brgemm_release();
@@ -693,7 +699,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         // dot products where its task had fewer rows than a vector, else by
         // gemm_acc, whose sums run in the order of the forward's K Q^T.
         if (dot_scores) {
-          scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK, true);
+          scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK);
         } else {
           gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
                    false);
