@@ -15,7 +15,6 @@
 
 #include "attention/attention.h"
 #include "attention/cpu/attention_kernels.h"
-#include "common/column_panels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,14 +31,6 @@ constexpr int64_t kMinPackedQueries = 16;
 
 // The kernels compute in float, or double for double inputs: lse's type.
 at::ScalarType compute_dtype(const at::Tensor& q) { return lse_dtype(q); }
-
-// x [B, H, S, D] as [B, H, ceil(S / block), D, block] in the compute type,
-// zero-padded: each key block transposed and contiguous. (A plain [D, S]
-// transpose would put a block's rows S elements apart: 4 KB for S = 1024
-// floats, which map to one L1 set and evict each other.)
-at::Tensor blocked_transpose(const at::Tensor& x) {
-  return column_panels(x.transpose(-1, -2), kAttentionKeyBlock, compute_dtype(x));
-}
 
 // The kernels need a contiguous last dim; other strides are honoured.
 at::Tensor unit_last_stride(const at::Tensor& t) {
@@ -276,17 +267,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_attention_backward_args(grad_output, output, lse, query, s);
   // Everything read in place where it can be (the forward's [B, L, H, D]-laid
-  // output and Hugging Face's grad_output included); K in the compute type.
+  // output and Hugging Face's grad_output included); K and V in the compute type.
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = unit_last_stride(grad_output.to(q.scalar_type())), o = unit_last_stride(output);
   const at::Tensor l = lse.contiguous();
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
-  const at::Tensor k_c = unit_last_stride(k.to(compute_dtype(q)));
-  const at::Tensor k_t = blocked_transpose(k_c);
-  const at::Tensor v_t = blocked_transpose(v);
-  p.k_c = k_c.const_data_ptr(), p.k_t = k_t.const_data_ptr(), p.v_t = v_t.const_data_ptr();
+  const at::Tensor k_c = unit_last_stride(k.to(compute_dtype(q))), v_c = unit_last_stride(v.to(compute_dtype(q)));
+  p.k_c = k_c.const_data_ptr(), p.v_c = v_c.const_data_ptr();
   p.heads_per_task = plan_forward(s).heads_per_task;
   // The gradients laid out like the inputs (attention_grad_like; the fake
   // implementation agrees), so that autograd's views back to the caller's
@@ -298,7 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   p.grad_out = g.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) {
-    p.k_c_strides[d] = k_c.stride(d), p.out_strides[d] = o.stride(d), p.grad_out_strides[d] = g.stride(d);
+    p.k_c_strides[d] = k_c.stride(d), p.v_c_strides[d] = v_c.stride(d);
+    p.out_strides[d] = o.stride(d), p.grad_out_strides[d] = g.stride(d);
     p.grad_q_strides[d] = grad_q.stride(d), p.grad_k_strides[d] = grad_k.stride(d);
     p.grad_v_strides[d] = grad_v.stride(d);
   }

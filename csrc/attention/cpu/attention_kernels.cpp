@@ -36,12 +36,30 @@ constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = kAttentionKeyBlock;
 // forward's softmax rescales (FlashAttention-4's lazy rescaling): e^8 ~ 3000.
 constexpr double kLazyShift = 8;
 
-// Key block j0 / kBlockK of a head's transposed, blocked K or V (see
-// AttentionCpuParams): rows of kBlockK contiguous keys, `dim` of them.
+// The S rows of `dim` values (row stride ld) of one head's K or V,
+// transposed by key blocks into dst [ceil(S / kBlockK)][dim][kBlockK],
+// zero-padded: block j0 / kBlockK at dst + j0 * dim holds rows of kBlockK
+// contiguous keys (the B operand of Q K^T and dO V^T). (A plain [dim, S]
+// transpose would put a block's rows S elements apart: 4 KB for S = 1024
+// floats, which map to one L1 set and evict each other.) 16 x 16 tiles
+// transposed in registers.
 template <typename C>
-const C* key_block(const void* blocked, int64_t head, int64_t S, int64_t dim, int64_t j0) {
-  const int64_t blocks = (S + kBlockK - 1) / kBlockK;
-  return static_cast<const C*>(blocked) + (head * blocks + j0 / kBlockK) * dim * kBlockK;
+void transpose_key_blocks(const C* rows, int64_t ld, int64_t S, int64_t dim, C* dst) {
+  for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
+    const int64_t jn = std::min(kBlockK, S - j0);
+    C* out = dst + j0 * dim;
+    for (int64_t j = 0; j < jn; j += 16)
+      for (int64_t e = 0; e < dim; e += 16) {
+        const C* src = rows + (j0 + j) * ld + e;
+        const int m = static_cast<int>(std::min<int64_t>(16, jn - j)), n = static_cast<int>(std::min<int64_t>(16, dim - e));
+        if (m == 16 && n == 16) {
+          at::vec::transpose_mxn<C, 16, 16>(src, ld, out + e * kBlockK + j, kBlockK);
+        } else {
+          at::vec::transpose_mxn<C>(src, ld, out + e * kBlockK + j, kBlockK, m, n);
+        }
+      }
+    for (int64_t e = 0; e < dim && jn < kBlockK; ++e) std::fill(out + e * kBlockK + jn, out + (e + 1) * kBlockK, C(0));
+  }
 }
 
 // x[0:n] = exp(y - shift) with y = x[0:n] * scale (+ bias[0:n] where given)
@@ -114,7 +132,7 @@ struct Band {
     return (p.window_left < 0 || j >= pos - p.window_left) && (p.window_right < 0 || j <= pos + p.window_right);
   }
   // The keys any row of [i0, i1) may see, [lo, hi), with lo rounded down to
-  // a block boundary (the layout of k_t): the keys before the true lo in
+  // a block boundary (the transposed key blocks'): the keys before the true lo in
   // that first block are masked by the window (such a block is never whole).
   std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
     int64_t lo = 0, hi = p.S;
@@ -646,9 +664,24 @@ void store_rows(T* dst, const int64_t* strides, int64_t b, int64_t head, int64_t
 template <typename T, typename C>
 void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
-  const int64_t head = b * p.Hkv + hk;
   const C* kc = static_cast<const C*>(p.k_c) + b * p.k_c_strides[0] + hk * p.k_c_strides[1];  // rows of E
+  const C* vc = static_cast<const C*>(p.v_c) + b * p.v_c_strides[0] + hk * p.v_c_strides[1];  // rows of Ev
   const int64_t kc_ld = p.k_c_strides[2];
+  // Row i of head h of Q, dO and O (strided: Hugging Face's layout), and
+  // their first query block asked for while the scratch below is cleared.
+  const auto q_row = [&](int64_t h, int64_t i) { return key_row<T>(p.q, p.q_strides, b, h, i); };
+  const auto go_row = [&](int64_t h, int64_t i) { return key_row<T>(p.grad_out, p.grad_out_strides, b, h, i); };
+  const auto o_row = [&](int64_t h, int64_t i) { return key_row<T>(p.out, p.out_strides, b, h, i); };
+  const auto prefetch_query_row = [&](int64_t h, int64_t i) {
+    prefetch_bytes(q_row(h, i), E * static_cast<int64_t>(sizeof(T)));
+    prefetch_bytes(go_row(h, i), Ev * static_cast<int64_t>(sizeof(T)));
+    prefetch_bytes(o_row(h, i), Ev * static_cast<int64_t>(sizeof(T)));
+  };
+  for (int64_t i = 0; i < std::min(kBlockQ, p.L); ++i) prefetch_query_row(hk * group, i);
+  const int64_t key_blocks = (S + kBlockK - 1) / kBlockK;
+  const auto kt = filled(0, C(0), key_blocks * kBlockK * E), vt = filled(0, C(0), key_blocks * kBlockK * Ev);
+  transpose_key_blocks(kc, kc_ld, S, E, kt.get());
+  transpose_key_blocks(vc, p.v_c_strides[2], S, Ev, vt.get());
   const auto dk = filled(S * E, C(0)), dv = filled(S * Ev, C(0));
   const auto qf = filled(kBlockQ * E, C(0)), dof = filled(kBlockQ * Ev, C(0)), d = filled(kBlockQ, C(0));
   const auto lse = filled(kBlockQ, C(0)), dq = filled(kBlockQ * E, C(0));
@@ -656,23 +689,34 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const auto mask_bias = filled(0, C(0), kBlockK);  // a shared mask row over one block's keys
   const int64_t* ms = p.mask_strides;
   using V = at::vec::Vectorized<C>;
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const int64_t h_end = (hk + 1) * group;
+  for (int64_t h = hk * group; h < h_end; ++h) {
     const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in lse
-    const T* go = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides[0] + h * p.grad_out_strides[1];
-    const T* o = static_cast<const T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[1];
     const Band band{p, b, h};
     for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
       const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0;
-      load_rows(qf.get(), q + i0 * p.q_strides[2], bq, E, p.q_strides[2], static_cast<C>(p.scale));
-      load_rows(dof.get(), go + i0 * p.grad_out_strides[2], bq, Ev, p.grad_out_strides[2]);
-      for (int64_t r = 0; r < bq; ++r) {
-        const T* out = o + (i0 + r) * p.out_strides[2];
-        C sum = 0;  // D = rowsum(dO * O)
-        for (int64_t e = 0; e < Ev; ++e) sum += dof[r * Ev + e] * static_cast<C>(out[e]);
-        d[r] = sum;
+      load_rows(qf.get(), q_row(h, i0), bq, E, p.q_strides[2], static_cast<C>(p.scale));
+      load_rows(dof.get(), go_row(h, i0), bq, Ev, p.grad_out_strides[2]);
+      for (int64_t r = 0; r < bq; ++r) {  // D = rowsum(dO * O)
+        const T* out = o_row(h, i0 + r);
+        V sum(0);
+        for (int64_t e = 0; e < Ev; e += V::size()) {
+          const int64_t n = std::min<int64_t>(V::size(), Ev - e);
+          sum = at::vec::fmadd(V::loadu(dof.get() + r * Ev + e, static_cast<int>(n)), load_as<C>(out + e, n), sum);
+        }
+        d[r] = at::vec::vec_reduce_all<C>([](V x, V y) { return x + y; }, sum);
         lse[r] = static_cast<const C*>(p.lse)[row0 + i0 + r];
       }
+      // The next query block's rows of Q, dO and O, asked for a row at a time
+      // in the first computed key block's softmax loop below: their strided rows
+      // otherwise arrive one miss at a time (the loads above and D were ~25 %
+      // of this function's own time on a MiniLM batch).
+      const bool next_here = i1 < p.L;
+      const int64_t next_h = next_here ? h : h + 1, next_i = next_here ? i1 : 0;
+      const int64_t next_bq = next_h < h_end ? std::min(kBlockQ, p.L - next_i) : 0;
+      const auto prefetch_next_row = [&](int64_t r) {
+        if (r < next_bq) prefetch_query_row(next_h, next_i + r);
+      };
       std::fill(dq.get(), dq.get() + bq * E, C(0));
       const auto [jlo, jhi] = band.key_range(i0, i1);
       // the forward's task over these positions: its rows (forward_task's `transposed`)
@@ -683,6 +727,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       const auto mask_row = [&](int64_t r) { return b * ms[0] + h * ms[1] + (i0 + r) * ms[2]; };
       const bool shared_mask_row =
           p.mask != nullptr && (ms[2] == 0 || bq == 1 || mask_rows_equal<T>(p, bq, jlo, jhi, mask_row));
+      bool next_asked = false;
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
         bool every_key_kept = false;  // by the shared mask row: nothing to add
@@ -701,10 +746,11 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         if (dot_scores) {
           scores_by_dot(bq, jn, E, qf.get(), kc + j0 * kc_ld, kc_ld, s.get(), kBlockK);
         } else {
-          gemm_acc(bq, jn, E, qf.get(), E, 1, key_block<C>(p.k_t, head, S, E, j0), kBlockK, s.get(), kBlockK,
+          gemm_acc(bq, jn, E, qf.get(), E, 1, kt.get() + j0 * E, kBlockK, s.get(), kBlockK,
                    false);
         }
         for (int64_t r = 0; r < bq; ++r) {
+          if (!next_asked) prefetch_next_row(r);
           C* sr = s.get() + r * kBlockK;
           if (shared_mask_row) {
             for (int64_t jj = 0; jj < jn && !every_key_kept; jj += V::size()) {
@@ -721,9 +767,10 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
             exp_shifted(sr, jn, lse[r]);
           }
         }
+        next_asked = true;
         // With the dropout mask M (scaled by 1 / (1 - p); all ones without dropout):
         // dP = dO V^T;  dS = P * (dP * M - D);  dV += (P * M)^T dO;  dK += dS^T (Q scale);  dQ += dS K
-        gemm_acc(bq, jn, Ev, dof.get(), Ev, 1, key_block<C>(p.v_t, head, S, Ev, j0), kBlockK, dp.get(), kBlockK,
+        gemm_acc(bq, jn, Ev, dof.get(), Ev, 1, vt.get() + j0 * Ev, kBlockK, dp.get(), kBlockK,
                  false);
         if (p.dropout_p > 0) {
           for (int64_t r = 0; r < bq; ++r) {

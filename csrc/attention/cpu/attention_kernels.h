@@ -23,13 +23,10 @@ struct AttentionCpuParams {
   int64_t mask_strides[4];  // batch, head, query, key
   int64_t B, Hq, Hkv, L, S, E, Ev;
   // The backward's K and V in the compute type (float; double for double),
-  // converted once per call by the op. k_t and v_t hold them transposed in
-  // key blocks, [B, Hkv, ceil(S / kAttentionKeyBlock), E (or Ev),
-  // kAttentionKeyBlock], zero-padded, so that one block's rows are
-  // contiguous; k_c is K itself when already in the compute type (strides
-  // k_c_strides).
-  const void *k_t, *k_c, *v_t;
-  int64_t k_c_strides[3];
+  // converted once per call by the op (K and V themselves when already in
+  // it; strides k_c_strides, v_c_strides).
+  const void *k_c, *v_c;
+  int64_t k_c_strides[3], v_c_strides[3];
   // bf16/fp16 forward where ATen's BLAS has a micro-kernel for the dtype
   // (cpublas::could_pack: AMX, AVX512-BF16): K and V packed once per call as
   // its B operand, pairs of rows interleaved ("VNNI"), per key block,
