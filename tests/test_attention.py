@@ -297,6 +297,30 @@ def test_output_keeps_hugging_face_layout():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "float"])
+def test_materialised_padding_masks(dtype, float_mask):
+    # Hugging Face's [B, 1, L, S] padding mask with every query row equal (bf16/fp16 prefill on
+    # AMX hosts: ATen's forward, given one row of it), a batch that sees nothing, and a mask
+    # equal but for its last row (which must not be taken as one row)
+    B, L, S = 3, 20, 37
+    q, k, v, _ = make_inputs(B, 2, 2, L, S, 16, 16, seed=21)
+    keep = torch.arange(S)[None, :] < torch.tensor([30, 0, 37])[:, None]
+    padding = keep[:, None, None, :].expand(B, 1, L, S).contiguous()
+    last_differs = padding.clone()
+    last_differs[0, 0, -1, 5:] = False
+    for mask in (padding, last_differs):
+        if float_mask:
+            mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask.to(dtype) if float_mask else mask,
+                             return_lse=True)
+        want, want_lse = reference.scaled_dot_product_attention(q, k, v, mask)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out.double(), want, **tol)
+        torch.testing.assert_close(lse.double(), want_lse, **tol)
+        assert torch.isneginf(lse[1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("L", [5, 20], ids=str)  # 20: bf16/fp16 prefill, ATen's forward on AMX hosts
 def test_rows_with_nothing_to_attend_give_zero(dtype, L):
     q, k, v, grad = make_inputs(1, 2, 2, L, 6, 8, 8, seed=6)
