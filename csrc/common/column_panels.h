@@ -1,5 +1,6 @@
-// Packing a GEMM's b operand for the CPU kernels: one place for the RNN's
-// weights and attention's K/V blocks.
+// Packing a GEMM's b operand for the CPU kernels: the RNN's weights.
+// (Attention's backward transposes its K and V blocks per task, in cache:
+// transpose_key_blocks in attention/cpu/attention_kernels.cpp.)
 #pragma once
 
 #include <ATen/core/Tensor.h>
