@@ -51,7 +51,8 @@ void transpose_key_blocks(const C* rows, int64_t ld, int64_t S, int64_t dim, C* 
     for (int64_t j = 0; j < jn; j += 16)
       for (int64_t e = 0; e < dim; e += 16) {
         const C* src = rows + (j0 + j) * ld + e;
-        const int m = static_cast<int>(std::min<int64_t>(16, jn - j)), n = static_cast<int>(std::min<int64_t>(16, dim - e));
+        const int m = static_cast<int>(std::min<int64_t>(16, jn - j));
+        const int n = static_cast<int>(std::min<int64_t>(16, dim - e));
         if (m == 16 && n == 16) {
           at::vec::transpose_mxn<C, 16, 16>(src, ld, out + e * kBlockK + j, kBlockK);
         } else {
