@@ -314,7 +314,8 @@ def test_materialised_padding_masks(dtype, float_mask):
         out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask.to(dtype) if float_mask else mask,
                              return_lse=True)
         want, want_lse = reference.scaled_dot_product_attention(q, k, v, mask)
-        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        tol = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}.get(
+            dtype, dict(atol=3e-2, rtol=3e-2))
         torch.testing.assert_close(out.double(), want, **tol)
         torch.testing.assert_close(lse.double(), want_lse, **tol)
         assert torch.isneginf(lse[1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
