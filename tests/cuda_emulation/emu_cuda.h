@@ -1,7 +1,8 @@
 // Host emulation of the CUDA features our kernels use, so that the kernels'
 // logic (tiling, bounds, pipelines, fragment layouts, epilogues) is tested
-// on machines without a GPU: one std::thread per CUDA thread, std::barrier
-// for __syncthreads and __syncwarp, blocks one after another (all at once
+// on machines without a GPU: one fiber (or, under ThreadSanitizer, one
+// std::thread) per CUDA thread, a barrier for __syncthreads and __syncwarp,
+// blocks one after another (all at once
 // for a cooperative launch, so that a grid-wide barrier can meet), atomics, warp shuffles and the sm_80 warp-level
 // instructions (mma.sync m16n8k16, ldmatrix; shim/common/ptx_sm80.cuh)
 // through per-warp exchange slots with the PTX ISA's register layouts, WMMA
@@ -11,10 +12,13 @@
 // never written shows. The WMMA, ldmatrix and cp.async calls check their
 // alignment rules, and a launch checks its configuration against the
 // hardware limits (the error comes back from cudaGetLastError, as on a GPU).
-// Every exchange between threads goes through std::barrier or atomics, so
+// Every exchange between threads goes through a barrier or atomics, so
 // ThreadSanitizer (tests/test_cuda_emulation.py, mode "races") sees exactly
 // the ordering the kernel's own barriers give, and reports a shared-memory
-// access that none orders. Not covered: the tensor cores' rounding, bank
+// access that none orders. That needs real threads; without ThreadSanitizer
+// (mode "values") the CUDA threads are fibers on one OS thread, switched at
+// barriers and __nanosleep, which is ~20x faster than an OS thread per CUDA
+// thread (thread creation and futex waits were 85 % of the time). Not covered: the tensor cores' rounding, bank
 // conflicts, speed, and orderings only a GPU's memory model adds (fences,
 // the visibility of global writes across blocks).
 #pragma once
@@ -35,6 +39,14 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+#define BK_EMULATE_WITH_FIBERS 1
+#include <sys/mman.h>
+#include <functional>
+#else
+#define BK_EMULATE_WITH_FIBERS 0
+#endif
+
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__
@@ -49,6 +61,31 @@
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
 
+#if BK_EMULATE_WITH_FIBERS
+// The running fiber gives the others a turn (defined with the scheduler, below).
+inline void bk_fiber_yield();
+// Whoever arrives last opens the barrier; the others poll it between turns.
+class EmulatedBarrier {
+ public:
+  explicit EmulatedBarrier(int threads) : expected_(threads) {}
+  void arrive_and_wait() {
+    const unsigned generation = generation_;
+    if (++arrived_ == expected_) {
+      arrived_ = 0;
+      ++generation_;
+      return;
+    }
+    while (generation_ == generation) bk_fiber_yield();
+  }
+
+ private:
+  int expected_, arrived_ = 0;
+  unsigned generation_ = 0;
+};
+#else
+using EmulatedBarrier = std::barrier<>;
+#endif
+
 // Per warp: slots through which warp-collective operations (shuffles,
 // ldmatrix, mma) exchange registers and addresses.
 struct WarpExchange {
@@ -61,13 +98,13 @@ struct WarpExchange {
 // __syncthreads_or. Each thread reaches its block's through g_block.
 struct EmulatedBlock {
   explicit EmulatedBlock(int threads, size_t dynamic_smem) : barrier(threads), smem_size(dynamic_smem) {
-    for (int w = 0; w < (threads + 31) / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    for (int w = 0; w < (threads + 31) / 32; ++w) warp_barriers.push_back(std::make_unique<EmulatedBarrier>(32));
     warp_exchange.assign((threads + 31) / 32, WarpExchange{});
     smem_storage.assign(dynamic_smem + 128, 0xFF);
     smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) / 128 * 128);
   }
-  std::barrier<> barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  EmulatedBarrier barrier;
+  std::vector<std::unique_ptr<EmulatedBarrier>> warp_barriers;
   std::vector<WarpExchange> warp_exchange;
   std::vector<unsigned char> smem_storage;
   unsigned char* smem;
@@ -101,7 +138,12 @@ inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline unsigned atomicExch(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).exchange(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }  // a spinning thread lets the others run
+// A spinning thread lets the others run.
+#if BK_EMULATE_WITH_FIBERS
+inline void __nanosleep(unsigned) { bk_fiber_yield(); }
+#else
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+#endif
 // ld.global.cg (L2, not L1): a plain load here, where every "cache" is coherent.
 template <typename T>
 T __ldcg(const T* p) {
@@ -294,12 +336,124 @@ const void* bk_kernel_key(const Kernel& kernel) {
   return nullptr;
 }
 
+#if BK_EMULATE_WITH_FIBERS
+// Saves the callee-saved registers on this stack and its pointer in *from,
+// then resumes the stack at `to` (the System V x86-64 ABI: the caller keeps
+// every other register; the kernels leave MXCSR and the x87 control word
+// alone). glibc's swapcontext also saves the signal mask, a system call on
+// every switch: 80 % of the time it took.
+__attribute__((naked, noinline)) inline void bk_switch_stack(void** from, void* to) {
+  asm volatile(
+      "pushq %rbp\n pushq %rbx\n pushq %r12\n pushq %r13\n pushq %r14\n pushq %r15\n"
+      "movq %rsp, (%rdi)\n movq %rsi, %rsp\n"
+      "popq %r15\n popq %r14\n popq %r13\n popq %r12\n popq %rbx\n popq %rbp\n ret\n");
+}
+
+// One CUDA thread: its saved stack pointer, its stack, and its thread-locals
+// while another fiber runs (all fibers share the OS thread's).
+struct EmulatedFiber {
+  void* sp;
+  unsigned char* stack;
+  std::function<void()> body;
+  bool done = false;
+  dim3 thread_idx, block_idx;
+  EmulatedBlock* block = nullptr;
+  std::vector<PendingCopy> open_copies;
+  std::deque<std::vector<PendingCopy>> copy_groups;
+};
+inline void* g_scheduler_sp;
+inline EmulatedFiber* g_running_fiber = nullptr;
+inline void bk_fiber_yield() { bk_switch_stack(&g_running_fiber->sp, g_scheduler_sp); }
+
+// Stacks of 1 MiB (reserved, touched as used) above a guard page, kept for the next launch.
+constexpr size_t kFiberStack = 1 << 20, kGuardPage = 4096;
+inline std::vector<unsigned char*> g_free_stacks;
+inline unsigned char* bk_take_stack() {
+  if (!g_free_stacks.empty()) {
+    unsigned char* s = g_free_stacks.back();
+    g_free_stacks.pop_back();
+    return s;
+  }
+  void* p = mmap(nullptr, kFiberStack + kGuardPage, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  require(p != MAP_FAILED, "a fiber's stack");
+  mprotect(p, kGuardPage, PROT_NONE);  // an overflow faults instead of corrupting a neighbour
+  return static_cast<unsigned char*>(p) + kGuardPage;
+}
+
+// Swaps a fiber's thread-locals with the OS thread's: before it runs and after it yields.
+inline void bk_swap_thread_locals(EmulatedFiber& f) {
+  std::swap(threadIdx, f.thread_idx);
+  std::swap(blockIdx, f.block_idx);
+  std::swap(g_block, f.block);
+  std::swap(g_open_copies, f.open_copies);
+  std::swap(g_copy_groups, f.copy_groups);
+  g_dynamic_smem = g_block ? g_block->smem : nullptr;
+  g_dynamic_smem_size = g_block ? g_block->smem_size : 0;
+}
+
+// A fiber's first frame; it never returns (its last switch is never resumed).
+inline void bk_fiber_entry() {
+  g_running_fiber->body();
+  g_running_fiber->done = true;
+  bk_switch_stack(&g_running_fiber->sp, g_scheduler_sp);
+}
+
+// A new fiber's stack as bk_switch_stack leaves one: six saved registers,
+// then the address it returns to (bk_fiber_entry), which then sees the stack
+// aligned as after a call (16-byte aligned but for the return address).
+inline void* bk_new_fiber_stack(unsigned char* stack) {
+  auto* top = reinterpret_cast<uintptr_t*>(stack + kFiberStack);  // 16-byte aligned
+  top[-1] = 0;  // bk_fiber_entry's return address: never used
+  top[-2] = reinterpret_cast<uintptr_t>(&bk_fiber_entry);
+  for (int r = 3; r <= 8; ++r) top[-r] = 0;
+  return top - 8;
+}
+
+// Runs the fibers in turn, each until it yields or ends, until all have ended.
+inline void bk_run_fibers(std::vector<std::unique_ptr<EmulatedFiber>>& fibers) {
+  for (auto& f : fibers) {
+    f->stack = bk_take_stack();
+    f->sp = bk_new_fiber_stack(f->stack);
+  }
+  for (size_t live = fibers.size(); live > 0;)
+    for (auto& f : fibers) {
+      if (f->done) continue;
+      bk_swap_thread_locals(*f);
+      g_running_fiber = f.get();
+      bk_switch_stack(&g_scheduler_sp, f->sp);
+      bk_swap_thread_locals(*f);
+      if (f->done) {
+        g_free_stacks.push_back(f->stack);
+        --live;
+      }
+    }
+  g_running_fiber = nullptr;
+}
+#endif
+
 // Runs the threads of the given blocks, each block's on its own EmulatedBlock.
 template <typename Kernel, typename... Args>
 void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel kernel, Args... args) {
   const int n = blockDim.x;
   std::vector<std::unique_ptr<EmulatedBlock>> state;
   for (size_t i = 0; i < blocks.size(); ++i) state.push_back(std::make_unique<EmulatedBlock>(n, dynamic_smem));
+#if BK_EMULATE_WITH_FIBERS
+  std::vector<std::unique_ptr<EmulatedFiber>> fibers;
+  for (size_t i = 0; i < blocks.size(); ++i)
+    for (int t = 0; t < n; ++t) {
+      auto f = std::make_unique<EmulatedFiber>();
+      f->thread_idx = dim3(t, 0, 0);
+      f->block_idx = blocks[i];
+      f->block = state[i].get();
+      f->body = [&] {
+        kernel(args...);
+        bk_check_no_copies_in_flight();
+      };
+      fibers.push_back(std::move(f));
+    }
+  bk_run_fibers(fibers);
+#else
   std::vector<std::thread> threads;
   for (size_t i = 0; i < blocks.size(); ++i)
     for (int t = 0; t < n; ++t)
@@ -313,6 +467,7 @@ void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel 
         bk_check_no_copies_in_flight();
       });
   for (auto& th : threads) th.join();
+#endif
 }
 
 template <typename Kernel, typename... Args>
