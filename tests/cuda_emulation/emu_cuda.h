@@ -1,8 +1,7 @@
 // Host emulation of the CUDA features our kernels use, so that the kernels'
 // logic (tiling, bounds, pipelines, fragment layouts, epilogues) is tested
-// on machines without a GPU: one fiber (or, under ThreadSanitizer, one
-// std::thread) per CUDA thread, a barrier for __syncthreads and __syncwarp,
-// blocks one after another (all at once
+// on machines without a GPU: one fiber per CUDA thread, a barrier for
+// __syncthreads and __syncwarp, blocks one after another (all at once
 // for a cooperative launch, so that a grid-wide barrier can meet), atomics, warp shuffles and the sm_80 warp-level
 // instructions (mma.sync m16n8k16, ldmatrix; shim/common/ptx_sm80.cuh)
 // through per-warp exchange slots with the PTX ISA's register layouts, WMMA
@@ -12,13 +11,14 @@
 // never written shows. The WMMA, ldmatrix and cp.async calls check their
 // alignment rules, and a launch checks its configuration against the
 // hardware limits (the error comes back from cudaGetLastError, as on a GPU).
-// Every exchange between threads goes through a barrier or atomics, so
-// ThreadSanitizer (tests/test_cuda_emulation.py, mode "races") sees exactly
+// Each CUDA thread is a fiber on the one OS thread, which runs until it meets
+// a barrier (or __nanosleep) and then lets the next one run: an OS thread per
+// CUDA thread spent 85 % of the time creating threads and waiting on futexes.
+// Every exchange between threads goes through a barrier or atomics, and the
+// fibers tell ThreadSanitizer (tests/test_cuda_emulation.py, mode "races")
+// that they are threads which switching does not order, so it sees exactly
 // the ordering the kernel's own barriers give, and reports a shared-memory
-// access that none orders. That needs real threads; without ThreadSanitizer
-// (mode "values") the CUDA threads are fibers on one OS thread, switched at
-// barriers and __nanosleep, which is ~20x faster than an OS thread per CUDA
-// thread (thread creation and futex waits were 85 % of the time). Not covered: the tensor cores' rounding, bank
+// access that none orders. Not covered: the tensor cores' rounding, bank
 // conflicts, speed, and orderings only a GPU's memory model adds (fences,
 // the visibility of global writes across blocks).
 #pragma once
@@ -26,25 +26,29 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <atomic>
-#include <barrier>
 #include <cassert>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
-#define BK_EMULATE_WITH_FIBERS 1
 #include <sys/mman.h>
-#include <functional>
+
+#if !defined(__x86_64__)
+#error "the emulation's fibers switch stacks in x86-64 assembly (bk_switch_stack)"
+#endif
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define BK_TSAN(call) call
+#define BK_NOT_SANITIZED __attribute__((no_sanitize_thread))
 #else
-#define BK_EMULATE_WITH_FIBERS 0
+#define BK_TSAN(call)
+#define BK_NOT_SANITIZED
 #endif
 
 #undef __shared__
@@ -58,33 +62,35 @@
 #undef __host__
 #define __host__
 
-inline thread_local dim3 threadIdx, blockIdx;
+// The running CUDA thread's, set by the scheduler at each switch (kernels only read them).
+inline dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
 
-#if BK_EMULATE_WITH_FIBERS
-// The running fiber gives the others a turn (defined with the scheduler, below).
+// The running fiber lets the next one run (defined with the scheduler, below).
 inline void bk_fiber_yield();
+
 // Whoever arrives last opens the barrier; the others poll it between turns.
+// The count's acq_rel and the generation's release/acquire make everything
+// each thread did before the barrier happen before what any does after it,
+// which is what ThreadSanitizer then knows, and no more.
 class EmulatedBarrier {
  public:
   explicit EmulatedBarrier(int threads) : expected_(threads) {}
   void arrive_and_wait() {
-    const unsigned generation = generation_;
-    if (++arrived_ == expected_) {
-      arrived_ = 0;
-      ++generation_;
+    const unsigned generation = generation_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == expected_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
       return;
     }
-    while (generation_ == generation) bk_fiber_yield();
+    while (generation_.load(std::memory_order_acquire) == generation) bk_fiber_yield();
   }
 
  private:
-  int expected_, arrived_ = 0;
-  unsigned generation_ = 0;
+  const int expected_;
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> generation_{0};
 };
-#else
-using EmulatedBarrier = std::barrier<>;
-#endif
 
 // Per warp: slots through which warp-collective operations (shuffles,
 // ldmatrix, mma) exchange registers and addresses.
@@ -111,9 +117,10 @@ struct EmulatedBlock {
   size_t smem_size;
   std::atomic<int> syncthreads_or{0};
 };
-inline thread_local EmulatedBlock* g_block = nullptr;
-inline thread_local unsigned char* g_dynamic_smem = nullptr;  // g_block's, for the PTX shim
-inline thread_local size_t g_dynamic_smem_size = 0;
+// The running thread's block, and its dynamic shared memory (for the PTX shim); set with threadIdx.
+inline EmulatedBlock* g_block = nullptr;
+inline unsigned char* g_dynamic_smem = nullptr;
+inline size_t g_dynamic_smem_size = 0;
 inline WarpExchange& warp_exchange() { return g_block->warp_exchange[threadIdx.x / 32]; }
 inline bool in_dynamic_smem(const void* p, size_t n) {
   const auto* c = static_cast<const unsigned char*>(p);
@@ -138,12 +145,7 @@ inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline unsigned atomicExch(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).exchange(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-// A spinning thread lets the others run.
-#if BK_EMULATE_WITH_FIBERS
-inline void __nanosleep(unsigned) { bk_fiber_yield(); }
-#else
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
-#endif
+inline void __nanosleep(unsigned) { bk_fiber_yield(); }  // a spinning thread lets the others run
 // ld.global.cg (L2, not L1): a plain load here, where every "cache" is coherent.
 template <typename T>
 T __ldcg(const T* p) {
@@ -195,32 +197,47 @@ struct PendingCopy {
   void* dst;
   unsigned char bytes[16];
 };
-inline thread_local std::vector<PendingCopy> g_open_copies;  // not yet committed
-inline thread_local std::deque<std::vector<PendingCopy>> g_copy_groups;  // committed, oldest first
+
+// One CUDA thread: where its stack was left, its own state, and its copies in flight.
+struct EmulatedFiber {
+  void* sp;
+  unsigned char* stack;
+  std::function<void()> body;
+  std::atomic<bool> done{false};
+  dim3 thread_idx, block_idx;
+  EmulatedBlock* block;
+  std::vector<PendingCopy> open_copies;                // not yet committed
+  std::deque<std::vector<PendingCopy>> copy_groups;    // committed, oldest first
+  BK_TSAN(void* tsan_fiber;)
+};
+inline EmulatedFiber* g_running_fiber = nullptr;
+
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) {
   require(n == 16, "cp.async size");
   require(reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0,
           "cp.async 16-byte alignment");
   PendingCopy copy{dst, {}};
   std::memcpy(copy.bytes, src, n);
-  g_open_copies.push_back(copy);
+  g_running_fiber->open_copies.push_back(copy);
 }
 inline void __pipeline_commit() {
-  g_copy_groups.push_back(std::move(g_open_copies));
-  g_open_copies.clear();
+  EmulatedFiber& f = *g_running_fiber;
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
 }
 // Completes every committed group but the newest `newer` ones.
 inline void __pipeline_wait_prior(size_t newer) {
-  while (g_copy_groups.size() > newer) {
-    for (const PendingCopy& c : g_copy_groups.front()) std::memcpy(c.dst, c.bytes, 16);
-    g_copy_groups.pop_front();
+  auto& groups = g_running_fiber->copy_groups;
+  while (groups.size() > newer) {
+    for (const PendingCopy& c : groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    groups.pop_front();
   }
 }
 // At the end of a thread no copy may be left in flight: it could land in
 // shared memory that the block's successor already owns.
 inline void bk_check_no_copies_in_flight() {
-  bool pending = !g_open_copies.empty();
-  for (const auto& group : g_copy_groups) pending = pending || !group.empty();
+  bool pending = !g_running_fiber->open_copies.empty();
+  for (const auto& group : g_running_fiber->copy_groups) pending = pending || !group.empty();
   require(!pending, "cp.async copies still in flight when the thread ended");
 }
 
@@ -336,7 +353,6 @@ const void* bk_kernel_key(const Kernel& kernel) {
   return nullptr;
 }
 
-#if BK_EMULATE_WITH_FIBERS
 // Saves the callee-saved registers on this stack and its pointer in *from,
 // then resumes the stack at `to` (the System V x86-64 ABI: the caller keeps
 // every other register; the kernels leave MXCSR and the x87 control word
@@ -349,21 +365,15 @@ __attribute__((naked, noinline)) inline void bk_switch_stack(void** from, void* 
       "popq %r15\n popq %r14\n popq %r13\n popq %r12\n popq %rbx\n popq %rbp\n ret\n");
 }
 
-// One CUDA thread: its saved stack pointer, its stack, and its thread-locals
-// while another fiber runs (all fibers share the OS thread's).
-struct EmulatedFiber {
-  void* sp;
-  unsigned char* stack;
-  std::function<void()> body;
-  bool done = false;
-  dim3 thread_idx, block_idx;
-  EmulatedBlock* block = nullptr;
-  std::vector<PendingCopy> open_copies;
-  std::deque<std::vector<PendingCopy>> copy_groups;
-};
 inline void* g_scheduler_sp;
-inline EmulatedFiber* g_running_fiber = nullptr;
-inline void bk_fiber_yield() { bk_switch_stack(&g_running_fiber->sp, g_scheduler_sp); }
+BK_TSAN(inline void* g_scheduler_tsan_fiber;)
+// Switching orders nothing for ThreadSanitizer (no_sync): only the kernel's
+// barriers and atomics do. Not sanitized: the switch's own bookkeeping is no
+// access of the kernel's.
+BK_NOT_SANITIZED inline void bk_fiber_yield() {
+  BK_TSAN(__tsan_switch_to_fiber(g_scheduler_tsan_fiber, __tsan_switch_to_fiber_no_sync));
+  bk_switch_stack(&g_running_fiber->sp, g_scheduler_sp);
+}
 
 // Stacks of 1 MiB (reserved, touched as used) above a guard page, kept for the next launch.
 constexpr size_t kFiberStack = 1 << 20, kGuardPage = 4096;
@@ -381,22 +391,18 @@ inline unsigned char* bk_take_stack() {
   return static_cast<unsigned char*>(p) + kGuardPage;
 }
 
-// Swaps a fiber's thread-locals with the OS thread's: before it runs and after it yields.
-inline void bk_swap_thread_locals(EmulatedFiber& f) {
-  std::swap(threadIdx, f.thread_idx);
-  std::swap(blockIdx, f.block_idx);
-  std::swap(g_block, f.block);
-  std::swap(g_open_copies, f.open_copies);
-  std::swap(g_copy_groups, f.copy_groups);
-  g_dynamic_smem = g_block ? g_block->smem : nullptr;
-  g_dynamic_smem_size = g_block ? g_block->smem_size : 0;
-}
+// What ThreadSanitizer is told orders a launch: the launching thread's work
+// before every fiber's start (as creating a thread would), and every fiber's
+// end before the launch returns (as joining it would).
+inline char g_launch_start, g_launch_end;
 
 // A fiber's first frame; it never returns (its last switch is never resumed).
 inline void bk_fiber_entry() {
+  BK_TSAN(__tsan_acquire(&g_launch_start));
   g_running_fiber->body();
-  g_running_fiber->done = true;
-  bk_switch_stack(&g_running_fiber->sp, g_scheduler_sp);
+  g_running_fiber->done.store(true, std::memory_order_relaxed);
+  BK_TSAN(__tsan_release(&g_launch_end));
+  bk_fiber_yield();
 }
 
 // A new fiber's stack as bk_switch_stack leaves one: six saved registers,
@@ -410,27 +416,42 @@ inline void* bk_new_fiber_stack(unsigned char* stack) {
   return top - 8;
 }
 
+// Sets the running thread's globals and switches to its fiber until it
+// yields. Not sanitized, like bk_fiber_yield (the kernels only read these).
+BK_NOT_SANITIZED inline void bk_resume(EmulatedFiber& f) {
+  threadIdx = f.thread_idx;
+  blockIdx = f.block_idx;
+  g_block = f.block;
+  g_dynamic_smem = f.block->smem;
+  g_dynamic_smem_size = f.block->smem_size;
+  g_running_fiber = &f;
+  BK_TSAN(__tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync));
+  bk_switch_stack(&g_scheduler_sp, f.sp);
+  g_running_fiber = nullptr;
+}
+
 // Runs the fibers in turn, each until it yields or ends, until all have ended.
 inline void bk_run_fibers(std::vector<std::unique_ptr<EmulatedFiber>>& fibers) {
+  BK_TSAN(g_scheduler_tsan_fiber = __tsan_get_current_fiber());
   for (auto& f : fibers) {
     f->stack = bk_take_stack();
     f->sp = bk_new_fiber_stack(f->stack);
+    BK_TSAN(f->tsan_fiber = __tsan_create_fiber(0));
   }
+  BK_TSAN(__tsan_release(&g_launch_start));
   for (size_t live = fibers.size(); live > 0;)
     for (auto& f : fibers) {
-      if (f->done) continue;
-      bk_swap_thread_locals(*f);
-      g_running_fiber = f.get();
-      bk_switch_stack(&g_scheduler_sp, f->sp);
-      bk_swap_thread_locals(*f);
-      if (f->done) {
+      if (f->done.load(std::memory_order_relaxed)) continue;
+      bk_resume(*f);
+      if (f->done.load(std::memory_order_relaxed)) {
+        BK_TSAN(__tsan_destroy_fiber(f->tsan_fiber));
         g_free_stacks.push_back(f->stack);
+        f->stack = nullptr;
         --live;
       }
     }
-  g_running_fiber = nullptr;
+  BK_TSAN(__tsan_acquire(&g_launch_end));
 }
-#endif
 
 // Runs the threads of the given blocks, each block's on its own EmulatedBlock.
 template <typename Kernel, typename... Args>
@@ -438,7 +459,6 @@ void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel 
   const int n = blockDim.x;
   std::vector<std::unique_ptr<EmulatedBlock>> state;
   for (size_t i = 0; i < blocks.size(); ++i) state.push_back(std::make_unique<EmulatedBlock>(n, dynamic_smem));
-#if BK_EMULATE_WITH_FIBERS
   std::vector<std::unique_ptr<EmulatedFiber>> fibers;
   for (size_t i = 0; i < blocks.size(); ++i)
     for (int t = 0; t < n; ++t) {
@@ -453,21 +473,6 @@ void bk_run_blocks(const std::vector<dim3>& blocks, size_t dynamic_smem, Kernel 
       fibers.push_back(std::move(f));
     }
   bk_run_fibers(fibers);
-#else
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < blocks.size(); ++i)
-    for (int t = 0; t < n; ++t)
-      threads.emplace_back([&, i, t] {
-        threadIdx = dim3(t, 0, 0);
-        blockIdx = blocks[i];
-        g_block = state[i].get();
-        g_dynamic_smem = g_block->smem;
-        g_dynamic_smem_size = g_block->smem_size;
-        kernel(args...);
-        bk_check_no_copies_in_flight();
-      });
-  for (auto& th : threads) th.join();
-#endif
 }
 
 template <typename Kernel, typename... Args>
