@@ -231,6 +231,26 @@ def test_strided_inputs():
         torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
 
 
+# bf16 training shapes in Hugging Face's [B, L, H, D] layout: with AMX or
+# AVX512-BF16 the forward and the backward run on ATen's BLAS micro-kernel
+# (operands packed in pairs of rows, P and dS rounded to bf16), reading Q, K,
+# V, O and dO through their strides; an odd head dim takes the float path
+# (the forward's packing needs E even, the backward's E and Ev). Odd query
+# and key counts pad the packed blocks.
+@pytest.mark.parametrize("E,Ev", [(32, 16), (40, 13), (13, 24)], ids=str)
+@pytest.mark.parametrize("feature", ["plain", "key_padding", "causal", "padding_rows"])
+def test_bf16_training_shapes_in_hugging_face_layout(E, Ev, feature):
+    B, Hq, Hkv, L, S = 2, 4, 2, 37, 83
+    q, k, v, grad = make_inputs(B, Hq, Hkv, L, S, E, Ev, seed=E + Ev)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    kw = feature_kwargs(feature, B, L, S, seed=E)
+    got = run(ours, (q, k, v), grad, torch.bfloat16, kw)
+    theirs = run(torch_same_dtype, (q, k, v), grad, torch.bfloat16, kw)
+    truth = run(exact, (q, k, v), grad, torch.float64, kw)
+    for name, a, t, r in zip(("output", "grad_query", "grad_key", "grad_value"), got, theirs, truth):
+        assert_close(name, a, t, r)
+
+
 # Decoding and short prefills against long caches: the forward packs a GQA
 # group's heads into one task (dot-product scores below a vector's worth of
 # rows, transposed scores above) and splits the keys across threads when

@@ -3,6 +3,9 @@
 // forward by the tasks plan_forward picks (query rows, heads packed, keys
 // split), backward by (batch, key head), so that every gradient has one
 // writer (deterministic).
+#include <ATen/Config.h>
+#include <ATen/Context.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -154,6 +157,36 @@ void combine_splits(const AttentionCpuParams& p) {
 // Only what it computes as we do: no dropout (its random numbers differ),
 // no window, top-left causality without a mask, equal head dims, 4-d inputs.
 // The backward stays ours: it needs only the output and the lse.
+// Whether ATen's BLAS runs products of this dtype on operands packed in
+// pairs of rows ("VNNI") here (cpublas::brgemm, oneDNN's micro-kernel):
+// bf16 with AMX or AVX512-BF16, fp16 with AMX-FP16. (cpublas::could_pack
+// asks for AMX; but with AVX512-BF16 alone our packed bf16 paths are
+// 1.2-1.7x our float ones too: docs/PERFORMANCE.md. Without either, oneDNN
+// emulates bf16 or refuses, as under ONEDNN_MAX_CPU_ISA=AVX2: asked once,
+// with a 2 x 2 product.)
+bool packed_micro_kernel(at::ScalarType dtype) {
+  if (dtype == at::kHalf) return at::native::cpublas::could_pack(dtype);
+  if (dtype != at::kBFloat16 || !at::globalContext().userEnabledMkldnn()) return false;  // (oneDNN's)
+  static const bool available = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto has = [&](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    if (!has("avx512_bf16") && !has("amx_bf16")) return false;
+    const c10::BFloat16 a[4] = {1, 2, 3, 4}, b[4] = {1, 0, 0, 1};  // b: the identity, as pairs of rows
+    float c[4] = {};
+    try {
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, /*is_vnni=*/true);
+      at::native::cpublas::brgemm_release();
+    } catch (const c10::Error&) {
+      return false;
+    }
+    return c[0] == 1 && c[1] == 2 && c[2] == 3 && c[3] == 4;
+  }();
+  return available;
+}
+
 bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
                              const std::optional<at::Tensor>& mask, int64_t window_left, int64_t window_right,
                              int64_t diagonal_offset, double dropout_p) {
@@ -241,13 +274,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
   }
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
-  // bf16/fp16 where ATen's BLAS has a micro-kernel for them (AMX, AVX512-BF16):
+  // bf16/fp16 where ATen's BLAS has a micro-kernel for them (packed_micro_kernel):
   // K and V packed once for it (AttentionCpuParams::k_vnni), when enough query
   // rows reuse each key block to repay that (not when decoding).
   at::Tensor k_vnni, v_vnni;
   const at::ScalarType dtype = q.scalar_type();
   if ((dtype == at::kBFloat16 || dtype == at::kHalf) && s.E % 2 == 0 && s.L >= kMinPackedQueries && s.S > 0 &&
-      plan.splits == 1 && at::native::cpublas::could_pack(dtype)) {
+      plan.splits == 1 && packed_micro_kernel(dtype)) {
     // blocks of up to kAttentionPackedKeyBlock keys, a multiple of 64 (no more padding than that)
     p.vnni_keys = std::min(kAttentionPackedKeyBlock, (s.S + 63) / 64 * 64);
     const int64_t blocks = (s.S + p.vnni_keys - 1) / p.vnni_keys;
@@ -297,8 +330,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor mask4;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
-  const at::Tensor k_c = unit_last_stride(k.to(compute_dtype(q))), v_c = unit_last_stride(v.to(compute_dtype(q)));
-  p.k_c = k_c.const_data_ptr(), p.v_c = v_c.const_data_ptr();
+  // bf16 where ATen's BLAS has a micro-kernel for it (packed_micro_kernel)
+  // and the forward's products ran there (16+ queries): all five products
+  // there too, K and V read in place (1.4x our float products with
+  // AVX512-BF16 alone; docs/PERFORMANCE.md). Otherwise K and V in the
+  // compute type.
+  p.packed_backward = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 &&
+                      s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask &&
+                      packed_micro_kernel(at::kBFloat16);
+  const at::Tensor k_in = unit_last_stride(k), v_in = unit_last_stride(v);
+  at::Tensor k_c, v_c;
+  if (p.packed_backward) {
+    p.k = k_in.const_data_ptr(), p.v = v_in.const_data_ptr();
+    for (int d = 0; d < 3; ++d) p.k_strides[d] = k_in.stride(d), p.v_strides[d] = v_in.stride(d);
+  } else {
+    k_c = unit_last_stride(k.to(compute_dtype(q))), v_c = unit_last_stride(v.to(compute_dtype(q)));
+    p.k_c = k_c.const_data_ptr(), p.v_c = v_c.const_data_ptr();
+    for (int d = 0; d < 3; ++d) p.k_c_strides[d] = k_c.stride(d), p.v_c_strides[d] = v_c.stride(d);
+  }
   p.heads_per_task = plan_forward(s).heads_per_task;
   // The gradients laid out like the inputs (attention_grad_like; the fake
   // implementation agrees), so that autograd's views back to the caller's
@@ -310,7 +359,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   p.grad_out = g.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) {
-    p.k_c_strides[d] = k_c.stride(d), p.v_c_strides[d] = v_c.stride(d);
     p.out_strides[d] = o.stride(d), p.grad_out_strides[d] = g.stride(d);
     p.grad_q_strides[d] = grad_q.stride(d), p.grad_k_strides[d] = grad_k.stride(d);
     p.grad_v_strides[d] = grad_v.stride(d);

@@ -8,7 +8,9 @@
 // forward reads K and V in place, converting bf16/fp16 blocks into scratch
 // block by block (or, for longer bf16/fp16 queries, runs both products on
 // ATen's BLAS micro-kernel over blocks the op packs once); the backward gets
-// K and V from the op converted, and transposed where a product needs it.
+// K and V from the op converted, and transposed where a product needs it
+// (or, for bf16, runs its five products on that micro-kernel too:
+// backward_head_packed).
 // Each block of queries is converted once into scratch; the other products
 // are one small routine, gemm_acc (common/vec_gemm.h), vectorized over the
 // output columns.
@@ -803,47 +805,207 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   store_rows(static_cast<T*>(p.grad_v), p.grad_v_strides, b, hk, 0, S, Ev, dv.get(), C(1));
 }
 
-// Key block `block` of key head hk of batch b into k_vnni (K^T: element
-// (e, j) at [e / 2][j][e % 2], so a 32-bit word of a K row moves whole) and
-// v_vnni (V: element (j, e) at [j / 2][e][j % 2]); keys past S are zeros.
+// The two layouts of a bf16/fp16 B operand for ATen's BLAS micro-kernel
+// ("VNNI": the two elements of one 32-bit word are adjacent along K), from
+// `rows` rows of `cols` elements, `ld` apart:
+// - the rows themselves as B [K = rows][N = cols]: rows 2k and 2k + 1
+//   interleaved, element (r, c) at dst[r / 2][c][r % 2]; rows past `rows` up
+//   to rows_pad (even) are zeros;
+template <typename T>
+void interleave_row_pairs(const T* src, int64_t ld, int64_t rows, int64_t rows_pad, int64_t cols, T* dst) {
+  static_assert(sizeof(T) == sizeof(uint16_t));
+  for (int64_t r = 0; r < rows_pad; r += 2) {
+    const uint16_t* r0 = r < rows ? reinterpret_cast<const uint16_t*>(src + r * ld) : nullptr;
+    const uint16_t* r1 = r + 1 < rows ? reinterpret_cast<const uint16_t*>(src + (r + 1) * ld) : nullptr;
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst) + (r / 2) * cols;
+    if (r0 && r1) {
+      for (int64_t c = 0; c < cols; ++c) out[c] = uint32_t{r0[c]} | uint32_t{r1[c]} << 16;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = r0 ? uint32_t{r0[c]} : 0u;
+    }
+  }
+}
+
+// - their transpose as B [K = cols][N = rows_pad] (cols even): word w of row
+//   r (its elements 2w, 2w + 1) at dst word [w][r], a transpose of 32-bit
+//   words (moved as floats by at::vec, never computed on), 16 x 16 at a time
+//   where the rows are whole words apart; columns past `rows` are zeros.
+template <typename T>
+void transpose_row_words(const T* src, int64_t ld, int64_t rows, int64_t rows_pad, int64_t cols, T* dst) {
+  static_assert(sizeof(T) == sizeof(uint16_t));
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);  // [cols / 2][rows_pad] words
+  const int64_t words = cols / 2, ld_words = ld / 2;
+  int64_t r_done = 0;
+  if (ld % 2 == 0) {
+    for (; r_done + 16 <= rows; r_done += 16)
+      for (int64_t w = 0; w + 16 <= words; w += 16)
+        at::vec::transpose_mxn<float, 16, 16>(reinterpret_cast<const float*>(src + r_done * ld) + w, ld_words,
+                                              reinterpret_cast<float*>(out + w * rows_pad + r_done), rows_pad);
+  }
+  const int64_t w_done = r_done > 0 ? words / 16 * 16 : 0;  // words [0, w_done) of rows [0, r_done) are in
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t* dst_w = out + w * rows_pad;
+    for (int64_t r = w < w_done ? r_done : 0; r < rows; ++r) std::memcpy(dst_w + r, src + r * ld + 2 * w, 4);
+    std::fill(dst_w + rows, dst_w + rows_pad, 0u);
+  }
+}
+
+// Key block `block` of key head hk of batch b into k_vnni (K^T) and v_vnni
+// (V), as the forward's B operands; keys past S are zeros.
 template <typename T>
 void pack_key_block(const AttentionCpuParams& p, int64_t b, int64_t hk, int64_t block) {
   const int64_t kKeys = p.vnni_keys;
   const int64_t E = p.E, Ev = p.Ev, j0 = block * kKeys, jn = std::min(kKeys, p.S - j0);
   const int64_t first = (b * p.Hkv + hk) * ((p.S + kKeys - 1) / kKeys) + block;
-  uint32_t* kt = static_cast<uint32_t*>(p.k_vnni) + first * (E / 2) * kKeys;  // [E / 2][kKeys] words
-  T* vv = static_cast<T*>(p.v_vnni) + first * kKeys * Ev;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + j0 * p.k_strides[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + j0 * p.v_strides[2];
-  // K^T: word w of key j (its elements 2w, 2w + 1) to kt[w][j], as a
-  // transpose of 32-bit words (floats to at::vec: moved, never computed on),
-  // 16 x 16 at a time where the rows are whole words apart
-  const int64_t words = E / 2, ld_words = p.k_strides[2] / 2;
-  int64_t j_done = 0;
-  if (p.k_strides[2] % 2 == 0) {
-    for (; j_done + 16 <= jn; j_done += 16)
-      for (int64_t w = 0; w + 16 <= words; w += 16)
-        at::vec::transpose_mxn<float, 16, 16>(reinterpret_cast<const float*>(k + j_done * p.k_strides[2]) + w,
-                                              ld_words, reinterpret_cast<float*>(kt + w * kKeys + j_done), kKeys);
-  }
-  const int64_t w_done = j_done > 0 ? words / 16 * 16 : 0;  // words [0, w_done) of keys [0, j_done) are in
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t* dst = kt + w * kKeys;
-    for (int64_t j = w < w_done ? j_done : 0; j < jn; ++j)
-      std::memcpy(dst + j, k + j * p.k_strides[2] + 2 * w, sizeof(uint32_t));
-    std::fill(dst + jn, dst + kKeys, 0u);
-  }
-  static_assert(sizeof(T) == sizeof(uint16_t));
-  for (int64_t j = 0; j < kKeys; j += 2) {  // V: rows j and j + 1 interleaved, as 32-bit words
-    const uint16_t* v0 = j < jn ? reinterpret_cast<const uint16_t*>(v + j * p.v_strides[2]) : nullptr;
-    const uint16_t* v1 = j + 1 < jn ? reinterpret_cast<const uint16_t*>(v + (j + 1) * p.v_strides[2]) : nullptr;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(vv) + (j / 2) * Ev;
-    if (v0 && v1) {
-      for (int64_t e = 0; e < Ev; ++e) dst[e] = uint32_t{v0[e]} | uint32_t{v1[e]} << 16;
-    } else {
-      for (int64_t e = 0; e < Ev; ++e) dst[e] = v0 ? uint32_t{v0[e]} : 0u;
+  transpose_row_words(k, p.k_strides[2], jn, kKeys, E, static_cast<T*>(p.k_vnni) + first * E * kKeys);
+  interleave_row_pairs(v, p.v_strides[2], jn, kKeys, Ev, static_cast<T*>(p.v_vnni) + first * kKeys * Ev);
+}
+
+// The bf16 backward on ATen's BLAS micro-kernel (AMX; AttentionCpuParams::
+// packed_backward): the five products with bf16 operands and float sums, P
+// and dS rounded to bf16 for theirs, as SDPA's kernel does. A block is laid
+// out keys by queries (S^T = K Q^T), so that K and V are read in place as A
+// operands, the softmax needs no reduction (lse and D are per column), and
+// P^T and dS^T are the A operands of dV and dK as they are; dQ^T = K^T dS^T
+// takes dS^T's rows in pairs. The same arithmetic as backward_head, with
+// neither dropout nor a mask gradient (the op sends those there).
+template <typename T>
+void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
+  using C = float;
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+  const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, S = p.S;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const int64_t k_ld = p.k_strides[2], v_ld = p.v_strides[2];
+  // K^T [E][s_pad] (the A operand of dQ^T), zeros past S
+  const int64_t s_pad = (S + 1) / 2 * 2;
+  const auto kt = filled(0, T(0), E * s_pad);
+  for (int64_t j = 0; j < s_pad; ++j)
+    for (int64_t e = 0; e < E; ++e) kt[e * s_pad + j] = j < S ? k[j * k_ld + e] : T(0);
+  const auto dk = filled(S * E, C(0)), dv = filled(S * Ev, C(0));
+  // Per query block (bq rows, ld = bq rounded up to even): Q and dO as the
+  // B operands of S^T and dP^T (transposed) and of dK and dV (row pairs).
+  const int64_t ld_max = (kBlockQ + 1) / 2 * 2;
+  const auto qt_vnni = filled(0, T(0), E * ld_max), q_vnni = filled(0, T(0), ld_max * E);
+  const auto dot_vnni = filled(0, T(0), Ev * ld_max), do_vnni = filled(0, T(0), ld_max * Ev);
+  const auto d = filled(0, C(0), ld_max), neg_lse = filled(0, C(0), ld_max);
+  const auto dqt = filled(0, C(0), E * ld_max);
+  // Per key block (keys by queries): the scores, then P (float, and bf16
+  // for dV), dP, and dS (bf16, as rows for dK and row pairs for dQ^T).
+  const int64_t jn_max = (kBlockK + 1) / 2 * 2;
+  const auto st = filled(0, C(0), kBlockK * ld_max), dpt = filled(0, C(0), kBlockK * ld_max);
+  const auto pt = filled(0, T(0), kBlockK * ld_max), dst_rows = filled(0, T(0), jn_max * ld_max);
+  const auto ds_vnni = filled(0, T(0), jn_max * ld_max);
+  const auto mask_bias = filled(0, C(0), kBlockK);
+  const int64_t* ms = p.mask_strides;
+  const C scale = static_cast<C>(p.scale);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in lse
+    const Band band{p, b, h};
+    for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
+      const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0, ld = (bq + 1) / 2 * 2;
+      const T* q = key_row<T>(p.q, p.q_strides, b, h, i0);
+      const T* go = key_row<T>(p.grad_out, p.grad_out_strides, b, h, i0);
+      transpose_row_words(q, p.q_strides[2], bq, ld, E, qt_vnni.get());
+      interleave_row_pairs(q, p.q_strides[2], bq, ld, E, q_vnni.get());
+      transpose_row_words(go, p.grad_out_strides[2], bq, ld, Ev, dot_vnni.get());
+      interleave_row_pairs(go, p.grad_out_strides[2], bq, ld, Ev, do_vnni.get());
+      for (int64_t r = 0; r < ld; ++r) {  // D = rowsum(dO * O); -lse, -inf where no gradient flows
+        const C lse = r < bq ? static_cast<const C*>(p.lse)[row0 + i0 + r] : kNegInf;
+        neg_lse[r] = std::isinf(lse) ? kNegInf : -lse;
+        d[r] = 0;
+        if (r >= bq) continue;
+        const T* g_r = go + r * p.grad_out_strides[2];
+        const T* o_r = key_row<T>(p.out, p.out_strides, b, h, i0 + r);
+        V sum(0);
+        for (int64_t e = 0; e < Ev; e += W) {
+          const int64_t n = std::min(W, Ev - e);
+          sum = at::vec::fmadd(load_as<C>(g_r + e, n), load_as<C>(o_r + e, n), sum);
+        }
+        d[r] = at::vec::vec_reduce_all<C>([](V x, V y) { return x + y; }, sum);
+      }
+      std::fill(dqt.get(), dqt.get() + E * ld, C(0));
+      const auto [jlo, jhi] = band.key_range(i0, i1);
+      const auto mask_row = [&](int64_t r) { return b * ms[0] + h * ms[1] + (i0 + r) * ms[2]; };
+      const bool shared_mask_row =
+          p.mask != nullptr && (ms[2] == 0 || bq == 1 || mask_rows_equal<T>(p, bq, jlo, jhi, mask_row));
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const int64_t jn = std::min(kBlockK, jhi - j0), jn_pad = (jn + 1) / 2 * 2;
+        bool every_key_kept = true;  // by the shared mask row (or without one)
+        if (shared_mask_row) {
+          const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
+          if (!any) continue;  // no gradient flows through it
+          every_key_kept = all;
+        } else if (band.masked_out(i0, i1, j0, j0 + jn)) {
+          continue;
+        }
+        // Scores, each element's mask and window applied to it where they
+        // vary within the block (then scaled here, not in the exp's pass).
+        brgemm_vnni(jn, ld, E, k + j0 * k_ld, k_ld, qt_vnni.get(), st.get(), ld, false);
+        const bool per_element = !band.whole(i0, i1, j0, j0 + jn) || (p.mask != nullptr && !shared_mask_row);
+        for (int64_t jj = 0; jj < jn && per_element; ++jj) {
+          C* row = st.get() + jj * ld;
+          for (int64_t r = 0; r < bq; ++r) {
+            C x = row[r] * scale;
+            if (!band.allowed(i0 + r, j0 + jj)) {
+              x = kNegInf;
+            } else if (shared_mask_row) {
+              x += mask_bias[jj];
+            } else if (p.mask != nullptr) {
+              const int64_t at = mask_row(r) + (j0 + jj) * ms[3];
+              if (p.mask_is_bool) {
+                if (!static_cast<const bool*>(p.mask)[at]) x = kNegInf;
+              } else {
+                x += static_cast<C>(static_cast<const T*>(p.mask)[at]);
+              }
+            }
+            row[r] = x;
+          }
+        }
+        // P = exp(scores - lse), float in st and rounded in pt.
+        const V row_scale(per_element ? C(1) : scale);
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          C* row = st.get() + jj * ld;
+          const V bias(per_element || every_key_kept ? C(0) : mask_bias[jj]);
+          for (int64_t r = 0; r < ld; r += W) {
+            const int n = static_cast<int>(std::min(W, ld - r));
+            const V e = MathOps<V>::exp(at::vec::fmadd(V::loadu(row + r, n), row_scale, bias) +
+                                        V::loadu(neg_lse.get() + r, n));
+            e.store(row + r, n);
+            at::vec::convert_from_float<T>(e, e).store(pt.get() + jj * ld + r, n);
+          }
+        }
+        // dP^T = V dO^T;  dS = P * (dP - D), rounded
+        brgemm_vnni(jn, ld, Ev, v + j0 * v_ld, v_ld, dot_vnni.get(), dpt.get(), ld, false);
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          const C* pr = st.get() + jj * ld;
+          const C* dpr = dpt.get() + jj * ld;
+          for (int64_t r = 0; r < ld; r += W) {
+            const int n = static_cast<int>(std::min(W, ld - r));
+            const V ds = V::loadu(pr + r, n) * (V::loadu(dpr + r, n) - V::loadu(d.get() + r, n));
+            at::vec::convert_from_float<T>(ds, ds).store(dst_rows.get() + jj * ld + r, n);
+          }
+        }
+        interleave_row_pairs(dst_rows.get(), ld, jn, jn_pad, ld, ds_vnni.get());
+        // dV += P^T dO;  dK += dS^T Q (scaled at the end);  dQ^T += K^T dS^T
+        brgemm_vnni(jn, Ev, ld, pt.get(), ld, do_vnni.get(), dv.get() + j0 * Ev, Ev, true);
+        brgemm_vnni(jn, E, ld, dst_rows.get(), ld, q_vnni.get(), dk.get() + j0 * E, E, true);
+        brgemm_vnni(E, ld, jn_pad, kt.get() + j0, s_pad, ds_vnni.get(), dqt.get(), ld, true);
+      }
+      for (int64_t r = 0; r < bq; ++r) {
+        T* out = static_cast<T*>(p.grad_q) + b * p.grad_q_strides[0] + h * p.grad_q_strides[1] +
+                 (i0 + r) * p.grad_q_strides[2];
+        for (int64_t e = 0; e < E; ++e) out[e] = static_cast<T>(dqt[e * ld + r] * scale);
+      }
     }
   }
+  at::native::cpublas::brgemm_release();
+  store_rows(static_cast<T*>(p.grad_k), p.grad_k_strides, b, hk, 0, S, E, dk.get(), scale);
+  store_rows(static_cast<T*>(p.grad_v), p.grad_v_strides, b, hk, 0, S, Ev, dv.get(), C(1));
 }
 
 void forward_task_any(const AttentionCpuParams& p, const AttentionForwardTask& task) {
@@ -860,6 +1022,10 @@ void pack_key_block_any(const AttentionCpuParams& p, int64_t b, int64_t hk, int6
 }
 
 void backward_head_any(const AttentionCpuParams& p, int64_t b, int64_t hk) {
+  if (p.packed_backward) {
+    TORCH_INTERNAL_ASSERT(p.dtype == at::kBFloat16, "backward_head_packed: bf16 only");
+    return backward_head_packed<c10::BFloat16>(p, b, hk);
+  }
   dispatch_storage_type(p.dtype, [&](auto t) {
     using T = decltype(t);
     backward_head<T, typename VecIO<T>::C>(p, b, hk);

@@ -27,8 +27,12 @@ struct AttentionCpuParams {
   // it; strides k_c_strides, v_c_strides).
   const void *k_c, *v_c;
   int64_t k_c_strides[3], v_c_strides[3];
+  // Or the bf16 backward on ATen's BLAS micro-kernel (AMX or AVX512-BF16),
+  // K and V read in place through k, v (k_c, v_c unused); never with dropout
+  // or a mask gradient.
+  bool packed_backward;
   // bf16/fp16 forward where ATen's BLAS has a micro-kernel for the dtype
-  // (cpublas::could_pack: AMX, AVX512-BF16): K and V packed once per call as
+  // (bf16: AMX or AVX512-BF16; fp16: AMX-FP16): K and V packed once per call as
   // its B operand, pairs of rows interleaved ("VNNI"), per key block,
   // zero-padded: k_vnni [B, Hkv, blocks, E / 2, vnni_keys, 2] (K^T) and
   // v_vnni [B, Hkv, blocks, vnni_keys / 2, Ev, 2], vnni_keys keys per block.
