@@ -332,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                                      dropout_p, dropout_seed);
   // bf16 where ATen's BLAS has a micro-kernel for it (packed_micro_kernel)
   // and the forward's products ran there (16+ queries): all five products
-  // there too, K and V read in place (1.4x our float products with
+  // there too, K and V read in place (1.6-1.75x our float backward with
   // AVX512-BF16 alone; docs/PERFORMANCE.md). Otherwise K and V in the
   // compute type.
   p.packed_backward = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 &&
