@@ -653,6 +653,20 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   }
 }
 
+// Whether key block [j0, j0 + jn) can carry gradient to the query rows
+// [i0, i1) (false: the backward skips it). With a shared mask row (its
+// offset mask_row0 >= 0), that row as a bias over the block in `bias`, and
+// *every_key_kept when it keeps every key (nothing to add; also without one).
+template <typename T, typename C>
+bool block_carries_gradient(const AttentionCpuParams& p, const Band& band, int64_t mask_row0, int64_t i0, int64_t i1,
+                            int64_t j0, int64_t jn, C* bias, bool* every_key_kept) {
+  *every_key_kept = true;
+  if (mask_row0 < 0) return !band.masked_out(i0, i1, j0, j0 + jn);
+  const auto [any, all] = shared_mask_bias<T>(p, mask_row0, j0, jn, bias);
+  *every_key_kept = all;
+  return any;
+}
+
 // Rows [i0, i0 + n) of head `head` of batch b of dst (strides: batch, head,
 // row) = factor * src [n, dim] (row-major).
 template <typename T, typename C>
@@ -733,14 +747,10 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       bool next_asked = false;
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0);
-        bool every_key_kept = false;  // by the shared mask row: nothing to add
-        if (shared_mask_row) {
-          const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
-          if (!any) continue;  // no gradient flows through it
-          every_key_kept = all;
-        } else if (band.masked_out(i0, i1, j0, j0 + jn)) {
+        bool every_key_kept;  // by the shared mask row: nothing to add
+        if (!block_carries_gradient<T>(p, band, shared_mask_row ? mask_row(0) : -1, i0, i1, j0, jn, mask_bias.get(),
+                                       &every_key_kept))
           continue;
-        }
         const bool whole = band.whole(i0, i1, j0, j0 + jn);
         // P = exp(scores - lse), recomputed with the scores rounded as the
         // forward's were (so that P is the forward's: one key's exactly 1): by
@@ -935,14 +945,10 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           p.mask != nullptr && (ms[2] == 0 || bq == 1 || mask_rows_equal<T>(p, bq, jlo, jhi, mask_row));
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, jhi - j0), jn_pad = (jn + 1) / 2 * 2;
-        bool every_key_kept = true;  // by the shared mask row (or without one)
-        if (shared_mask_row) {
-          const auto [any, all] = shared_mask_bias<T>(p, mask_row(0), j0, jn, mask_bias.get());
-          if (!any) continue;  // no gradient flows through it
-          every_key_kept = all;
-        } else if (band.masked_out(i0, i1, j0, j0 + jn)) {
+        bool every_key_kept;  // by the shared mask row (or without one)
+        if (!block_carries_gradient<T>(p, band, shared_mask_row ? mask_row(0) : -1, i0, i1, j0, jn, mask_bias.get(),
+                                       &every_key_kept))
           continue;
-        }
         // Scores, each element's mask and window applied to it where they
         // vary within the block (then scaled here, not in the exp's pass).
         brgemm_vnni(jn, ld, E, k + j0 * k_ld, k_ld, qt_vnni.get(), st.get(), ld, false);
