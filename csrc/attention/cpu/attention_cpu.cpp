@@ -147,16 +147,6 @@ void combine_splits(const AttentionCpuParams& p) {
   });
 }
 
-// Whether the forward is ATen's own CPU flash kernel's: bf16/fp16 at the
-// AVX-512 capability on a host with the BLAS micro-kernel for the dtype
-// (AMX, AVX512-BF16), for prefill, where that kernel runs the same
-// micro-kernel as our packed path and its softmax passes are faster (ours
-// runs at ~0.75x of it on the real-model shapes); docs/PERFORMANCE.md.
-// (Decoding stays ours: its dot products widen bf16 keys in registers and
-// split long caches over the threads, 1.0-2.8x that kernel.)
-// Only what it computes as we do: no dropout (its random numbers differ),
-// no window, top-left causality without a mask, equal head dims, 4-d inputs.
-// The backward stays ours: it needs only the output and the lse.
 // Whether ATen's BLAS runs products of this dtype on operands packed in
 // pairs of rows ("VNNI") here (cpublas::brgemm, oneDNN's micro-kernel):
 // bf16 with AMX or AVX512-BF16, fp16 with AMX-FP16. (cpublas::could_pack
@@ -187,6 +177,17 @@ bool packed_micro_kernel(at::ScalarType dtype) {
   return available;
 }
 
+// Whether the forward is ATen's own CPU flash kernel's: bf16/fp16 at the
+// AVX-512 capability on a host where ATen packs the dtype for its BLAS
+// micro-kernel (cpublas::could_pack: AMX; without AMX that kernel computes
+// bf16 in float, 1.7-2.7x slower than ours), for prefill, where it runs the same
+// micro-kernel as our packed path and its softmax passes are faster (ours
+// runs at ~0.75x of it on the real-model shapes); docs/PERFORMANCE.md.
+// (Decoding stays ours: its dot products widen bf16 keys in registers and
+// split long caches over the threads, 1.0-2.8x that kernel.)
+// Only what it computes as we do: no dropout (its random numbers differ),
+// no window, top-left causality without a mask, equal head dims, 4-d inputs.
+// The backward stays ours: it needs only the output and the lse.
 bool runs_aten_flash_forward(const AttentionShape& s, const at::Tensor& q, const at::Tensor& k,
                              const std::optional<at::Tensor>& mask, int64_t window_left, int64_t window_right,
                              int64_t diagonal_offset, double dropout_p) {

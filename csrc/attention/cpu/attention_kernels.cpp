@@ -873,8 +873,8 @@ void pack_key_block(const AttentionCpuParams& p, int64_t b, int64_t hk, int64_t 
   interleave_row_pairs(v, p.v_strides[2], jn, kKeys, Ev, static_cast<T*>(p.v_vnni) + first * kKeys * Ev);
 }
 
-// The bf16 backward on ATen's BLAS micro-kernel (AMX; AttentionCpuParams::
-// packed_backward): the five products with bf16 operands and float sums, P
+// The bf16 backward on ATen's BLAS micro-kernel (AMX or AVX512-BF16;
+// AttentionCpuParams::packed_backward): the five products with bf16 operands and float sums, P
 // and dS rounded to bf16 for theirs, as SDPA's kernel does. A block is laid
 // out keys by queries (S^T = K Q^T), so that K and V are read in place as A
 // operands, the softmax needs no reduction (lse and D are per column), and
@@ -908,7 +908,7 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   // for dV), dP, and dS (bf16, as rows for dK and row pairs for dQ^T).
   const int64_t jn_max = (kBlockK + 1) / 2 * 2;
   const auto st = filled(0, C(0), kBlockK * ld_max), dpt = filled(0, C(0), kBlockK * ld_max);
-  const auto pt = filled(0, T(0), kBlockK * ld_max), dst_rows = filled(0, T(0), jn_max * ld_max);
+  const auto pt = filled(0, T(0), kBlockK * ld_max), ds_rows = filled(0, T(0), jn_max * ld_max);
   const auto ds_vnni = filled(0, T(0), jn_max * ld_max);
   const auto mask_bias = filled(0, C(0), kBlockK);
   const int64_t* ms = p.mask_strides;
@@ -993,13 +993,13 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           for (int64_t r = 0; r < ld; r += W) {
             const int n = static_cast<int>(std::min(W, ld - r));
             const V ds = V::loadu(pr + r, n) * (V::loadu(dpr + r, n) - V::loadu(d.get() + r, n));
-            at::vec::convert_from_float<T>(ds, ds).store(dst_rows.get() + jj * ld + r, n);
+            at::vec::convert_from_float<T>(ds, ds).store(ds_rows.get() + jj * ld + r, n);
           }
         }
-        interleave_row_pairs(dst_rows.get(), ld, jn, jn_pad, ld, ds_vnni.get());
+        interleave_row_pairs(ds_rows.get(), ld, jn, jn_pad, ld, ds_vnni.get());
         // dV += P^T dO;  dK += dS^T Q (scaled at the end);  dQ^T += K^T dS^T
         brgemm_vnni(jn, Ev, ld, pt.get(), ld, do_vnni.get(), dv.get() + j0 * Ev, Ev, true);
-        brgemm_vnni(jn, E, ld, dst_rows.get(), ld, q_vnni.get(), dk.get() + j0 * E, E, true);
+        brgemm_vnni(jn, E, ld, ds_rows.get(), ld, q_vnni.get(), dk.get() + j0 * E, E, true);
         brgemm_vnni(E, ld, jn_pad, kt.get() + j0, s_pad, ds_vnni.get(), dqt.get(), ld, true);
       }
       for (int64_t r = 0; r < bq; ++r) {
