@@ -98,3 +98,29 @@ def test_cuda_kernels_under_host_emulation(family, mode, tmp_path):
     assert "ThreadSanitizer" not in run.stderr, run.stderr[:6000]  # the first race, with both stacks
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "0 failures" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def test_a_deadlocked_kernel_fails_instead_of_hanging(tmp_path):
+    # a __syncthreads that thread 0 skips: the others wait for it forever
+    include = cuda_include_dir()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("needs g++ and the CUDA headers")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the emulation's fibers switch stacks in x86-64 assembly")
+    source = tmp_path / "deadlock.cc"
+    source.write_text(
+        '#include "emu_cuda.h"\n'
+        "__global__ void skips_a_barrier(int* out) {\n"
+        "  if (threadIdx.x != 0) __syncthreads();\n"
+        "  out[threadIdx.x] = 1;\n"
+        "}\n"
+        "int main() {\n"
+        "  int out[64] = {};\n"
+        "  bk_emulate_launch(skips_a_barrier, dim3(1), dim3(64), 0, out);\n"
+        "}\n")
+    binary = str(tmp_path / "deadlock")
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-w", f"-I{EMULATION}", f"-I{include}", str(source), "-o",
+                            binary], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([binary], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "deadlock" in run.stderr, run.stderr[-2000:]

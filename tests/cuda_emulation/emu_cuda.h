@@ -68,6 +68,9 @@ inline dim3 gridDim, blockDim;
 
 // The running fiber lets the next one run (defined with the scheduler, below).
 inline void bk_fiber_yield();
+// Arrivals at barriers so far: a scheduler round in which nothing arrives
+// and no thread ends made no progress (see bk_run_fibers).
+inline std::atomic<uint64_t> g_barrier_arrivals{0};
 
 // Whoever arrives last opens the barrier; the others poll it between turns.
 // The count's acq_rel and the generation's release/acquire make everything
@@ -78,6 +81,7 @@ class EmulatedBarrier {
   explicit EmulatedBarrier(int threads) : expected_(threads) {}
   void arrive_and_wait() {
     const unsigned generation = generation_.load(std::memory_order_relaxed);
+    g_barrier_arrivals.fetch_add(1, std::memory_order_relaxed);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == expected_) {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.store(generation + 1, std::memory_order_release);
@@ -439,7 +443,15 @@ inline void bk_run_fibers(std::vector<std::unique_ptr<EmulatedFiber>>& fibers) {
     BK_TSAN(f->tsan_fiber = __tsan_create_fiber(0));
   }
   BK_TSAN(__tsan_release(&g_launch_start));
-  for (size_t live = fibers.size(); live > 0;)
+  // Rounds in a row in which no thread arrived at a barrier or ended: every
+  // one waits (at a barrier, or spinning with __nanosleep) for something no
+  // other will do. A spin that ends does so within a round or two, so many
+  // such rounds are a deadlock, reported instead of hanging the test.
+  constexpr int kDeadlockRounds = 10000;
+  int idle_rounds = 0;
+  for (size_t live = fibers.size(); live > 0;) {
+    const uint64_t arrivals = g_barrier_arrivals.load(std::memory_order_relaxed);
+    const size_t live_before = live;
     for (auto& f : fibers) {
       if (f->done.load(std::memory_order_relaxed)) continue;
       bk_resume(*f);
@@ -450,6 +462,12 @@ inline void bk_run_fibers(std::vector<std::unique_ptr<EmulatedFiber>>& fibers) {
         --live;
       }
     }
+    const bool progress = live < live_before || g_barrier_arrivals.load(std::memory_order_relaxed) != arrivals;
+    idle_rounds = progress ? 0 : idle_rounds + 1;
+    require(idle_rounds < kDeadlockRounds,
+            "deadlock: every thread has waited 10000 turns at a barrier or __nanosleep and none arrived "
+            "(a __syncthreads that some threads of the block skip?)");
+  }
   BK_TSAN(__tsan_acquire(&g_launch_end));
 }
 
