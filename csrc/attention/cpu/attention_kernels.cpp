@@ -38,29 +38,34 @@ constexpr int64_t kBlockQ = kAttentionBlockRows, kBlockK = kAttentionKeyBlock;
 // forward's softmax rescales (FlashAttention-4's lazy rescaling): e^8 ~ 3000.
 constexpr double kLazyShift = 8;
 
+// Rows [0, rows) of `cols` values (`ld` apart) transposed into
+// dst[c * ld_dst + r], 16 x 16 tiles in registers.
+template <typename C>
+void transpose_rows(const C* src, int64_t ld, int64_t rows, int64_t cols, C* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; r += 16)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int m = static_cast<int>(std::min<int64_t>(16, rows - r));
+      const int n = static_cast<int>(std::min<int64_t>(16, cols - c));
+      if (m == 16 && n == 16) {
+        at::vec::transpose_mxn<C, 16, 16>(src + r * ld + c, ld, dst + c * ld_dst + r, ld_dst);
+      } else {
+        at::vec::transpose_mxn<C>(src + r * ld + c, ld, dst + c * ld_dst + r, ld_dst, m, n);
+      }
+    }
+}
+
 // The S rows of `dim` values (row stride ld) of one head's K or V,
 // transposed by key blocks into dst [ceil(S / kBlockK)][dim][kBlockK],
 // zero-padded: block j0 / kBlockK at dst + j0 * dim holds rows of kBlockK
 // contiguous keys (the B operand of Q K^T and dO V^T). (A plain [dim, S]
 // transpose would put a block's rows S elements apart: 4 KB for S = 1024
-// floats, which map to one L1 set and evict each other.) 16 x 16 tiles
-// transposed in registers.
+// floats, which map to one L1 set and evict each other.)
 template <typename C>
 void transpose_key_blocks(const C* rows, int64_t ld, int64_t S, int64_t dim, C* dst) {
   for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
     const int64_t jn = std::min(kBlockK, S - j0);
     C* out = dst + j0 * dim;
-    for (int64_t j = 0; j < jn; j += 16)
-      for (int64_t e = 0; e < dim; e += 16) {
-        const C* src = rows + (j0 + j) * ld + e;
-        const int m = static_cast<int>(std::min<int64_t>(16, jn - j));
-        const int n = static_cast<int>(std::min<int64_t>(16, dim - e));
-        if (m == 16 && n == 16) {
-          at::vec::transpose_mxn<C, 16, 16>(src, ld, out + e * kBlockK + j, kBlockK);
-        } else {
-          at::vec::transpose_mxn<C>(src, ld, out + e * kBlockK + j, kBlockK, m, n);
-        }
-      }
+    transpose_rows(rows + j0 * ld, ld, jn, dim, out, kBlockK);
     for (int64_t e = 0; e < dim && jn < kBlockK; ++e) std::fill(out + e * kBlockK + jn, out + (e + 1) * kBlockK, C(0));
   }
 }
@@ -449,13 +454,19 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   // Every row of Q requested at once (strided rows: the copy below would
   // otherwise wait for them a few at a time).
   for (int64_t r = 0; r < rows; ++r) prefetch_bytes(q_row(r), E * static_cast<int64_t>(sizeof(T)));
-  for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
-    const T* qr = q_row(r);
-    if (packed) {
-      std::copy(qr, qr + E, q_rows.get() + r * E);
-      continue;
+  if (transposed && std::is_same_v<T, C>) {  // Q^T scaled [E, ld]: each head's rows transposed in register tiles
+    for (int64_t r0 = 0; r0 < rows; r0 += len)
+      transpose_rows(reinterpret_cast<const C*>(q_row(r0)), p.q_strides[2], len, E, q_scaled.get() + r0, ld);
+    for (int64_t i = 0; i < E * ld; i += W) (V::loadu(q_scaled.get() + i) * V(scale)).store(q_scaled.get() + i);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
+      const T* qr = q_row(r);
+      if (packed) {
+        std::copy(qr, qr + E, q_rows.get() + r * E);
+        continue;
+      }
+      for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
     }
-    for (int64_t e = 0; e < E; ++e) q_scaled[transposed ? e * ld + r : r * E + e] = static_cast<C>(qr[e]) * scale;
   }
   const int64_t* ms = p.mask_strides;
   const auto mask_row = [&](int64_t r) { return t.b * ms[0] + head_of(r) * ms[1] + pos_of(r) * ms[2]; };
