@@ -465,7 +465,7 @@ inline void bk_run_fibers(std::vector<std::unique_ptr<EmulatedFiber>>& fibers) {
     const bool progress = live < live_before || g_barrier_arrivals.load(std::memory_order_relaxed) != arrivals;
     idle_rounds = progress ? 0 : idle_rounds + 1;
     require(idle_rounds < kDeadlockRounds,
-            "deadlock: every thread has waited 10000 turns at a barrier or __nanosleep and none arrived "
+            "deadlock: every thread has waited kDeadlockRounds turns at a barrier or __nanosleep and none arrived "
             "(a __syncthreads that some threads of the block skip?)");
   }
   BK_TSAN(__tsan_acquire(&g_launch_end));

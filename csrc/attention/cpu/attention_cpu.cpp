@@ -339,9 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   p.packed_backward = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 &&
                       s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask &&
                       packed_micro_kernel(at::kBFloat16);
-  const at::Tensor k_in = unit_last_stride(k), v_in = unit_last_stride(v);
-  at::Tensor k_c, v_c;
+  at::Tensor k_in, v_in, k_c, v_c;  // what the kernels read K and V from, kept alive
   if (p.packed_backward) {
+    k_in = unit_last_stride(k), v_in = unit_last_stride(v);
     p.k = k_in.const_data_ptr(), p.v = v_in.const_data_ptr();
     for (int d = 0; d < 3; ++d) p.k_strides[d] = k_in.stride(d), p.v_strides[d] = v_in.stride(d);
   } else {

@@ -54,6 +54,18 @@ void transpose_rows(const C* src, int64_t ld, int64_t rows, int64_t cols, C* dst
     }
 }
 
+// a[0:n] . b[0:n] in C, each side read as C (bf16/fp16 widened in registers)
+template <typename C, typename TA, typename TB>
+C dot(const TA* a, const TB* b, int64_t n) {
+  using V = at::vec::Vectorized<C>;
+  V sum(0);
+  for (int64_t e = 0; e < n; e += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - e);
+    sum = at::vec::fmadd(load_as<C>(a + e, c), load_as<C>(b + e, c), sum);
+  }
+  return at::vec::vec_reduce_all<C>([](V x, V y) { return x + y; }, sum);
+}
+
 // The S rows of `dim` values (row stride ld) of one head's K or V,
 // transposed by key blocks into dst [ceil(S / kBlockK)][dim][kBlockK],
 // zero-padded: block j0 / kBlockK at dst + j0 * dim holds rows of kBlockK
@@ -726,13 +738,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
       load_rows(qf.get(), q_row(h, i0), bq, E, p.q_strides[2], static_cast<C>(p.scale));
       load_rows(dof.get(), go_row(h, i0), bq, Ev, p.grad_out_strides[2]);
       for (int64_t r = 0; r < bq; ++r) {  // D = rowsum(dO * O)
-        const T* out = o_row(h, i0 + r);
-        V sum(0);
-        for (int64_t e = 0; e < Ev; e += V::size()) {
-          const int64_t n = std::min<int64_t>(V::size(), Ev - e);
-          sum = at::vec::fmadd(V::loadu(dof.get() + r * Ev + e, static_cast<int>(n)), load_as<C>(out + e, n), sum);
-        }
-        d[r] = at::vec::vec_reduce_all<C>([](V x, V y) { return x + y; }, sum);
+        d[r] = dot<C>(dof.get() + r * Ev, o_row(h, i0 + r), Ev);
         lse[r] = static_cast<const C*>(p.lse)[row0 + i0 + r];
       }
       // The next query block's rows of Q, dO and O, asked for a row at a time
@@ -905,8 +911,8 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   // K^T [E][s_pad] (the A operand of dQ^T), zeros past S
   const int64_t s_pad = (S + 1) / 2 * 2;
   const auto kt = filled(0, T(0), E * s_pad);
-  for (int64_t j = 0; j < s_pad; ++j)
-    for (int64_t e = 0; e < E; ++e) kt[e * s_pad + j] = j < S ? k[j * k_ld + e] : T(0);
+  transpose_rows(k, k_ld, S, E, kt.get(), s_pad);
+  for (int64_t e = 0; e < E && s_pad > S; ++e) kt[e * s_pad + S] = T(0);
   const auto dk = filled(S * E, C(0)), dv = filled(S * Ev, C(0));
   // Per query block (bq rows, ld = bq rounded up to even): Q and dO as the
   // B operands of S^T and dP^T (transposed) and of dK and dV (row pairs).
@@ -939,15 +945,7 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         const C lse = r < bq ? static_cast<const C*>(p.lse)[row0 + i0 + r] : kNegInf;
         neg_lse[r] = std::isinf(lse) ? kNegInf : -lse;
         d[r] = 0;
-        if (r >= bq) continue;
-        const T* g_r = go + r * p.grad_out_strides[2];
-        const T* o_r = key_row<T>(p.out, p.out_strides, b, h, i0 + r);
-        V sum(0);
-        for (int64_t e = 0; e < Ev; e += W) {
-          const int64_t n = std::min(W, Ev - e);
-          sum = at::vec::fmadd(load_as<C>(g_r + e, n), load_as<C>(o_r + e, n), sum);
-        }
-        d[r] = at::vec::vec_reduce_all<C>([](V x, V y) { return x + y; }, sum);
+        if (r < bq) d[r] = dot<C>(go + r * p.grad_out_strides[2], key_row<T>(p.out, p.out_strides, b, h, i0 + r), Ev);
       }
       std::fill(dqt.get(), dqt.get() + E * ld, C(0));
       const auto [jlo, jhi] = band.key_range(i0, i1);
