@@ -13,7 +13,7 @@ import torch
 
 import bigkernels
 from bigkernels import reference
-from bigkernels.ops.dense import runs_cpu_decode_product
+from bigkernels.ops.dense import cpu_dense_beats_linear, runs_cpu_decode_product
 from bigkernels.reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 from conftest import FLOOR, assert_close, device_params
 
@@ -145,6 +145,24 @@ def test_decode_product_matches_reference(dtype, rows, activation):
     ref_w = wide[:, 3:3 + K] if activation == "swiglu" else wide[:N, 3:3 + K]
     same_dtype = reference.dense(x.to(dtype), ref_w.to(dtype), b.to(dtype), activation)
     assert_close("output", got, same_dtype, reference.dense(x, ref_w, b, activation))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags() says it of Intel GPUs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["none", "gelu", "silu"])
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "blas"])
+def test_many_rows_on_onednn_and_on_blas(dtype, activation, mkldnn):
+    # 32+ rows with a contiguous weight run on oneDNN's product (the bias in its epilogue); with
+    # oneDNN switched off, on BLAS. Both against float64, forward and every gradient, 3-d input.
+    x = torch.randn(3, 29, 70, dtype=dtype)
+    weight = torch.randn(45, 70, dtype=dtype)
+    assert cpu_dense_beats_linear(x, weight)
+    with torch.backends.mkldnn.flags(enabled=mkldnn):
+        with torch.profiler.profile() as prof:
+            check_against_reference("cpu", dtype, activation, (3, 29), 70, 45, seed=5)
+        ran_onednn = any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+        assert ran_onednn == mkldnn
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)

@@ -1,7 +1,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dense import GATED, check_recompute, dense, normalize_activation, runs_cpu_decode_product
+from ..ops.dense import GATED, check_recompute, dense, normalize_activation, cpu_dense_beats_linear
 
 
 class Linear(nn.Linear):
@@ -23,10 +23,9 @@ class Linear(nn.Linear):
         self.recompute = recompute
 
     def forward(self, input):
-        if self.activation == "none" and input.device.type == "cpu" and not runs_cpu_decode_product(input, self.weight):
-            # Nothing to fuse: on the CPU our op would run the same addmm after a few
+        if self.activation == "none" and input.device.type == "cpu" and not cpu_dense_beats_linear(input, self.weight):
+            # Nothing to fuse, and our op would run the same addmm after a few
             # microseconds of dispatch, which cost greedy decoding 4-5 % (docs/PERFORMANCE.md).
-            # With a few rows (decoding) it runs its own product, faster than BLAS's.
             return F.linear(input, self.weight, self.bias)
         return dense(input, self.weight, self.bias, self.activation, recompute=self.recompute)
 

@@ -29,6 +29,23 @@ def runs_cpu_decode_product(input, weight):
     return features > 0 and low <= input.numel() // features <= high and weight.dim() == 2 and weight.stride(1) == 1
 
 
+# The rows from which the CPU op runs oneDNN's product for float32/bf16 with a
+# contiguous weight: kOneDnnMinRows in csrc/dense/cpu/dense_cpu.cpp.
+_CPU_ONEDNN_MIN_ROWS = 32
+
+
+def cpu_dense_beats_linear(input, weight):
+    """Whether dense() without an activation beats F.linear on the CPU: its
+    decoding product for a few rows, or oneDNN's with the bias added in its
+    epilogue for many rows (docs/PERFORMANCE.md). Elsewhere both run ATen's
+    addmm, ours after a few microseconds more of dispatch."""
+    if runs_cpu_decode_product(input, weight):
+        return True
+    features = input.shape[-1] if input.dim() else 0
+    return (features > 0 and input.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+            and input.numel() // features >= _CPU_ONEDNN_MIN_ROWS and torch.backends.mkldnn.is_available())
+
+
 def normalize_activation(activation):
     """None -> "none"; checks the name. Names are exact (lower case), as
     torch's own string options are: "Gelu" is refused, not guessed."""
