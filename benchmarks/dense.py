@@ -23,7 +23,18 @@ GPU_SHAPES = [(512, 1024, 4096), (4096, 1024, 4096), (4096, 4096, 4096),
 # sized for a few cores; the last is an MLP layer over 8192 tokens (issue 5's shape)
 CPU_SHAPES = [(256, 1024, 1024), (1024, 1024, 4096), (4096, 1024, 1024), (8192, 256, 512)]
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-VARIANTS = ("bigkernels", "eager", "addmm_activation", "mma_sync", "matmul", "compile")
+VARIANTS = ("bigkernels", "eager", "addmm_activation", "onednn_postop", "mma_sync", "matmul", "compile")
+
+# Our activations as oneDNN post-ops of mkldnn::_linear_pointwise: (attr, algorithm).
+_ONEDNN_POSTOPS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"),
+                   "silu": ("swish", ""), "sigmoid": ("sigmoid", ""), "tanh": ("tanh", "")}
+
+
+def _onednn_postop(x, w, b, act):
+    """oneDNN's linear with the activation as a post-op: what torch.compile's
+    CPU inference passes (freezing) run for Linear + activation."""
+    attr, algorithm = _ONEDNN_POSTOPS[act]
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
 
 
 def _grid(device, full, log):
@@ -99,6 +110,9 @@ def _make(device, M, K, N, dtype, act):
                 note=("GELU is the tanh approximation on CUDA; " if device == "cuda" and act == "gelu" else "")
                 + ("" if _addmm_activation_has_backward() else "no autograd formula, forward only"),
             )
+        if device == "cpu" and act in _ONEDNN_POSTOPS and torch.backends.mkldnn.is_available():
+            variants["onednn_postop"] = Variant(lambda: _onednn_postop(x, w, b, act), (x, w, b), backward=False,
+                                                note="no autograd formula, forward only")
         if device == "cuda" and _sm90_on() and dtype != torch.float32:
             def mma_sync():
                 with _sm90_off():

@@ -8,6 +8,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -68,10 +69,12 @@ at::Tensor decode_product(const at::Tensor& x, const at::Tensor& weight, const s
 // torch.compile's CPU inference passes call). It adds the bias in its
 // epilogue, not by addmm's copy of the broadcast bias into the output first,
 // and on this project's AMD host its float kernels beat MKL's sgemm by 5-17 %
-// (docs/PERFORMANCE.md). Taken for float and bf16 with the weight's rows in
-// place (oneDNN copies a transposed one per call: 1.7x slower at one AVX2
-// shape) and enough rows; the activation stays in our pass, whose accuracy the
-// tests hold to the 2x rule (oneDNN's GELU post-op was also slower on AVX2).
+// (docs/PERFORMANCE.md). Taken for float and bf16 with a contiguous weight
+// (oneDNN copies a transposed one per call: 1.7x slower at one AVX2 shape)
+// and enough rows. The activation stays in our pass (oneDNN's as a post-op
+// was slower on AVX2). oneDNN sums K in one chain: in float32 its error is up
+// to ~3x MKL's at K 768-3072, ~5e-6 of the output's scale, within the tests'
+// floor. Each new row count builds a primitive (1-3 ms, then cached).
 constexpr int64_t kOneDnnMinRows = 32;
 
 std::optional<c10::OperatorHandle> onednn_linear() {
@@ -80,19 +83,35 @@ std::optional<c10::OperatorHandle> onednn_linear() {
   return op;
 }
 
-bool runs_onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& up_weight) {
-  const auto dtype = x.scalar_type();
-  return !up_weight.has_value() && (dtype == at::kFloat || dtype == at::kBFloat16) && x.size(0) >= kOneDnnMinRows &&
-         x.size(1) > 0 && weight.size(0) > 0 && weight.is_contiguous() && at::globalContext().userEnabledMkldnn() &&
-         onednn_linear().has_value();
-}
-
 at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   static const auto linear =
       onednn_linear()->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
                                         std::optional<c10::string_view>)>();
   return linear.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// Whether oneDNN builds the product for this dtype: it has no bf16 one below
+// AVX-512 (a real AVX2 CPU, or ONEDNN_MAX_CPU_ISA=AVX2) and refuses. Asked
+// once per dtype with a 1x1 product.
+bool onednn_builds_product(at::ScalarType dtype) {
+  const auto probe = [](at::ScalarType t) {
+    if (!onednn_linear().has_value()) return false;
+    try {
+      const at::Tensor one = at::ones({1, 1}, at::TensorOptions().dtype(t));
+      onednn_product(one, one, std::nullopt);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  };
+  static const bool float32 = probe(at::kFloat), bfloat16 = probe(at::kBFloat16);
+  return dtype == at::kFloat ? float32 : dtype == at::kBFloat16 && bfloat16;
+}
+
+bool runs_onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& up_weight) {
+  return !up_weight.has_value() && x.size(0) >= kOneDnnMinRows && x.size(1) > 0 && weight.size(0) > 0 &&
+         weight.is_contiguous() && at::globalContext().userEnabledMkldnn() && onednn_builds_product(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
@@ -109,10 +128,11 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   // block's activation runs while it is in L2 was slower here: BLAS packs the
   // weight again for every block (docs/PERFORMANCE.md). BLAS reads the weight
   // in either layout, so a transposed one (GPT-2's Conv1D weight, passed as
-  // weight.t()) is not copied. The bias: in float32/64 our pass adds it, for
-  // addmm first copies the broadcast bias into the output, a pass of its own
-  // (8 % of a 5120x384x1536 call); in bf16/fp16 the GEMM adds it before its
-  // one rounding, which a pass after the rounded product could not.
+  // weight.t()) is not copied. The bias: oneDNN's product adds it in its
+  // epilogue (runs_onednn_product). Elsewhere, in float32/64 our pass adds
+  // it, for addmm first copies the broadcast bias into the output, a pass of
+  // its own (8 % of a 5120x384x1536 call); in bf16/fp16 the GEMM adds it
+  // before its one rounding, which a pass after the rounded product could not.
   //
   // A few rows (decoding) run on our decode_rows instead, which reads each
   // weight row once for all of them at the memory's bandwidth; it adds the
