@@ -11,6 +11,7 @@ import bigkernels
 from conftest import HAS_CUDA, assert_close
 
 from bigkernels._info import BUILD_INFO
+from bigkernels.ops.norm import residual_layer_norm_output
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -153,6 +154,39 @@ def test_opcheck(rms, residual):
     w = torch.randn(12, generator=gen, requires_grad=True)
     b = None if rms else torch.randn(12, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.bigkernels.norm_forward, (x, r, w, b, 1e-5, rms))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True])
+def test_sum_not_kept(dtype, rms):
+    # keep_sum=False (no backward to come): the same output bits, no sum returned. Widths with
+    # a vector tail; the CPU kernel then runs the sum through the output's rows.
+    gen = torch.Generator().manual_seed(11)
+    for width in (1, 37, 384):
+        x, r = (torch.randn(7, 3, width, generator=gen).to(dtype) for _ in range(2))
+        w = torch.randn(width, generator=gen).to(dtype)
+        b = None if rms else torch.randn(width, generator=gen).to(dtype)
+        kept = torch.ops.bigkernels.norm_forward(x, r, w, b, 1e-5, rms)
+        not_kept = torch.ops.bigkernels.norm_forward(x, r, w, b, 1e-5, rms, False)
+        assert torch.equal(not_kept[0], kept[0]) and not_kept[1].numel() == 0
+        assert torch.equal(not_kept[3], kept[3])
+    if not rms:
+        assert torch.equal(residual_layer_norm_output(x, r, w, b, 1e-5), kept[0])  # nothing needs grad here
+    torch.library.opcheck(torch.ops.bigkernels.norm_forward, (x, r, w, b, 1e-5, rms, False))
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="keep_sum=False keeps nothing for backward"):
+        torch.ops.bigkernels.norm_forward(x, r, w, b, 1e-5, rms, False)
+
+
+def test_residual_layer_norm_output_keeps_the_sum_for_backward():
+    # With gradients to compute, the sum is kept (backward reads it): gradients as layer_norm's.
+    gen = torch.Generator().manual_seed(12)
+    x, r = (torch.randn(5, 33, generator=gen, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(33, generator=gen, requires_grad=True) for _ in range(2))
+    got = torch.autograd.grad(residual_layer_norm_output(x, r, w, b, 1e-5).pow(2).sum(), (x, r, w, b))
+    expected = torch.autograd.grad(bigkernels.layer_norm(x, w, b, 1e-5, residual=r)[0].pow(2).sum(), (x, r, w, b))
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
 
 
 def test_compile_fullgraph():

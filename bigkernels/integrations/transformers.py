@@ -20,7 +20,7 @@ from ..nn.linear import Linear
 from ..nn.transformer import fused_activation_name
 from ..ops.attention import scaled_dot_product_attention
 from ..ops.dense import dense
-from ..ops.norm import layer_norm, rms_norm
+from ..ops.norm import residual_layer_norm_output, rms_norm
 
 NAME = "bigkernels"
 
@@ -71,8 +71,8 @@ class _ResidualNormBlock(_Fused):
 
     def forward(self, hidden_states, input_tensor):
         norm = self.LayerNorm
-        return layer_norm(self.dropout(self.dense(hidden_states)), norm.weight, norm.bias, norm.eps,
-                          residual=input_tensor)[0]
+        return residual_layer_norm_output(self.dropout(self.dense(hidden_states)), input_tensor, norm.weight,
+                                          norm.bias, norm.eps)
 
 
 class _RMSNorm(_Fused):

@@ -52,13 +52,22 @@ def _has_kernel(device):
     return device.type == "cpu" or (device.type == "cuda" and BUILD_INFO["cuda_compiled"])
 
 
-def _norm(input, residual, weight, bias, eps, rms):
+def _norm(input, residual, weight, bias, eps, rms, keep_sum=True):
     _check(input, residual, weight, bias, eps)
     if not _has_kernel(input.device):
         x = input if residual is None else input + residual
         return reference.norm(x, weight, bias, eps, rms), x
-    out, x, _, _ = torch.ops.bigkernels.norm_forward(input, residual, weight, bias, float(eps), rms)
+    out, x, _, _ = torch.ops.bigkernels.norm_forward(input, residual, weight, bias, float(eps), rms, keep_sum)
     return out, x
+
+
+def residual_layer_norm_output(input, residual, weight, bias, eps):
+    """layer_norm(input, weight, bias, eps, residual=residual)[0]: the output
+    alone, for callers that drop the sum (BERT's blocks). Without gradients
+    to compute, the sum is then never written (a pass over memory saved)."""
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    return _norm(input, residual, weight, bias, eps, rms=False, keep_sum=grads)[0]
 
 
 def layer_norm(input, weight=None, bias=None, eps=1e-5, *, residual=None):
@@ -85,12 +94,12 @@ def _register():
     """Fake implementations and autograd for the compiled ops."""
 
     @torch.library.register_fake("bigkernels::norm_forward")
-    def _norm_forward_fake(input, residual, weight, bias, eps, rms):
+    def _norm_forward_fake(input, residual, weight, bias, eps, rms, keep_sum=True):
         _check(input, residual, weight, bias, eps)
         rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
         stats = torch.float64 if input.dtype == torch.float64 else torch.float32
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
-                torch.empty_like(input, memory_format=torch.contiguous_format) if residual is not None
+                torch.empty_like(input, memory_format=torch.contiguous_format) if residual is not None and keep_sum
                 else input.new_empty((0,)),
                 input.new_empty((0 if rms else rows,), dtype=stats), input.new_empty((rows,), dtype=stats))
 
@@ -103,7 +112,10 @@ def _register():
                 grad_like(bias_like, output_mask[2]))
 
     def setup_context(ctx, inputs, output):
-        input, residual, weight, bias, eps, rms = inputs
+        input, residual, weight, bias, eps, rms, *keep_sum = inputs
+        if residual is not None and keep_sum and not keep_sum[0]:
+            raise ValueError("bigkernels norm_forward: keep_sum=False keeps nothing for backward; "
+                             "pass keep_sum=True when a gradient is needed")
         _, total, mean, rstd = output
         # what was normalised, and the inputs themselves (for a double backward)
         x = total if residual is not None else input
@@ -124,12 +136,12 @@ def _register():
             if grad_sum is not None:
                 dinput = None if dinput is None else dinput + grad_sum
                 dresidual = None if dresidual is None else dresidual + grad_sum
-            return dinput, dresidual, dw, db, None, None
+            return dinput, dresidual, dw, db, None, None, None
         dx, dw, db = torch.ops.bigkernels.norm_backward(
             grad_out, grad_sum, x, weight, mean, rstd, ctx.rms,
             [wants[0] or wants[1], wants[2], wants[3]])
         return (dx if wants[0] else None, dx if wants[1] else None, dw if wants[2] else None,
-                db if wants[3] else None, None, None)
+                db if wants[3] else None, None, None, None)
 
     torch.library.register_autograd("bigkernels::norm_forward", backward, setup_context=setup_context)
 

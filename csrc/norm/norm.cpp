@@ -56,11 +56,12 @@ void check_norm_backward_args(const at::Tensor& grad_output, const std::optional
 
 TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // output = norm(x) * weight + bias over the last dimension, x = input, or
-  // input + residual (rounded to the dtype) returned as `sum` (else empty).
+  // input + residual (rounded to the dtype) returned as `sum` (else empty;
+  // empty too with keep_sum false, when nothing will read it: no backward).
   // mean (LayerNorm; empty for RMSNorm) and rstd = 1 / sqrt(var + eps) are
   // per row, in float32 (float64 for double): backward reads them.
-  m.def("norm_forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
-        "(Tensor output, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("norm_forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, "
+        "bool keep_sum=True) -> (Tensor output, Tensor sum, Tensor mean, Tensor rstd)");
   // The gradients from the normalised x (the sum when there was a residual),
   // grad_sum (the sum's own gradient, if any) added to grad_input; those not
   // in output_mask (input, weight, bias) come back empty.

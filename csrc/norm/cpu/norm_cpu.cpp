@@ -23,18 +23,22 @@ constexpr int64_t kBlockRows = 64;  // rows per partial sum of the weight and bi
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, double eps, bool rms, bool keep_sum) {
   check_norm_args(input, residual, weight, bias, eps);
   TORCH_CHECK_VALUE(!rms || !bias.has_value(), "bigkernels.rms_norm: takes no bias");
   const int64_t N = input.size(-1), M = N ? input.numel() / N : 0;
   const at::Tensor x = input.contiguous();
   const std::optional<at::Tensor> r = contiguous(residual), w = contiguous(weight), b = contiguous(bias);
   at::Tensor out = at::empty_like(x);
-  at::Tensor sum = r.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
+  const bool write_sum = r.has_value() && keep_sum;
+  at::Tensor sum = write_sum ? at::empty_like(x) : at::empty({0}, x.options());
   const auto stats = x.options().dtype(stats_dtype(x));
   at::Tensor mean = at::empty({rms ? 0 : M}, stats), rstd = at::empty({M}, stats);
+  // A sum not kept goes through the output's row: the kernel reads each
+  // element of it before writing the output's (a write of the whole sum saved).
+  void* sum_rows = !r.has_value() ? nullptr : write_sum ? sum.mutable_data_ptr() : out.mutable_data_ptr();
   const NormForwardRows rows{x.const_data_ptr(), data_or_null(r), data_or_null(w), data_or_null(b),
-                             out.mutable_data_ptr(), r.has_value() ? sum.mutable_data_ptr() : nullptr,
+                             out.mutable_data_ptr(), sum_rows,
                              rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), N, eps};
   const NormCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(norm_cpu_kernels);
   at::parallel_for(0, M, grain_rows(N), [&](int64_t r0, int64_t r1) {

@@ -30,7 +30,7 @@ cuda::NormDType to_kernel_dtype(at::ScalarType t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, double eps, bool rms, bool keep_sum) {
   check_norm_args(input, residual, weight, bias, eps);
   TORCH_CHECK_VALUE(!rms || !bias.has_value(), "bigkernels.rms_norm: takes no bias");
   const c10::cuda::CUDAGuard guard(input.device());
@@ -53,7 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(
   p.M = M, p.N = N, p.eps = eps;
   p.dtype = to_kernel_dtype(x.scalar_type());
   C10_CUDA_CHECK(cuda::launch_norm_forward(p, c10::cuda::getCurrentCUDAStream()));
-  return {out, sum, mean, rstd};
+  // Without keep_sum the kernel still writes the sum (its own buffer; unlike
+  // the CPU's, it has not been checked to read each element before the
+  // output's write), and the op returns none.
+  return {out, keep_sum ? sum : at::empty({0}, x.options()), mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(
