@@ -160,7 +160,7 @@ def onednn_builds_product(dtype):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags() says it of Intel GPUs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("activation", ["none", "gelu", "silu"])
+@pytest.mark.parametrize("activation", ["none", "gelu", "silu", "tanh"])
 @pytest.mark.parametrize("K", [70, 1536])
 @pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "blas"])
 def test_many_rows_on_onednn_and_on_blas(dtype, activation, K, mkldnn):
@@ -177,6 +177,23 @@ def test_many_rows_on_onednn_and_on_blas(dtype, activation, K, mkldnn):
             check_against_reference("cpu", dtype, activation, (3, 29), K, 45, seed=5)
         ran_onednn = any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
         assert ran_onednn == (mkldnn and onednn_builds_product(dtype))
+
+
+@pytest.mark.skipif(not onednn_builds_product(torch.bfloat16), reason="oneDNN has no bf16 product here")
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"])
+def test_bf16_inference_activation_in_onednn(activation):
+    # bf16 without a pre-activation to keep (no_grad): oneDNN applies the activation to its float
+    # sums as a post-op. Against float64 with the 2x rule; K 1536 and a bias of scale 3, so that
+    # every activation's curved part is reached.
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 29, 1536, generator=gen, dtype=torch.float64)
+    w = torch.randn(45, 1536, generator=gen, dtype=torch.float64) / 1536 ** 0.5
+    b = 3 * torch.randn(45, generator=gen, dtype=torch.float64)
+    bf = [t.to(torch.bfloat16) for t in (x, w, b)]
+    with torch.no_grad():
+        got = bigkernels.dense(*bf, activation)
+        same_dtype = reference.dense(*bf, activation)
+    assert_close("output", got, same_dtype, reference.dense(x, w, b, activation))
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)
