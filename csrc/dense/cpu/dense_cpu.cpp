@@ -71,8 +71,9 @@ at::Tensor decode_product(const at::Tensor& x, const at::Tensor& weight, const s
 // and on this project's AMD host its float kernels beat MKL's sgemm by 5-17 %
 // (docs/PERFORMANCE.md). Taken for float and bf16 with a contiguous weight
 // (oneDNN copies a transposed one per call: 1.7x slower at one AVX2 shape)
-// and enough rows. The activation stays in our pass (oneDNN's as a post-op
-// was slower on AVX2). oneDNN sums K in one chain: in float32 its error is up
+// and enough rows. In float32 the activation stays in our pass (oneDNN's GELU
+// post-op was slower on AVX2); bf16 may take the post-op (dense_forward_cpu).
+// oneDNN sums K in one chain: in float32 its error is up
 // to ~3x MKL's at K 768-3072, ~5e-6 of the output's scale, within the tests'
 // floor. Each new row count builds a primitive (1-3 ms, then cached).
 constexpr int64_t kOneDnnMinRows = 32;
