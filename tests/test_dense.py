@@ -179,6 +179,26 @@ def test_many_rows_on_onednn_and_on_blas(dtype, activation, K, mkldnn):
         assert ran_onednn == (mkldnn and onednn_builds_product(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 40, 300])
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+def test_strided_bias_and_offset_weight(dtype, rows, activation):
+    # A bias with a stride (b[::4]) and a weight that is a slice of rows (contiguous, at an
+    # offset), on every product (decoding rows, oneDNN's, BLAS's); no_grad and with gradients.
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=gen, dtype=torch.float64)
+    big_w = torch.randn(100, 64, generator=gen, dtype=torch.float64) / 8
+    big_b = torch.randn(200, generator=gen, dtype=torch.float64)
+    w, b = big_w[10:60], big_b[::4][:50]
+    for grad in (False, True):
+        xd, wd, bd = x.to(dtype).requires_grad_(grad), big_w.to(dtype)[10:60], big_b.to(dtype)[::4][:50]
+        assert wd.is_contiguous() and not bd.is_contiguous()
+        with torch.set_grad_enabled(grad):
+            got = bigkernels.dense(xd, wd, bd, activation)
+        assert_close("output", got.detach(), reference.dense(x.to(dtype), w.to(dtype), b.to(dtype), activation),
+                     reference.dense(x, w, b, activation))
+
+
 @pytest.mark.skipif(not onednn_builds_product(torch.bfloat16), reason="oneDNN has no bf16 product here")
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"])
 def test_bf16_inference_activation_in_onednn(activation):

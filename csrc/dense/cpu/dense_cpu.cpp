@@ -111,7 +111,9 @@ at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& weight, const s
                                         std::optional<c10::string_view>)>();
   const std::optional<c10::string_view> algorithm =
       post_op.algorithm ? std::optional<c10::string_view>(post_op.algorithm) : std::nullopt;
-  return linear.call(x, weight, bias, post_op.attr, c10::List<std::optional<at::Scalar>>(), algorithm);
+  // oneDNN reads the bias as dense: a strided one (b[::2]) gave wrong sums.
+  const std::optional<at::Tensor> dense_bias = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  return linear.call(x, weight, dense_bias, post_op.attr, c10::List<std::optional<at::Scalar>>(), algorithm);
 }
 
 // Whether oneDNN builds the product for this dtype: it has no bf16 one below
