@@ -201,10 +201,10 @@ def test_strided_bias_and_offset_weight(dtype, rows, activation):
 
 @pytest.mark.skipif(not onednn_builds_product(torch.bfloat16), reason="oneDNN has no bf16 product here")
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"])
-def test_bf16_inference_activation_in_onednn(activation):
-    # bf16 without a pre-activation to keep (no_grad): oneDNN applies the activation to its float
-    # sums as a post-op. Against float64 with the 2x rule; K 1536 and a bias of scale 3, so that
-    # every activation's curved part is reached.
+def test_bf16_inference_on_onednn(activation):
+    # bf16 without a pre-activation to keep (no_grad): oneDNN's product, our activation in place.
+    # Against float64 with the 2x rule; K 1536 and a bias of scale 3, so that every activation's
+    # curved part is reached.
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(3, 29, 1536, generator=gen, dtype=torch.float64)
     w = torch.randn(45, 1536, generator=gen, dtype=torch.float64) / 1536 ** 0.5
@@ -245,11 +245,18 @@ def test_nan_and_extreme_values_match_torch(device, dtype, activation):
     b = torch.tensor(values * 2, dtype=dtype, device=device)
     x = torch.empty(3, 0, dtype=dtype, device=device)
     w = torch.empty(len(b), 0, dtype=dtype, device=device)
-    out, expected = bigkernels.dense(x, w, b, activation), reference.dense(x, w, b, activation)
-    assert torch.equal(out.isnan(), expected.isnan())
-    # half precision: torch rounds act(z1) before the gate product, we round once
-    rtol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
-    torch.testing.assert_close(out, expected, equal_nan=True, rtol=rtol, atol=1e-5)
+    # and 40 rows of x = 1 against a weight column of the values: the products of many rows
+    # (oneDNN's on the CPU), with and without gradients to compute
+    x40, w40 = torch.ones(40, 1, dtype=dtype, device=device), b[:, None].clone()
+    for args, grad in (((x, w, b), False), ((x40, w40, torch.zeros_like(b)), False),
+                       ((x40, w40, torch.zeros_like(b)), True)):
+        with torch.set_grad_enabled(grad):
+            out = bigkernels.dense(args[0].requires_grad_(grad), *args[1:], activation).detach()
+        expected = reference.dense(args[0].detach(), *args[1:], activation)
+        assert torch.equal(out.isnan(), expected.isnan())
+        # half precision: torch rounds act(z1) before the gate product, we round once
+        rtol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+        torch.testing.assert_close(out, expected, equal_nan=True, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,dtype", ALL_DTYPES)

@@ -71,9 +71,9 @@ at::Tensor decode_product(const at::Tensor& x, const at::Tensor& weight, const s
 // and on this project's AMD host its float kernels beat MKL's sgemm by 5-17 %
 // (docs/PERFORMANCE.md). Taken for float and bf16 with a contiguous weight
 // (oneDNN copies a transposed one per call: 1.7x slower at one AVX2 shape)
-// and enough rows. In float32 the activation stays in our pass (oneDNN's GELU
-// post-op was slower on AVX2); bf16 may take the post-op (dense_forward_cpu).
-// oneDNN sums K in one chain: in float32 its error is up
+// and enough rows. The activation stays in our pass: oneDNN's post-ops were
+// slower on AVX2 (GELU, float32), and in bf16 they break torch's NaN and inf
+// results (relu(NaN) = 0, silu(-inf) = NaN). oneDNN sums K in one chain: in float32 its error is up
 // to ~3x MKL's at K 768-3072, ~5e-6 of the output's scale, within the tests'
 // floor. Each new row count builds a primitive (1-3 ms, then cached).
 constexpr int64_t kOneDnnMinRows = 32;
@@ -84,36 +84,14 @@ std::optional<c10::OperatorHandle> onednn_linear() {
   return op;
 }
 
-// An activation as oneDNN's post-op: (attr, algorithm), or a null attr where it has none of ours.
-struct OneDnnPostOp {
-  const char* attr;
-  const char* algorithm;
-};
-
-OneDnnPostOp onednn_post_op(Activation act) {
-  switch (act) {
-    case Activation::kNone: return {"none", nullptr};
-    case Activation::kReLU: return {"relu", nullptr};
-    case Activation::kGELU: return {"gelu", "none"};
-    case Activation::kGELUTanh: return {"gelu", "tanh"};
-    case Activation::kSiLU: return {"swish", nullptr};
-    case Activation::kSigmoid: return {"sigmoid", nullptr};
-    case Activation::kTanh: return {"tanh", nullptr};
-    default: return {nullptr, nullptr};
-  }
-}
-
-at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          OneDnnPostOp post_op = {"none", nullptr}) {
+at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   static const auto linear =
       onednn_linear()->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
                                         std::optional<c10::string_view>)>();
-  const std::optional<c10::string_view> algorithm =
-      post_op.algorithm ? std::optional<c10::string_view>(post_op.algorithm) : std::nullopt;
-  // oneDNN reads the bias as dense: a strided one (b[::2]) gave wrong sums.
+  // oneDNN reads the bias as dense: a strided one (b[::4]) gave wrong sums.
   const std::optional<at::Tensor> dense_bias = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
-  return linear.call(x, weight, dense_bias, post_op.attr, c10::List<std::optional<at::Scalar>>(), algorithm);
+  return linear.call(x, weight, dense_bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
 // Whether oneDNN builds the product for this dtype: it has no bf16 one below
@@ -168,14 +146,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
                             (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
   const std::optional<at::Tensor> gemm_bias = bias_in_pass ? std::nullopt : bias;
   const at::Tensor wt = weight.t();
-  // bf16 with no pre-activation to keep: oneDNN applies the activation too,
-  // to its float sums before their one rounding, where our pass would read the
-  // rounded product back (3-6 % slower; docs/PERFORMANCE.md). Not in float32:
-  // there oneDNN's GELU post-op lost to our pass on AVX2.
-  const bool activated = onednn && x.scalar_type() == at::kBFloat16 && !save_preactivation &&
-                         act != Activation::kNone && onednn_post_op(act).attr != nullptr;
   at::Tensor z = decode                  ? decode_product(x, weight, up_weight, bias)
-                 : activated             ? onednn_product(x, weight, bias, onednn_post_op(act))
                  : onednn                ? onednn_product(x, weight, bias)
                  : up_weight.has_value() ? gated_preactivation(x, weight, *up_weight, gemm_bias)
                  : gemm_bias.has_value() ? at::addmm(*gemm_bias, x, wt)
@@ -184,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_cpu(const at::Tensor& input,
   const bool in_place = !is_gated(act) && !save_preactivation;
   at::Tensor out = in_place ? z : at::empty({s.M, s.Nout}, x.options());
 
-  if (!(in_place && (act == Activation::kNone || activated))) {
+  if (!(in_place && act == Activation::kNone)) {
     const DenseCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(dense_cpu_kernels);
     const at::Tensor b = bias_in_pass ? bias->contiguous() : at::Tensor();
     void* zp = z.mutable_data_ptr();
