@@ -59,8 +59,13 @@ def worker(rank, world, port, out_path, kind):
         # torch.nn modules too: a rank tore its group down while the other
         # still had work in flight.
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # With the barrier it still aborted once in CI on 2026-12-06, at teardown
+    # (the same message): the work is saved, so leave without tearing the
+    # group down or running destructors.
+    os._exit(0)
 
 
 def free_port():
