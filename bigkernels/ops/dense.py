@@ -9,6 +9,7 @@ import torch
 
 from .. import _ext, reference
 from ._autocast import autocast_inputs
+from ._grad import needs_grad
 
 from ..reference import ACTIVATIONS, DERIVATIVE_FROM_OUTPUT, GATED
 
@@ -142,10 +143,9 @@ def dense(input, weight, bias=None, activation="none", *, recompute=False, up_we
         return reference.dense(input, weight, bias, activation, up_weight)
     # The op checks the rest itself (in C++, or in its fake implementation):
     # checking here as well cost a few microseconds per call.
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, up_weight))
+    wants_grad = needs_grad(input, weight, bias, up_weight)
     save_preactivation = (
-        needs_grad and not recompute and activation != "none" and activation not in DERIVATIVE_FROM_OUTPUT
+        wants_grad and not recompute and activation != "none" and activation not in DERIVATIVE_FROM_OUTPUT
     )
     output, _ = torch.ops.bigkernels.dense_forward(input, weight, bias, activation, save_preactivation, up_weight)
     return output

@@ -13,6 +13,7 @@ import torch
 
 from .. import _ext, reference
 from .._info import BUILD_INFO
+from ._grad import needs_grad
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -65,9 +66,8 @@ def residual_layer_norm_output(input, residual, weight, bias, eps):
     """layer_norm(input, weight, bias, eps, residual=residual)[0]: the output
     alone, for callers that drop the sum (BERT's blocks). Without gradients
     to compute, the sum is then never written (a pass over memory saved)."""
-    grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, residual, weight, bias))
-    return _norm(input, residual, weight, bias, eps, rms=False, keep_sum=grads)[0]
+    return _norm(input, residual, weight, bias, eps, rms=False,
+                 keep_sum=needs_grad(input, residual, weight, bias))[0]
 
 
 def layer_norm(input, weight=None, bias=None, eps=1e-5, *, residual=None):

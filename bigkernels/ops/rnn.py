@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import _ext, reference
 from .._info import BUILD_INFO
 from ._autocast import autocast_inputs
+from ._grad import needs_grad
 
 MODES = reference.RNN_MODES
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -63,7 +64,7 @@ def rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight
         return reference.rnn_layer(input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx,
                                    mode, reverse)
     tensors = (input, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    train = needs_grad(*tensors)
     output, hy, cy, _ = torch.ops.bigkernels.rnn_layer_forward(
         input, batch_sizes, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx, mode, reverse, train)
     return output, hy, (cy if mode == "lstm" else None)
