@@ -5,6 +5,7 @@
     o = bigkernels.scaled_dot_product_attention(q, k, v, is_causal=True)  # F.scaled_dot_product_attention
     y, h = bigkernels.layer_norm(x, weight, bias, residual=h)   # F.layer_norm(x + h), and x + h
     layer = bigkernels.nn.Linear(1024, 4096, activation="gelu")
+    loss = bigkernels.linear_cross_entropy(h, lm_head.weight, labels)  # no [tokens x vocab] logits
     model = bigkernels.optimize(model)                          # swap torch.nn layers for ours
 """
 
@@ -12,9 +13,10 @@ from . import _ext  # noqa: F401  (first: loads the compiled ops, or warns why n
 from .ops.dense import dense
 from .ops.attention import scaled_dot_product_attention
 from .ops.norm import layer_norm, rms_norm
+from .ops.losses import linear_cross_entropy
 from . import nn, models
 from ._optimize import optimize
 from ._info import backend_info, __version__
 
-__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "optimize", "backend_info", "nn",
+__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "linear_cross_entropy", "optimize", "backend_info", "nn",
            "models", "__version__"]

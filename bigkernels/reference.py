@@ -166,3 +166,31 @@ def norm(x, weight=None, bias=None, eps=1e-5, rms=False):
     if rms:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0, softcap=0.0,
+                         z_loss=0.0, reduction="mean"):
+    """(loss, lse) of F.cross_entropy on F.linear's logits, capped to
+    softcap * tanh(logits / softcap) when softcap > 0, plus z_loss * lse^2
+    per row that counts. 'mean' divides by the rows whose target is not
+    ignore_index (0 when there are none, where torch gives NaN); ignored rows
+    have loss and lse 0. lse is in float32 (float64 for double). input
+    [..., D], target [...]."""
+    lead = target.shape
+    input, target = input.reshape(-1, input.shape[-1]), target.reshape(-1)
+    logits = F.linear(input, weight, bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    counts = target != ignore_index
+    rows = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    lse = torch.where(counts, lse, torch.zeros_like(lse))
+    if z_loss:
+        rows = rows + (z_loss * lse * lse).to(rows.dtype)
+    if reduction == "none":
+        return rows.reshape(lead), lse.reshape(lead)
+    total = rows.sum()
+    if reduction == "mean":
+        total = total / counts.sum().clamp(min=1)
+    return total, lse.reshape(lead)

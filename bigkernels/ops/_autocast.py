@@ -29,3 +29,10 @@ def autocast_inputs(first, *others):
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.dtype != dtype else t
                  for t in tensors)
+
+
+def autocast_runs_in_float32(tensor):
+    """Whether autocast is on for tensor's device and would run an op on its
+    float32 list (cross_entropy) in float32 for tensor's dtype."""
+    return (_ANY_AUTOCAST_ENABLED() and tensor.dtype in _CASTABLE
+            and _autocast_enabled(tensor.device.type))

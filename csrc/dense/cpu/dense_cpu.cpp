@@ -17,6 +17,7 @@
 
 #include "common/parallel_rows.h"
 #include "dense/dense.h"
+#include "dense/cpu/cpu_product.h"
 #include "dense/cpu/dense_kernels.h"
 
 namespace bigkernels {
@@ -197,6 +198,11 @@ void activation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& saved
 }
 
 }  // namespace
+
+at::Tensor cpu_linear_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (runs_onednn_product(x, weight, std::nullopt)) return onednn_product(x, weight, bias);
+  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+}
 
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("dense_forward", &dense_forward_cpu);

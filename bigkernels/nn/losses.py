@@ -1,0 +1,29 @@
+"""Loss modules over the fused LM-head losses of bigkernels.ops.losses."""
+
+import torch
+
+from ..ops.losses import linear_cross_entropy
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """nn.CrossEntropyLoss applied to a linear layer's output, fused:
+    forward(input [..., D], weight [V, D], target [...], bias=None) equals
+    CrossEntropyLoss(...)(F.linear(input, weight, bias) [capped], target)
+    without the [tokens x V] logits in memory (bigkernels.linear_cross_entropy
+    says how, and what softcap, z_loss and chunk_rows do). Its arguments follow
+    F.linear's order, input first (Liger's module takes the weight first)."""
+
+    def __init__(self, ignore_index=-100, label_smoothing=0.0, reduction="mean", softcap=None, z_loss=0.0,
+                 chunk_rows=None):
+        super().__init__()
+        self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
+        self.softcap, self.z_loss, self.chunk_rows = softcap, z_loss, chunk_rows
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                    softcap=self.softcap, z_loss=self.z_loss, chunk_rows=self.chunk_rows)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, softcap={self.softcap}, z_loss={self.z_loss}")

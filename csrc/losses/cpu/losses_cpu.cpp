@@ -1,0 +1,221 @@
+// linear + cross-entropy on the CPU, a chunk of rows at a time: the chunk's
+// logits z = x W^T + b (cpu_linear_product: oneDNN's or BLAS's), the row
+// passes (cross_entropy_kernels.cpp: lse, loss, and the gradient over z in
+// place), then dX = G W and dW += G^T x (two more products). Three products in
+// all, as eager's forward and backward, and never more than one chunk's
+// logits: rows_per_chunk x V elements.
+//
+// Why chunks of rows with the whole vocabulary, not blocks of the vocabulary
+// (Cut Cross-Entropy's way): a vocabulary block's softmax needs the row's lse
+// first, so its gradient needs the logits a second time, a fourth product.
+// On the CPU the products are 80-95 % of the time (docs/PERFORMANCE.md), so
+// that alone would cost 8-20 % against eager.
+//
+// Ignored rows are left out before the products (they cost nothing). The
+// gradients of a mean or sum are computed in the forward, in the same pass
+// (the backward scales them by the loss's gradient): the logits are made once.
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dense/cpu/cpu_product.h"
+#include "losses/cpu/cross_entropy_kernels.h"
+#include "losses/losses.h"
+
+namespace bigkernels {
+namespace {
+
+// Logits held at once when chunk_rows is 0: 8M elements (32 MB in float32),
+// at least kMinChunkRows rows. With fewer rows each chunk's dW += G^T x, which
+// reads and writes all of dW, does too little work per byte: 64 rows ran 35 %
+// slower than 256 at V 32k (docs/PERFORMANCE.md).
+constexpr int64_t kChunkElements = int64_t(1) << 23;
+constexpr int64_t kMinChunkRows = 256;
+
+int64_t rows_per_chunk(int64_t V, int64_t chunk_rows) {
+  return chunk_rows > 0 ? chunk_rows : std::max(kMinChunkRows, kChunkElements / V);
+}
+
+// The rows whose target is not ignore_index; the others must be in [0, V).
+std::vector<int64_t> rows_that_count(const at::Tensor& target, int64_t V, int64_t ignore_index) {
+  const at::Tensor t = target.contiguous();
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows;
+  rows.reserve(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (p[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < V, "bigkernels linear_cross_entropy: target[", i, "] = ", p[i],
+                      " is out of range: must be in [0, ", V, ") (weight's rows) or ignore_index (", ignore_index,
+                      ")");
+    rows.push_back(i);
+  }
+  return rows;
+}
+
+struct ChunkResults {
+  at::Tensor loss_rows, lse;                        // [rows that count], compute type
+  at::Tensor grad_input, grad_weight, grad_bias;  // undefined unless asked for
+};
+
+// The chunk loop over the rows that count (`rows`, or all when it has every
+// row). lse_given (backward): the forward's lse of those rows, and no loss.
+// The gradient's factor per row: row_scale's, or `scale`.
+ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+                        const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options, int64_t chunk_rows,
+                        std::array<bool, 3> grad_mask, const std::vector<int64_t>& rows, const at::Tensor& lse_given,
+                        const at::Tensor& row_scale, double scale) {
+  const int64_t N = input.size(0), D = input.size(1), V = weight.size(0), Nv = static_cast<int64_t>(rows.size());
+  const at::ScalarType dtype = input.scalar_type();
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = input.options();
+  // Only the rows that count go through the products.
+  const auto keep = [&](const at::Tensor& t) {
+    if (Nv == N) return t.contiguous();
+    std::vector<int64_t> copy = rows;
+    const at::Tensor index = at::from_blob(copy.data(), {Nv}, at::kLong).clone();
+    return t.index_select(0, index).contiguous();
+  };
+  const at::Tensor x = keep(input), t = keep(target);
+  const bool backward = lse_given.defined();
+  ChunkResults out;
+  out.lse = backward ? keep(lse_given.to(compute)) : at::empty({Nv}, opts.dtype(compute));
+  if (!backward) out.loss_rows = at::empty({Nv}, opts.dtype(compute));
+  const at::Tensor scales = row_scale.defined() ? keep(row_scale.to(compute)) : at::Tensor();
+  const bool grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
+  if (grad_mask[0]) out.grad_input = at::empty({Nv, D}, opts);
+  if (grad_mask[1]) out.grad_weight = at::zeros({V, D}, opts);
+  if (grad_mask[2]) out.grad_bias = at::zeros({V}, opts.dtype(compute));
+  if (Nv == 0) return out;
+
+  const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
+  const CrossEntropyCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(cross_entropy_cpu_kernels);
+  const int64_t stat_bytes = out.lse.element_size();
+  for (int64_t c0 = 0; c0 < Nv; c0 += Nc) {
+    const int64_t n = std::min(Nc, Nv - c0);
+    const at::Tensor xc = x.narrow(0, c0, n);
+    // A fresh tensor per chunk: oneDNN's product, 1.3-2.3x faster than BLAS's
+    // into a reused buffer here (mm_out was slower than mm, too), has no out=.
+    at::Tensor z = cpu_linear_product(xc, weight, bias);
+    const CrossEntropyRows chunk{
+        z.mutable_data_ptr(), V, V, t.const_data_ptr<int64_t>() + c0,
+        options.label_smoothing, options.softcap, options.z_loss,
+        static_cast<char*>(out.lse.mutable_data_ptr()) + c0 * stat_bytes,
+        backward ? nullptr : static_cast<char*>(out.loss_rows.mutable_data_ptr()) + c0 * stat_bytes,
+        backward, grad,
+        scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
+    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.rows(dtype, chunk, r0, r1); });
+    if (!grad) continue;
+    // z now holds G, the gradient over this chunk's logits.
+    if (grad_mask[0]) {
+      at::Tensor dx = out.grad_input.narrow(0, c0, n);
+      at::mm_out(dx, z, weight);
+    }
+    if (grad_mask[1]) out.grad_weight.addmm_(z.t(), xc);
+    if (grad_mask[2]) out.grad_bias.add_(at::sum(z, {0}, false, compute));
+  }
+  return out;
+}
+
+// t [rows that count, ...] placed back among all N rows, zeros elsewhere.
+at::Tensor scatter_rows(const at::Tensor& t, const std::vector<int64_t>& rows, int64_t N) {
+  if (static_cast<int64_t>(rows.size()) == N) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] = N;
+  at::Tensor full = at::zeros(sizes, t.options());
+  if (rows.empty()) return full;
+  std::vector<int64_t> copy = rows;
+  const at::Tensor index = at::from_blob(copy.data(), {static_cast<int64_t>(rows.size())}, at::kLong).clone();
+  return full.index_copy_(0, index, t);
+}
+
+at::Tensor empty_like_input(const at::Tensor& input) { return at::empty({0}, input.options()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
+    int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
+    int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
+  check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
+  const Reduction r = parse_reduction(reduction);
+  const bool grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
+  TORCH_CHECK_VALUE(!grad || r != Reduction::kNone, "bigkernels linear_cross_entropy_forward: gradients in the "
+                    "forward need reduction 'mean' or 'sum'; with 'none' the backward computes them");
+  grad_mask[2] = grad_mask[2] && bias.has_value();
+  const int64_t N = input.size(0);
+  const std::vector<int64_t> rows = rows_that_count(target, weight.size(0), ignore_index);
+  const int64_t Nv = static_cast<int64_t>(rows.size());
+  // The mean divides by the rows that count; with none, the loss is 0 and so
+  // are its gradients (torch's F.cross_entropy gives NaN there).
+  const double scale = r == Reduction::kMean ? (Nv ? 1.0 / static_cast<double>(Nv) : 0.0) : 1.0;
+  ChunkResults c = run_chunks(input, weight, target, bias, options, chunk_rows, grad_mask, rows, at::Tensor(),
+                              at::Tensor(), scale);
+  at::Tensor loss;
+  if (r == Reduction::kNone) {
+    loss = scatter_rows(c.loss_rows, rows, N);
+  } else {
+    // Summed in double, in row order: the same result whatever the thread count.
+    const at::Tensor l = c.loss_rows.to(at::kDouble);
+    const double* p = l.const_data_ptr<double>();
+    double total = 0;
+    for (int64_t i = 0; i < Nv; ++i) total += p[i];
+    loss = at::scalar_tensor(total * scale, c.loss_rows.options());
+  }
+  const auto grad_or_empty = [&](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g.to(like.scalar_type()) : empty_like_input(input);
+  };
+  at::Tensor grad_input = c.grad_input.defined() ? scatter_rows(c.grad_input, rows, N) : empty_like_input(input);
+  return {loss, scatter_rows(c.lse, rows, N), grad_input, grad_or_empty(c.grad_weight, input),
+          grad_or_empty(c.grad_bias, input)};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
+    int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
+    int64_t chunk_rows) {
+  auto [loss, lse, gi, gw, gb] = linear_cross_entropy_forward_cpu(
+      input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction, chunk_rows,
+      {false, false, false});
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
+    double softcap, double z_loss, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
+  check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
+  const int64_t N = input.size(0);
+  TORCH_CHECK_VALUE(grad_loss.numel() == N && grad_loss.device() == input.device(),
+                    "bigkernels linear_cross_entropy_backward: grad_loss must have ", N, " elements (one per row) on ",
+                    input.device(), ", got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.numel() == N && lse.device() == input.device(),
+                    "bigkernels linear_cross_entropy_backward: lse must be the forward's (", N, " rows)");
+  grad_mask[2] = grad_mask[2] && bias.has_value();
+  const std::vector<int64_t> rows = rows_that_count(target, weight.size(0), ignore_index);
+  ChunkResults c = run_chunks(input, weight, target, bias, options, chunk_rows, grad_mask, rows, lse.reshape({N}),
+                              grad_loss.reshape({N}), 1.0);
+  const auto grad_or_empty = [&](const at::Tensor& g) {
+    return g.defined() ? g.to(input.scalar_type()) : empty_like_input(input);
+  };
+  at::Tensor grad_input = c.grad_input.defined() ? scatter_rows(c.grad_input, rows, N) : empty_like_input(input);
+  return {grad_input, grad_or_empty(c.grad_weight), grad_or_empty(c.grad_bias)};
+}
+
+}  // namespace
+}  // namespace bigkernels
+
+TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("linear_cross_entropy", &bigkernels::linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_forward", &bigkernels::linear_cross_entropy_forward_cpu);
+  m.impl("linear_cross_entropy_backward", &bigkernels::linear_cross_entropy_backward_cpu);
+}

@@ -1,0 +1,78 @@
+// The loss family's ops (schemas) and argument checks: cross-entropy of a
+// linear layer's output (an LM head), computed without ever holding the
+// [tokens x vocabulary] logits: a chunk of rows at a time.
+#include "losses/losses.h"
+
+#include <torch/library.h>
+
+namespace bigkernels {
+
+Reduction parse_reduction(c10::string_view name) {
+  if (name == "mean") return Reduction::kMean;
+  if (name == "sum") return Reduction::kSum;
+  TORCH_CHECK_VALUE(name == "none", "bigkernels linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got '",
+                    std::string(name), "'");
+  return Reduction::kNone;
+}
+
+void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options,
+                                     int64_t chunk_rows) {
+  const char* op = "bigkernels linear_cross_entropy: ";
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble, op,
+                   "input must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(input.dim() == 2, op, "input must be [N, D], got shape ", input.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, op, "weight dtype ", weight.scalar_type(),
+                   " does not match input dtype ", dtype);
+  TORCH_CHECK_VALUE(weight.device() == input.device(), op, "weight is on ", weight.device(), " but input is on ",
+                    input.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(1), op, "weight must be [V, ", input.size(1),
+                    "] (input's last dimension), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, op, "weight must have at least one row (the vocabulary), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, "target must be int64 (class indices), got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, "target is on ", target.device(), " but input is on ",
+                    input.device());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), op, "target must be [", input.size(0),
+                    "] (one per row of input), got shape ", target.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, op, "bias dtype ", bias->scalar_type(),
+                     " does not match input dtype ", dtype);
+    TORCH_CHECK_VALUE(bias->device() == input.device(), op, "bias is on ", bias->device(), " but input is on ",
+                      input.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, "bias must be [", weight.size(0),
+                      "] (weight's rows), got shape ", bias->sizes());
+  }
+  TORCH_CHECK_VALUE(options.label_smoothing >= 0 && options.label_smoothing <= 1, op,
+                    "label_smoothing must be in [0, 1], got ", options.label_smoothing);
+  TORCH_CHECK_VALUE(options.softcap >= 0, op, "softcap must be > 0 (or 0 for none), got ", options.softcap);
+  TORCH_CHECK_VALUE(options.z_loss >= 0, op, "z_loss must be >= 0, got ", options.z_loss);
+  TORCH_CHECK_VALUE(chunk_rows >= 0, op, "chunk_rows must be >= 0 (0: chosen from the vocabulary), got ", chunk_rows);
+}
+
+}  // namespace bigkernels
+
+TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
+  // loss = cross_entropy(cap(input @ weight^T + bias), target) reduced
+  // ('none': [N], 0 for ignored rows; 'mean' over the rows that count, 0
+  // when none does; 'sum'), and each row's log-sum-exp of its (capped)
+  // logits (0 for ignored rows), both in float32 (float64 for double): the
+  // Python front rounds the loss to input's dtype, except under autocast.
+  // chunk_rows: rows whose logits are held at once (0: chosen from V).
+  m.def("linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows) -> (Tensor loss, Tensor lse)");
+  // The same, and the gradients in grad_mask (input, weight, bias) of the
+  // reduced loss, computed in the same pass over the chunks (reduction 'mean'
+  // or 'sum'; the backward scales them by the loss's gradient). Those not in
+  // grad_mask come back empty.
+  m.def("linear_cross_entropy_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows, bool[3] grad_mask) -> "
+        "(Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The gradients of sum(grad_loss * loss rows) (reduction 'none'), from the
+  // forward's lse: each chunk's logits are computed again.
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
+        "Tensor lse, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_rows, "
+        "bool[3] grad_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}

@@ -1,0 +1,34 @@
+// Host-side pieces of the loss ops (linear + cross-entropy) shared by their
+// implementations: options, argument checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace bigkernels {
+
+enum class Reduction { kNone, kMean, kSum };
+Reduction parse_reduction(c10::string_view name);
+
+// What turns a row's logits z into its loss: z -> softcap * tanh(z / softcap)
+// when softcap > 0, then cross-entropy with label smoothing, plus
+// z_loss * lse^2. Rows whose target is ignore_index count nowhere.
+struct CrossEntropyOptions {
+  int64_t ignore_index;
+  double label_smoothing;
+  double softcap;  // 0: none
+  double z_loss;
+};
+
+// Checks the arguments of the linear_cross_entropy ops: input [N, D] (float16,
+// bfloat16, float32 or float64), weight [V, D] and bias [V] in its dtype and
+// on its device, target [N] int64, the options' ranges. Messages name the
+// argument and show the bad value. (Targets out of range are checked by the
+// kernels, which read them.)
+void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options,
+                                     int64_t chunk_rows);
+
+}  // namespace bigkernels

@@ -1,0 +1,275 @@
+"""bigkernels.linear_cross_entropy against F.cross_entropy(F.linear(...)):
+loss and every gradient, the 2x rule against float64, random data, odd sizes
+(vector tails, several chunks), every option, edge cases, bad input, opcheck,
+compile, autocast, meta, and the same bits whatever the thread count."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bigkernels
+from bigkernels import reference
+from conftest import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def make(N, D, V, seed=0, bias=True, ignored=0.2, scale=1.0, lead=None):
+    """float64 data: input [N, D] (or lead + [D]), weight [V, D], bias [V],
+    targets with about `ignored` of them -100, and the gradient for 'none'."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (N,) if lead is None else lead
+    x = torch.randn(*shape, D, generator=gen, dtype=torch.float64) * scale
+    w = torch.randn(V, D, generator=gen, dtype=torch.float64) / max(D, 1) ** 0.5
+    b = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, shape, generator=gen)
+    t[torch.rand(shape, generator=gen) < ignored] = -100
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x, w, b, t, g
+
+
+def run(fn, x, w, b, t, g, dtype, reduction, **options):
+    """The loss and the gradients of input, weight (and bias), for the
+    float64 data in dtype; 'none' is reduced with the weights g."""
+    leaves = [None if a is None else a.detach().to(dtype, copy=True).requires_grad_() for a in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], t, leaves[2], reduction=reduction, **options)
+    (loss * g.to(dtype) if reduction == "none" else loss).sum().backward()
+    return [loss.detach()] + [a.grad for a in leaves if a is not None]
+
+
+def torch_loss(x, w, t, b, reduction, softcap=None, chunk_rows=None, **options):
+    return reference.linear_cross_entropy(x, w, t, b, reduction=reduction, softcap=softcap or 0.0, **options)[0]
+
+
+def check(x, w, b, t, g, dtype, reduction, **options):
+    got = run(bigkernels.linear_cross_entropy, x, w, b, t, g, dtype, reduction, **options)
+    theirs = run(torch_loss, x, w, b, t, g, dtype, reduction, **options)
+    truth = run(torch_loss, x, w, b, t, g, torch.float64, reduction, **options)
+    names = ["loss", "grad_input", "grad_weight", "grad_bias"][:len(got)]
+    for name, a, th, ref in zip(names, got, theirs, truth):
+        assert_close(name, a, th, ref)
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "softcap": {"softcap": 2.5},
+    "z_loss": {"z_loss": 1e-2},
+    "all": {"label_smoothing": 0.3, "softcap": 7.0, "z_loss": 1e-3},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("size", [(37, 19, 131, 8), (300, 64, 1000, 0), (5, 3, 1, 0)], ids=str)
+def test_matches_reference(dtype, reduction, options, size):
+    N, D, V, chunk_rows = size
+    x, w, b, t, g = make(N, D, V, bias=N != 300)
+    check(x, w, b, t, g, dtype, reduction, chunk_rows=chunk_rows or None, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_chunks_sum_the_weight_gradient(dtype):
+    # 1200 rows in chunks of 100: 12 additions into the weight's gradient
+    x, w, b, t, g = make(1200, 96, 515, seed=1)
+    check(x, w, b, t, g, dtype, "mean", chunk_rows=100)
+
+
+def test_large_vocabulary_and_leading_dims():
+    x, w, b, t, g = make(None, 40, 50257, seed=2, bias=False, lead=(2, 9))
+    check(x, w, b, t, g, torch.float32, "mean")
+    check(x, w, b, t, g, torch.float32, "none", label_smoothing=0.05)
+
+
+def test_many_rows():
+    x, w, b, t, g = make(20000, 16, 77, seed=3)
+    check(x, w, b, t, g, torch.float32, "mean", z_loss=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_extreme_logits_do_not_overflow(dtype, softcap):
+    # logits of order 1e4: exp would overflow without the max subtracted
+    x, w, b, t, g = make(50, 32, 300, seed=4, scale=2e3)
+    got = run(bigkernels.linear_cross_entropy, x, w, b, t, g, dtype, "sum", softcap=softcap)
+    assert all(torch.isfinite(a).all() for a in got)
+    check(x, w, b, t, g, dtype, "sum", softcap=softcap)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_all_ignored(reduction):
+    for N, ignored in ((0, 0.0), (6, 1.0)):
+        x, w, b, t, g = make(N, 8, 11, ignored=ignored)
+        got = run(bigkernels.linear_cross_entropy, x, w, b, t, g, torch.float32, reduction)
+        # mean: 0, with zero gradients (torch's F.cross_entropy gives NaN there)
+        assert got[0].shape == ((N,) if reduction == "none" else ())
+        assert (got[0] == 0).all()
+        assert all((a == 0).all() for a in got[1:])
+
+
+def test_ignored_rows_count_nowhere_and_ignore_index_is_honoured():
+    x, w, b, t, g = make(40, 16, 50, seed=5, ignored=0.0)
+    t[::3] = 7  # class 7 is the ignored one here
+    check(x, w, b, t, g, torch.float32, "mean", ignore_index=7)
+    check(x, w, b, t, g, torch.float32, "none", ignore_index=7, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_return_lse(options):
+    x, w, b, t, g = make(33, 12, 70, seed=6)
+    loss, lse = bigkernels.linear_cross_entropy(x.float(), w.float(), t, b.float(), return_lse=True, **options)
+    _, lse_ref = torch_loss(x, w, t, b, "mean", **options), reference.linear_cross_entropy(
+        x, w, t, b, softcap=options.get("softcap", 0.0))[1]
+    assert lse.dtype == torch.float32 and lse.shape == t.shape and not lse.requires_grad
+    assert (lse[t == -100] == 0).all()
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-6, atol=1e-5)
+
+
+def test_gradient_scaled_and_accumulated():
+    # the gradients computed in the forward are scaled by the loss's
+    # gradient, and add up over two backward passes of one graph
+    x, w, b, t, g = make(30, 10, 20, seed=7)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = bigkernels.linear_cross_entropy(xs, ws, t, b)
+    (3 * loss).backward(retain_graph=True)
+    loss.backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (4 * torch_loss(xr, wr, t, b, "mean")).backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(ws.grad, wr.grad)
+
+
+def test_forward_alone_equals_forward_with_gradients():
+    x, w, b, t, g = make(300, 24, 333, seed=16)
+    with torch.no_grad():
+        plain = bigkernels.linear_cross_entropy(x, w, t, b, chunk_rows=64)
+    with_grad = bigkernels.linear_cross_entropy(x.clone().requires_grad_(), w, t, b, chunk_rows=64)
+    assert torch.equal(plain, with_grad.detach())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "softcap": 3.0, "z_loss": 0.1}], ids=["plain", "all"])
+def test_gradcheck_float64(reduction, options):
+    x, w, b, t, g = make(7, 3, 5, seed=8)
+    fn = lambda x, w, b: bigkernels.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_rows=3, **options)
+    torch.autograd.gradcheck(fn, [a.clone().requires_grad_() for a in (x, w, b)])
+
+
+def test_double_backward_raises():
+    x, w, b, t, g = make(7, 3, 5, seed=9)
+    xs = x.clone().requires_grad_()
+    loss = bigkernels.linear_cross_entropy(xs, w, t, b)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, xs, create_graph=True)
+
+
+def test_same_bits_whatever_the_thread_count():
+    x, w, b, t, g = make(700, 48, 900, seed=10)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(bigkernels.linear_cross_entropy, x, w, b, t, g, torch.float32, "mean",
+                               chunk_rows=256, label_smoothing=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+def bad_call(**changes):
+    x, w, b, t, _ = make(4, 3, 5, seed=11)
+    args = dict(input=x.float(), weight=w.float(), target=t, bias=b.float())
+    args.update(changes)
+    return lambda: bigkernels.linear_cross_entropy(args.pop("input"), args.pop("weight"), args.pop("target"),
+                                                   args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (bad_call(target=torch.tensor([0, 1, 5, 2])), ValueError, r"target\[2\] = 5 is out of range"),
+    (bad_call(target=torch.tensor([0, 1, -3, 2])), ValueError, r"target\[2\] = -3"),
+    (bad_call(target=torch.tensor([0, 1, 2])), ValueError, "target must have shape"),
+    (bad_call(target=torch.tensor([0, 1, 2, 3], dtype=torch.int32)), TypeError, "target must be int64"),
+    (bad_call(bias=torch.zeros(4)), ValueError, "bias must be"),
+    (bad_call(bias=torch.zeros(5, dtype=torch.float64)), TypeError, "bias dtype"),
+    (bad_call(weight=torch.zeros(5, 4)), ValueError, "weight must be"),
+    (bad_call(weight=torch.zeros(0, 3)), ValueError, "at least one row"),
+    (bad_call(weight=torch.zeros(5, 3, dtype=torch.float64)), TypeError, "weight dtype"),
+    (bad_call(input=torch.zeros(4, 3, dtype=torch.int64)), TypeError, "input must be float"),
+    (bad_call(reduction="avg"), ValueError, "reduction must be"),
+    (bad_call(softcap=-1.0), ValueError, "softcap must be"),
+    (bad_call(label_smoothing=1.5), ValueError, "label_smoothing must be"),
+    (bad_call(z_loss=-0.1), ValueError, "z_loss must be"),
+    (bad_call(chunk_rows=0), ValueError, "chunk_rows must be"),
+    (bad_call(ignore_index=1.0), TypeError, "ignore_index must be"),
+])
+def test_bad_input_raises_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_op_called_directly_checks_too():
+    x, w, b, t, _ = make(4, 3, 5)
+    op = torch.ops.bigkernels.linear_cross_entropy
+    with pytest.raises(ValueError, match="target must be"):
+        op(x, w, t[:2], b, -100, 0.0, 0.0, 0.0, "mean", 0)
+    with pytest.raises(ValueError, match="reduction must be"):
+        op(x, w, t, b, -100, 0.0, 0.0, 0.0, "avg", 0)
+    with pytest.raises(ValueError, match="need reduction 'mean' or 'sum'"):
+        torch.ops.bigkernels.linear_cross_entropy_forward(x, w, t, b, -100, 0.0, 0.0, 0.0, "none", 0,
+                                                          [True, False, False])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction):
+    x, w, b, t, g = make(9, 6, 13, seed=12)
+    x, w, b = (a.float().requires_grad_() for a in (x, w, b))
+    args = (x, w, t, b, -100, 0.1, 4.0, 1e-3, reduction, 4)
+    torch.library.opcheck(torch.ops.bigkernels.linear_cross_entropy, args)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.bigkernels.linear_cross_entropy_forward, (*plain[:8], "sum", 4, [True, True, True]))
+    lse = torch.ops.bigkernels.linear_cross_entropy(*plain)[1]
+    torch.library.opcheck(torch.ops.bigkernels.linear_cross_entropy_backward,
+                          (g.float(), *plain[:4], lse, -100, 0.1, 4.0, 1e-3, 4, [True, True, True]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(reduction):
+    x, w, b, t, g = make(20, 8, 30, seed=13)
+
+    def step(x, w, b):
+        loss = bigkernels.linear_cross_entropy(x, w, t, b, reduction=reduction, z_loss=1e-3)
+        return loss if reduction == "mean" else (loss * g.float()).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = (fn(*(a.float().requires_grad_() for a in (x, w, b))) for fn in (compiled, step))
+    torch.testing.assert_close(got, want)
+
+
+def test_autocast_matches_torchs_autocast():
+    x, w, b, t, g = make(64, 32, 300, seed=14)
+    x, w, b = x.float(), w.float(), b.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = bigkernels.linear_cross_entropy(x, w, t, b)
+        theirs = F.cross_entropy(F.linear(x, w, b), t)
+    truth = torch_loss(x.double(), w.double(), t, b.double(), "mean")
+    assert ours.dtype == theirs.dtype
+    assert abs(ours.double() - truth) <= 2 * abs(theirs.double() - truth) + 8e-3 * max(1.0, truth.abs())
+
+
+def test_meta_tensors():
+    x, w = torch.empty(6, 5, 8, device="meta"), torch.empty(100, 8, device="meta")
+    t = torch.empty(6, 5, dtype=torch.int64, device="meta")
+    loss, lse = bigkernels.linear_cross_entropy(x, w, t, reduction="none", return_lse=True)
+    assert loss.shape == (6, 5) and lse.shape == (6, 5) and loss.device.type == "meta"
+    assert bigkernels.linear_cross_entropy(x, w, t).shape == ()
+
+
+def test_module():
+    x, w, b, t, g = make(25, 12, 40, seed=15)
+    module = bigkernels.nn.LinearCrossEntropyLoss(label_smoothing=0.1, softcap=5.0)
+    assert "label_smoothing=0.1" in repr(module)
+    torch.testing.assert_close(module(x, w, t, b), torch_loss(x, w, t, b, "mean", label_smoothing=0.1, softcap=5.0))
