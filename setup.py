@@ -39,7 +39,7 @@ from torch.utils import cpp_extension  # noqa: E402
 # uses for its own per-capability kernels).
 CPU_CAPABILITY_SOURCES = ["csrc/dense/cpu/dense_kernels.cpp", "csrc/attention/cpu/attention_kernels.cpp",
                           "csrc/rnn/cpu/rnn_kernels.cpp", "csrc/norm/cpu/norm_kernels.cpp",
-                          "csrc/losses/cpu/cross_entropy_kernels.cpp"]
+                          "csrc/losses/cpu/loss_kernels.cpp"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_CAPABILITIES = {"DEFAULT": []}
 if X86_64:

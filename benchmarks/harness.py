@@ -5,6 +5,7 @@ list of Case objects, each of which builds its Variants when it is run (so the
 inputs of one case are freed before the next one allocates its own).
 """
 
+import ctypes
 import datetime
 import json
 import os
@@ -12,6 +13,7 @@ import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -44,6 +46,9 @@ class Case:
     # Samples taken even past the time budget: more for calls of a second or
     # less whose ratio this shared host moves by a third between runs.
     min_samples: int = 3
+    # Measure each variant's peak memory on the CPU too (one more run of
+    # each; on CUDA it is always measured), and show it in the table.
+    measure_memory: bool = False
 
 
 # ---------------------------------------------------------------- timing
@@ -104,7 +109,50 @@ def _repeated(step, calls):
     return many
 
 
-def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1, min_samples=3):
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """Bytes malloc has handed out and not taken back (glibc 2.33+: heap
+    blocks in use plus mapped blocks), or None elsewhere. torch's CPU
+    tensors come from malloc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def _cpu_peak_mib(step):
+    """The most memory in use during one run of step above what was in use
+    before it, in MiB, sampled every 0.5 ms from a second thread (torch's ops
+    release the GIL), or None where malloc cannot say. The resident size
+    would not do: memory freed by one variant and reused by the next counts
+    there as nothing new."""
+    base = _malloc_in_use()
+    if base is None:
+        return None
+    top, stop = [base], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            top[0] = max(top[0], _malloc_in_use())
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        step()
+    finally:
+        stop.set()
+        sampler.join()
+    return (max(top[0], _malloc_in_use()) - base) / 2**20
+
+
+def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1, min_samples=3, cpu_memory=False):
     """-> {name: (status, median ms per call, samples, peak MiB or None, message)}.
 
     The variants take turns, one timed run each per round, so that a slow
@@ -152,6 +200,8 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1, mi
             steps[name]()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        elif cpu_memory:
+            peak = _cpu_peak_mib(steps[name])
         results[name] = ("ok", statistics.median(times[name]), len(times[name]), peak, "")
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -171,7 +221,7 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
         return records
     for pass_ in PASSES:
         measured = measure_pass(variants, pass_, device, warmup, repeats, budget_s, case.calls_per_sample,
-                                case.min_samples)
+                                case.min_samples, case.measure_memory)
         for vname, variant in variants.items():
             status, ms, n, peak, msg = measured[vname]
             flops = case.flops * (1 + case.backward_flops_factor if pass_ == "fwd+bwd" else 1)
@@ -179,7 +229,7 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
                 family=case.family, case=case.name, params=case.params, variant=vname, pass_=pass_,
                 status=status, median_ms=ms, samples=n,
                 tflops=flops / (ms * 1e-3) / 1e12 if ms else None,
-                peak_mem_mib=peak, note=msg or variant.note,
+                peak_mem_mib=peak, show_memory=case.measure_memory, note=msg or variant.note,
             ))
             shown = f"{_fmt_ms(ms):>10} ms" if ms is not None else f"{status:>13}"
             log(f"  {pass_:7} {vname:17} {shown}  {msg}".rstrip())
@@ -246,8 +296,9 @@ def table_rows(records):
     TFLOP/s, and its speed-up over each other variant."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     baselines = [v for v in variants if v != SUBJECT]
+    memory = any(r.get("show_memory") for r in records)  # peak MiB per variant too
     header = (["case", "pass"] + [f"{v} ms" for v in variants] + [f"{SUBJECT} TFLOP/s"]
-              + [f"x {v}" for v in baselines])
+              + [f"x {v}" for v in baselines] + ([f"{v} peak MiB" for v in variants] if memory else []))
     rows = []
     for key in dict.fromkeys((r["case"], r["pass_"]) for r in records):
         got = {r["variant"]: r for r in records if (r["case"], r["pass_"]) == key}
@@ -255,8 +306,9 @@ def table_rows(records):
                           else got[v]["status"]) if v in got else "-"
         subj = got.get(SUBJECT, {})
         speed = lambda v: _fmt(got[v].get("speedup"), ".2f") if v in got else "-"  # noqa: E731
+        peak = lambda v: _fmt(got[v].get("peak_mem_mib"), ".0f") if v in got else "-"  # noqa: E731
         rows.append(list(key) + [cell(v) for v in variants] + [_fmt(subj.get("tflops"), ".3f")]
-                    + [speed(v) for v in baselines])
+                    + [speed(v) for v in baselines] + ([peak(v) for v in variants] if memory else []))
     return header, rows
 
 
@@ -276,8 +328,9 @@ def markdown(info, header, rows, records):
         + f", {info['torch_threads']} threads.", "",
         "Median ms; TFLOP/s counts dense 2·M·K·N_rows per forward (3x for fwd+bwd), attention "
         "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); overhead cases time a call on tiny tensors "
-        "(the mean of 100 calls per sample); "
-        f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster).", "",
+        "(the mean of 100 calls per sample); losses 2·N·D·V (3x for fwd+bwd); "
+        f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster); peak MiB (where shown): "
+        "the memory a run adds above its live inputs, at its peak (CPU: resident memory).", "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]

@@ -13,10 +13,10 @@ from . import _ext  # noqa: F401  (first: loads the compiled ops, or warns why n
 from .ops.dense import dense
 from .ops.attention import scaled_dot_product_attention
 from .ops.norm import layer_norm, rms_norm
-from .ops.losses import linear_cross_entropy
+from .ops.losses import linear_cross_entropy, linear_distillation_loss
 from . import nn, models
 from ._optimize import optimize
 from ._info import backend_info, __version__
 
-__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "linear_cross_entropy", "optimize", "backend_info", "nn",
+__all__ = ["dense", "scaled_dot_product_attention", "layer_norm", "rms_norm", "linear_cross_entropy", "linear_distillation_loss", "optimize", "backend_info", "nn",
            "models", "__version__"]

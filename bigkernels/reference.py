@@ -4,6 +4,8 @@ The ground truth the tests compare against (run in float64), and the path
 taken when the compiled extension is absent. Written for clarity, not speed.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -194,3 +196,38 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, la
     if reduction == "mean":
         total = total / counts.sum().clamp(min=1)
     return total, lse.reshape(lead)
+
+
+def linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target=None,
+                             student_bias=None, teacher_bias=None, temperature=1.0, beta=0.0, hard_weight=0.0,
+                             ignore_index=-100, reduction="mean"):
+    """Knowledge distillation on two linear layers' logits (bigkernels'
+    linear_distillation_loss says what each argument does), in the student's
+    dtype: T^2 * soft + hard_weight * cross-entropy(student logits, target)
+    per row, soft being KL(P || Q) at beta 0, KL(Q || P) at beta 1, else
+    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q, with
+    Q = softmax(student / T) and P = softmax(teacher / T). Rows whose target
+    is ignore_index count nowhere; 'mean' divides by the rows that count."""
+    lead = student_input.shape[:-1]
+    student_input, teacher_input = student_input.reshape(-1, student_input.shape[-1]), \
+        teacher_input.reshape(-1, teacher_input.shape[-1])
+    s = F.linear(student_input, student_weight, student_bias)
+    t = F.linear(teacher_input, teacher_weight, teacher_bias).to(s.dtype)
+    log_q, log_p = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    if beta == 0:
+        soft = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif beta == 1:
+        soft = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        soft = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    rows = temperature * temperature * soft
+    counts = torch.ones_like(rows, dtype=torch.bool) if target is None else target.reshape(-1) != ignore_index
+    if hard_weight:
+        rows = rows + hard_weight * F.cross_entropy(s, target.reshape(-1), ignore_index=ignore_index,
+                                                    reduction="none")
+    rows = torch.where(counts, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    return total / counts.sum().clamp(min=1) if reduction == "mean" else total

@@ -128,16 +128,22 @@ def test_return_lse(options):
 
 def test_gradient_scaled_and_accumulated():
     # the gradients computed in the forward are scaled by the loss's
-    # gradient, and add up over two backward passes of one graph
+    # gradient; with a gradient of 1 a second backward of the same graph works
     x, w, b, t, g = make(30, 10, 20, seed=7)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = bigkernels.linear_cross_entropy(xs, ws, t, b)
-    (3 * loss).backward(retain_graph=True)
+    loss.backward(retain_graph=True)
     loss.backward()
+    (3 * bigkernels.linear_cross_entropy(xs, ws, t, b)).backward()
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    (4 * torch_loss(xr, wr, t, b, "mean")).backward()
+    (5 * torch_loss(xr, wr, t, b, "mean")).backward()
     torch.testing.assert_close(xs.grad, xr.grad)
     torch.testing.assert_close(ws.grad, wr.grad)
+    # scaled in place, so a second backward of a scaled loss's graph refuses
+    scaled = 2 * bigkernels.linear_cross_entropy(xs, ws, t, b)
+    scaled.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        scaled.backward()
 
 
 def test_forward_alone_equals_forward_with_gradients():
@@ -273,3 +279,172 @@ def test_module():
     module = bigkernels.nn.LinearCrossEntropyLoss(label_smoothing=0.1, softcap=5.0)
     assert "label_smoothing=0.1" in repr(module)
     torch.testing.assert_close(module(x, w, t, b), torch_loss(x, w, t, b, "mean", label_smoothing=0.1, softcap=5.0))
+
+
+# ---------------------------------------------------------------- distillation
+
+def make_distillation(N, Ds, Dt, V, seed=0, bias=True, ignored=0.2, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(N, Ds, generator=gen, dtype=torch.float64) * scale
+    ws = torch.randn(V, Ds, generator=gen, dtype=torch.float64) / max(Ds, 1) ** 0.5
+    bs = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    xt = torch.randn(N, Dt, generator=gen, dtype=torch.float64) * scale
+    wt = torch.randn(V, Dt, generator=gen, dtype=torch.float64) * 2 / max(Dt, 1) ** 0.5
+    bt = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[torch.rand(N, generator=gen) < ignored] = -100
+    g = torch.randn(N, generator=gen, dtype=torch.float64)
+    return xs, ws, bs, xt, wt, bt, t, g
+
+
+def run_distillation(fn, data, dtype, teacher_dtype, reduction, use_target, **options):
+    xs, ws, bs, xt, wt, bt, t, g = data
+    leaves = [None if a is None else a.detach().to(dtype, copy=True).requires_grad_() for a in (xs, ws, bs)]
+    teacher = [None if a is None else a.to(teacher_dtype or dtype) for a in (xt, wt, bt)]
+    loss = fn(leaves[0], leaves[1], teacher[0], teacher[1], t if use_target else None, student_bias=leaves[2],
+              teacher_bias=teacher[2], reduction=reduction, **options)
+    (loss * g.to(loss.dtype) if reduction == "none" else loss).sum().backward()
+    return [loss.detach()] + [a.grad for a in leaves if a is not None]
+
+
+def torch_distillation(xs, ws, xt, wt, t, student_bias=None, teacher_bias=None, chunk_rows=None, **options):
+    return reference.linear_distillation_loss(xs, ws, xt, wt, t, student_bias, teacher_bias, **options)
+
+
+def check_distillation(data, dtype, reduction, use_target=True, teacher_dtype=None, **options):
+    got = run_distillation(bigkernels.linear_distillation_loss, data, dtype, teacher_dtype, reduction, use_target,
+                           **options)
+    theirs = run_distillation(torch_distillation, data, dtype, teacher_dtype, reduction, use_target, **options)
+    truth = run_distillation(torch_distillation, data, torch.float64, torch.float64, reduction, use_target,
+                             **options)
+    names = ["loss", "grad_student_input", "grad_student_weight", "grad_student_bias"][:len(got)]
+    for name, a, th, ref in zip(names, got, theirs, truth):
+        assert_close(name, a, th, ref)
+
+
+DISTILLATION = {
+    "forward_kl": {"beta": 0.0},
+    "reverse_kl": {"beta": 1.0},
+    "jsd": {"beta": 0.5},
+    "jsd_t4_hard": {"beta": 0.3, "temperature": 4.0, "hard_weight": 0.5},
+    "kl_t05_hard": {"beta": 0.0, "temperature": 0.5, "hard_weight": 2.0},
+    "reverse_t2_hard": {"beta": 1.0, "temperature": 2.0, "hard_weight": 1.0},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", DISTILLATION.values(), ids=DISTILLATION.keys())
+@pytest.mark.parametrize("size", [(37, 19, 23, 131, 8), (200, 48, 80, 1000, 0), (4, 3, 5, 1, 0)], ids=str)
+def test_distillation_matches_reference(dtype, reduction, options, size):
+    N, Ds, Dt, V, chunk_rows = size
+    data = make_distillation(N, Ds, Dt, V, bias=N != 200)
+    check_distillation(data, dtype, reduction, chunk_rows=chunk_rows or None, **options)
+
+
+@pytest.mark.parametrize("options", DISTILLATION.values(), ids=DISTILLATION.keys())
+def test_distillation_without_target_and_a_bf16_teacher(options):
+    data = make_distillation(50, 16, 24, 300, seed=1)
+    soft = {k: v for k, v in options.items() if k != "hard_weight"}
+    check_distillation(data, torch.float32, "mean", use_target=False, **soft)
+    check_distillation(data, torch.float32, "sum", teacher_dtype=torch.bfloat16, **options)
+
+
+def test_distillation_extreme_logits_and_a_large_vocabulary():
+    for beta in (0.0, 0.5, 1.0):
+        data = make_distillation(30, 16, 16, 300, seed=2, scale=300.0)
+        got = run_distillation(bigkernels.linear_distillation_loss, data, torch.float32, None, "mean", True,
+                               beta=beta, hard_weight=1.0)
+        assert all(torch.isfinite(a).all() for a in got)
+        check_distillation(data, torch.float32, "mean", beta=beta, hard_weight=1.0)
+    check_distillation(make_distillation(9, 12, 20, 50257, seed=3, bias=False), torch.float32, "mean",
+                       beta=0.5, temperature=2.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", [{"beta": 0.0}, {"beta": 1.0, "temperature": 2.0, "hard_weight": 0.5},
+                                     {"beta": 0.4, "temperature": 0.7, "hard_weight": 1.0}], ids=["kl", "rkl", "jsd"])
+def test_distillation_gradcheck_float64(reduction, options):
+    xs, ws, bs, xt, wt, bt, t, g = make_distillation(6, 3, 4, 5, seed=4)
+
+    def fn(xs, ws, bs):
+        return bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, student_bias=bs, teacher_bias=bt,
+                                                   reduction=reduction, chunk_rows=4, **options)
+    torch.autograd.gradcheck(fn, [a.clone().requires_grad_() for a in (xs, ws, bs)])
+
+
+def test_distillation_teacher_gets_no_gradient_and_empty_cases():
+    xs, ws, bs, xt, wt, bt, t, g = make_distillation(8, 4, 6, 10, seed=5)
+    wt = wt.clone().requires_grad_()
+    xs = xs.clone().requires_grad_()
+    bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, hard_weight=1.0).backward()
+    assert wt.grad is None and xs.grad is not None
+    t_all = torch.full_like(t, -100)
+    x0 = xs.detach().clone().requires_grad_()
+    loss = bigkernels.linear_distillation_loss(x0, ws, xt, wt.detach(), t_all, hard_weight=1.0)
+    loss.backward()
+    assert loss == 0 and (x0.grad == 0).all()
+    empty = bigkernels.linear_distillation_loss(xs[:0], ws, xt[:0], wt.detach(), reduction="sum")
+    assert empty == 0
+
+
+def bad_distillation(**changes):
+    xs, ws, bs, xt, wt, bt, t, g = make_distillation(4, 3, 5, 6, seed=6)
+    args = dict(student_input=xs, student_weight=ws, teacher_input=xt, teacher_weight=wt, target=t)
+    args.update(changes)
+    return lambda: bigkernels.linear_distillation_loss(
+        args.pop("student_input"), args.pop("student_weight"), args.pop("teacher_input"), args.pop("teacher_weight"),
+        args.pop("target"), **args)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (bad_distillation(teacher_input=torch.zeros(3, 5, dtype=torch.float64)), ValueError, "one teacher row"),
+    (bad_distillation(teacher_weight=torch.zeros(7, 5, dtype=torch.float64)), ValueError, "teacher_weight must be"),
+    (bad_distillation(student_weight=torch.zeros(6, 4, dtype=torch.float64)), ValueError, "student_weight must be"),
+    (bad_distillation(teacher_input=torch.zeros(4, 5, dtype=torch.int64)), TypeError, "teacher_input must be float"),
+    (bad_distillation(teacher_weight=torch.zeros(6, 5)), TypeError, "teacher_weight dtype"),
+    (bad_distillation(student_input=torch.zeros(4, 3)), TypeError, "student_weight dtype"),
+    (bad_distillation(temperature=-1.0), ValueError, "temperature must be"),
+    (bad_distillation(temperature=0), ValueError, "temperature must be"),
+    (bad_distillation(beta=1.5), ValueError, "beta must be"),
+    (bad_distillation(hard_weight=-1.0), ValueError, "hard_weight must be"),
+    (bad_distillation(target=None, hard_weight=1.0), ValueError, "needs a target"),
+    (bad_distillation(target=torch.tensor([0, 9, 1, 2])), ValueError, r"target\[1\] = 9 is out of range"),
+    (bad_distillation(reduction="batchmean"), ValueError, "reduction must be"),
+])
+def test_distillation_bad_input_raises_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distillation_opcheck_and_compile(reduction):
+    xs, ws, bs, xt, wt, bt, t, g = (a.float() if a.is_floating_point() else a
+                                    for a in make_distillation(9, 6, 7, 13, seed=7))
+    args = (xs.requires_grad_(), ws.requires_grad_(), xt, wt, t, bs.requires_grad_(), bt, 2.0, 0.5, 0.5, -100,
+            reduction, 4)
+    torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss, args)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss_forward,
+                          (*plain[:11], "sum", 4, None, [True, True, True]))
+
+    def step(xs, ws, bs):
+        loss = bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, student_bias=bs, teacher_bias=bt, beta=0.5,
+                                                   hard_weight=0.5, reduction=reduction)
+        return loss if reduction == "mean" else (loss * g).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = (fn(*(a.detach().requires_grad_() for a in (xs, ws, bs))) for fn in (compiled, step))
+    torch.testing.assert_close(got, want)
+
+
+def test_distillation_module_and_meta():
+    data = make_distillation(20, 8, 12, 30, seed=8)
+    xs, ws, bs, xt, wt, bt, t, g = data
+    module = bigkernels.nn.LinearDistillationLoss(temperature=2.0, beta=0.5, hard_weight=0.3)
+    assert "beta=0.5" in repr(module)
+    torch.testing.assert_close(module(xs, ws, xt, wt, t),
+                               torch_distillation(xs, ws, xt, wt, t, temperature=2.0, beta=0.5, hard_weight=0.3))
+    meta = [torch.empty(3, 5, 8, device="meta"), torch.empty(30, 8, device="meta"),
+            torch.empty(3, 5, 12, device="meta"), torch.empty(30, 12, device="meta")]
+    assert bigkernels.linear_distillation_loss(*meta, reduction="none").shape == (3, 5)

@@ -3,10 +3,10 @@ as their torch.nn counterparts."""
 
 from .attention import MultiheadAttention
 from .linear import MLP, Linear
-from .losses import LinearCrossEntropyLoss
+from .losses import LinearCrossEntropyLoss, LinearDistillationLoss
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .transformer import TransformerEncoderLayer
 
 __all__ = ["Linear", "MLP", "MultiheadAttention", "TransformerEncoderLayer", "RNN", "LSTM", "GRU", "RNNCell",
            "LSTMCell", "GRUCell",
-           "LinearCrossEntropyLoss"]
+           "LinearCrossEntropyLoss", "LinearDistillationLoss"]

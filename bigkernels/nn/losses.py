@@ -2,7 +2,7 @@
 
 import torch
 
-from ..ops.losses import linear_cross_entropy
+from ..ops.losses import linear_cross_entropy, linear_distillation_loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -27,3 +27,29 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
                 f"reduction={self.reduction!r}, softcap={self.softcap}, z_loss={self.z_loss}")
+
+
+class LinearDistillationLoss(torch.nn.Module):
+    """Knowledge distillation between a teacher's LM head and a student's,
+    fused: forward(student_input, student_weight, teacher_input,
+    teacher_weight, target=None, student_bias=None, teacher_bias=None) is
+    bigkernels.linear_distillation_loss with this module's options (which
+    says what temperature, beta and hard_weight do)."""
+
+    def __init__(self, temperature=1.0, beta=0.0, hard_weight=0.0, ignore_index=-100, reduction="mean",
+                 chunk_rows=None):
+        super().__init__()
+        self.temperature, self.beta, self.hard_weight = temperature, beta, hard_weight
+        self.ignore_index, self.reduction, self.chunk_rows = ignore_index, reduction, chunk_rows
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None, student_bias=None,
+                teacher_bias=None):
+        return linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target,
+                                        student_bias=student_bias, teacher_bias=teacher_bias,
+                                        temperature=self.temperature, beta=self.beta, hard_weight=self.hard_weight,
+                                        ignore_index=self.ignore_index, reduction=self.reduction,
+                                        chunk_rows=self.chunk_rows)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, beta={self.beta}, hard_weight={self.hard_weight}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

@@ -1,8 +1,10 @@
 """Fused LM-head losses: a linear layer and the cross-entropy of its output,
-without the [tokens x vocabulary] logits in memory. Argument checks, fake
+and knowledge distillation between two such layers, without the
+[tokens x vocabulary] logits in memory. Argument checks, fake
 implementations, and the fallback to PyTorch where the kernels are absent.
 
-The ops (bigkernels::linear_cross_entropy and its _forward / _backward) are
+The ops (bigkernels::linear_cross_entropy and its _forward / _backward,
+bigkernels::linear_distillation_loss and its _forward) are
 defined in csrc/losses/losses.cpp, with kernels for the CPU
 (csrc/losses/cpu/) and autograd in C++ (csrc/losses/losses_autograd.cpp).
 Elsewhere (CUDA for now, other devices, no extension) the same results come
@@ -22,41 +24,44 @@ def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows):
+def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows,
+           prefix=""):
     """Raises TypeError/ValueError naming the bad argument (targets out of
-    range are found by the kernel, which reads them)."""
-    for name, t in (("input", input), ("weight", weight), ("target", target)):
+    range are found by the kernel, which reads them). prefix: the argument
+    names' ("student_" for the distillation's student)."""
+    input_, weight_, bias_ = prefix + "input", prefix + "weight", prefix + "bias"
+    for name, t in ((input_, input), (weight_, weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        raise TypeError(f"{input_} must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if input.dim() < 1:
-        raise ValueError("input must have at least 1 dimension ([..., D]), got a 0-d tensor")
+        raise ValueError(f"{input_} must have at least 1 dimension ([..., D]), got a 0-d tensor")
     if weight.dtype != input.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+        raise TypeError(f"{weight_} dtype {weight.dtype} does not match {input_} dtype {input.dtype}")
     if weight.device != input.device:
-        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        raise ValueError(f"{weight_} is on {weight.device} but {input_} is on {input.device}")
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"weight must be [V, {input.shape[-1]}] (input's last dimension), got {tuple(weight.shape)}")
+        raise ValueError(f"{weight_} must be [V, {input.shape[-1]}] ({input_}'s last dimension), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (the vocabulary), got shape "
+        raise ValueError(f"{weight_} must have at least one row (the vocabulary), got shape "
                          f"{tuple(weight.shape)}")
     if target.dtype != torch.int64:
         raise TypeError(f"target must be int64 (class indices), got {target.dtype}")
     if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"target is on {target.device} but {input_} is on {input.device}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(input.shape[:-1])} (input's leading dimensions), "
+        raise ValueError(f"target must have shape {tuple(input.shape[:-1])} ({input_}'s leading dimensions), "
                          f"got {tuple(target.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            raise TypeError(f"{bias_} must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.dtype != input.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match input dtype {input.dtype}")
+            raise TypeError(f"{bias_} dtype {bias.dtype} does not match {input_} dtype {input.dtype}")
         if bias.device != input.device:
-            raise ValueError(f"bias is on {bias.device} but input is on {input.device}")
+            raise ValueError(f"{bias_} is on {bias.device} but {input_} is on {input.device}")
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be [{weight.shape[0]}] (weight's rows), got {tuple(bias.shape)}")
+            raise ValueError(f"{bias_} must be [{weight.shape[0]}] ({weight_}'s rows), got {tuple(bias.shape)}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not _is_number(label_smoothing) or not 0 <= label_smoothing <= 1:
@@ -112,6 +117,91 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     return (loss, lse.reshape(lead)) if return_lse else loss
 
 
+def _check_distillation(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows):
+    """Raises TypeError/ValueError naming the bad argument."""
+    for name, t in (("student_input", student_input), ("student_weight", student_weight),
+                    ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if target is None:  # the student's checks, with a stand-in target of the right shape
+        stand_in = torch.zeros(student_input.shape[:-1], dtype=torch.int64, device=student_input.device) \
+            if student_input.dim() >= 1 else student_input
+        _check(student_input, student_weight, stand_in, student_bias, ignore_index, 0.0, reduction, None, 0.0,
+               chunk_rows, prefix="student_")
+    else:
+        _check(student_input, student_weight, target, student_bias, ignore_index, 0.0, reduction, None, 0.0,
+               chunk_rows, prefix="student_")
+    if teacher_input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"teacher_input must be float16, bfloat16, float32 or float64, got {teacher_input.dtype}")
+    if tuple(teacher_input.shape[:-1]) != tuple(student_input.shape[:-1]):
+        raise ValueError(f"teacher_input has leading shape {tuple(teacher_input.shape[:-1])} but student_input has "
+                         f"{tuple(student_input.shape[:-1])}: one teacher row per student row")
+    for name, t in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != teacher_input.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match teacher_input dtype {teacher_input.dtype}")
+    for name, t in (("teacher_input", teacher_input), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.device != student_input.device:
+            raise ValueError(f"{name} is on {t.device} but student_input is on {student_input.device}")
+    V = student_weight.shape[0]
+    if tuple(teacher_weight.shape) != (V, teacher_input.shape[-1]):
+        raise ValueError(f"teacher_weight must be [{V}, {teacher_input.shape[-1]}] (the student's vocabulary, "
+                         f"teacher_input's last dimension), got {tuple(teacher_weight.shape)}")
+    if teacher_bias is not None and tuple(teacher_bias.shape) != (V,):
+        raise ValueError(f"teacher_bias must be [{V}], got {tuple(teacher_bias.shape)}")
+    if not _is_number(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not _is_number(beta) or not 0 <= beta <= 1:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not _is_number(hard_weight) or not hard_weight >= 0:
+        raise ValueError(f"hard_weight must be a number >= 0, got {hard_weight!r}")
+    if hard_weight and target is None:
+        raise ValueError(f"hard_weight={hard_weight} needs a target")
+
+
+def linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target=None, *,
+                             student_bias=None, teacher_bias=None, temperature=1.0, beta=0.0, hard_weight=0.0,
+                             ignore_index=-100, reduction="mean", chunk_rows=None):
+    """Knowledge distillation from a teacher's LM head to a student's, without
+    either [tokens x V] logits matrix in memory: student_input [..., Ds],
+    student_weight [V, Ds], teacher_input [..., Dt], teacher_weight [V, Dt].
+
+    With Q = softmax(student logits / T) and P = softmax(teacher logits / T),
+    the soft loss of a row is KL(P || Q) for beta=0 (Hinton's), KL(Q || P) for
+    beta=1, and in between the generalized Jensen-Shannon divergence
+    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q (as
+    Liger's JSD: it tends to 0 at both ends, which are the KLs instead). It
+    is scaled by T^2, and hard_weight * cross-entropy of the student's logits
+    (T = 1) on target is added when hard_weight > 0. Rows whose target is
+    ignore_index count in neither term; 'mean' divides by the rows that count
+    (0 when none does). Gradients reach the student's input, weight and bias;
+    the teacher (any float dtype, under no_grad or not) gets none.
+    chunk_rows as in linear_cross_entropy."""
+    _check_distillation(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows)
+    float32_loss = autocast_runs_in_float32(student_input)
+    student_input, student_weight, student_bias = autocast_inputs(student_input, student_weight, student_bias)
+    teacher_input, teacher_weight, teacher_bias = autocast_inputs(teacher_input, teacher_weight, teacher_bias)
+    lead = student_input.shape[:-1]
+    xs, xt = student_input.reshape(-1, student_input.shape[-1]), teacher_input.reshape(-1, teacher_input.shape[-1])
+    t = None if target is None else target.reshape(-1)
+    if _has_kernel(xs.device):
+        loss = torch.ops.bigkernels.linear_distillation_loss(
+            xs, student_weight, xt, teacher_weight, t, student_bias, teacher_bias, float(temperature), float(beta),
+            float(hard_weight), ignore_index, reduction, int(chunk_rows or 0))
+    else:
+        loss = reference.linear_distillation_loss(xs, student_weight, xt, teacher_weight.detach(), t, student_bias,
+                                                  None if teacher_bias is None else teacher_bias.detach(),
+                                                  temperature, beta, hard_weight, ignore_index, reduction)
+    loss = loss.float() if float32_loss else loss.to(student_input.dtype)
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
 def _register():
     """Fake implementations for the compiled ops (autograd is in C++)."""
 
@@ -137,6 +227,18 @@ def _register():
     def _forward_fake(input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction,
                       chunk_rows, grad_mask):
         return (*loss_and_lse(input, reduction), *grads(input, weight, bias, grad_mask))
+
+    @torch.library.register_fake("bigkernels::linear_distillation_loss")
+    def _distillation_fake(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                           teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows):
+        return loss_and_lse(student_input, reduction)[0]
+
+    @torch.library.register_fake("bigkernels::linear_distillation_loss_forward")
+    def _distillation_forward_fake(student_input, student_weight, teacher_input, teacher_weight, target,
+                                   student_bias, teacher_bias, temperature, beta, hard_weight, ignore_index,
+                                   reduction, chunk_rows, grad_loss, grad_mask):
+        return (loss_and_lse(student_input, reduction)[0],
+                *grads(student_input, student_weight, student_bias, grad_mask))
 
     @torch.library.register_fake("bigkernels::linear_cross_entropy_backward")
     def _backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, softcap, z_loss,

@@ -3,6 +3,7 @@
 // [tokens x vocabulary] logits: a chunk of rows at a time.
 #include "losses/losses.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace bigkernels {
@@ -52,6 +53,48 @@ void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& 
   TORCH_CHECK_VALUE(chunk_rows >= 0, op, "chunk_rows must be >= 0 (0: chosen from the vocabulary), got ", chunk_rows);
 }
 
+void check_linear_distillation_args(const at::Tensor& student_input, const at::Tensor& student_weight,
+                                    const at::Tensor& teacher_input, const at::Tensor& teacher_weight,
+                                    const std::optional<at::Tensor>& target,
+                                    const std::optional<at::Tensor>& student_bias,
+                                    const std::optional<at::Tensor>& teacher_bias,
+                                    const DistillationOptions& options, int64_t chunk_rows) {
+  const char* op = "bigkernels linear_distillation_loss: ";
+  const int64_t N = student_input.dim() == 2 ? student_input.size(0) : -1;
+  // The student as linear_cross_entropy checks it, with a stand-in target when there is none.
+  check_linear_cross_entropy_args(student_input, student_weight,
+                                  target.has_value() ? *target : at::empty({N < 0 ? 0 : N}, student_input.options().dtype(at::kLong)),
+                                  student_bias, CrossEntropyOptions{options.ignore_index, 0.0, 0.0, 0.0}, chunk_rows);
+  const at::ScalarType dtype = teacher_input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble, op,
+                   "teacher_input must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(teacher_input.dim() == 2 && teacher_input.size(0) == N, op, "teacher_input must be [", N,
+                    ", Dt] (as many rows as student_input), got shape ", teacher_input.sizes());
+  TORCH_CHECK_TYPE(teacher_weight.scalar_type() == dtype, op, "teacher_weight dtype ", teacher_weight.scalar_type(),
+                   " does not match teacher_input dtype ", dtype);
+  TORCH_CHECK_VALUE(teacher_weight.dim() == 2 && teacher_weight.size(0) == student_weight.size(0) &&
+                        teacher_weight.size(1) == teacher_input.size(1),
+                    op, "teacher_weight must be [", student_weight.size(0), ", ", teacher_input.size(1),
+                    "] (the student's vocabulary, teacher_input's width), got shape ", teacher_weight.sizes());
+  for (const auto& [name, t] : {std::pair{"teacher_input", &teacher_input}, std::pair{"teacher_weight", &teacher_weight}}) {
+    TORCH_CHECK_VALUE(t->device() == student_input.device(), op, name, " is on ", t->device(),
+                      " but student_input is on ", student_input.device());
+  }
+  if (teacher_bias.has_value()) {
+    TORCH_CHECK_TYPE(teacher_bias->scalar_type() == dtype, op, "teacher_bias dtype ", teacher_bias->scalar_type(),
+                     " does not match teacher_input dtype ", dtype);
+    TORCH_CHECK_VALUE(teacher_bias->device() == student_input.device(), op, "teacher_bias is on ",
+                      teacher_bias->device(), " but student_input is on ", student_input.device());
+    TORCH_CHECK_VALUE(teacher_bias->dim() == 1 && teacher_bias->size(0) == student_weight.size(0), op,
+                      "teacher_bias must be [", student_weight.size(0), "], got shape ", teacher_bias->sizes());
+  }
+  TORCH_CHECK_VALUE(options.temperature > 0, op, "temperature must be > 0, got ", options.temperature);
+  TORCH_CHECK_VALUE(options.beta >= 0 && options.beta <= 1, op, "beta must be in [0, 1], got ", options.beta);
+  TORCH_CHECK_VALUE(options.hard_weight >= 0, op, "hard_weight must be >= 0, got ", options.hard_weight);
+  TORCH_CHECK_VALUE(options.hard_weight == 0 || target.has_value(), op, "hard_weight ", options.hard_weight,
+                    " needs a target");
+}
+
 }  // namespace bigkernels
 
 TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
@@ -75,4 +118,19 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
         "Tensor lse, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_rows, "
         "bool[3] grad_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // T^2 * soft(teacher || student) + hard_weight * cross_entropy(student,
+  // target) per row (the soft loss: beta 0 forward KL, 1 reverse KL, else the
+  // generalized Jensen-Shannon divergence), reduced as linear_cross_entropy's
+  // (rows whose target is ignore_index count nowhere), in float32 (float64
+  // for a double student). The teacher gets no gradient.
+  m.def("linear_distillation_loss(Tensor student_input, Tensor student_weight, Tensor teacher_input, "
+        "Tensor teacher_weight, Tensor? target, Tensor? student_bias, Tensor? teacher_bias, float temperature, "
+        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows) -> Tensor");
+  // The same and, in grad_mask, the gradients of the student's input, weight
+  // and bias: of the reduced loss, or with grad_loss ([N]; reduction 'none',
+  // the backward) of sum(grad_loss * loss rows).
+  m.def("linear_distillation_loss_forward(Tensor student_input, Tensor student_weight, Tensor teacher_input, "
+        "Tensor teacher_weight, Tensor? target, Tensor? student_bias, Tensor? teacher_bias, float temperature, "
+        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows, Tensor? grad_loss, "
+        "bool[3] grad_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -1,6 +1,6 @@
 // linear + cross-entropy on the CPU, a chunk of rows at a time: the chunk's
 // logits z = x W^T + b (cpu_linear_product: oneDNN's or BLAS's), the row
-// passes (cross_entropy_kernels.cpp: lse, loss, and the gradient over z in
+// passes (loss_kernels.cpp: lse, loss, and the gradient over z in
 // place), then dX = G W and dW += G^T x (two more products). Three products in
 // all, as eager's forward and backward, and never more than one chunk's
 // logits: rows_per_chunk x V elements.
@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "dense/cpu/cpu_product.h"
-#include "losses/cpu/cross_entropy_kernels.h"
+#include "losses/cpu/loss_kernels.h"
 #include "losses/losses.h"
 
 namespace bigkernels {
@@ -62,6 +62,15 @@ std::vector<int64_t> rows_that_count(const at::Tensor& target, int64_t V, int64_
   return rows;
 }
 
+// t's rows that count (`rows`, or all of them when it has every row), contiguous.
+at::Tensor keep_rows(const at::Tensor& t, const std::vector<int64_t>& rows) {
+  const int64_t Nv = static_cast<int64_t>(rows.size());
+  if (Nv == t.size(0)) return t.contiguous();
+  std::vector<int64_t> copy = rows;
+  const at::Tensor index = at::from_blob(copy.data(), {Nv}, at::kLong).clone();
+  return t.index_select(0, index).contiguous();
+}
+
 struct ChunkResults {
   at::Tensor loss_rows, lse;                        // [rows that count], compute type
   at::Tensor grad_input, grad_weight, grad_bias;  // undefined unless asked for
@@ -79,12 +88,7 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = input.options();
   // Only the rows that count go through the products.
-  const auto keep = [&](const at::Tensor& t) {
-    if (Nv == N) return t.contiguous();
-    std::vector<int64_t> copy = rows;
-    const at::Tensor index = at::from_blob(copy.data(), {Nv}, at::kLong).clone();
-    return t.index_select(0, index).contiguous();
-  };
+  const auto keep = [&](const at::Tensor& t) { return keep_rows(t, rows); };
   const at::Tensor x = keep(input), t = keep(target);
   const bool backward = lse_given.defined();
   ChunkResults out;
@@ -98,7 +102,7 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
   if (Nv == 0) return out;
 
   const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
-  const CrossEntropyCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(cross_entropy_cpu_kernels);
+  const LossCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(loss_cpu_kernels);
   const int64_t stat_bytes = out.lse.element_size();
   for (int64_t c0 = 0; c0 < Nv; c0 += Nc) {
     const int64_t n = std::min(Nc, Nv - c0);
@@ -113,7 +117,7 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
         backward ? nullptr : static_cast<char*>(out.loss_rows.mutable_data_ptr()) + c0 * stat_bytes,
         backward, grad,
         scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
-    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.rows(dtype, chunk, r0, r1); });
+    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.cross_entropy_rows(dtype, chunk, r0, r1); });
     if (!grad) continue;
     // z now holds G, the gradient over this chunk's logits.
     if (grad_mask[0]) {
@@ -211,10 +215,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   return {grad_input, grad_or_empty(c.grad_weight), grad_or_empty(c.grad_bias)};
 }
 
+// Distillation, the same chunk loop over two products per chunk: the
+// student's logits (whose gradient the row passes write in place) and the
+// teacher's (in the compute type). Returns each counted row's loss and the
+// gradients in grad_mask; grad_loss (per row) or `scale` weighs the rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss_forward_cpu(
+    const at::Tensor& student_input, const at::Tensor& student_weight, const at::Tensor& teacher_input,
+    const at::Tensor& teacher_weight, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias, double temperature,
+    double beta, double hard_weight, int64_t ignore_index, c10::string_view reduction, int64_t chunk_rows,
+    const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask) {
+  const DistillationOptions options{temperature, beta, hard_weight, ignore_index};
+  check_linear_distillation_args(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                                 teacher_bias, options, chunk_rows);
+  const Reduction r = parse_reduction(reduction);
+  grad_mask[2] = grad_mask[2] && student_bias.has_value();
+  const bool grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
+  TORCH_CHECK_VALUE(!grad || (r != Reduction::kNone) != grad_loss.has_value(),
+                    "bigkernels linear_distillation_loss_forward: gradients need reduction 'mean' or 'sum', or "
+                    "'none' with grad_loss");
+  const int64_t N = student_input.size(0), D = student_input.size(1), V = student_weight.size(0);
+  std::vector<int64_t> rows;
+  if (target.has_value()) {
+    rows = rows_that_count(*target, V, ignore_index);
+  } else {
+    rows.resize(N);
+    for (int64_t i = 0; i < N; ++i) rows[i] = i;
+  }
+  const int64_t Nv = static_cast<int64_t>(rows.size());
+  const at::ScalarType dtype = student_input.scalar_type();
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = student_input.options();
+  const double scale = r == Reduction::kMean ? (Nv ? 1.0 / static_cast<double>(Nv) : 0.0) : 1.0;
+  const at::Tensor xs = keep_rows(student_input, rows), xt = keep_rows(teacher_input, rows);
+  // The target matters to the kernel only for the hard term.
+  const bool hard = hard_weight > 0;
+  const at::Tensor t = hard ? keep_rows(*target, rows) : at::Tensor();
+  const at::Tensor scales = grad_loss.has_value() ? keep_rows(grad_loss->reshape({N}).to(compute), rows) : at::Tensor();
+  at::Tensor loss_rows = at::empty({Nv}, opts.dtype(compute));
+  at::Tensor grad_input = grad_mask[0] ? at::empty({Nv, D}, opts) : at::Tensor();
+  at::Tensor grad_weight = grad_mask[1] ? at::zeros({V, D}, opts) : at::Tensor();
+  at::Tensor grad_bias = grad_mask[2] ? at::zeros({V}, opts.dtype(compute)) : at::Tensor();
+  const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
+  const LossCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(loss_cpu_kernels);
+  const int64_t stat_bytes = loss_rows.element_size();
+  for (int64_t c0 = 0; c0 < Nv; c0 += Nc) {
+    const int64_t n = std::min(Nc, Nv - c0);
+    const at::Tensor xc = xs.narrow(0, c0, n);
+    at::Tensor z = cpu_linear_product(xc, student_weight, student_bias);
+    const at::Tensor zt = cpu_linear_product(xt.narrow(0, c0, n), teacher_weight, teacher_bias).to(compute);
+    const DistillationRows chunk{
+        z.mutable_data_ptr(), zt.const_data_ptr(), V, V, hard ? t.const_data_ptr<int64_t>() + c0 : nullptr,
+        temperature, beta, hard_weight, static_cast<char*>(loss_rows.mutable_data_ptr()) + c0 * stat_bytes, grad,
+        scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
+    at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.distillation_rows(dtype, chunk, r0, r1); });
+    if (!grad) continue;
+    if (grad_mask[0]) {
+      at::Tensor dx = grad_input.narrow(0, c0, n);
+      at::mm_out(dx, z, student_weight);
+    }
+    if (grad_mask[1]) grad_weight.addmm_(z.t(), xc);
+    if (grad_mask[2]) grad_bias.add_(at::sum(z, {0}, false, compute));
+  }
+  at::Tensor loss;
+  if (r == Reduction::kNone) {
+    loss = scatter_rows(loss_rows, rows, N);
+  } else {
+    const at::Tensor l = loss_rows.to(at::kDouble);  // summed in row order: deterministic
+    const double* p = l.const_data_ptr<double>();
+    double total = 0;
+    for (int64_t i = 0; i < Nv; ++i) total += p[i];
+    loss = at::scalar_tensor(total * scale, loss_rows.options());
+  }
+  const auto empty = [&] { return at::empty({0}, opts); };
+  return {loss, grad_mask[0] ? scatter_rows(grad_input, rows, N) : empty(),
+          grad_mask[1] ? grad_weight : empty(), grad_mask[2] ? grad_bias.to(dtype) : empty()};
+}
+
+at::Tensor linear_distillation_loss_cpu(const at::Tensor& student_input, const at::Tensor& student_weight,
+                                        const at::Tensor& teacher_input, const at::Tensor& teacher_weight,
+                                        const std::optional<at::Tensor>& target,
+                                        const std::optional<at::Tensor>& student_bias,
+                                        const std::optional<at::Tensor>& teacher_bias, double temperature,
+                                        double beta, double hard_weight, int64_t ignore_index,
+                                        c10::string_view reduction, int64_t chunk_rows) {
+  return std::get<0>(linear_distillation_loss_forward_cpu(
+      student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias, temperature,
+      beta, hard_weight, ignore_index, reduction, chunk_rows, std::nullopt, {false, false, false}));
+}
+
 }  // namespace
 }  // namespace bigkernels
 
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
+  m.impl("linear_distillation_loss", &bigkernels::linear_distillation_loss_cpu);
+  m.impl("linear_distillation_loss_forward", &bigkernels::linear_distillation_loss_forward_cpu);
   m.impl("linear_cross_entropy", &bigkernels::linear_cross_entropy_cpu);
   m.impl("linear_cross_entropy_forward", &bigkernels::linear_cross_entropy_forward_cpu);
   m.impl("linear_cross_entropy_backward", &bigkernels::linear_cross_entropy_backward_cpu);

@@ -1,0 +1,67 @@
+"""The loss family: bigkernels.linear_cross_entropy (an LM head and its
+cross-entropy, fused) against what a PyTorch user runs today: F.linear then
+F.cross_entropy (eager, and torch.compile of it), and torchtune's chunked
+cross-entropy (the logits made a chunk of rows at a time, each chunk's loss
+in float32; autograd still keeps every chunk's logits). Time and peak memory."""
+
+import torch
+import torch.nn.functional as F
+
+import bigkernels
+
+from . import harness
+from .harness import Case, Variant
+
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+VARIANTS = ("bigkernels", "eager", "compile", "chunked")
+# (N tokens, D hidden, V vocabulary): the issue's grid. D 512 / V 32k is a
+# small Llama-style model; V 128k is Llama 3's vocabulary, D 2048 Llama 3.2 1B's.
+CPU_SHAPES = [(2048, 512, 32000), (2048, 512, 128256), (8192, 512, 32000), (8192, 512, 128256),
+              (2048, 2048, 32000), (2048, 2048, 128256), (8192, 2048, 32000), (8192, 2048, 128256)]
+GPU_SHAPES = [(8192, 2048, 128256), (16384, 4096, 128256), (8192, 4096, 151936), (32768, 2048, 128256)]
+CHUNKS = 8  # torchtune's default num_output_chunks
+
+
+def _eager(x, w, t):
+    return F.cross_entropy(F.linear(x, w), t)
+
+
+def _chunked(x, w, t):
+    """torchtune's CEWithChunkedOutputLoss: logits per chunk of rows, each
+    chunk's cross-entropy in float32, summed and divided by the rows that count."""
+    total = sum(F.cross_entropy(F.linear(xc, w).float(), tc, reduction="sum")
+                for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS)))
+    return total / (t != -100).sum()
+
+
+def _make(device, N, D, V, dtype):
+    def make():
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(N, D, generator=gen, device=device).to(dtype).requires_grad_()
+        w = (torch.randn(V, D, generator=gen, device=device) * D ** -0.5).to(dtype).requires_grad_()
+        t = torch.randint(0, V, (N,), generator=gen, device=device)
+        t[torch.rand(N, generator=gen, device=device) < 0.1] = -100  # some padding, as a real batch has
+        compiled = torch.compile(_eager)
+        wrt = (x, w)
+        return {
+            "bigkernels": Variant(lambda: bigkernels.linear_cross_entropy(x, w, t), wrt),
+            "eager": Variant(lambda: _eager(x, w, t), wrt),
+            "compile": Variant(lambda: compiled(x, w, t), wrt),
+            "chunked": Variant(lambda: _chunked(x, w, t), wrt),
+        }
+    return make
+
+
+def cases(device, full, log=print):
+    if device == "cuda":
+        shapes, dtypes = (GPU_SHAPES if full else GPU_SHAPES[:1]), (torch.bfloat16,)
+        log("losses: on CUDA bigkernels.linear_cross_entropy runs its PyTorch fallback for now (no CUDA kernel)")
+    else:
+        shapes = CPU_SHAPES if full else CPU_SHAPES[:2]
+        dtypes = (torch.float32, torch.bfloat16) if harness.cpu_has_native_bf16() else (torch.float32,)
+    return [
+        Case(family="losses", name=f"{DTYPE_NAMES[dtype]} {N}x{D}x{V} ce",
+             params=dict(N=N, D=D, V=V, dtype=DTYPE_NAMES[dtype], loss="cross_entropy"),
+             flops=2.0 * N * D * V, make=_make(device, N, D, V, dtype), measure_memory=True)
+        for dtype in dtypes for (N, D, V) in shapes
+    ]
