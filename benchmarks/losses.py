@@ -2,12 +2,17 @@
 cross-entropy, fused) against what a PyTorch user runs today: F.linear then
 F.cross_entropy (eager, and torch.compile of it), and torchtune's chunked
 cross-entropy (the logits made a chunk of rows at a time, each chunk's loss
-in float32; autograd still keeps every chunk's logits). Time and peak memory."""
+in float32; autograd still keeps every chunk's logits). Distillation:
+bigkernels.linear_distillation_loss against eager KL / JSD on both logits
+(reference.py's) and torch.compile of it.
+Time and peak memory. (The teacher is not under no_grad in the eager variants: its
+tensors do not require a gradient, which is the same to autograd.)"""
 
 import torch
 import torch.nn.functional as F
 
 import bigkernels
+from bigkernels import reference
 
 from . import harness
 from .harness import Case, Variant
@@ -52,6 +57,35 @@ def _make(device, N, D, V, dtype):
     return make
 
 
+# (N, student D, teacher D, V, beta): a student of half the teacher's width
+CPU_DISTILLATION = [(2048, 512, 1024, 32000, 0.5), (2048, 512, 1024, 128256, 0.5), (2048, 512, 1024, 32000, 0.0)]
+GPU_DISTILLATION = [(8192, 2048, 4096, 128256, 0.5)]
+DISTILLATION_OPTIONS = dict(temperature=2.0, hard_weight=0.5)
+
+
+def _make_distillation(device, N, Ds, Dt, V, beta, dtype):
+    def make():
+        gen = torch.Generator(device=device).manual_seed(0)
+        xs = torch.randn(N, Ds, generator=gen, device=device).to(dtype).requires_grad_()
+        ws = (torch.randn(V, Ds, generator=gen, device=device) * Ds ** -0.5).to(dtype).requires_grad_()
+        xt = torch.randn(N, Dt, generator=gen, device=device).to(dtype)
+        wt = (torch.randn(V, Dt, generator=gen, device=device) * 2 * Dt ** -0.5).to(dtype)
+        t = torch.randint(0, V, (N,), generator=gen, device=device)
+        t[torch.rand(N, generator=gen, device=device) < 0.1] = -100
+
+        def eager():
+            return reference.linear_distillation_loss(xs, ws, xt, wt, t, beta=beta, **DISTILLATION_OPTIONS)
+        compiled = torch.compile(eager)
+        wrt = (xs, ws)
+        return {
+            "bigkernels": Variant(lambda: bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, beta=beta,
+                                                                              **DISTILLATION_OPTIONS), wrt),
+            "eager": Variant(eager, wrt),
+            "compile": Variant(compiled, wrt),
+        }
+    return make
+
+
 def cases(device, full, log=print):
     if device == "cuda":
         shapes, dtypes = (GPU_SHAPES if full else GPU_SHAPES[:1]), (torch.bfloat16,)
@@ -59,9 +93,19 @@ def cases(device, full, log=print):
     else:
         shapes = CPU_SHAPES if full else CPU_SHAPES[:2]
         dtypes = (torch.float32, torch.bfloat16) if harness.cpu_has_native_bf16() else (torch.float32,)
+    distillation = (GPU_DISTILLATION if device == "cuda" else CPU_DISTILLATION if full else CPU_DISTILLATION[:1])
+    # FLOPs: the student's forward product; its backward counts 2x it (the
+    # teacher's product runs in the forward only, so fwd+bwd is 3.5x).
     return [
         Case(family="losses", name=f"{DTYPE_NAMES[dtype]} {N}x{D}x{V} ce",
              params=dict(N=N, D=D, V=V, dtype=DTYPE_NAMES[dtype], loss="cross_entropy"),
              flops=2.0 * N * D * V, make=_make(device, N, D, V, dtype), measure_memory=True)
         for dtype in dtypes for (N, D, V) in shapes
+    ] + [
+        Case(family="losses", name=f"{DTYPE_NAMES[dtype]} {N}x{Ds}/{Dt}x{V} distill beta {beta}",
+             params=dict(N=N, D=Ds, teacher_D=Dt, V=V, dtype=DTYPE_NAMES[dtype], loss="distillation", beta=beta,
+                         **DISTILLATION_OPTIONS),
+             flops=2.0 * N * (Ds + Dt) * V, backward_flops_factor=2.0 * Ds / (Ds + Dt),
+             make=_make_distillation(device, N, Ds, Dt, V, beta, dtype), measure_memory=True)
+        for dtype in dtypes for (N, Ds, Dt, V, beta) in distillation
     ]

@@ -171,6 +171,7 @@ def test_double_backward_raises():
 
 
 def test_same_bits_whatever_the_thread_count():
+    # (D a multiple of 16: see the distillation's test)
     x, w, b, t, g = make(700, 48, 900, seed=10)
     threads = torch.get_num_threads()
     results = []
@@ -448,3 +449,41 @@ def test_distillation_module_and_meta():
     meta = [torch.empty(3, 5, 8, device="meta"), torch.empty(30, 8, device="meta"),
             torch.empty(3, 5, 12, device="meta"), torch.empty(30, 12, device="meta")]
     assert bigkernels.linear_distillation_loss(*meta, reduction="none").shape == (3, 5)
+
+
+def test_transformer_returns_its_loss_through_the_fused_path():
+    torch.manual_seed(0)
+    model = bigkernels.models.Transformer(50, d_model=16, nhead=2, num_layers=1, max_len=12)
+    tokens = torch.randint(0, 50, (3, 12))
+    labels = torch.randint(0, 50, (3, 12))
+    padding = torch.zeros(3, 12, dtype=torch.bool)
+    padding[0, 9:] = True
+    loss, logits = model(tokens, padding, labels=labels, return_logits=True)
+    expected = F.cross_entropy(logits.reshape(-1, 50), labels.masked_fill(padding, -100).reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits, model(tokens, padding))
+    loss.backward()
+    assert model.tokens.weight.grad is not None  # the tied head's gradient reaches the embedding
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(tokens, labels=labels[:, :5])
+    classifier = bigkernels.models.Transformer(50, d_model=16, nhead=2, num_layers=1, num_classes=4)
+    y = torch.randint(0, 4, (3,))
+    torch.testing.assert_close(classifier(tokens, labels=y), F.cross_entropy(classifier(tokens), y))
+
+
+def test_distillation_same_bits_whatever_the_thread_count():
+    # widths that are multiples of 16: at D 24 and 40, MKL's product for the
+    # input's gradient splits its sum over V by thread count (1e-9 apart at 3)
+    data = make_distillation(600, 32, 48, 700, seed=9)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run_distillation(bigkernels.linear_distillation_loss, data, torch.float32, None, "mean",
+                                            True, beta=0.5, temperature=2.0, hard_weight=0.5, chunk_rows=256))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)

@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from ..nn import Linear, TransformerEncoderLayer
+from ..ops.losses import linear_cross_entropy
 
 
 class Transformer(nn.Module):
@@ -15,7 +16,12 @@ class Transformer(nn.Module):
       attends to itself and the past): next-token logits [B, T, vocab_size],
       with the output layer tied to the token embedding.
 
-    forward(tokens [B, T] long, padding_mask [B, T] bool, True = padding).
+    forward(tokens [B, T] long, padding_mask [B, T] bool, True = padding,
+    labels=None, return_logits=False). With labels (the LM: [B, T], the token
+    each position should predict, -100 to ignore one; padding positions are
+    ignored too. The classifier: [B]), it returns the cross-entropy loss
+    through bigkernels.linear_cross_entropy, which never holds the
+    [B x T x vocab] logits; return_logits=True returns (loss, logits).
     """
 
     def __init__(self, vocab_size, d_model=128, nhead=4, num_layers=2, dim_feedforward=None, dropout=0.0,
@@ -40,7 +46,7 @@ class Transformer(nn.Module):
         else:
             self.head = Linear(d_model, num_classes, **factory)
 
-    def forward(self, tokens, padding_mask=None):
+    def forward(self, tokens, padding_mask=None, labels=None, return_logits=False):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         T = tokens.shape[1]
@@ -55,8 +61,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=causal, src_key_padding_mask=padding_mask, is_causal=self.causal)
         x = self.norm(x)
-        if self.causal:
+        if not self.causal:
+            keep = torch.ones_like(tokens, dtype=x.dtype) if padding_mask is None else (~padding_mask).to(x.dtype)
+            x = (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # pooled
+        if labels is None:
             return self.head(x)
-        keep = torch.ones_like(tokens, dtype=x.dtype) if padding_mask is None else (~padding_mask).to(x.dtype)
-        pooled = (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
-        return self.head(pooled)
+        if labels.shape != x.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
+        if self.causal and padding_mask is not None:
+            labels = labels.masked_fill(padding_mask, -100)
+        loss = linear_cross_entropy(x, self.head.weight, labels, self.head.bias)
+        return (loss, self.head(x)) if return_logits else loss

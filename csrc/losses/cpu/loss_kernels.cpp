@@ -134,33 +134,40 @@ void cross_entropy_rows(const CrossEntropyRows& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Folds f over two rows at once (the student's chunk in T, the teacher's in
-// its compute type C), as row_fold does over one.
-template <typename T, typename F>
-typename VecIO<T>::C row_fold2(const T* s, const typename VecIO<T>::C* t, int64_t n, F f) {
+// Sums, over two rows read together (the student's chunk in T, the
+// teacher's in its compute type C), the K vectors of terms f(s, t) returns
+// (std::array<V, K>); lanes past the rows' end are never summed.
+template <size_t K, typename T, typename F>
+std::array<typename VecIO<T>::C, K> row_sums2(const T* s, const typename VecIO<T>::C* t, int64_t n, F f) {
   using IO = VecIO<T>;
   using C = typename IO::C;
   using V = typename IO::V;
-  V acc0(0), acc1(0);
-  int64_t j = 0;
-  for (; j + IO::kWidth <= n; j += IO::kWidth) {
-    const Chunk<T> v = IO::load(s + j, IO::kWidth);
-    acc0 = f(v[0], V::loadu(t + j), acc0);
-    acc1 = f(v[1], V::loadu(t + j + IO::kPart), acc1);
+  std::array<V, K> acc;
+  acc.fill(V(0));
+  std::array<C, K> total{};
+  C lanes[IO::kPart];
+  for (int64_t j = 0; j < n; j += IO::kWidth) {
+    const int64_t m = std::min<int64_t>(IO::kWidth, n - j);
+    const Chunk<T> sv = IO::load(s + j, m);
+    for (int part = 0; part < 2; ++part) {
+      const int64_t valid = std::min<int64_t>(IO::kPart, m - part * IO::kPart);
+      if (valid <= 0) break;
+      const V tv = valid == IO::kPart ? V::loadu(t + j + part * IO::kPart)
+                                      : V::loadu(t + j + part * IO::kPart, static_cast<int>(valid));
+      const std::array<V, K> terms = f(sv[part], tv);
+      for (size_t k = 0; k < K; ++k) {
+        if (valid == IO::kPart) {
+          acc[k] = acc[k] + terms[k];
+        } else {  // the tail: only its valid lanes
+          terms[k].store(lanes);
+          for (int64_t i = 0; i < valid; ++i) total[k] += lanes[i];
+        }
+      }
+    }
   }
-  C lanes[IO::kWidth];
-  acc0.store(lanes);
-  acc1.store(lanes + IO::kPart);
-  C total = 0;
-  for (C x : lanes) total += x;
-  if (j < n) {
-    const int64_t m = n - j;
-    const Chunk<T> v = IO::load(s + j, m);
-    C tail[IO::kWidth];
-    f(v[0], V::loadu(t + j, static_cast<int>(std::min(m, IO::kPart))), V(0)).store(tail);
-    f(v[1], m > IO::kPart ? V::loadu(t + j + IO::kPart, static_cast<int>(m - IO::kPart)) : V(0), V(0))
-        .store(tail + IO::kPart);
-    for (int64_t i = 0; i < m; ++i) total += tail[i];
+  for (size_t k = 0; k < K; ++k) {
+    acc[k].store(lanes);
+    for (C x : lanes) total[k] += x;
   }
   return total;
 }
@@ -175,13 +182,15 @@ void distillation_rows(const DistillationRows& a, int64_t r0, int64_t r1) {
   const C inv_t = static_cast<C>(1 / a.temperature), temperature = static_cast<C>(a.temperature);
   const C beta = static_cast<C>(a.beta), hard_weight = static_cast<C>(a.hard_weight);
   const bool forward_kl = a.beta == 0, reverse_kl = a.beta == 1;
-  // log M = log(beta P + (1 - beta) Q) from log P and log Q, without
-  // underflow: the larger term's log plus log1p of the smaller's ratio.
+  // log M = log(beta P + (1 - beta) Q), at least the log of its larger
+  // term: where M underflows to 0 (both terms below 1e-38), that is what
+  // stands in for log 0, and it keeps Q (log Q - log M) at 0, not NaN. One
+  // log per element; the exact log-add-exp form (an exp and a log1p more)
+  // made the JSD's passes cost 80 % of the products.
   const C log_beta = std::log(beta), log_1m_beta = std::log1p(-beta);
-  const auto log_m = [&](const V& log_p, const V& log_q) {
-    const V u = log_p + V(log_beta), w = log_q + V(log_1m_beta);
-    const V hi = at::vec::maximum(u, w), lo = at::vec::minimum(u, w);
-    return hi + M::exp(lo - hi).log1p();
+  const auto log_m = [&](const V& log_p, const V& log_q, const V& p, const V& q) {
+    const V larger = at::vec::maximum(log_p + V(log_beta), log_q + V(log_1m_beta));
+    return at::vec::maximum((V(beta) * p + V(1 - beta) * q).log(), larger);
   };
   C* loss_rows = static_cast<C*>(a.loss);
   const C* scales = static_cast<const C*>(a.row_scale);
@@ -208,25 +217,23 @@ void distillation_rows(const DistillationRows& a, int64_t r0, int64_t r1) {
     // (1 - beta) log(Q / M).
     C soft = 0, q_dot_g = 0;
     if (forward_kl) {
-      soft = row_fold2(s, t, n, [&](const V& sv, const V& tv, const V& acc) {
+      soft = row_sums2<1>(s, t, n, [&](const V& sv, const V& tv) {
         const V lp = log_p(tv);
-        return acc + M::exp(lp) * (lp - log_q(sv));
-      });
+        return std::array<V, 1>{M::exp(lp) * (lp - log_q(sv))};
+      })[0];
     } else if (reverse_kl) {
-      soft = row_fold2(s, t, n, [&](const V& sv, const V& tv, const V& acc) {
+      soft = row_sums2<1>(s, t, n, [&](const V& sv, const V& tv) {
         const V lq = log_q(sv);
-        return acc + M::exp(lq) * (lq - log_p(tv));
-      });
+        return std::array<V, 1>{M::exp(lq) * (lq - log_p(tv))};
+      })[0];
       q_dot_g = soft;
-    } else {
-      soft = row_fold2(s, t, n, [&](const V& sv, const V& tv, const V& acc) {
-        const V lp = log_p(tv), lq = log_q(sv), lm = log_m(lp, lq);
-        return acc + V(beta) * M::exp(lp) * (lp - lm) + V(1 - beta) * M::exp(lq) * (lq - lm);
+    } else {  // soft = beta sum P (log P - log M) + q_dot_g, q_dot_g = (1 - beta) sum Q (log Q - log M)
+      const auto sums = row_sums2<2>(s, t, n, [&](const V& sv, const V& tv) {
+        const V lp = log_p(tv), lq = log_q(sv), p = M::exp(lp), q = M::exp(lq), lm = log_m(lp, lq, p, q);
+        return std::array<V, 2>{p * (lp - lm), q * (lq - lm)};
       });
-      q_dot_g = row_fold2(s, t, n, [&](const V& sv, const V& tv, const V& acc) {
-        const V lp = log_p(tv), lq = log_q(sv);
-        return acc + M::exp(lq) * V(1 - beta) * (lq - log_m(lp, lq));
-      });
+      q_dot_g = (1 - beta) * sums[1];
+      soft = beta * sums[0] + q_dot_g;
     }
     // The hard term: cross-entropy of the student's logits at T = 1.
     C log_sum_s = 0, hard = 0;  // log sum exp(s - max s)
@@ -258,7 +265,7 @@ void distillation_rows(const DistillationRows& a, int64_t r0, int64_t r1) {
         } else if (reverse_kl) {
           d = q * (lq - lp - V(q_dot_g));
         } else {
-          d = q * (V(1 - beta) * (lq - log_m(lp, lq)) - V(q_dot_g));
+          d = q * (V(1 - beta) * (lq - log_m(lp, lq, M::exp(lp), q)) - V(q_dot_g));
         }
         g[part] = d * V(soft_factor);
         if (hard_factor != 0) g[part] = g[part] + M::exp(sv[part] - V(s_max) - V(log_sum_s)) * V(hard_factor);
