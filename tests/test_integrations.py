@@ -135,16 +135,16 @@ GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid
 # family -> (config, model, config overrides, fused blocks expected per layer, and once per model)
 DECODERS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, {"_RMSNorm": 2, "_GatedMLP": 1,
-                                                                             "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+                                                                             "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "llama-bias-geglu": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                          {"mlp_bias": True, "hidden_act": "gelu"},
-                         {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+                         {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {},
-                {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+                {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {},
-              {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+              {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8},  # + q_norm, k_norm
-              {"_RMSNorm": 4, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1}),
+              {"_RMSNorm": 4, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {}, {"_Conv1DMLP": 1}, {}),
 }
 
@@ -176,7 +176,7 @@ def test_optimize_fuses_decoder_blocks_and_keeps_the_numbers(family, tmp_path):
     ours.load_state_dict(state)
 
     layers = config.get("num_hidden_layers", config.get("n_layer"))
-    assert fused_counts(ours) == {k: layers * v + once.get(k, 0) for k, v in per_layer.items()}
+    assert fused_counts(ours) == {k: layers * per_layer.get(k, 0) + once.get(k, 0) for k in per_layer.keys() | once}
     assert ours.config._attn_implementation == bk_hf.NAME
     assert ours.state_dict().keys() == state.keys()
 
@@ -282,3 +282,28 @@ def test_optimized_decoders_in_bfloat16_keep_the_2x_rule(family):
     assert_close("logits", got[0].double(), theirs[0].double(), want[0])
     for name in want[1]:
         assert_close(name, got[1][name].double(), theirs[1][name].double(), want[1][name])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_causal_lm_training_loss_through_the_fused_cross_entropy(family):
+    config_cls, model_cls, overrides, _, _ = DECODERS[family]
+    config = config_cls(**dict(DECODER, **overrides), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    stock = model_cls(config).double().train()
+    ours = bigkernels.optimize(model_cls(config).double().train())
+    ours.load_state_dict(stock.state_dict())
+    ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    for extra in ({}, {"num_items_in_batch": torch.tensor(17)}):
+        got, want = ours(input_ids=ids, labels=labels, **extra), stock(input_ids=ids, labels=labels, **extra)
+        assert got.logits is None  # never made
+        torch.testing.assert_close(got.loss, want.loss)
+        grads = [torch.autograd.grad(out.loss, list(m.parameters())) for out, m in ((got, ours), (want, stock))]
+        for a, b in zip(*grads):  # (stock's loss runs in float32 on the double model's logits)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    ours.eval()  # evaluation keeps transformers' forward: logits and the same loss
+    with torch.no_grad():
+        out, ref = ours(input_ids=ids, labels=labels), stock.eval()(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)

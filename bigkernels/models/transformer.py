@@ -47,6 +47,21 @@ class Transformer(nn.Module):
             self.head = Linear(d_model, num_classes, **factory)
 
     def forward(self, tokens, padding_mask=None, labels=None, return_logits=False):
+        x = self.features(tokens, padding_mask)
+        if labels is None:
+            return self.head(x)
+        if labels.shape != x.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
+        if self.causal and padding_mask is not None:
+            labels = labels.masked_fill(padding_mask, -100)
+        loss = linear_cross_entropy(x, self.head.weight, labels, self.head.bias)
+        return (loss, self.head(x)) if return_logits else loss
+
+    def features(self, tokens, padding_mask=None):
+        """What the head reads: the final norm's output [B, T, d_model] (the
+        LM), or its mean over the non-padding positions [B, d_model] (the
+        classifier). For fused losses over the head's weight, such as
+        bigkernels.linear_distillation_loss."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         T = tokens.shape[1]
@@ -61,14 +76,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=causal, src_key_padding_mask=padding_mask, is_causal=self.causal)
         x = self.norm(x)
-        if not self.causal:
-            keep = torch.ones_like(tokens, dtype=x.dtype) if padding_mask is None else (~padding_mask).to(x.dtype)
-            x = (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # pooled
-        if labels is None:
-            return self.head(x)
-        if labels.shape != x.shape[:-1]:
-            raise ValueError(f"labels must have shape {tuple(x.shape[:-1])}, got {tuple(labels.shape)}")
-        if self.causal and padding_mask is not None:
-            labels = labels.masked_fill(padding_mask, -100)
-        loss = linear_cross_entropy(x, self.head.weight, labels, self.head.bias)
-        return (loss, self.head(x)) if return_logits else loss
+        if self.causal:
+            return x
+        keep = torch.ones_like(tokens, dtype=x.dtype) if padding_mask is None else (~padding_mask).to(x.dtype)
+        return (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)

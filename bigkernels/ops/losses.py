@@ -100,6 +100,18 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     when the reduction is 'mean' or 'sum' (the backward scales them)."""
     _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows)
     float32_loss = autocast_runs_in_float32(input)
+    loss, lse = _linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap,
+                                      z_loss, chunk_rows)
+    # torch's autocast runs cross_entropy in float32: the loss stays so there
+    loss = loss.float() if float32_loss else loss.to(input.dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def _linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+                          reduction="mean", softcap=None, z_loss=0.0, chunk_rows=None):
+    """linear_cross_entropy without its checks: (loss, lse), the loss in
+    float32 (float64 for double) whatever input's dtype, as Hugging Face's
+    causal-LM loss has it."""
     input, weight, bias = autocast_inputs(input, weight, bias)
     lead = input.shape[:-1]
     x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1)
@@ -110,11 +122,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     else:
         loss, lse = reference.linear_cross_entropy(x, weight, t, bias, ignore_index, label_smoothing,
                                                    softcap or 0.0, z_loss, reduction)
-    # torch's autocast runs cross_entropy in float32: the loss stays so there
-    loss = loss.float() if float32_loss else loss.to(input.dtype)
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    return (loss, lse.reshape(lead)) if return_lse else loss
+        loss = loss.to(lse.dtype)
+    return (loss.reshape(lead) if reduction == "none" else loss), lse.reshape(lead)
 
 
 def _check_distillation(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
