@@ -145,7 +145,7 @@ DECODERS = {
               {"_RMSNorm": 2, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8},  # + q_norm, k_norm
               {"_RMSNorm": 4, "_GatedMLP": 1, "_DecoderLayer": 1}, {"_RMSNorm": 1, "_CausalLM": 1}),
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {}, {"_Conv1DMLP": 1}, {}),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {}, {"_Conv1DMLP": 1}, {"_CausalLM": 1}),
 }
 
 
@@ -284,10 +284,10 @@ def test_optimized_decoders_in_bfloat16_keep_the_2x_rule(family):
         assert_close(name, got[1][name].double(), theirs[1][name].double(), want[1][name])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_causal_lm_training_loss_through_the_fused_cross_entropy(family):
     config_cls, model_cls, overrides, _, _ = DECODERS[family]
-    config = config_cls(**dict(DECODER, **overrides), attn_implementation="sdpa")
+    config = config_cls(**dict(GPT2 if family == "gpt2" else DECODER, **overrides), attn_implementation="sdpa")
     torch.manual_seed(0)
     stock = model_cls(config).double().train()
     ours = bigkernels.optimize(model_cls(config).double().train())
@@ -302,7 +302,8 @@ def test_causal_lm_training_loss_through_the_fused_cross_entropy(family):
         grads = [torch.autograd.grad(out.loss, list(m.parameters())) for out, m in ((got, ours), (want, stock))]
         for a, b in zip(*grads):  # (stock's loss runs in float32 on the double model's logits)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    ours.eval()  # evaluation keeps transformers' forward: logits and the same loss
+    ours.eval()  # evaluation (no gradients) keeps transformers' forward: logits and the same loss
+    assert ours(input_ids=ids, labels=labels).logits is None  # eval mode, but a gradient may follow
     with torch.no_grad():
         out, ref = ours(input_ids=ids, labels=labels), stock.eval()(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits)

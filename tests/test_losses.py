@@ -487,3 +487,17 @@ def test_distillation_same_bits_whatever_the_thread_count():
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert torch.equal(a, c)
+
+
+def test_distillation_example_runs():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "distill.py"), "--steps", "6"],
+                         capture_output=True, text=True, timeout=300, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "loss" in line]
+    assert len(lines) == 4 and "distilled" in lines[-1], out.stdout

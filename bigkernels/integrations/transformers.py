@@ -141,28 +141,29 @@ class _Conv1DMLP(_Fused):
 
 
 class _CausalLM(_Fused):
-    """Llama-like causal LMs (LlamaForCausalLM and kin) in training with
-    labels: the loss from the last hidden states and lm_head's weight through
-    linear_cross_entropy, as transformers' causal-LM loss computes it (labels
-    shifted, or shift_labels; the mean over the tokens that count, or the sum
-    over num_items_in_batch; in float32), without the [tokens x vocabulary]
-    logits: the output's logits are None then, as with Liger's patch. In eval
-    mode, or without labels, transformers' own forward (logits, generate)."""
+    """Causal LMs (Llama, Mistral, Qwen2/3, GPT-2) given labels while
+    training or computing gradients: the loss from the base model's last
+    hidden states and lm_head's weight through linear_cross_entropy, as
+    transformers' causal-LM loss computes it (labels shifted, or
+    shift_labels; the mean over the tokens that count, or the sum over
+    num_items_in_batch; float32), without the [tokens x vocabulary] logits:
+    the output's logits are None then, as with Liger's patch (which asks for
+    training mode alone). Evaluating (eval mode without gradients), or
+    without labels, runs transformers' own forward (logits, generate)."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
         head = self.lm_head
-        if labels is None or not self.training or not _plain_linear(head) or "past_key_values" in kwargs:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        ignore_index = kwargs.get("ignore_index", -100)
-        shift_labels = kwargs.get("shift_labels")
+        training = self.training or torch.is_grad_enabled()
+        if labels is None or not training or not _plain_linear(head):
+            return super().forward(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        loss_options = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels")
+                        if k in kwargs}
+        outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
+        ignore_index = loss_options.get("ignore_index", -100)
+        shift_labels = loss_options.get("shift_labels")
         if shift_labels is None:  # tokens < n predict n
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        items = kwargs.get("num_items_in_batch")
+        items = loss_options.get("num_items_in_batch")
         hidden = outputs.last_hidden_state
         loss, _ = _linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), head.bias,
                                         ignore_index=ignore_index, reduction="mean" if items is None else "sum",
@@ -170,10 +171,12 @@ class _CausalLM(_Fused):
         loss = loss.float()  # transformers' loss is float32 whatever the model's dtype
         if items is not None:
             loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        output_class = CausalLMOutputWithCrossAttentions if hasattr(outputs, "cross_attentions") \
+            else CausalLMOutputWithPast
+        fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        return output_class(loss=loss, logits=None, **fields)
 
 
 # class -> the fused forward its blocks take
@@ -184,6 +187,7 @@ FUSED_FORWARDS = {
     **{name: _DecoderLayer for name in _classes(_LLAMA_FAMILIES, "DecoderLayer")},
     **{name: _CausalLM for name in _classes(_LLAMA_FAMILIES, "ForCausalLM")},
     "transformers.models.gpt2.modeling_gpt2.GPT2MLP": _Conv1DMLP,
+    "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel": _CausalLM,
 }
 
 _FUSED_CLASSES = {}
@@ -251,8 +255,8 @@ def optimize_blocks(model, to_fused):
     swap): BERT-like output blocks add their residual inside the LayerNorm;
     Llama-like models run RMSNorm on bigkernels.rms_norm with the residual add
     after the attention fused in, and gate/up as one gated dense over both
-    weights, and their causal LMs compute a training loss through
-    linear_cross_entropy; GPT-2's MLP fuses gelu_new into c_fc. Models on torch's SDPA backend move to
+    weights; GPT-2's MLP fuses gelu_new into c_fc; and these causal LMs
+    compute a training loss through linear_cross_entropy. Models on torch's SDPA backend move to
     this one (register() is called); those on another (eager, flash...) keep
     it, as do models that cannot change theirs. Already optimized blocks and
     models are left alone."""
