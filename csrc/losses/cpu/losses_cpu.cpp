@@ -1,4 +1,4 @@
-// linear + cross-entropy on the CPU, a chunk of rows at a time: the chunk's
+// linear + cross-entropy (and linear + distillation) on the CPU, a chunk of rows at a time: the chunk's
 // logits z = x W^T + b (cpu_linear_product: oneDNN's or BLAS's), the row
 // passes (loss_kernels.cpp: lse, loss, and the gradient over z in
 // place), then dX = G W and dW += G^T x (two more products). Three products in
@@ -14,6 +14,8 @@
 // Ignored rows are left out before the products (they cost nothing). The
 // gradients of a mean or sum are computed in the forward, in the same pass
 // (the backward scales them by the loss's gradient): the logits are made once.
+// Distillation runs the same loop with the teacher's logits made beside the
+// student's (no gradient: a fourth product, the teacher's, in the forward only).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -71,9 +73,67 @@ at::Tensor keep_rows(const at::Tensor& t, const std::vector<int64_t>& rows) {
   return t.index_select(0, index).contiguous();
 }
 
+// t [rows that count, ...] placed back among all N rows, zeros elsewhere.
+at::Tensor scatter_rows(const at::Tensor& t, const std::vector<int64_t>& rows, int64_t N) {
+  if (static_cast<int64_t>(rows.size()) == N) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] = N;
+  at::Tensor full = at::zeros(sizes, t.options());
+  if (rows.empty()) return full;
+  std::vector<int64_t> copy = rows;
+  const at::Tensor index = at::from_blob(copy.data(), {static_cast<int64_t>(rows.size())}, at::kLong).clone();
+  return full.index_copy_(0, index, t);
+}
+
+// The gradients of input, weight and bias (those in mask) summed over the
+// chunks, from each chunk's gradient over its logits, G: dX = G W by rows,
+// dW += G^T x, db += the column sums of G (in the compute type).
+struct Gradients {
+  std::array<bool, 3> mask;
+  at::Tensor input, weight, bias;
+
+  Gradients(std::array<bool, 3> wanted, int64_t rows, const at::Tensor& x, const at::Tensor& w)
+      : mask(wanted) {
+    const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    if (mask[0]) input = at::empty({rows, x.size(1)}, x.options());
+    if (mask[1]) weight = at::zeros(w.sizes(), x.options());
+    if (mask[2]) bias = at::zeros({w.size(0)}, x.options().dtype(compute));
+  }
+  bool any() const { return mask[0] || mask[1] || mask[2]; }
+
+  void add_chunk(const at::Tensor& g, const at::Tensor& xc, const at::Tensor& w, int64_t c0) {
+    if (mask[0]) {
+      at::Tensor dx = input.narrow(0, c0, g.size(0));
+      at::mm_out(dx, g, w);
+    }
+    if (mask[1]) weight.addmm_(g.t(), xc);
+    if (mask[2]) bias.add_(at::sum(g, {0}, false, bias.scalar_type()));
+  }
+
+  // (grad_input over all N rows, grad_weight, grad_bias in the dtype), empty where not wanted.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const std::vector<int64_t>& rows, int64_t N,
+                                                        const at::TensorOptions& opts) const {
+    const auto empty = [&] { return at::empty({0}, opts); };
+    return {mask[0] ? scatter_rows(input, rows, N) : empty(), mask[1] ? weight : empty(),
+            mask[2] ? bias.to(opts.dtype()) : empty()};
+  }
+};
+
+// The loss from the rows' losses: 'none' placed among all N rows, else their
+// sum (in double, in row order: the same whatever the thread count) times scale.
+at::Tensor reduce_loss(const at::Tensor& loss_rows, const std::vector<int64_t>& rows, int64_t N, Reduction r,
+                       double scale) {
+  if (r == Reduction::kNone) return scatter_rows(loss_rows, rows, N);
+  const at::Tensor l = loss_rows.to(at::kDouble);
+  const double* p = l.const_data_ptr<double>();
+  double total = 0;
+  for (int64_t i = 0; i < l.numel(); ++i) total += p[i];
+  return at::scalar_tensor(total * scale, loss_rows.options());
+}
+
 struct ChunkResults {
-  at::Tensor loss_rows, lse;                        // [rows that count], compute type
-  at::Tensor grad_input, grad_weight, grad_bias;  // undefined unless asked for
+  at::Tensor loss_rows, lse;  // [rows that count], compute type
+  Gradients grads;
 };
 
 // The chunk loop over the rows that count (`rows`, or all when it has every
@@ -83,7 +143,7 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
                         const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options, int64_t chunk_rows,
                         std::array<bool, 3> grad_mask, const std::vector<int64_t>& rows, const at::Tensor& lse_given,
                         const at::Tensor& row_scale, double scale) {
-  const int64_t N = input.size(0), D = input.size(1), V = weight.size(0), Nv = static_cast<int64_t>(rows.size());
+  const int64_t V = weight.size(0), Nv = static_cast<int64_t>(rows.size());
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = input.options();
@@ -91,14 +151,11 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
   const auto keep = [&](const at::Tensor& t) { return keep_rows(t, rows); };
   const at::Tensor x = keep(input), t = keep(target);
   const bool backward = lse_given.defined();
-  ChunkResults out;
-  out.lse = backward ? keep(lse_given.to(compute)) : at::empty({Nv}, opts.dtype(compute));
-  if (!backward) out.loss_rows = at::empty({Nv}, opts.dtype(compute));
+  ChunkResults out{backward ? at::Tensor() : at::empty({Nv}, opts.dtype(compute)),
+                   backward ? keep(lse_given.to(compute)) : at::empty({Nv}, opts.dtype(compute)),
+                   Gradients(grad_mask, Nv, input, weight)};
   const at::Tensor scales = row_scale.defined() ? keep(row_scale.to(compute)) : at::Tensor();
-  const bool grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
-  if (grad_mask[0]) out.grad_input = at::empty({Nv, D}, opts);
-  if (grad_mask[1]) out.grad_weight = at::zeros({V, D}, opts);
-  if (grad_mask[2]) out.grad_bias = at::zeros({V}, opts.dtype(compute));
+  const bool grad = out.grads.any();
   if (Nv == 0) return out;
 
   const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
@@ -118,31 +175,10 @@ ChunkResults run_chunks(const at::Tensor& input, const at::Tensor& weight, const
         backward, grad,
         scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
     at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.cross_entropy_rows(dtype, chunk, r0, r1); });
-    if (!grad) continue;
-    // z now holds G, the gradient over this chunk's logits.
-    if (grad_mask[0]) {
-      at::Tensor dx = out.grad_input.narrow(0, c0, n);
-      at::mm_out(dx, z, weight);
-    }
-    if (grad_mask[1]) out.grad_weight.addmm_(z.t(), xc);
-    if (grad_mask[2]) out.grad_bias.add_(at::sum(z, {0}, false, compute));
+    if (grad) out.grads.add_chunk(z, xc, weight, c0);  // z now holds G, the gradient over the chunk's logits
   }
   return out;
 }
-
-// t [rows that count, ...] placed back among all N rows, zeros elsewhere.
-at::Tensor scatter_rows(const at::Tensor& t, const std::vector<int64_t>& rows, int64_t N) {
-  if (static_cast<int64_t>(rows.size()) == N) return t;
-  std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[0] = N;
-  at::Tensor full = at::zeros(sizes, t.options());
-  if (rows.empty()) return full;
-  std::vector<int64_t> copy = rows;
-  const at::Tensor index = at::from_blob(copy.data(), {static_cast<int64_t>(rows.size())}, at::kLong).clone();
-  return full.index_copy_(0, index, t);
-}
-
-at::Tensor empty_like_input(const at::Tensor& input) { return at::empty({0}, input.options()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
@@ -163,23 +199,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const double scale = r == Reduction::kMean ? (Nv ? 1.0 / static_cast<double>(Nv) : 0.0) : 1.0;
   ChunkResults c = run_chunks(input, weight, target, bias, options, chunk_rows, grad_mask, rows, at::Tensor(),
                               at::Tensor(), scale);
-  at::Tensor loss;
-  if (r == Reduction::kNone) {
-    loss = scatter_rows(c.loss_rows, rows, N);
-  } else {
-    // Summed in double, in row order: the same result whatever the thread count.
-    const at::Tensor l = c.loss_rows.to(at::kDouble);
-    const double* p = l.const_data_ptr<double>();
-    double total = 0;
-    for (int64_t i = 0; i < Nv; ++i) total += p[i];
-    loss = at::scalar_tensor(total * scale, c.loss_rows.options());
-  }
-  const auto grad_or_empty = [&](const at::Tensor& g, const at::Tensor& like) {
-    return g.defined() ? g.to(like.scalar_type()) : empty_like_input(input);
-  };
-  at::Tensor grad_input = c.grad_input.defined() ? scatter_rows(c.grad_input, rows, N) : empty_like_input(input);
-  return {loss, scatter_rows(c.lse, rows, N), grad_input, grad_or_empty(c.grad_weight, input),
-          grad_or_empty(c.grad_bias, input)};
+  auto [grad_input, grad_weight, grad_bias] = c.grads.finish(rows, N, input.options());
+  return {reduce_loss(c.loss_rows, rows, N, r, scale), scatter_rows(c.lse, rows, N), grad_input, grad_weight,
+          grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
@@ -208,11 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   const std::vector<int64_t> rows = rows_that_count(target, weight.size(0), ignore_index);
   ChunkResults c = run_chunks(input, weight, target, bias, options, chunk_rows, grad_mask, rows, lse.reshape({N}),
                               grad_loss.reshape({N}), 1.0);
-  const auto grad_or_empty = [&](const at::Tensor& g) {
-    return g.defined() ? g.to(input.scalar_type()) : empty_like_input(input);
-  };
-  at::Tensor grad_input = c.grad_input.defined() ? scatter_rows(c.grad_input, rows, N) : empty_like_input(input);
-  return {grad_input, grad_or_empty(c.grad_weight), grad_or_empty(c.grad_bias)};
+  return c.grads.finish(rows, N, input.options());
 }
 
 // Distillation, the same chunk loop over two products per chunk: the
@@ -234,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_l
   TORCH_CHECK_VALUE(!grad || (r != Reduction::kNone) != grad_loss.has_value(),
                     "bigkernels linear_distillation_loss_forward: gradients need reduction 'mean' or 'sum', or "
                     "'none' with grad_loss");
-  const int64_t N = student_input.size(0), D = student_input.size(1), V = student_weight.size(0);
+  const int64_t N = student_input.size(0), V = student_weight.size(0);
   std::vector<int64_t> rows;
   if (target.has_value()) {
     rows = rows_that_count(*target, V, ignore_index);
@@ -253,9 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_l
   const at::Tensor t = hard ? keep_rows(*target, rows) : at::Tensor();
   const at::Tensor scales = grad_loss.has_value() ? keep_rows(grad_loss->reshape({N}).to(compute), rows) : at::Tensor();
   at::Tensor loss_rows = at::empty({Nv}, opts.dtype(compute));
-  at::Tensor grad_input = grad_mask[0] ? at::empty({Nv, D}, opts) : at::Tensor();
-  at::Tensor grad_weight = grad_mask[1] ? at::zeros({V, D}, opts) : at::Tensor();
-  at::Tensor grad_bias = grad_mask[2] ? at::zeros({V}, opts.dtype(compute)) : at::Tensor();
+  Gradients grads(grad_mask, Nv, student_input, student_weight);
   const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
   const LossCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(loss_cpu_kernels);
   const int64_t stat_bytes = loss_rows.element_size();
@@ -269,27 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_l
         temperature, beta, hard_weight, static_cast<char*>(loss_rows.mutable_data_ptr()) + c0 * stat_bytes, grad,
         scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
     at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) { kernels.distillation_rows(dtype, chunk, r0, r1); });
-    if (!grad) continue;
-    if (grad_mask[0]) {
-      at::Tensor dx = grad_input.narrow(0, c0, n);
-      at::mm_out(dx, z, student_weight);
-    }
-    if (grad_mask[1]) grad_weight.addmm_(z.t(), xc);
-    if (grad_mask[2]) grad_bias.add_(at::sum(z, {0}, false, compute));
+    if (grad) grads.add_chunk(z, xc, student_weight, c0);
   }
-  at::Tensor loss;
-  if (r == Reduction::kNone) {
-    loss = scatter_rows(loss_rows, rows, N);
-  } else {
-    const at::Tensor l = loss_rows.to(at::kDouble);  // summed in row order: deterministic
-    const double* p = l.const_data_ptr<double>();
-    double total = 0;
-    for (int64_t i = 0; i < Nv; ++i) total += p[i];
-    loss = at::scalar_tensor(total * scale, loss_rows.options());
-  }
-  const auto empty = [&] { return at::empty({0}, opts); };
-  return {loss, grad_mask[0] ? scatter_rows(grad_input, rows, N) : empty(),
-          grad_mask[1] ? grad_weight : empty(), grad_mask[2] ? grad_bias.to(dtype) : empty()};
+  auto [grad_input, grad_weight, grad_bias] = grads.finish(rows, N, opts);
+  return {reduce_loss(loss_rows, rows, N, r, scale), grad_input, grad_weight, grad_bias};
 }
 
 at::Tensor linear_distillation_loss_cpu(const at::Tensor& student_input, const at::Tensor& student_weight,
