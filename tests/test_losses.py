@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 import bigkernels
 from bigkernels import reference
-from conftest import assert_close
+from conftest import HAS_CUDA, assert_close
+
+from bigkernels._info import BUILD_INFO
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -28,22 +30,23 @@ def make(N, D, V, seed=0, bias=True, ignored=0.2, scale=1.0, lead=None):
     return x, w, b, t, g
 
 
-def run(fn, x, w, b, t, g, dtype, reduction, **options):
+def run(fn, x, w, b, t, g, dtype, reduction, device="cpu", **options):
     """The loss and the gradients of input, weight (and bias), for the
-    float64 data in dtype; 'none' is reduced with the weights g."""
-    leaves = [None if a is None else a.detach().to(dtype, copy=True).requires_grad_() for a in (x, w, b)]
-    loss = fn(leaves[0], leaves[1], t, leaves[2], reduction=reduction, **options)
-    (loss * g.to(dtype) if reduction == "none" else loss).sum().backward()
-    return [loss.detach()] + [a.grad for a in leaves if a is not None]
+    float64 data in dtype on device (returned on the CPU); 'none' is reduced
+    with the weights g."""
+    leaves = [None if a is None else a.detach().to(device, dtype, copy=True).requires_grad_() for a in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], t.to(device), leaves[2], reduction=reduction, **options)
+    (loss * g.to(device, dtype) if reduction == "none" else loss).sum().backward()
+    return [loss.detach().cpu()] + [a.grad.cpu() for a in leaves if a is not None]
 
 
 def torch_loss(x, w, t, b, reduction, softcap=None, chunk_rows=None, **options):
     return reference.linear_cross_entropy(x, w, t, b, reduction=reduction, softcap=softcap or 0.0, **options)[0]
 
 
-def check(x, w, b, t, g, dtype, reduction, **options):
-    got = run(bigkernels.linear_cross_entropy, x, w, b, t, g, dtype, reduction, **options)
-    theirs = run(torch_loss, x, w, b, t, g, dtype, reduction, **options)
+def check(x, w, b, t, g, dtype, reduction, device="cpu", **options):
+    got = run(bigkernels.linear_cross_entropy, x, w, b, t, g, dtype, reduction, device, **options)
+    theirs = run(torch_loss, x, w, b, t, g, dtype, reduction, device, **options)
     truth = run(torch_loss, x, w, b, t, g, torch.float64, reduction, **options)
     names = ["loss", "grad_input", "grad_weight", "grad_bias"][:len(got)]
     for name, a, th, ref in zip(names, got, theirs, truth):
@@ -298,24 +301,25 @@ def make_distillation(N, Ds, Dt, V, seed=0, bias=True, ignored=0.2, scale=1.0):
     return xs, ws, bs, xt, wt, bt, t, g
 
 
-def run_distillation(fn, data, dtype, teacher_dtype, reduction, use_target, **options):
+def run_distillation(fn, data, dtype, teacher_dtype, reduction, use_target, device="cpu", **options):
     xs, ws, bs, xt, wt, bt, t, g = data
-    leaves = [None if a is None else a.detach().to(dtype, copy=True).requires_grad_() for a in (xs, ws, bs)]
-    teacher = [None if a is None else a.to(teacher_dtype or dtype) for a in (xt, wt, bt)]
-    loss = fn(leaves[0], leaves[1], teacher[0], teacher[1], t if use_target else None, student_bias=leaves[2],
-              teacher_bias=teacher[2], reduction=reduction, **options)
-    (loss * g.to(loss.dtype) if reduction == "none" else loss).sum().backward()
-    return [loss.detach()] + [a.grad for a in leaves if a is not None]
+    leaves = [None if a is None else a.detach().to(device, dtype, copy=True).requires_grad_() for a in (xs, ws, bs)]
+    teacher = [None if a is None else a.to(device, teacher_dtype or dtype) for a in (xt, wt, bt)]
+    loss = fn(leaves[0], leaves[1], teacher[0], teacher[1], t.to(device) if use_target else None,
+              student_bias=leaves[2], teacher_bias=teacher[2], reduction=reduction, **options)
+    (loss * g.to(device, loss.dtype) if reduction == "none" else loss).sum().backward()
+    return [loss.detach().cpu()] + [a.grad.cpu() for a in leaves if a is not None]
 
 
 def torch_distillation(xs, ws, xt, wt, t, student_bias=None, teacher_bias=None, chunk_rows=None, **options):
     return reference.linear_distillation_loss(xs, ws, xt, wt, t, student_bias, teacher_bias, **options)
 
 
-def check_distillation(data, dtype, reduction, use_target=True, teacher_dtype=None, **options):
+def check_distillation(data, dtype, reduction, use_target=True, teacher_dtype=None, device="cpu", **options):
     got = run_distillation(bigkernels.linear_distillation_loss, data, dtype, teacher_dtype, reduction, use_target,
-                           **options)
-    theirs = run_distillation(torch_distillation, data, dtype, teacher_dtype, reduction, use_target, **options)
+                           device, **options)
+    theirs = run_distillation(torch_distillation, data, dtype, teacher_dtype, reduction, use_target, device,
+                              **options)
     truth = run_distillation(torch_distillation, data, torch.float64, torch.float64, reduction, use_target,
                              **options)
     names = ["loss", "grad_student_input", "grad_student_weight", "grad_student_bias"][:len(got)]
@@ -501,3 +505,44 @@ def test_distillation_example_runs():
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "loss" in line]
     assert len(lines) == 4 and "distilled" in lines[-1], out.stdout
+
+
+
+# CUDA: the row passes of csrc/losses/cuda/ on cuBLAS's products (in a build
+# compiled with CUDA; else the PyTorch fallback). Never run on a GPU yet.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("size", [(37, 19, 131, 8), (300, 64, 50257, 0)], ids=str)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_matches_reference(dtype, reduction, options, size):
+    N, D, V, chunk_rows = size
+    x, w, b, t, g = make(N, D, V)
+    check(x, w, b, t, g, dtype, reduction, "cuda", chunk_rows=chunk_rows or None, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", DISTILLATION.values(), ids=DISTILLATION.keys())
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_distillation_matches_reference(dtype, options):
+    data = make_distillation(70, 32, 48, 3001, seed=11)
+    check_distillation(data, dtype, "mean", device="cuda", chunk_rows=32, **options)
+    check_distillation(data, dtype, "none", device="cuda", **options)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_runs_the_kernel_and_is_deterministic():
+    if not BUILD_INFO["cuda_compiled"]:
+        pytest.skip("this build has no CUDA kernels")
+    x, w, b, t, g = make(500, 64, 7000, seed=12)
+    runs = [run(bigkernels.linear_cross_entropy, x, w, b, t, g, torch.float32, "mean", "cuda", label_smoothing=0.1)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    op = torch.ops.bigkernels.linear_cross_entropy.default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+    with pytest.raises(ValueError, match="out of range"):
+        bigkernels.linear_cross_entropy(x.float().cuda(), w.float().cuda(), torch.full_like(t, 7000).cuda())

@@ -6,14 +6,16 @@ implementations, and the fallback to PyTorch where the kernels are absent.
 The ops (bigkernels::linear_cross_entropy and its _forward / _backward,
 bigkernels::linear_distillation_loss and its _forward) are
 defined in csrc/losses/losses.cpp, with kernels for the CPU
-(csrc/losses/cpu/) and autograd in C++ (csrc/losses/losses_autograd.cpp).
-Elsewhere (CUDA for now, other devices, no extension) the same results come
-from reference.py's F.linear + F.cross_entropy, which does hold the logits.
+(csrc/losses/cpu/) and CUDA (csrc/losses/cuda/, in builds compiled with
+CUDA; never run on a GPU yet) and autograd in C++ (csrc/losses/losses_autograd.cpp).
+Elsewhere (other devices, a CPU-only build on a CUDA tensor, no extension)
+the same results come from reference.py's PyTorch ops, which do hold the logits.
 """
 
 import torch
 
 from .. import _ext, reference
+from .._info import BUILD_INFO
 from ._autocast import autocast_inputs, autocast_runs_in_float32
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,8 +79,11 @@ def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction
 
 
 def _has_kernel(device):
-    """Whether the compiled op has a kernel for device (the CPU's, for now)."""
-    return _ext.LOADED and device.type == "cpu"
+    """Whether the compiled op has a kernel for device: the CPU's, or CUDA's
+    when this build compiled the CUDA kernels."""
+    if not _ext.LOADED:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and BUILD_INFO["cuda_compiled"])
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,

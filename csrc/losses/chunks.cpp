@@ -19,6 +19,7 @@
 // student's (no gradient: a fourth product, the teacher's, in the forward only).
 #include "losses/chunks.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -188,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const LossDevice& device, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
     int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
     int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  const c10::DeviceGuard guard(input.device());  // the products', and kernels', device
   const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
   check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
   const Reduction r = parse_reduction(reduction);
@@ -222,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const LossDevice& device, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
     double softcap, double z_loss, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  const c10::DeviceGuard guard(input.device());  // the products', and kernels', device
   const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
   check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
   const int64_t N = input.size(0);
@@ -248,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_l
     const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias, double temperature,
     double beta, double hard_weight, int64_t ignore_index, c10::string_view reduction, int64_t chunk_rows,
     const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask) {
+  const c10::DeviceGuard guard(student_input.device());  // the products', and kernels', device
   const DistillationOptions options{temperature, beta, hard_weight, ignore_index};
   check_linear_distillation_args(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
                                  teacher_bias, options, chunk_rows);
