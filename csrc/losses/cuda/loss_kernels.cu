@@ -202,19 +202,29 @@ __global__ void __launch_bounds__(kThreads) distillation_rows_kernel(Distillatio
       const C scale = a.row_scale ? static_cast<const C*>(a.row_scale)[r] : static_cast<C>(a.scale);
       const C soft_factor = scale * temperature, hard_factor = hard ? scale * hard_weight : C(0);
       __syncthreads();  // every thread has read s[target] before it is overwritten
-      for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-        const C sv = to_acc(s[j]), lq = log_q(sv), lp = log_p(t[j]), q = acc_exp(lq);
-        C d;
-        if (forward_kl) {
-          d = q - acc_exp(lp);
-        } else if (reverse_kl) {
-          d = q * (lq - lp - q_dot_g);
-        } else {
-          d = q * ((1 - beta) * (lq - log_m(lp, lq, acc_exp(lp), q)) - q_dot_g);
-        }
+      // d soft / d u, u = s / T, from the student's and the teacher's logit
+      const auto write = [&](int64_t j, C sv, C d) {
         C g = d * soft_factor;
         if (hard_factor != 0) g += acc_exp(sv - s_max - log_sum_s) * hard_factor;
         s[j] = from_acc<T>(g);
+      };
+      // One loop per divergence: with the choice inside, the double kernel
+      // kept more values live than registers and spilled on sm_90a.
+      if (forward_kl) {
+        for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+          const C sv = to_acc(s[j]);
+          write(j, sv, acc_exp(log_q(sv)) - acc_exp(log_p(t[j])));
+        }
+      } else if (reverse_kl) {
+        for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+          const C sv = to_acc(s[j]), lq = log_q(sv);
+          write(j, sv, acc_exp(lq) * (lq - log_p(t[j]) - q_dot_g));
+        }
+      } else {
+        for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+          const C sv = to_acc(s[j]), lq = log_q(sv), lp = log_p(t[j]), q = acc_exp(lq);
+          write(j, sv, q * ((1 - beta) * (lq - log_m(lp, lq, acc_exp(lp), q)) - q_dot_g));
+        }
       }
       __syncthreads();  // the pass is done before thread 0 fixes the target's element
       if (threadIdx.x == 0 && hard_factor != 0) s[target] = from_acc<T>(to_acc(s[target]) - hard_factor);
