@@ -44,7 +44,8 @@ def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction
     if weight.device != input.device:
         raise ValueError(f"{weight_} is on {weight.device} but {input_} is on {input.device}")
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"{weight_} must be [V, {input.shape[-1]}] ({input_}'s last dimension), got {tuple(weight.shape)}")
+        raise ValueError(f"{weight_} must be [V, {input.shape[-1]}] ({input_}'s last dimension), "
+                         f"got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{weight_} must have at least one row (the vocabulary), got shape "
                          f"{tuple(weight.shape)}")
@@ -209,9 +210,10 @@ def linear_distillation_loss(student_input, student_weight, teacher_input, teach
             xs, student_weight, xt, teacher_weight, t, student_bias, teacher_bias, float(temperature), float(beta),
             float(hard_weight), ignore_index, reduction, int(chunk_rows or 0))
     else:
-        loss = reference.linear_distillation_loss(xs, student_weight, xt, teacher_weight.detach(), t, student_bias,
-                                                  None if teacher_bias is None else teacher_bias.detach(),
-                                                  temperature, beta, hard_weight, ignore_index, reduction)
+        # the teacher frozen, as in the kernels
+        teacher = [None if a is None else a.detach() for a in (xt, teacher_weight, teacher_bias)]
+        loss = reference.linear_distillation_loss(xs, student_weight, teacher[0], teacher[1], t, student_bias,
+                                                  teacher[2], temperature, beta, hard_weight, ignore_index, reduction)
     loss = loss.float() if float32_loss else loss.to(student_input.dtype)
     return loss.reshape(lead) if reduction == "none" else loss
 
