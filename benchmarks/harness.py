@@ -7,6 +7,7 @@ inputs of one case are freed before the next one allocates its own).
 
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -114,16 +115,25 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _malloc_in_use():
-    """Bytes malloc has handed out and not taken back (glibc 2.33+: heap
-    blocks in use plus mapped blocks), or None elsewhere. torch's CPU
-    tensors come from malloc."""
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33+), looked up once, or None elsewhere."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
-    info = libc.mallinfo2()
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def _malloc_in_use():
+    """Bytes malloc has handed out and not taken back (heap blocks in use
+    plus mapped blocks), or None where glibc cannot say. torch's CPU tensors
+    come from malloc."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
     return info.uordblks + info.hblkhd
 
 
@@ -330,7 +340,8 @@ def markdown(info, header, rows, records):
         "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); overhead cases time a call on tiny tensors "
         "(the mean of 100 calls per sample); losses 2·N·D·V (3x for fwd+bwd); "
         f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster); peak MiB (where shown): "
-        "the memory a run adds above its live inputs, at its peak (CPU: resident memory).", "",
+        "the memory a run adds above its live inputs, at its peak (CPU: malloc's bytes in use, sampled every "
+        "0.5 ms).", "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]

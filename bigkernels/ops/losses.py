@@ -30,9 +30,10 @@ def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction
            prefix=""):
     """Raises TypeError/ValueError naming the bad argument (targets out of
     range are found by the kernel, which reads them). prefix: the argument
-    names' ("student_" for the distillation's student)."""
+    names' ("student_" for the distillation's student); target None: none
+    to check (distillation without a hard term)."""
     input_, weight_, bias_ = prefix + "input", prefix + "weight", prefix + "bias"
-    for name, t in ((input_, input), (weight_, weight), ("target", target)):
+    for name, t in ((input_, input), (weight_, weight)) + ((("target", target),) if target is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
@@ -49,13 +50,14 @@ def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction
     if weight.shape[0] == 0:
         raise ValueError(f"{weight_} must have at least one row (the vocabulary), got shape "
                          f"{tuple(weight.shape)}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"target must be int64 (class indices), got {target.dtype}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but {input_} is on {input.device}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(input.shape[:-1])} ({input_}'s leading dimensions), "
-                         f"got {tuple(target.shape)}")
+    if target is not None:
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be int64 (class indices), got {target.dtype}")
+        if target.device != input.device:
+            raise ValueError(f"target is on {target.device} but {input_} is on {input.device}")
+        if tuple(target.shape) != tuple(input.shape[:-1]):
+            raise ValueError(f"target must have shape {tuple(input.shape[:-1])} ({input_}'s leading dimensions), "
+                             f"got {tuple(target.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{bias_} must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -139,14 +141,8 @@ def _check_distillation(student_input, student_weight, teacher_input, teacher_we
                     ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if target is None:  # the student's checks, with a stand-in target of the right shape
-        stand_in = torch.zeros(student_input.shape[:-1], dtype=torch.int64, device=student_input.device) \
-            if student_input.dim() >= 1 else student_input
-        _check(student_input, student_weight, stand_in, student_bias, ignore_index, 0.0, reduction, None, 0.0,
-               chunk_rows, prefix="student_")
-    else:
-        _check(student_input, student_weight, target, student_bias, ignore_index, 0.0, reduction, None, 0.0,
-               chunk_rows, prefix="student_")
+    _check(student_input, student_weight, target, student_bias, ignore_index, 0.0, reduction, None, 0.0, chunk_rows,
+           prefix="student_")
     if teacher_input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"teacher_input must be float16, bfloat16, float32 or float64, got {teacher_input.dtype}")
     if tuple(teacher_input.shape[:-1]) != tuple(student_input.shape[:-1]):
