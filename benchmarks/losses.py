@@ -18,7 +18,7 @@ from . import harness
 from .harness import Case, Variant
 
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-VARIANTS = ("bigkernels", "eager", "compile", "chunked")
+VARIANTS = ("bigkernels", "eager", "compile", "chunked", "blocked", "blocked-skip", "liger", "cce")
 # (N tokens, D hidden, V vocabulary): the issue's grid. D 512 / V 32k is a
 # small Llama-style model; V 128k is Llama 3's vocabulary, D 2048 Llama 3.2 1B's.
 CPU_SHAPES = [(2048, 512, 32000), (2048, 512, 128256), (8192, 512, 32000), (8192, 512, 128256),
@@ -53,8 +53,32 @@ def _make(device, N, D, V, dtype):
             "eager": Variant(lambda: _eager(x, w, t), wrt),
             "compile": Variant(lambda: compiled(x, w, t), wrt),
             "chunked": Variant(lambda: _chunked(x, w, t), wrt),
+            **(_gpu_variants(x, w, t) if x.is_cuda else {}),
         }
     return make
+
+
+def _gpu_variants(x, w, t):
+    """On CUDA: our blocked method (Cut Cross-Entropy's way; exact, and with
+    its gradient filter), and Liger-Kernel's and Cut Cross-Entropy's own
+    fused losses where they are installed."""
+    variants = {
+        "blocked": Variant(lambda: bigkernels.linear_cross_entropy(x, w, t, method="blocked"), (x, w)),
+        "blocked-skip": Variant(lambda: bigkernels.linear_cross_entropy(x, w, t, method="blocked",
+                                                                        skip_small_gradients=True), (x, w)),
+    }
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        variants["liger"] = Variant(lambda: liger(w, x, t), (x, w))
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+        variants["cce"] = Variant(lambda: cce(x, w, t), (x, w))
+    except ImportError:
+        pass
+    return variants
 
 
 # (N, student D, teacher D, V, beta): a student of half the teacher's width
@@ -89,7 +113,6 @@ def _make_distillation(device, N, Ds, Dt, V, beta, dtype):
 def cases(device, full, log=print):
     if device == "cuda":
         shapes, dtypes = (GPU_SHAPES if full else GPU_SHAPES[:1]), (torch.bfloat16,)
-        log("losses: on CUDA bigkernels.linear_cross_entropy runs its PyTorch fallback for now (no CUDA kernel)")
     else:
         shapes = CPU_SHAPES if full else CPU_SHAPES[:2]
         dtypes = (torch.float32, torch.bfloat16) if harness.cpu_has_native_bf16() else (torch.float32,)

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--repeats", "0"], "--repeats: must be >= 1"),
     (["--max-seconds", "0"], "--max-seconds: must be > 0"),
     (["--warmup", "-1"], "--warmup: must be >= 0"),
-    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, cell_loop, chunked, compile, "
-                               "cudnn, cudnn_graph, eager, efficient, flash, math, matmul, mma_sync, onednn_postop"),
+    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, blocked, blocked-skip, cce, "
+                               "cell_loop, chunked, compile, cudnn, cudnn_graph, eager, efficient, flash, liger, math, "
+                               "matmul, mma_sync, onednn_postop"),
     (["--skip", "bigkernels"], "--skip bigkernels: the subject"),
     (["--only", "nope"], "invalid choice: 'nope'"),
 ])

@@ -10,23 +10,27 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     forward(input [..., D], weight [V, D], target [...], bias=None) equals
     CrossEntropyLoss(...)(F.linear(input, weight, bias) [capped], target)
     without the [tokens x V] logits in memory (bigkernels.linear_cross_entropy
-    says how, and what softcap, z_loss and chunk_rows do). Its arguments follow
+    says how, and what softcap, z_loss, chunk_rows, method and
+    skip_small_gradients do). Its arguments follow
     F.linear's order, input first (Liger's module takes the weight first)."""
 
     def __init__(self, ignore_index=-100, label_smoothing=0.0, reduction="mean", softcap=None, z_loss=0.0,
-                 chunk_rows=None):
+                 chunk_rows=None, method="chunked", skip_small_gradients=False):
         super().__init__()
         self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
         self.softcap, self.z_loss, self.chunk_rows = softcap, z_loss, chunk_rows
+        self.method, self.skip_small_gradients = method, skip_small_gradients
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, reduction=self.reduction,
-                                    softcap=self.softcap, z_loss=self.z_loss, chunk_rows=self.chunk_rows)
+                                    softcap=self.softcap, z_loss=self.z_loss, chunk_rows=self.chunk_rows,
+                                    method=self.method, skip_small_gradients=self.skip_small_gradients)
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, softcap={self.softcap}, z_loss={self.z_loss}")
+                f"reduction={self.reduction!r}, softcap={self.softcap}, z_loss={self.z_loss}, "
+                f"method={self.method!r}, skip_small_gradients={self.skip_small_gradients}")
 
 
 class LinearDistillationLoss(torch.nn.Module):

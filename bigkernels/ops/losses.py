@@ -20,6 +20,7 @@ from ._autocast import autocast_inputs, autocast_runs_in_float32
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+_METHODS = ("chunked", "blocked")
 
 
 def _is_number(x):
@@ -27,7 +28,7 @@ def _is_number(x):
 
 
 def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows,
-           prefix=""):
+           method="chunked", skip_small_gradients=False, prefix=""):
     """Raises TypeError/ValueError naming the bad argument (targets out of
     range are found by the kernel, which reads them). prefix: the argument
     names' ("student_" for the distillation's student); target None: none
@@ -79,6 +80,17 @@ def _check(input, weight, target, bias, ignore_index, label_smoothing, reduction
         raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"method must be 'chunked' or 'blocked', got {method!r}")
+    if not isinstance(skip_small_gradients, bool):
+        raise TypeError(f"skip_small_gradients must be a bool, got {skip_small_gradients!r}")
+    if skip_small_gradients and method != "blocked":
+        raise ValueError(f"skip_small_gradients=True needs method='blocked', got method={method!r} (whose "
+                         f"gradients are exact: no tiles to skip)")
+    # Here, not in the op alone: the fallback without the extension raises it too.
+    if method == "blocked" and input.device.type != "cuda":
+        raise NotImplementedError(f"method='blocked' runs on CUDA only (Cut Cross-Entropy's tiles); on "
+                                  f"{input.device.type} use method='chunked'")
 
 
 def _has_kernel(device):
@@ -90,7 +102,8 @@ def _has_kernel(device):
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
-                         reduction="mean", softcap=None, z_loss=0.0, return_lse=False, chunk_rows=None):
+                         reduction="mean", softcap=None, z_loss=0.0, return_lse=False, chunk_rows=None,
+                         method="chunked", skip_small_gradients=False):
     """F.cross_entropy(F.linear(input, weight, bias), target, ...) without the
     logits in memory: input [..., D], weight [V, D], target [...] (int64).
 
@@ -104,29 +117,46 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     logits' worth, at least 256 rows); fewer saves memory, more runs fewer
     passes over the weight's gradient.
 
+    method: "chunked" (default), chunks of rows with the whole vocabulary,
+    each chunk's logits made once. "blocked": Cut Cross-Entropy's way, the
+    logits a tile (rows x a block of the vocabulary) at a time, so it never
+    holds a row's logits (workspace: per-row statistics plus float32
+    accumulators for the gradients, [rows, D] and [V, D]); it runs on CUDA
+    only (NotImplementedError elsewhere), chunk_rows does not apply, and its
+    gradients are summed with atomics: close to the chunked method's, not
+    bit-identical run to run. skip_small_gradients (method "blocked" only):
+    the backward skips a tile's gradient products when every softmax
+    probability in it is below the dtype's unit roundoff / 16 (2^-12 for
+    bfloat16, 2^-15 float16, 2^-28 float32, 2^-57 float64) and
+    label_smoothing is 0. Not exact, so off by default.
+
     Gradients flow to input, weight and bias, computed in the forward pass
     when the reduction is 'mean' or 'sum' (the backward scales them)."""
-    _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows)
+    _check(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, z_loss, chunk_rows,
+           method, skip_small_gradients)
     float32_loss = autocast_runs_in_float32(input)
     loss, lse = _linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, reduction, softcap,
-                                      z_loss, chunk_rows)
+                                      z_loss, chunk_rows, method=method,
+                                      skip_small_gradients=skip_small_gradients)
     # torch's autocast runs cross_entropy in float32: the loss stays so there
     loss = loss.float() if float32_loss else loss.to(input.dtype)
     return (loss, lse) if return_lse else loss
 
 
 def _linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                          reduction="mean", softcap=None, z_loss=0.0, chunk_rows=None):
+                          reduction="mean", softcap=None, z_loss=0.0, chunk_rows=None, *, method="chunked",
+                          skip_small_gradients=False):
     """linear_cross_entropy without its checks: (loss, lse), the loss in
     float32 (float64 for double) whatever input's dtype, as Hugging Face's
-    causal-LM loss has it."""
+    causal-LM loss has it. The PyTorch fallback ignores method (the same
+    numbers, exact gradients)."""
     input, weight, bias = autocast_inputs(input, weight, bias)
     lead = input.shape[:-1]
     x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1)
     if _has_kernel(x.device):
         loss, lse = torch.ops.bigkernels.linear_cross_entropy(
             x, weight, t, bias, ignore_index, float(label_smoothing), float(softcap or 0.0), float(z_loss),
-            reduction, int(chunk_rows or 0))
+            reduction, int(chunk_rows or 0), method, skip_small_gradients)
     else:
         loss, lse = reference.linear_cross_entropy(x, weight, t, bias, ignore_index, label_smoothing,
                                                    softcap or 0.0, z_loss, reduction)
@@ -226,7 +256,8 @@ def _register():
         return loss, input.new_empty((rows,), dtype=stats_dtype(input))
 
     @torch.library.register_fake("bigkernels::linear_cross_entropy")
-    def _fake(input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction, chunk_rows):
+    def _fake(input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction, chunk_rows,
+              method, skip_small_gradients):
         return loss_and_lse(input, reduction)
 
     def grads(input, weight, bias, grad_mask):
@@ -237,7 +268,7 @@ def _register():
 
     @torch.library.register_fake("bigkernels::linear_cross_entropy_forward")
     def _forward_fake(input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction,
-                      chunk_rows, grad_mask):
+                      chunk_rows, method, skip_small_gradients, grad_mask):
         return (*loss_and_lse(input, reduction), *grads(input, weight, bias, grad_mask))
 
     @torch.library.register_fake("bigkernels::linear_distillation_loss")
@@ -254,7 +285,7 @@ def _register():
 
     @torch.library.register_fake("bigkernels::linear_cross_entropy_backward")
     def _backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing, softcap, z_loss,
-                       chunk_rows, grad_mask):
+                       chunk_rows, method, skip_small_gradients, grad_mask):
         return grads(input, weight, bias, grad_mask)
 
 

@@ -10,7 +10,9 @@
 // first, so its gradient needs the logits a second time, a fourth product.
 // On the CPU the products are 80-95 % of the time (docs/PERFORMANCE.md), so
 // that alone would cost 8-20 % against eager. (On a GPU the trade differs;
-// the CUDA path here is the same loop on cuBLAS's products, for now.)
+// the CUDA path here is the same loop on cuBLAS's products by default.)
+// Method 'blocked' hands the rows that count to the device's blocked kernels
+// instead (Cut Cross-Entropy's tiles; CUDA only).
 //
 // Ignored rows are left out before the products (they cost nothing). The
 // gradients of a mean or sum are computed in the forward, in the same pass
@@ -94,6 +96,8 @@ struct Gradients {
   std::array<bool, 3> mask;
   at::Tensor input, weight, bias;
 
+  // Unallocated: the blocked kernels' results are put in by the caller.
+  explicit Gradients(std::array<bool, 3> wanted) : mask(wanted) {}
   Gradients(std::array<bool, 3> wanted, int64_t rows, const at::Tensor& x, const at::Tensor& w)
       : mask(wanted) {
     const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -141,7 +145,8 @@ struct ChunkResults {
 };
 
 // The chunk loop over the rows that count (`rows`, or all when it has every
-// row). lse_given (backward): the forward's lse of those rows, and no loss.
+// row), or with options.blocked the device's blocked kernels over them.
+// lse_given (backward): the forward's lse of those rows, and no loss.
 // The gradient's factor per row: row_scale's, or `scale`.
 ChunkResults run_chunks(const LossDevice& device, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
                         const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options, int64_t chunk_rows,
@@ -155,10 +160,31 @@ ChunkResults run_chunks(const LossDevice& device, const at::Tensor& input, const
   const auto keep = [&](const at::Tensor& t) { return keep_rows(t, rows); };
   const at::Tensor x = keep(input), t = keep(target);
   const bool backward = lse_given.defined();
-  ChunkResults out{backward ? at::Tensor() : at::empty({Nv}, opts.dtype(compute)),
-                   backward ? keep(lse_given.to(compute)) : at::empty({Nv}, opts.dtype(compute)),
-                   Gradients(grad_mask, Nv, input, weight)};
+  const at::Tensor lse_kept = backward ? keep(lse_given.to(compute)) : at::Tensor();
   const at::Tensor scales = row_scale.defined() ? keep(row_scale.to(compute)) : at::Tensor();
+  // Checked before the empty case's return: the answer does not hang on the targets.
+  TORCH_CHECK_NOT_IMPLEMENTED(!options.blocked || device.cross_entropy_blocked != nullptr,
+                              "bigkernels linear_cross_entropy: method='blocked' runs on CUDA only; on ",
+                              input.device().type(), " use method='chunked'");
+  if (options.blocked && Nv > 0) {
+    // The kernels make their own gradients (from their accumulators): none
+    // are allocated here, which would hold a second dW.
+    BlockedResults b = device.cross_entropy_blocked(x, weight.contiguous(), bias, t, options, grad_mask, lse_kept,
+                                                    scales, scale);
+    ChunkResults out{backward ? at::Tensor() : b.loss_rows, backward ? lse_kept : b.lse, Gradients(grad_mask)};
+    if (grad_mask[0]) out.grads.input = b.grad_input;
+    if (grad_mask[1]) out.grads.weight = b.grad_weight;
+    if (grad_mask[2]) out.grads.bias = b.grad_bias;
+    TORCH_INTERNAL_ASSERT((backward || (out.loss_rows.defined() && out.lse.defined())) &&
+                              (!grad_mask[0] || out.grads.input.defined()) &&
+                              (!grad_mask[1] || out.grads.weight.defined()) &&
+                              (!grad_mask[2] || out.grads.bias.defined()),
+                          "bigkernels linear_cross_entropy: the blocked kernels left out a result asked for");
+    return out;
+  }
+  ChunkResults out{backward ? at::Tensor() : at::empty({Nv}, opts.dtype(compute)),
+                   backward ? lse_kept : at::empty({Nv}, opts.dtype(compute)),
+                   Gradients(grad_mask, Nv, input, weight)};
   const bool grad = out.grads.any();
   if (Nv == 0) return out;
 
@@ -188,9 +214,10 @@ ChunkResults run_chunks(const LossDevice& device, const at::Tensor& input, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
     const LossDevice& device, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
     int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
-    int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+    int64_t chunk_rows, c10::string_view method, bool skip_small_gradients, std::array<bool, 3> grad_mask) {
   const c10::DeviceGuard guard(input.device());  // the products', and kernels', device
-  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
+  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss, parse_method(method),
+                                    skip_small_gradients};
   check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
   const Reduction r = parse_reduction(reduction);
   const bool grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
@@ -213,19 +240,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(
     const LossDevice& device, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
     int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, c10::string_view method, bool skip_small_gradients) {
   auto [loss, lse, gi, gw, gb] = linear_cross_entropy_forward(
       device, input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss, reduction, chunk_rows,
-      {false, false, false});
+      method, skip_small_gradients, {false, false, false});
   return {loss, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const LossDevice& device, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
-    double softcap, double z_loss, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+    double softcap, double z_loss, int64_t chunk_rows, c10::string_view method, bool skip_small_gradients,
+    std::array<bool, 3> grad_mask) {
   const c10::DeviceGuard guard(input.device());  // the products', and kernels', device
-  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss};
+  const CrossEntropyOptions options{ignore_index, label_smoothing, softcap, z_loss, parse_method(method),
+                                    skip_small_gradients};
   check_linear_cross_entropy_args(input, weight, target, bias, options, chunk_rows);
   const int64_t N = input.size(0);
   TORCH_CHECK_VALUE(grad_loss.numel() == N && grad_loss.device() == input.device(),

@@ -1,6 +1,7 @@
 // The loss family's ops (schemas) and argument checks: cross-entropy of a
 // linear layer's output (an LM head), computed without ever holding the
-// [tokens x vocabulary] logits: a chunk of rows at a time.
+// [tokens x vocabulary] logits: a chunk of rows at a time, or (method
+// "blocked", CUDA) a tile of rows x a block of the vocabulary at a time.
 #include "losses/losses.h"
 
 #include <ATen/ops/empty.h>
@@ -14,6 +15,13 @@ Reduction parse_reduction(c10::string_view name) {
   TORCH_CHECK_VALUE(name == "none", "bigkernels linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got '",
                     std::string(name), "'");
   return Reduction::kNone;
+}
+
+bool parse_method(c10::string_view name) {
+  if (name == "chunked") return false;
+  TORCH_CHECK_VALUE(name == "blocked", "bigkernels linear_cross_entropy: method must be 'chunked' or 'blocked', got '",
+                    std::string(name), "'");
+  return true;
 }
 
 void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
@@ -51,6 +59,9 @@ void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& 
   TORCH_CHECK_VALUE(options.softcap >= 0, op, "softcap must be > 0 (or 0 for none), got ", options.softcap);
   TORCH_CHECK_VALUE(options.z_loss >= 0, op, "z_loss must be >= 0, got ", options.z_loss);
   TORCH_CHECK_VALUE(chunk_rows >= 0, op, "chunk_rows must be >= 0 (0: chosen from the vocabulary), got ", chunk_rows);
+  TORCH_CHECK_VALUE(!options.skip_small_gradients || options.blocked, op,
+                    "skip_small_gradients needs method 'blocked', got method 'chunked' (whose gradients are exact: "
+                    "no tiles to skip)");
 }
 
 void check_linear_distillation_args(const at::Tensor& student_input, const at::Tensor& student_weight,
@@ -104,20 +115,29 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // logits (0 for ignored rows), both in float32 (float64 for double): the
   // Python front rounds the loss to input's dtype, except under autocast.
   // chunk_rows: rows whose logits are held at once (0: chosen from V).
+  // method: "chunked", chunks of rows with the whole vocabulary (each chunk's
+  // logits made once: chunks.cpp); "blocked", Cut Cross-Entropy's way, the
+  // logits a tile (rows x a block of the vocabulary) at a time, never a row's
+  // full logits (CUDA only; chunk_rows unused). skip_small_gradients: with
+  // "blocked", the backward skips tiles whose softmax is below the dtype's
+  // resolution (not exact; off by default; "chunked" refuses it).
   m.def("linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows) -> (Tensor loss, Tensor lse)");
+        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows, str method, "
+        "bool skip_small_gradients) -> (Tensor loss, Tensor lse)");
   // The same, and the gradients in grad_mask (input, weight, bias) of the
   // reduced loss, computed in the same pass over the chunks (reduction 'mean'
   // or 'sum'; the backward scales them by the loss's gradient). Those not in
-  // grad_mask come back empty.
+  // grad_mask come back empty. method and skip_small_gradients as above.
   m.def("linear_cross_entropy_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows, bool[3] grad_mask) -> "
+        "float label_smoothing, float softcap, float z_loss, str reduction, int chunk_rows, str method, "
+        "bool skip_small_gradients, bool[3] grad_mask) -> "
         "(Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The gradients of sum(grad_loss * loss rows) (reduction 'none'), from the
-  // forward's lse: each chunk's logits are computed again.
+  // forward's lse: each chunk's (or tile's) logits are computed again.
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
         "Tensor lse, int ignore_index, float label_smoothing, float softcap, float z_loss, int chunk_rows, "
-        "bool[3] grad_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+        "str method, bool skip_small_gradients, bool[3] grad_mask) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // T^2 * soft(teacher || student) + hard_weight * cross_entropy(student,
   // target) per row (the soft loss: beta 0 forward KL, 1 reverse KL, else the
   // generalized Jensen-Shannon divergence), reduced as linear_cross_entropy's

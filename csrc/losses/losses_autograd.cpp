@@ -9,6 +9,8 @@
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/autograd.h"
 #include "losses/losses.h"
 
@@ -20,13 +22,13 @@ using torch::autograd::variable_list;
 
 using LossSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&, int64_t, double, double, double,
-                                                   c10::string_view, int64_t);
+                                                   c10::string_view, int64_t, c10::string_view, bool);
 using LossForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double,
-    double, c10::string_view, int64_t, std::array<bool, 3>);
+    double, c10::string_view, int64_t, c10::string_view, bool, std::array<bool, 3>);
 using LossBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, int64_t, double, double, double, int64_t, std::array<bool, 3>);
+    const at::Tensor&, int64_t, double, double, double, int64_t, c10::string_view, bool, std::array<bool, 3>);
 
 // The gradients the forward computed for a loss gradient of 1, for the
 // loss's actual gradient, into result's slots. A gradient of exactly 1
@@ -58,7 +60,8 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                                const at::Tensor& target, const std::optional<at::Tensor>& bias, int64_t ignore_index,
                                double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
-                               int64_t chunk_rows, std::array<bool, 3> wants) {
+                               int64_t chunk_rows, c10::string_view method, bool skip_small_gradients,
+                               std::array<bool, 3> wants) {
     const bool precompute = (wants[0] || wants[1] || wants[2]) && parse_reduction(reduction) != Reduction::kNone;
     ctx->set_materialize_grads(false);
     ctx->saved_data["precomputed"] = precompute;
@@ -68,19 +71,21 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       static const auto op = find_op<LossForwardSig>("bigkernels::linear_cross_entropy_forward");
       at::Tensor gi, gw, gb;
       std::tie(loss, lse, gi, gw, gb) = op.call(input, weight, target, bias, ignore_index, label_smoothing, softcap,
-                                                z_loss, reduction, chunk_rows, wants);
+                                                z_loss, reduction, chunk_rows, method, skip_small_gradients, wants);
       ctx->save_for_backward({gi, gw, gb});
       ctx->saved_data["wants"] = c10::List<bool>({wants[0], wants[1], wants[2]});
     } else {
       static const auto op = find_op<LossSig>("bigkernels::linear_cross_entropy");
       std::tie(loss, lse) = op.call(input, weight, target, bias, ignore_index, label_smoothing, softcap, z_loss,
-                                    reduction, chunk_rows);
+                                    reduction, chunk_rows, method, skip_small_gradients);
       ctx->save_for_backward({input, weight, target, bias.value_or(at::Tensor()), lse});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["label_smoothing"] = label_smoothing;
       ctx->saved_data["softcap"] = softcap;
       ctx->saved_data["z_loss"] = z_loss;
       ctx->saved_data["chunk_rows"] = chunk_rows;
+      ctx->saved_data["method"] = std::string(method);
+      ctx->saved_data["skip_small_gradients"] = skip_small_gradients;
     }
     ctx->mark_non_differentiable({lse});  // documented: the lse comes without a gradient
     return {loss, lse};
@@ -88,7 +93,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_loss = grads[0];
-    variable_list result(11);  // input, weight, target, bias, and the 7 non-tensor arguments
+    variable_list result(13);  // input, weight, target, bias, and the 9 non-tensor arguments
     if (!grad_loss.defined()) return result;
     TORCH_CHECK(!at::GradMode::is_enabled(), "bigkernels.linear_cross_entropy: the gradient is not itself "
                 "differentiable (create_graph=True is not supported)");
@@ -105,7 +110,8 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     auto [gi, gw, gb] = op.call(grad_loss, saved[0], saved[1], saved[2], bias, saved[4],
                                 ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
                                 ctx->saved_data["softcap"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-                                ctx->saved_data["chunk_rows"].toInt(), needs);
+                                ctx->saved_data["chunk_rows"].toInt(), ctx->saved_data["method"].toStringRef(),
+                                ctx->saved_data["skip_small_gradients"].toBool(), needs);
     if (needs[0]) result[0] = gi;
     if (needs[1]) result[1] = gw;
     if (needs[2]) result[3] = gb;
@@ -116,14 +122,14 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
     int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, c10::string_view method, bool skip_small_gradients) {
   // Decided here: inside forward, autograd has turned grad mode off.
   const bool on = at::GradMode::is_enabled();
   const std::array<bool, 3> wants = {on && input.requires_grad(), on && weight.requires_grad(),
                                      on && bias.has_value() && bias->requires_grad()};
   const variable_list out = LinearCrossEntropyFunction::apply(input, weight, target, bias, ignore_index,
                                                               label_smoothing, softcap, z_loss, reduction,
-                                                              chunk_rows, wants);
+                                                              chunk_rows, method, skip_small_gradients, wants);
   return {out[0], out[1]};
 }
 

@@ -22,7 +22,8 @@ void distillation_rows_cpu(at::ScalarType dtype, const DistillationRows& a, int6
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { kernels.distillation_rows(dtype, a, r0, r1); });
 }
 
-const LossDevice kCpuLossDevice{&cpu_linear_product, &cross_entropy_rows_cpu, &distillation_rows_cpu};
+// No blocked kernels: on the CPU chunks of rows win (chunks.cpp says why).
+const LossDevice kCpuLossDevice{&cpu_linear_product, &cross_entropy_rows_cpu, &distillation_rows_cpu, nullptr};
 
 }  // namespace
 }  // namespace bigkernels

@@ -26,5 +26,42 @@ cudaError_t launch_cross_entropy_rows(const CrossEntropyRows& a, int64_t rows, L
 cudaError_t launch_distillation_rows(const DistillationRows& a, int64_t rows, LossDType dtype, int64_t max_blocks,
                                      cudaStream_t stream);
 
+// Cut Cross-Entropy's way (method "blocked", blocked_kernels.cu): the logits
+// made a tile of kBlockedRows rows x kBlockedCols vocabulary entries at a
+// time on the tensor cores (fp16, bf16: mma.sync) or the FMA units (fp32,
+// fp64), never a row's whole logits. Two passes:
+//  - statistics: per row and per vocabulary split (the grid's y; `splits`
+//    splits of whole tiles), the max of the (capped) logits, the sum of
+//    exp(z - max) and the sum of z, into part_* [splits, N]; and the target's
+//    logit, into target_logit [N] (the host combines them into lse and loss);
+//  - gradients: per tile, the logits again and G = dloss/dz from lse, then
+//    dX += G W, dW += G^T X and db += the columns of G, summed into the
+//    compute-type buffers with atomics (so not bit-identical run to run).
+//    skip_below > 0 skips a tile's products when every probability in it is
+//    below it and the tile holds no target (with label_smoothing 0 only).
+// Every vector and buffer is in the compute type (float; double for fp64).
+struct BlockedCrossEntropy {
+  const void* x;          // [N, D], rows D apart, in the dtype
+  const void* w;          // [V, D]
+  const void* bias;       // [V] or null
+  const int64_t* target;  // [N], each in [0, V)
+  int64_t N, D, V;
+  double softcap;  // 0: none
+  // the statistics pass
+  int64_t splits;
+  void *part_max, *part_sum, *part_logit_sum;  // [splits, N]
+  void* target_logit;                          // [N]
+  // the gradient pass
+  const void* lse;  // [N]
+  double label_smoothing, z_loss;
+  const void* row_scale;  // [N]: each row's gradient factor (null: `scale` for every row)
+  double scale;
+  double skip_below;  // 0: exact
+  void *grad_x, *grad_w, *grad_b;  // [N, D], [V, D], [V], summed into (null: not wanted)
+};
+constexpr int kBlockedRows = 64, kBlockedCols = 128;
+cudaError_t launch_blocked_statistics(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream);
+cudaError_t launch_blocked_gradients(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace bigkernels

@@ -16,6 +16,7 @@
 
 #include "common/cuda_dtype.cuh"
 #include "losses/cuda/launchers.h"
+#include "losses/cuda/loss_math.cuh"
 
 namespace bigkernels {
 namespace cuda {
@@ -24,21 +25,6 @@ namespace {
 constexpr int kThreads = kLossRowThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxGridBlocks = 65535;
-
-__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
-__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
-__device__ __forceinline__ float acc_log(float v) { return logf(v); }
-__device__ __forceinline__ double acc_log(double v) { return log(v); }
-__device__ __forceinline__ float acc_log1p(float v) { return log1pf(v); }
-__device__ __forceinline__ double acc_log1p(double v) { return log1p(v); }
-__device__ __forceinline__ float acc_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double acc_tanh(double v) { return tanh(v); }
-
-// The larger, NaN winning (as torch's max).
-template <typename C>
-__device__ __forceinline__ C nan_max(C u, C v) {
-  return u > v || u != u ? u : v;
-}
 
 // Each of v[0..K) reduced over the block (op: sum, or nan_max when kMax);
 // every thread gets the same result.
@@ -76,15 +62,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(CrossEntropyRows a, int64_t rows) {
   using C = acc_t<T>;
   const int64_t n = a.V;
-  const bool capped = a.softcap > 0;
-  const C cap = static_cast<C>(a.softcap), inv_cap = capped ? static_cast<C>(1 / a.softcap) : C(0);
+  const Softcap<C> cap_of(a.softcap);
+  const bool capped = cap_of.on;
   const C smoothing = static_cast<C>(a.label_smoothing), z_loss = static_cast<C>(a.z_loss);
-  const auto cap_of = [&](C v) { return capped ? cap * acc_tanh(v * inv_cap) : v; };
-  // the softcap's derivative 1 - tanh^2 = 4e / (1 + e)^2, e = exp(-2|x| / cap), from the raw logit
-  const auto cap_derivative = [&](C v) {
-    const C e = acc_exp(C(-2) * fabs(v * inv_cap));
-    return C(4) * e / ((C(1) + e) * (C(1) + e));
-  };
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     T* z = static_cast<T*>(a.logits) + r * a.ld;
     C lse, z_shift = 0, log_sum = 0, z_sum = 0;
@@ -95,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(CrossEntro
       C m = -INFINITY;
       for (int64_t j = threadIdx.x; j < n; j += kThreads) m = nan_max(m, to_acc(z[j]));
       m = row_max(m);
-      if (capped) m = cap * acc_tanh(m * inv_cap);  // tanh is increasing
+      m = cap_of(m);  // tanh is increasing
       C sums[2] = {0, 0};  // sum exp(cap(z) - m), and sum cap(z) for label smoothing
       for (int64_t j = threadIdx.x; j < n; j += kThreads) {
         const C c = cap_of(to_acc(z[j]));
@@ -123,13 +103,13 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(CrossEntro
       for (int64_t j = threadIdx.x; j < n; j += kThreads) {
         const C v = to_acc(z[j]);
         C g = acc_exp(cap_of(v) - z_shift - log_sum) * p_factor - offset;
-        if (capped) g *= cap_derivative(v);
+        if (capped) g *= cap_of.derivative(v);
         z[j] = from_acc<T>(g);
       }
       __syncthreads();  // the row's pass is done before thread 0 fixes the target's element
       if (threadIdx.x == 0) {
         C g_t = acc_exp(z_t - z_shift - log_sum) * p_factor - offset - scale * (1 - smoothing);
-        if (capped) g_t *= cap_derivative(raw_t);
+        if (capped) g_t *= cap_of.derivative(raw_t);
         z[t] = from_acc<T>(g_t);
       }
     }

@@ -1,12 +1,19 @@
 // The loss family on CUDA: chunks.cpp's loop with cuBLAS's products
-// (through ATen) and the row passes of loss_kernels.cu, launched on the
-// current stream. The targets are checked on the host (a copy and a sync per
-// call), as the rows that count are chosen there.
+// (through ATen) and the row passes of loss_kernels.cu, or (method
+// "blocked") the tiles of blocked_kernels.cu; launched on the current
+// stream. The targets are checked on the host (a copy and a sync per call),
+// as the rows that count are chosen there.
+#include <ATen/TensorOperators.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "losses/chunks.h"
 #include "losses/cuda/launchers.h"
@@ -38,7 +45,77 @@ void distillation_rows_cuda(at::ScalarType dtype, const DistillationRows& a, int
                                                 c10::cuda::getCurrentCUDAStream()));
 }
 
-const LossDevice kCudaLossDevice{&cuda_product, &cross_entropy_rows_cuda, &distillation_rows_cuda};
+// The probability below which skip_small_gradients drops a tile: the
+// dtype's unit roundoff / 16 (2^-12 for bfloat16, Cut Cross-Entropy's).
+double skip_threshold(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return 0x1p-15;
+    case at::kBFloat16: return 0x1p-12;
+    case at::kFloat: return 0x1p-28;
+    default: return 0x1p-57;
+  }
+}
+
+// Vocabulary splits of the statistics pass: enough blocks for two per SM.
+int64_t statistics_splits(int64_t N, int64_t V) {
+  const int64_t row_tiles = (N + cuda::kBlockedRows - 1) / cuda::kBlockedRows;
+  const int64_t vocab_tiles = (V + cuda::kBlockedCols - 1) / cuda::kBlockedCols;
+  const int64_t wanted = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::clamp<int64_t>((wanted + row_tiles - 1) / row_tiles, 1, std::min<int64_t>(vocab_tiles, 65535));
+}
+
+BlockedResults cross_entropy_blocked_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                          const at::Tensor& target, const CrossEntropyOptions& options,
+                                          std::array<bool, 3> grad_mask, const at::Tensor& lse_given,
+                                          const at::Tensor& row_scale, double scale) {
+  const int64_t N = x.size(0), D = x.size(1), V = w.size(0);
+  const at::ScalarType dtype = x.scalar_type();
+  const auto compute = x.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), t = target.contiguous();
+  const at::Tensor bc = b.has_value() ? b->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cuda::BlockedCrossEntropy p{};
+  p.x = xc.const_data_ptr(), p.w = wc.const_data_ptr(), p.bias = bc.defined() ? bc.const_data_ptr() : nullptr;
+  p.target = t.const_data_ptr<int64_t>(), p.N = N, p.D = D, p.V = V, p.softcap = options.softcap;
+  BlockedResults out;
+  at::Tensor lse = lse_given;
+  if (!lse_given.defined()) {
+    p.splits = statistics_splits(N, V);
+    const at::Tensor parts = at::empty({3, p.splits, N}, compute), target_logit = at::empty({N}, compute);
+    p.part_max = parts[0].data_ptr(), p.part_sum = parts[1].data_ptr(), p.part_logit_sum = parts[2].data_ptr();
+    p.target_logit = target_logit.data_ptr();
+    C10_CUDA_CHECK(cuda::launch_blocked_statistics(p, to_kernel_dtype(dtype), stream));
+    // The splits' statistics combined (the row passes' formulas: the max kept apart from the log-sum).
+    const at::Tensor top = parts[0].amax(0);
+    const at::Tensor log_sum = (parts[1] * (parts[0] - top).exp()).sum(0).log();
+    lse = top + log_sum;
+    const double smoothing = options.label_smoothing;
+    out.loss_rows = (top - target_logit + log_sum) * (1 - smoothing) +
+                    (lse - parts[2].sum(0) / static_cast<double>(V)) * smoothing + lse * lse * options.z_loss;
+    out.lse = lse;
+  }
+  if (!(grad_mask[0] || grad_mask[1] || grad_mask[2])) return out;
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor scales = row_scale.defined() ? row_scale.contiguous() : at::Tensor();
+  // Summed into by atomics: zeroed first, in the compute type.
+  const at::Tensor gx = grad_mask[0] ? at::zeros({N, D}, compute) : at::Tensor();
+  const at::Tensor gw = grad_mask[1] ? at::zeros({V, D}, compute) : at::Tensor();
+  const at::Tensor gb = grad_mask[2] ? at::zeros({V}, compute) : at::Tensor();
+  p.lse = lse_c.const_data_ptr(), p.label_smoothing = options.label_smoothing, p.z_loss = options.z_loss;
+  p.row_scale = scales.defined() ? scales.const_data_ptr() : nullptr, p.scale = scale;
+  p.skip_below = options.skip_small_gradients ? skip_threshold(dtype) : 0.0;
+  p.grad_x = gx.defined() ? gx.data_ptr() : nullptr;
+  p.grad_w = gw.defined() ? gw.data_ptr() : nullptr;
+  p.grad_b = gb.defined() ? gb.data_ptr() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_blocked_gradients(p, to_kernel_dtype(dtype), stream));
+  if (gx.defined()) out.grad_input = gx.to(dtype);
+  if (gw.defined()) out.grad_weight = gw.to(dtype);
+  out.grad_bias = gb;
+  return out;
+}
+
+const LossDevice kCudaLossDevice{&cuda_product, &cross_entropy_rows_cuda, &distillation_rows_cuda,
+                                 &cross_entropy_blocked_cuda};
 
 }  // namespace
 }  // namespace bigkernels

@@ -1,13 +1,29 @@
-// Runs the loss family's CUDA row passes (csrc/losses/cuda/*.cu) under host
-// emulation (emu_cuda.h) and checks them against float64: cross-entropy
-// (label smoothing, softcap, z-loss; the forward with the gradient and the
-// backward from a given lse with per-row scales) and distillation (forward
-// KL, reverse KL, JSD; temperatures; with and without the hard term), every
-// dtype, widths below, at and past the block's 256 threads (1, 7, 33, 256,
-// 257, 1000, 4099), more rows than the grid (a cap of 2 blocks: the kernels
-// grid-stride), and logits of order 1e3. Outputs start as NaN, so an element
-// never written fails. Built and run by tests/test_cuda_emulation.py; exits
-// non-zero on any mismatch.
+// Runs the loss family's CUDA kernels (csrc/losses/cuda/*.cu) under host
+// emulation (emu_cuda.h) and checks them against float64.
+// The row passes (loss_kernels.cu): cross-entropy (label smoothing, softcap,
+// z-loss; the forward with the gradient and the backward from a given lse
+// with per-row scales) and distillation (forward KL, reverse KL, JSD;
+// temperatures; with and without the hard term), every dtype, widths below,
+// at and past the block's 256 threads (1, 7, 33, 256, 257, 1000, 4099), more
+// rows than the grid (a cap of 2 blocks: the kernels grid-stride), and
+// logits of order 1e3.
+// The blocked kernels (blocked_kernels.cu, linear + cross-entropy a 64 x 128
+// tile at a time), every dtype (fp16/bf16: mma.sync; fp32/fp64: SIMT), from
+// the dtype-rounded x, w and bias: the statistics pass's per-split partials
+// (1, 2, 3 and more splits than tiles; empty splits) combined on the host
+// into lse and sum z, and the target's logit; the gradient pass's dX, dW, db
+// from the reference's lse (scale or per-row scales, label smoothing, z-loss,
+// softcap, each output left out once), and its skipping of tiles below
+// skip_below. N 1, 63, 64, 65, 130; V 1, 7, 128, 129, 300, 400; D 8, 24, 40,
+// 72, 130 (past the k-steps and slices of D, no multiple of 8), x and w
+// misaligned (no 16-byte copies), logits of order 1e3. The bounds follow the
+// kernels' roundings (see check_blocked_statistics, check_blocked_gradients);
+// "worst" lines say how close each kind of check came to its bound.
+// Outputs start as NaN, so an element never written fails (the buffers the
+// blocked gradients sum into start at 0, as the caller zeroes them). --quick
+// (the ThreadSanitizer run): fp32's row passes and a few blocked cases (fp32,
+// bf16). Built and run by tests/test_cuda_emulation.py; exits non-zero on
+// any mismatch.
 #include "emu_cuda.h"
 #include "losses/cuda/launchers.h"
 
@@ -224,6 +240,358 @@ void check_dtype(const char* name, bool quick) {
   if (quick) check_distillation<T>(name, KdCase{3, 257, 2.0, 0.3, 0.5});
 }
 
+// ---- The blocked kernels (blocked_kernels.cu): linear + cross-entropy a tile at a time ----
+
+template <typename T>
+constexpr bool kMmaPath = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;  // else SIMT
+// The compute type's unit roundoff (a rounding's relative error).
+template <typename T>
+double unit_c() { return std::is_same_v<acc<T>, double> ? 0x1p-53 : 0x1p-24; }
+
+// x [N, D], w [V, D], bias [V] in T (x and w one element into their buffers
+// when misaligned, which defeats the 16-byte copies; the element before or
+// after the data is NaN, so a read past it shows), with the float64
+// reference from the rounded values: raw = x.w + b, z = softcap(raw), and
+// mag = sum |x_k w_k| + |b|, which the products' rounding error scales with.
+template <typename T>
+struct BlockedData {
+  int64_t N, V, D;
+  double softcap = 0;
+  std::vector<T> x_store, w_store, b;
+  const T* x;
+  const T* w;
+  std::vector<int64_t> target;
+  std::vector<double> raw, z, mag;
+  double in(int64_t i, int64_t k) const { return to_d(x[i * D + k]); }
+  double wt(int64_t j, int64_t k) const { return to_d(w[j * D + k]); }
+};
+
+template <typename T>
+void blocked_alloc(BlockedData<T>& d, int64_t N, int64_t V, int64_t D, bool misaligned) {
+  d.N = N, d.V = V, d.D = D;
+  const T nan = from_d<T>(std::numeric_limits<double>::quiet_NaN());
+  d.x_store.assign(N * D + 1, nan);
+  d.w_store.assign(V * D + 1, nan);
+  d.x = d.x_store.data() + misaligned;
+  d.w = d.w_store.data() + misaligned;
+  require(reinterpret_cast<uintptr_t>(d.x_store.data()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(d.w_store.data()) % 16 == 0,
+          "the checker's buffers 16-byte aligned");
+  d.target.assign(N, 0);
+}
+
+template <typename T>
+void blocked_reference(BlockedData<T>& d) {
+  const int64_t N = d.N, V = d.V, D = d.D;
+  d.raw.assign(N * V, 0), d.z.assign(N * V, 0), d.mag.assign(N * V, 0);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < V; ++j) {
+      double s = d.b.empty() ? 0 : to_d(d.b[j]), m = std::fabs(s);
+      for (int64_t k = 0; k < D; ++k) {
+        const double p = d.in(i, k) * d.wt(j, k);
+        s += p, m += std::fabs(p);
+      }
+      d.raw[i * V + j] = s, d.mag[i * V + j] = m;
+      d.z[i * V + j] = d.softcap > 0 ? d.softcap * std::tanh(s / d.softcap) : s;
+    }
+}
+
+// A bound on |z - the kernel's z|: the products' accumulation in the
+// compute type (fp16/bf16 products are exact in fp32: only the sums round),
+// the bias's addition, and the softcap's tanh (its slope is at most 1).
+template <typename T>
+double z_error(const BlockedData<T>& d, int64_t at) {
+  const double u = unit_c<T>();
+  return u * (d.D + 4) * d.mag[at] + 8 * u * (std::fabs(d.z[at]) + 1);
+}
+
+struct BlockedCase {
+  int64_t N, V, D;
+  std::vector<int64_t> splits;  // the statistics pass, once per value
+  double softcap = 0, spread = 3;  // logits of order spread
+  bool bias = true, misaligned = false;
+  // the gradient pass
+  double scale = 0.375, smoothing = 0, z_loss = 0;
+  bool row_scale = false, want_x = true, want_w = true, want_b = true;
+};
+
+// The statistics pass with `splits` splits: each split's partials against
+// its columns' float64 statistics, an empty split's exact (-inf, 0, 0), and
+// the host's combination (lse = M + log sum s exp(m - M), sum z) and the
+// target's logit against the row's. The bounds follow the kernel's
+// roundings (z_error; the exp-sum's, a relative error of the order of the
+// compute type's unit per term summed; exp(z - m)'s argument, rounded at
+// the logits' size) with a factor 2 to spare.
+template <typename T>
+void check_blocked_statistics(const std::string& tag0, const BlockedData<T>& d, int64_t splits) {
+  using A = acc<T>;
+  const int64_t N = d.N, V = d.V, tiles = (V + kBlockedCols - 1) / kBlockedCols, per = (tiles + splits - 1) / splits;
+  const std::string tag = tag0 + " splits" + std::to_string(splits);
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  std::vector<A> part_max(splits * N, nan), part_sum(splits * N, nan), part_z(splits * N, nan), target_logit(N, nan);
+  BlockedCrossEntropy p{};
+  p.x = d.x, p.w = d.w, p.bias = d.b.empty() ? nullptr : d.b.data(), p.target = d.target.data();
+  p.N = N, p.D = d.D, p.V = V, p.softcap = d.softcap, p.splits = splits;
+  p.part_max = part_max.data(), p.part_sum = part_sum.data(), p.part_logit_sum = part_z.data();
+  p.target_logit = target_logit.data();
+  require(launch_blocked_statistics(p, dtype_of<T>(), nullptr) == cudaSuccess, "blocked statistics launch");
+  const double u = unit_c<T>();
+  for (int64_t i = 0; i < N; ++i) {
+    double row_zerr = 0, row_abs = 0, row_zmax = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      row_zerr = std::max(row_zerr, z_error(d, i * V + j));
+      row_zmax = std::max(row_zmax, std::fabs(d.z[i * V + j]));
+    }
+    double M = -INFINITY, S = 0, zsum = 0, ref_zsum = 0, zsum_bound = 0;
+    for (int64_t k = 0; k < splits; ++k) {
+      const int64_t lo = std::min(V, k * per * kBlockedCols), hi = std::min(V, (k + 1) * per * kBlockedCols);
+      const int64_t at = k * N + i;
+      const std::string where = tag + " row" + std::to_string(i) + " split" + std::to_string(k);
+      if (lo >= hi) {  // no tile: exactly -inf, 0, 0
+        expect("blocked_empty " + where, part_max[at] == -INFINITY && part_sum[at] == 0 && part_z[at] == 0 ? 0 : 1, 0,
+               0.5, 1);
+        continue;
+      }
+      std::vector<double> cz(d.z.begin() + i * V + lo, d.z.begin() + i * V + hi);
+      double zmax = -INFINITY, zerr = 0, sum = 0, abs_sum = 0;
+      for (int64_t j = lo; j < hi; ++j) {
+        zmax = std::max(zmax, d.z[i * V + j]);
+        zerr = std::max(zerr, z_error(d, i * V + j));
+        sum += d.z[i * V + j], abs_sum += std::fabs(d.z[i * V + j]);
+        zsum_bound += z_error(d, i * V + j);
+      }
+      const double lse_bound = zerr + u * ((hi - lo) / 4.0 + 16 + 2 * row_zmax);
+      const double sum_bound = (hi - lo) * zerr + u * (hi - lo + 8) * abs_sum;
+      expect("blocked_partmax " + where, part_max[at], zmax, 2, zerr);
+      expect("blocked_partlse " + where, part_max[at] + std::log((double)part_sum[at]), logsumexp(cz), 2, lse_bound);
+      expect("blocked_partzsum " + where, part_z[at], sum, 2, sum_bound);
+      M = std::max(M, (double)part_max[at]);
+      ref_zsum += sum, row_abs += abs_sum;
+    }
+    for (int64_t k = 0; k < splits; ++k)
+      if (part_max[k * N + i] != -INFINITY) S += part_sum[k * N + i] * std::exp(part_max[k * N + i] - M);
+    for (int64_t k = 0; k < splits; ++k) zsum += part_z[k * N + i];
+    const std::vector<double> cz(d.z.begin() + i * V, d.z.begin() + (i + 1) * V);
+    const std::string where = tag + " row" + std::to_string(i);
+    expect("blocked_lse " + where, M + std::log(S), logsumexp(cz), 2,
+           row_zerr + u * (V / 4.0 + 16 + 2 * row_zmax) + u * row_zmax);
+    expect("blocked_zsum " + where, zsum, ref_zsum, 2, zsum_bound + u * (V + 8 + splits) * row_abs);
+    const int64_t t = i * V + d.target[i];
+    expect("blocked_target " + where, target_logit[i], d.z[t], 2, z_error(d, t));
+  }
+}
+
+struct BlockedGrad {
+  double scale = 0.375, smoothing = 0, z_loss = 0, skip_below = 0;
+  bool row_scale = false, want_x = true, want_w = true, want_b = true;
+};
+
+// The gradient pass from the reference's lse (in the compute type), against
+// float64: G from the reference's logits (zero in the tiles of `skipped`,
+// [row blocks x column tiles], when given), then G W, G^T X and G's column
+// sums. The bound on each of G's elements follows the kernel's roundings
+// (z_error through exp, the factors, and the softcap's slope). For fp16/bf16
+// the kernel rounds G to the dtype before the tensor cores' products, so the
+// reference does too (G in double, rounded to the dtype, then the products in
+// double), which keeps the bound tight: the products of two 16-bit values are
+// exact in fp32 and only the sums round, except where the kernel's G and the
+// reference's may round to neighbouring values (G's bound straddles a rounding
+// boundary), where that step is allowed. Factor 2 to spare.
+template <typename T>
+void check_blocked_gradients(const std::string& tag0, const BlockedData<T>& d, const BlockedGrad& g,
+                             const std::vector<char>& skipped = {}) {
+  using A = acc<T>;
+  const int64_t N = d.N, V = d.V, D = d.D, col_tiles = (V + kBlockedCols - 1) / kBlockedCols;
+  const std::string tag = tag0 + (g.smoothing ? " smooth" : "") + (g.z_loss ? " z" : "") +
+                          (g.row_scale ? " row_scale" : "") + (g.skip_below ? " skip" : "") +
+                          (g.want_x ? "" : " no_dx") + (g.want_w ? "" : " no_dw") + (g.want_b ? "" : " no_db");
+  std::mt19937 gen(N * 5 + V * 11 + D);
+  std::normal_distribution<double> nd;
+  std::vector<A> lse(N), row_scale(N);
+  std::vector<double> scale(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const std::vector<double> cz(d.z.begin() + i * V, d.z.begin() + (i + 1) * V);
+    lse[i] = (A)logsumexp(cz);
+    row_scale[i] = (A)nd(gen);
+    scale[i] = g.row_scale ? (double)row_scale[i] : (double)(A)g.scale;
+  }
+  const double u = unit_c<T>(), cap = d.softcap, ls = (double)(A)g.smoothing, zl = (double)(A)g.z_loss;
+  const double tiny = 2 * std::numeric_limits<A>::min();  // underflow's absolute error, per rounding
+  std::vector<double> G(N * V), dG(N * V);  // the reference's G and the bound on the kernel's deviation from it
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < V; ++j) {
+      const int64_t at = i * V + j;
+      if (!skipped.empty() && skipped[(i / kBlockedRows) * col_tiles + j / kBlockedCols]) continue;
+      const double z = d.z[at], raw = d.raw[at], l = lse[i], sc = scale[i];
+      const double rerr = u * (D + 4) * d.mag[at], zerr = z_error(d, at);
+      const double prob = std::exp(z - l), pf = sc * (1 + 2 * zl * l), off = sc * ls / V;
+      const bool is_target = j == d.target[i];
+      const double pre = prob * pf - off - (is_target ? sc * (1 - ls) : 0);
+      double err = prob * std::expm1(zerr + u * (std::fabs(z) + std::fabs(l)) + 4 * u) * std::fabs(pf) +
+                   8 * u * (prob * std::fabs(sc) * (1 + 2 * std::fabs(zl * l)) + std::fabs(off)) +
+                   8 * u * is_target * std::fabs(sc) +
+                   tiny * std::fabs(pf);  // exp(z - lse) below the compute type's normal range
+      double gv = pre;
+      if (cap > 0) {  // 1 - tanh^2 as the kernel computes it, exact in relative terms where it is small
+        const double e = std::exp(-2 * std::fabs(raw / cap)), slope = 4 * e / ((1 + e) * (1 + e));
+        gv = pre * slope;
+        err = err * slope + std::fabs(pre) * slope * (2 * rerr / cap + 8 * u);
+      }
+      if constexpr (kMmaPath<T>) {
+        G[at] = to_d(from_d<T>(gv));
+        dG[at] = to_d(from_d<T>(gv + err)) - to_d(from_d<T>(gv - err));  // 0 unless near a rounding boundary
+      } else {
+        G[at] = gv, dG[at] = err;
+      }
+    }
+  std::vector<A> gx(g.want_x ? N * D : 0, A(0)), gw(g.want_w ? V * D : 0, A(0)), gb(g.want_b ? V : 0, A(0));
+  BlockedCrossEntropy p{};
+  p.x = d.x, p.w = d.w, p.bias = d.b.empty() ? nullptr : d.b.data(), p.target = d.target.data();
+  p.N = N, p.D = D, p.V = V, p.softcap = d.softcap, p.lse = lse.data(), p.label_smoothing = g.smoothing;
+  p.z_loss = g.z_loss, p.row_scale = g.row_scale ? row_scale.data() : nullptr, p.scale = g.scale;
+  p.skip_below = g.skip_below;
+  p.grad_x = g.want_x ? gx.data() : nullptr, p.grad_w = g.want_w ? gw.data() : nullptr;
+  p.grad_b = g.want_b ? gb.data() : nullptr;
+  require(launch_blocked_gradients(p, dtype_of<T>(), nullptr) == cudaSuccess, "blocked gradients launch");
+  // the products' sums round once per term, in any order (the atomics): (terms + 8) u |G| |.| to spare
+  if (g.want_x)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < D; ++k) {
+        double want = 0, dev = 0, mag = 0;
+        for (int64_t j = 0; j < V; ++j) {
+          const double wv = d.wt(j, k);
+          want += G[i * V + j] * wv, dev += dG[i * V + j] * std::fabs(wv), mag += std::fabs(G[i * V + j] * wv);
+        }
+        expect("blocked_dx " + tag + " at" + std::to_string(i) + "," + std::to_string(k), gx[i * D + k], want, 2,
+               dev + u * (V + 8) * mag + V * tiny);
+      }
+  if (g.want_w)
+    for (int64_t j = 0; j < V; ++j)
+      for (int64_t k = 0; k < D; ++k) {
+        double want = 0, dev = 0, mag = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          const double xv = d.in(i, k);
+          want += G[i * V + j] * xv, dev += dG[i * V + j] * std::fabs(xv), mag += std::fabs(G[i * V + j] * xv);
+        }
+        expect("blocked_dw " + tag + " at" + std::to_string(j) + "," + std::to_string(k), gw[j * D + k], want, 2,
+               dev + u * (N + 8) * mag + N * tiny);
+      }
+  if (g.want_b)
+    for (int64_t j = 0; j < V; ++j) {
+      double want = 0, dev = 0, mag = 0;
+      for (int64_t i = 0; i < N; ++i) want += G[i * V + j], dev += dG[i * V + j], mag += std::fabs(G[i * V + j]);
+      expect("blocked_db " + tag + " at" + std::to_string(j), gb[j], want, 2, dev + u * (N + 8) * mag + N * tiny);
+    }
+}
+
+// Random x (order 1), w (order spread / sqrt(D)), bias and targets: logits of order `spread`.
+template <typename T>
+BlockedData<T> random_blocked(const BlockedCase& c) {
+  BlockedData<T> d;
+  blocked_alloc(d, c.N, c.V, c.D, c.misaligned);
+  std::mt19937 gen(c.N * 131 + c.V * 17 + c.D * 3 + (int)c.spread);
+  std::normal_distribution<double> nd;
+  T* x = d.x_store.data() + c.misaligned;
+  T* w = d.w_store.data() + c.misaligned;
+  for (int64_t k = 0; k < c.N * c.D; ++k) x[k] = from_d<T>(nd(gen));
+  for (int64_t k = 0; k < c.V * c.D; ++k) w[k] = from_d<T>(nd(gen) * c.spread / std::sqrt((double)c.D));
+  if (c.bias)
+    for (int64_t j = 0; j < c.V; ++j) d.b.push_back(from_d<T>(0.5 * c.spread * nd(gen)));
+  for (auto& t : d.target) t = std::uniform_int_distribution<int64_t>(0, c.V - 1)(gen);
+  d.softcap = c.softcap;
+  blocked_reference(d);
+  return d;
+}
+
+template <typename T>
+void check_blocked(const char* name, const BlockedCase& c) {
+  const BlockedData<T> d = random_blocked<T>(c);
+  const std::string tag = std::string(name) + " N" + std::to_string(c.N) + " V" + std::to_string(c.V) + " D" +
+                          std::to_string(c.D) + (c.softcap ? " cap" : "") + (c.bias ? " bias" : "") +
+                          (c.misaligned ? " misaligned" : "") + " spread" + std::to_string((int)c.spread);
+  for (int64_t s : c.splits) check_blocked_statistics(tag, d, s);
+  BlockedGrad g;
+  g.scale = c.scale, g.smoothing = c.smoothing, g.z_loss = c.z_loss, g.row_scale = c.row_scale;
+  g.want_x = c.want_x, g.want_w = c.want_w, g.want_b = c.want_b;
+  check_blocked_gradients(tag, d, g);
+}
+
+// skip_below = 2^-12 on logits made so that every probability is above 2^-11
+// or below 2^-13 (required: the kernel's rounding cannot move one across):
+// rows 0-63 peak in column tile 0, 64-127 in tile 1 but row 100 in tile 2,
+// 128-129 in tile 2; off their peak a row's probabilities are near 2^-13.5,
+// so the skipped tiles would have added a visible amount. Row 129's target
+// lies in tile 0, off its peak. Tiles [row block][column tile] skipped:
+// (0,1) (0,2) (1,0) (2,1); kept: (0,0) and (1,1), (1,2) for row 100, (2,0)
+// for the target, (2,2). Then with label smoothing nothing may be skipped.
+template <typename T>
+void check_blocked_skip(const char* name) {
+  const int64_t N = 130, V = 300, D = 24, col_tiles = 3, row_blocks = 3;
+  BlockedData<T> d;
+  blocked_alloc(d, N, V, D, false);
+  std::mt19937 gen(12345);
+  std::normal_distribution<double> nd;
+  T* x = d.x_store.data();
+  T* w = d.w_store.data();
+  auto peak_of = [](int64_t i) -> int64_t { return i == 100 ? 2 : i < 64 ? 0 : i < 128 ? 1 : 2; };
+  const double a = 6;  // the peak tile's logits
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = peak_of(i), own = t == 2 ? V - 2 * kBlockedCols : kBlockedCols;
+    const double b = a + std::log(std::ldexp(std::sqrt(2.0), -14) * own);  // off the peak: p near 2^-13.5
+    for (int64_t k = 0; k < D; ++k) x[i * D + k] = from_d<T>(k < 3 ? (k == t ? a : b) : 0.5 * nd(gen));
+    d.target[i] = i == 129 ? 5 : t * kBlockedCols + std::uniform_int_distribution<int64_t>(0, own - 1)(gen);
+  }
+  for (int64_t j = 0; j < V; ++j)
+    for (int64_t k = 0; k < D; ++k) w[j * D + k] = from_d<T>(k < 3 ? (k == j / kBlockedCols) : 0.02 * nd(gen));
+  for (int64_t j = 0; j < V; ++j) d.b.push_back(from_d<T>(0.01 * nd(gen)));
+  blocked_reference(d);
+  const double skip = std::ldexp(1.0, -12);
+  std::vector<char> skipped(row_blocks * col_tiles, 1);
+  for (int64_t i = 0; i < N; ++i) {
+    const std::vector<double> cz(d.z.begin() + i * V, d.z.begin() + (i + 1) * V);
+    const double lse = (acc<T>)logsumexp(cz);
+    for (int64_t j = 0; j < V; ++j) {
+      const double prob = std::exp(d.z[i * V + j] - lse);
+      require(prob < skip / 2 || prob > skip * 2, "the skip check's probabilities a factor 2 from the threshold");
+      if (prob >= skip || j == d.target[i]) skipped[(i / kBlockedRows) * col_tiles + j / kBlockedCols] = 0;
+    }
+  }
+  const std::vector<char> expected{0, 1, 1, 1, 0, 0, 0, 1, 0};
+  require(skipped == expected, "the skip check's data skips the tiles it says");
+  const std::string tag = std::string(name) + " N130 V300 D24 peaked";
+  BlockedGrad g;
+  g.skip_below = skip, g.z_loss = 1.0 / 1024;
+  check_blocked_gradients(tag, d, g, skipped);
+  g.smoothing = 0.125, g.row_scale = true;
+  check_blocked_gradients(tag, d, g);  // with smoothing every tile's G is nonzero: nothing skipped
+}
+
+template <typename T>
+void check_blocked_dtype(const char* name, bool quick) {
+  if (quick) {  // ThreadSanitizer: two tiles in a split (the statistics loop's barrier), all three products;
+                // fp16/bf16: the 16-byte copies, then the element-wise ones (misaligned)
+    check_blocked<T>(name, BlockedCase{65, 129, 40, {1, 3}, 20.0, 3, true, false, 0.375, 0.1, 0.01, true});
+    if (kMmaPath<T>) check_blocked<T>(name, BlockedCase{63, 129, 24, {1}, 0, 3, false, true});
+    return;
+  }
+  // N, V, D at and past the tiles' 64 x 128 and the slices of D (fp16/bf16: k-steps of 32, slices of 64;
+  // fp32/fp64: 16 and 16); D 130, no multiple of 8, and a misaligned x and w: the fp16/bf16 element-wise
+  // copies. Each of dX, dW, db left out once.
+  check_blocked<T>(name, BlockedCase{1, 1, 8, {1, 2}});
+  check_blocked<T>(name, BlockedCase{63, 7, 24, {1, 3}, 15.0, 3, false, false, 1.5, 0.1, 0.01, true});
+  check_blocked<T>(name, BlockedCase{64, 128, 40, {1, 2}, 0, 3, true, false, 0.375, 0, 0, false, false});
+  check_blocked<T>(name, BlockedCase{65, 129, 72, {2, 3}, 20.0, 3, true, true, 0.375, 0.2, 0.001, true, true, false});
+  check_blocked<T>(name,
+                   BlockedCase{130, 300, 130, {1, 2, 3, 5}, 0, 3, true, false, 0.375, 0, 0.01, false, true, true, false});
+  // fp16/bf16: 16-byte copies over as many k-steps as stages; 4 tiles in 3 splits of 2 (the last empty)
+  check_blocked<T>(name, BlockedCase{130, 129, 72, {1}, 0, 3, true, false, 0.375, 0, 0, true});
+  check_blocked<T>(name, BlockedCase{3, 400, 8, {3}});
+  // logits of order 1e3: the max kept apart from the sums; and softcapped
+  check_blocked<T>(name, BlockedCase{65, 300, 40, {1, 3}, 0, 300, true, false, 1.0, 0, 0, true});
+  check_blocked<T>(name, BlockedCase{63, 129, 24, {2}, 50.0, 300, false, true, 0.375, 0.1, 0.001});
+  check_blocked_skip<T>(name);
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   check_dtype<float>("float32", quick);
@@ -241,6 +609,13 @@ int main(int argc, char** argv) {
     for (double beta : {0.0, 0.5, 1.0}) check_distillation<float>("float32", KdCase{3, 1000, 1.0, beta, 1.0, 300});
     std::printf("large logits: %d checks, %d failures\n", checks, failures);
   }
+  check_blocked_dtype<float>("float32", quick);
+  check_blocked_dtype<__nv_bfloat16>("bfloat16", quick);
+  if (!quick) {
+    check_blocked_dtype<__half>("float16", false);
+    check_blocked_dtype<double>("float64", false);
+  }
+  std::printf("blocked: %d checks, %d failures\n", checks, failures);
   for (const auto& [what, ratio] : worst) std::printf("worst %s: %.3f of its bound\n", what.c_str(), ratio);
   std::printf("total: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
