@@ -359,7 +359,9 @@ def run_distillation(fn, data, dtype, teacher_dtype, reduction, use_target, devi
     return [loss.detach().cpu()] + [a.grad.cpu() for a in leaves if a is not None]
 
 
-def torch_distillation(xs, ws, xt, wt, t, student_bias=None, teacher_bias=None, chunk_rows=None, **options):
+def torch_distillation(xs, ws, xt, wt, t, student_bias=None, teacher_bias=None, chunk_rows=None, method=None,
+                       **options):
+    # the reference has one way (method)
     return reference.linear_distillation_loss(xs, ws, xt, wt, t, student_bias, teacher_bias, **options)
 
 
@@ -464,6 +466,15 @@ def bad_distillation(**changes):
     (bad_distillation(target=None, hard_weight=1.0), ValueError, "needs a target"),
     (bad_distillation(target=torch.tensor([0, 9, 1, 2])), ValueError, r"target\[1\] = 9 is out of range"),
     (bad_distillation(reduction="batchmean"), ValueError, "reduction must be"),
+    (bad_distillation(method="tiled"), ValueError, "method must be 'chunked' or 'blocked', got 'tiled'"),
+    (bad_distillation(method=None), ValueError, "method must be"),
+    (bad_distillation(method="blocked"), NotImplementedError,
+     "method='blocked' runs on CUDA only.*on cpu use method='chunked'"),
+    # the dtype's error first, wherever it runs: it holds on CUDA too
+    (bad_distillation(student_input=torch.zeros(4, 3, dtype=torch.bfloat16),
+                      student_weight=torch.zeros(6, 3, dtype=torch.bfloat16),
+                      teacher_input=torch.zeros(4, 5), teacher_weight=torch.zeros(6, 5), method="blocked"),
+     TypeError, r"method 'blocked' needs the teacher in the student's dtype \(bfloat16\), got teacher_input float32"),
 ])
 def test_distillation_bad_input_raises_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
@@ -475,11 +486,11 @@ def test_distillation_opcheck_and_compile(reduction):
     xs, ws, bs, xt, wt, bt, t, g = (a.float() if a.is_floating_point() else a
                                     for a in make_distillation(9, 6, 7, 13, seed=7))
     args = (xs.requires_grad_(), ws.requires_grad_(), xt, wt, t, bs.requires_grad_(), bt, 2.0, 0.5, 0.5, -100,
-            reduction, 4)
+            reduction, 4, "chunked")
     torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss, args)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss_forward,
-                          (*plain[:11], "sum", 4, None, [True, True, True]))
+                          (*plain[:11], "sum", 4, "chunked", None, [True, True, True]))
 
     def step(xs, ws, bs):
         loss = bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, student_bias=bs, teacher_bias=bt, beta=0.5,
@@ -501,6 +512,59 @@ def test_distillation_module_and_meta():
     meta = [torch.empty(3, 5, 8, device="meta"), torch.empty(30, 8, device="meta"),
             torch.empty(3, 5, 12, device="meta"), torch.empty(30, 12, device="meta")]
     assert bigkernels.linear_distillation_loss(*meta, reduction="none").shape == (3, 5)
+    # the module passes method on (the op refuses "blocked" here, on the CPU)
+    assert "method='chunked'" in repr(module)
+    blocked = bigkernels.nn.LinearDistillationLoss(beta=0.5, method="blocked")
+    assert "method='blocked'" in repr(blocked)
+    with pytest.raises(NotImplementedError, match="method='blocked' runs on CUDA only"):
+        blocked(xs, ws, xt, wt, t)
+    with pytest.raises(ValueError, match="method must be"):
+        bigkernels.nn.LinearDistillationLoss(method="tiled")(xs, ws, xt, wt, t)
+
+
+def test_distillation_blocked_method_on_the_cpu_raises_not_implemented(monkeypatch):
+    xs, ws, bs, xt, wt, bt, t, g = make_distillation(6, 5, 7, 9, seed=17)
+    ops = (torch.ops.bigkernels.linear_distillation_loss, torch.ops.bigkernels.linear_distillation_loss_forward)
+
+    def calls(xs, ws, bs, xt, wt, bt, t):
+        return [lambda method: ops[0](xs, ws, xt, wt, t, bs, bt, 2.0, 0.5, 0.5, -100, "mean", 0, method),
+                lambda method: ops[1](xs, ws, xt, wt, t, bs, bt, 2.0, 0.5, 0.5, -100, "sum", 0, method, None,
+                                      [True, True, True]),
+                # the backward of 'none'
+                lambda method: ops[1](xs, ws, xt, wt, t, bs, bt, 2.0, 0.5, 0.5, -100, "none", 0, method, g,
+                                      [True, True, True])]
+
+    for call in calls(xs, ws, bs, xt, wt, bt, t):
+        # the op itself, called directly: the CPU has no blocked kernels
+        with pytest.raises(NotImplementedError, match="bigkernels linear_distillation_loss: method='blocked' runs "
+                                                      "on CUDA only; on cpu use method='chunked'"):
+            call("blocked")
+        with pytest.raises((ValueError, RuntimeError), match="method must be 'chunked' or 'blocked', got 'nope'"):
+            call("nope")
+        call("chunked")
+    # whatever the targets: all ignored (no row to compute), or none, refuses too
+    with pytest.raises(NotImplementedError, match="runs on CUDA only"):
+        ops[0](xs, ws, xt, wt, torch.full_like(t, -100), bs, bt, 1.0, 0.0, 0.5, -100, "mean", 0, "blocked")
+    with pytest.raises(NotImplementedError, match="runs on CUDA only"):
+        ops[0](xs, ws, xt, wt, None, bs, bt, 1.0, 0.0, 0.0, -100, "sum", 0, "blocked")
+    # the teacher in another dtype: the chunked method takes it, the blocked refuses it first (a TypeError)
+    low = [None if a is None else a.bfloat16() for a in (xs, ws, bs)]
+    high = [None if a is None else a.float() for a in (xt, wt, bt)]
+    for call in calls(*low, *high, t):
+        call("chunked")
+        with pytest.raises(TypeError, match=r"method 'blocked' needs the teacher in the student's dtype "
+                                            r"\(bfloat16\), got teacher_input float32: cast it, or use method "
+                                            r"'chunked'"):
+            call("blocked")
+    # and the PyTorch fallback (no kernel for the device) refuses it as well: the check is the front's
+    from bigkernels.ops import losses as loss_ops
+    monkeypatch.setattr(loss_ops, "_has_kernel", lambda device: False)
+    with pytest.raises(NotImplementedError, match="on cpu use method='chunked'"):
+        bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, beta=0.5, method="blocked")
+    with pytest.raises(TypeError, match="needs the teacher in the student's dtype"):
+        bigkernels.linear_distillation_loss(low[0], low[1], high[0], high[1], t, method="blocked")
+    torch.testing.assert_close(bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, beta=0.5, method="chunked"),
+                               torch_distillation(xs, ws, xt, wt, t, beta=0.5))
 
 
 def test_transformer_returns_its_loss_through_the_fused_path():
@@ -792,3 +856,105 @@ def test_cuda_blocked_module():
     blocked = bigkernels.nn.LinearCrossEntropyLoss(label_smoothing=0.1, method="blocked")
     torch.testing.assert_close(blocked(x, w, t, b), bigkernels.nn.LinearCrossEntropyLoss(label_smoothing=0.1)(x, w, t, b),
                                rtol=1e-5, atol=1e-5)
+
+
+# CUDA, distillation with method="blocked": both logits a tile at a time
+# (csrc/losses/cuda/), three passes over the vocabulary's tiles. The 2x rule
+# against float64, every dtype (the teacher in the student's, as the method
+# needs), each beta, temperature, hard term (make_distillation's 20 % of the
+# rows ignored), reduction and bias pairing at least once, on sizes off the
+# tile boundaries (V 1 and 7 narrower than any block). In a build without the
+# CUDA kernels the PyTorch fallback runs (it ignores method): they pass too.
+BLOCKED_DISTILLATION = [
+    # (N, Ds, Dt, V, student bias, teacher bias, options)
+    (1, 40, 72, 1000, True, True, {"beta": 0.0}),
+    (65, 130, 24, 7, False, True, {"beta": 1.0, "temperature": 2.0, "hard_weight": 0.5}),
+    (200, 40, 72, 129, True, False, {"beta": 0.5, "temperature": 0.5}),
+    (65, 40, 72, 1, False, False, {"beta": 0.5, "hard_weight": 0.5}),
+    (200, 130, 24, 1000, True, True, {"beta": 1.0, "temperature": 0.5}),
+    (1, 130, 24, 129, False, True, {"beta": 0.0, "temperature": 2.0, "hard_weight": 0.5}),
+]
+
+
+def make_blocked_distillation(N, Ds, Dt, V, student_bias, teacher_bias, seed):
+    xs, ws, bs, xt, wt, bt, t, g = make_distillation(N, Ds, Dt, V, seed=seed)
+    return xs, ws, bs if student_bias else None, xt, wt, bt if teacher_bias else None, t, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", BLOCKED_DISTILLATION, ids=str)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_distillation_blocked_matches_reference(dtype, reduction, case):
+    *size, options = case
+    data = make_blocked_distillation(*size, seed=sum(size[:4]))
+    check_distillation(data, dtype, reduction, device="cuda", method="blocked", **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", [BLOCKED_DISTILLATION[i] for i in (1, 2, 4)], ids=str)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_distillation_blocked_equals_chunked(reduction, case):
+    # float64: the same sums in another order (tiles, atomics), apart by
+    # rounding alone, relative to each result's largest element.
+    *size, options = case
+    data = make_blocked_distillation(*size, seed=18)
+    chunked = run_distillation(bigkernels.linear_distillation_loss, data, torch.float64, None, reduction, True, "cuda",
+                               **options)
+    blocked = run_distillation(bigkernels.linear_distillation_loss, data, torch.float64, None, reduction, True, "cuda",
+                               method="blocked", **options)
+    names = ["loss", "grad_student_input", "grad_student_weight", "grad_student_bias"]
+    for name, a, c in zip(names, blocked, chunked):
+        error = (a - c).abs().max().item() if a.numel() else 0.0
+        assert error <= 1e-12 * max(1.0, c.abs().max().item() if c.numel() else 0.0), \
+            f"{name}: blocked and chunked {error:.3g} apart"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_distillation_blocked_empty_and_all_ignored():
+    for reduction in ("mean", "sum", "none"):
+        for N, ignored, use_target in ((0, 0.0, True), (0, 0.0, False), (6, 1.0, True)):
+            data = make_distillation(N, 8, 12, 11, ignored=ignored)
+            got = run_distillation(bigkernels.linear_distillation_loss, data, torch.float32, None, reduction,
+                                   use_target, "cuda", method="blocked", beta=0.5, hard_weight=0.5 * use_target)
+            assert got[0].shape == ((N,) if reduction == "none" else ())
+            assert all((a == 0).all() for a in got)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_distillation_blocked_dtypes_module_and_opcheck():
+    xs, ws, bs, xt, wt, bt, t, g = (a.cuda() for a in make_distillation(50, 24, 40, 300, seed=21))
+    # the teacher in another dtype: refused, by the front and by the op
+    with pytest.raises(TypeError, match=r"needs the teacher in the student's dtype \(bfloat16\), got teacher_input "
+                                        r"float32"):
+        bigkernels.linear_distillation_loss(xs.bfloat16(), ws.bfloat16(), xt.float(), wt.float(), t, method="blocked")
+    if BUILD_INFO["cuda_compiled"]:
+        with pytest.raises(TypeError, match="needs the teacher in the student's dtype"):
+            torch.ops.bigkernels.linear_distillation_loss(xs.bfloat16(), ws.bfloat16(), xt.float(), wt.float(), t,
+                                                          None, None, 1.0, 0.0, 0.0, -100, "mean", 0, "blocked")
+    # under autocast both sides are cast alike: accepted
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = bigkernels.linear_distillation_loss(xs.float(), ws.float(), xt.float(), wt.float(), t,
+                                                   method="blocked")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    xs, ws, bs, xt, wt, bt = (a.float() for a in (xs, ws, bs, xt, wt, bt))
+    options = dict(temperature=2.0, beta=0.5, hard_weight=0.3)
+    blocked = bigkernels.nn.LinearDistillationLoss(method="blocked", **options)
+    torch.testing.assert_close(blocked(xs, ws, xt, wt, t, bs, bt),
+                               bigkernels.nn.LinearDistillationLoss(**options)(xs, ws, xt, wt, t, bs, bt),
+                               rtol=1e-5, atol=1e-5)
+    if not BUILD_INFO["cuda_compiled"]:
+        return
+    for reduction in ("mean", "none"):
+        args = (xs.detach().requires_grad_(), ws.detach().requires_grad_(), xt, wt, t, bs.detach().requires_grad_(),
+                bt, 2.0, 0.5, 0.5, -100, reduction, 0, "blocked")
+        torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss, args)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss_forward,
+                              (*plain[:11], "sum", 0, "blocked", None, [True, True, True]))
+        torch.library.opcheck(torch.ops.bigkernels.linear_distillation_loss_forward,
+                              (*plain[:11], "none", 0, "blocked", g.float(), [True, True, True]))

@@ -38,13 +38,14 @@ class LinearDistillationLoss(torch.nn.Module):
     fused: forward(student_input, student_weight, teacher_input,
     teacher_weight, target=None, student_bias=None, teacher_bias=None) is
     bigkernels.linear_distillation_loss with this module's options (which
-    says what temperature, beta and hard_weight do)."""
+    says what temperature, beta, hard_weight, chunk_rows and method do)."""
 
     def __init__(self, temperature=1.0, beta=0.0, hard_weight=0.0, ignore_index=-100, reduction="mean",
-                 chunk_rows=None):
+                 chunk_rows=None, method="chunked"):
         super().__init__()
         self.temperature, self.beta, self.hard_weight = temperature, beta, hard_weight
         self.ignore_index, self.reduction, self.chunk_rows = ignore_index, reduction, chunk_rows
+        self.method = method
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None, student_bias=None,
                 teacher_bias=None):
@@ -52,8 +53,8 @@ class LinearDistillationLoss(torch.nn.Module):
                                         student_bias=student_bias, teacher_bias=teacher_bias,
                                         temperature=self.temperature, beta=self.beta, hard_weight=self.hard_weight,
                                         ignore_index=self.ignore_index, reduction=self.reduction,
-                                        chunk_rows=self.chunk_rows)
+                                        chunk_rows=self.chunk_rows, method=self.method)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, beta={self.beta}, hard_weight={self.hard_weight}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, method={self.method!r}")

@@ -31,6 +31,14 @@ def autocast_inputs(first, *others):
                  for t in tensors)
 
 
+def autocast_dtype(tensor):
+    """The dtype autocast_inputs gives tensor, as the first of its inputs
+    (without casting it)."""
+    if (_ANY_AUTOCAST_ENABLED() and tensor.dtype in _CASTABLE and _autocast_enabled(tensor.device.type)):
+        return torch.get_autocast_dtype(tensor.device.type)
+    return tensor.dtype
+
+
 def autocast_runs_in_float32(tensor):
     """Whether autocast is on for tensor's device and would run an op on its
     float32 list (cross_entropy) in float32 for tensor's dtype."""

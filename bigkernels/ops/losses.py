@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext, reference
 from .._info import BUILD_INFO
-from ._autocast import autocast_inputs, autocast_runs_in_float32
+from ._autocast import autocast_dtype, autocast_inputs, autocast_runs_in_float32
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -165,8 +165,10 @@ def _linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, l
 
 
 def _check_distillation(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
-                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows):
-    """Raises TypeError/ValueError naming the bad argument."""
+                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows,
+                        method="chunked"):
+    """Raises TypeError/ValueError naming the bad argument, and
+    NotImplementedError for method 'blocked' off CUDA."""
     for name, t in (("student_input", student_input), ("student_weight", student_weight),
                     ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
         if not isinstance(t, torch.Tensor):
@@ -203,11 +205,24 @@ def _check_distillation(student_input, student_weight, teacher_input, teacher_we
         raise ValueError(f"hard_weight must be a number >= 0, got {hard_weight!r}")
     if hard_weight and target is None:
         raise ValueError(f"hard_weight={hard_weight} needs a target")
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"method must be 'chunked' or 'blocked', got {method!r}")
+    if method == "blocked":
+        # The dtypes the kernels will see: autocast casts both sides alike.
+        student_dtype, teacher_dtype = autocast_dtype(student_input), autocast_dtype(teacher_input)
+        if teacher_dtype != student_dtype:
+            student_name, teacher_name = (str(d).replace("torch.", "") for d in (student_dtype, teacher_dtype))
+            raise TypeError(f"method 'blocked' needs the teacher in the student's dtype ({student_name}), got "
+                            f"teacher_input {teacher_name}: cast it, or use method 'chunked'")
+        # Here, not in the op alone: the fallback without the extension raises it too.
+        if student_input.device.type != "cuda":
+            raise NotImplementedError(f"method='blocked' runs on CUDA only (Cut Cross-Entropy's tiles); on "
+                                      f"{student_input.device.type} use method='chunked'")
 
 
 def linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target=None, *,
                              student_bias=None, teacher_bias=None, temperature=1.0, beta=0.0, hard_weight=0.0,
-                             ignore_index=-100, reduction="mean", chunk_rows=None):
+                             ignore_index=-100, reduction="mean", chunk_rows=None, method="chunked"):
     """Knowledge distillation from a teacher's LM head to a student's, without
     either [tokens x V] logits matrix in memory: student_input [..., Ds],
     student_weight [V, Ds], teacher_input [..., Dt], teacher_weight [V, Dt].
@@ -222,9 +237,20 @@ def linear_distillation_loss(student_input, student_weight, teacher_input, teach
     ignore_index count in neither term; 'mean' divides by the rows that count
     (0 when none does). Gradients reach the student's input, weight and bias;
     the teacher (any float dtype, under no_grad or not) gets none.
-    chunk_rows as in linear_cross_entropy."""
+    chunk_rows as in linear_cross_entropy.
+
+    method: "chunked" (default), chunks of rows with the whole vocabulary,
+    the teacher's and the student's logits of a chunk made once.
+    "blocked": never holds a row's logits, teacher's or student's: three
+    passes over the vocabulary's tiles (statistics, the divergence's sums,
+    gradients) with both products made in each (the teacher's three times,
+    where the chunked method makes it once), its gradients summed with
+    atomics (close to the chunked method's, not bit-identical run to run).
+    It runs on CUDA only (NotImplementedError elsewhere), needs the teacher
+    in the student's dtype (TypeError otherwise; under autocast, as autocast
+    casts them), and chunk_rows does not apply."""
     _check_distillation(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
-                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows)
+                        teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows, method)
     float32_loss = autocast_runs_in_float32(student_input)
     student_input, student_weight, student_bias = autocast_inputs(student_input, student_weight, student_bias)
     teacher_input, teacher_weight, teacher_bias = autocast_inputs(teacher_input, teacher_weight, teacher_bias)
@@ -234,9 +260,9 @@ def linear_distillation_loss(student_input, student_weight, teacher_input, teach
     if _has_kernel(xs.device):
         loss = torch.ops.bigkernels.linear_distillation_loss(
             xs, student_weight, xt, teacher_weight, t, student_bias, teacher_bias, float(temperature), float(beta),
-            float(hard_weight), ignore_index, reduction, int(chunk_rows or 0))
+            float(hard_weight), ignore_index, reduction, int(chunk_rows or 0), method)
     else:
-        # the teacher frozen, as in the kernels
+        # the teacher frozen, as in the kernels (method ignored: the same numbers)
         teacher = [None if a is None else a.detach() for a in (xt, teacher_weight, teacher_bias)]
         loss = reference.linear_distillation_loss(xs, student_weight, teacher[0], teacher[1], t, student_bias,
                                                   teacher[2], temperature, beta, hard_weight, ignore_index, reduction)
@@ -273,13 +299,14 @@ def _register():
 
     @torch.library.register_fake("bigkernels::linear_distillation_loss")
     def _distillation_fake(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
-                           teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows):
+                           teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows,
+                           method):
         return loss_and_lse(student_input, reduction)[0]
 
     @torch.library.register_fake("bigkernels::linear_distillation_loss_forward")
     def _distillation_forward_fake(student_input, student_weight, teacher_input, teacher_weight, target,
                                    student_bias, teacher_bias, temperature, beta, hard_weight, ignore_index,
-                                   reduction, chunk_rows, grad_loss, grad_mask):
+                                   reduction, chunk_rows, method, grad_loss, grad_mask):
         return (loss_and_lse(student_input, reduction)[0],
                 *grads(student_input, student_weight, student_bias, grad_mask))
 

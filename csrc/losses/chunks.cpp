@@ -18,7 +18,8 @@
 // gradients of a mean or sum are computed in the forward, in the same pass
 // (the backward scales them by the loss's gradient): the logits are made once.
 // Distillation runs the same loop with the teacher's logits made beside the
-// student's (no gradient: a fourth product, the teacher's, in the forward only).
+// student's (no gradient: a fourth product, the teacher's, in the forward only),
+// or with method 'blocked' the device's blocked kernels, as cross-entropy.
 #include "losses/chunks.h"
 
 #include <c10/core/DeviceGuard.h>
@@ -274,14 +275,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
 // student's logits (whose gradient the row passes write in place) and the
 // teacher's (in the compute type). Returns each counted row's loss and the
 // gradients in grad_mask; grad_loss (per row) or `scale` weighs the rows.
+// Method 'blocked' hands the rows that count to the device's blocked
+// kernels instead (both logits a tile at a time; CUDA only).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss_forward(
     const LossDevice& device, const at::Tensor& student_input, const at::Tensor& student_weight, const at::Tensor& teacher_input,
     const at::Tensor& teacher_weight, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias, double temperature,
     double beta, double hard_weight, int64_t ignore_index, c10::string_view reduction, int64_t chunk_rows,
-    const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask) {
+    c10::string_view method, const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask) {
   const c10::DeviceGuard guard(student_input.device());  // the products', and kernels', device
-  const DistillationOptions options{temperature, beta, hard_weight, ignore_index};
+  const DistillationOptions options{temperature, beta, hard_weight, ignore_index, parse_method(method)};
   check_linear_distillation_args(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
                                  teacher_bias, options, chunk_rows);
   const Reduction r = parse_reduction(reduction);
@@ -308,21 +311,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_l
   const bool hard = hard_weight > 0;
   const at::Tensor t = hard ? keep_rows(*target, rows) : at::Tensor();
   const at::Tensor scales = grad_loss.has_value() ? keep_rows(grad_loss->reshape({N}).to(compute), rows) : at::Tensor();
-  at::Tensor loss_rows = at::empty({Nv}, opts.dtype(compute));
-  Gradients grads(grad_mask, Nv, student_input, student_weight);
-  const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
-  const int64_t stat_bytes = loss_rows.element_size();
-  for (int64_t c0 = 0; c0 < Nv; c0 += Nc) {
-    const int64_t n = std::min(Nc, Nv - c0);
-    const at::Tensor xc = xs.narrow(0, c0, n);
-    at::Tensor z = device.product(xc, student_weight, student_bias);
-    const at::Tensor zt = device.product(xt.narrow(0, c0, n), teacher_weight, teacher_bias).to(compute);
-    const DistillationRows chunk{
-        z.mutable_data_ptr(), zt.const_data_ptr(), V, V, hard ? t.const_data_ptr<int64_t>() + c0 : nullptr,
-        temperature, beta, hard_weight, static_cast<char*>(loss_rows.mutable_data_ptr()) + c0 * stat_bytes, grad,
-        scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
-    device.distillation_rows(dtype, chunk, n);
-    if (grad) grads.add_chunk(z, xc, student_weight, c0);
+  // Checked before the empty case's: the answer does not hang on the targets.
+  TORCH_CHECK_NOT_IMPLEMENTED(!options.blocked || device.distillation_blocked != nullptr,
+                              "bigkernels linear_distillation_loss: method='blocked' runs on CUDA only; on ",
+                              student_input.device().type(), " use method='chunked'");
+  at::Tensor loss_rows;
+  Gradients grads(grad_mask);
+  if (options.blocked && Nv > 0) {
+    // The kernels make their own gradients (from their accumulators): none
+    // are allocated here, which would hold a second dW.
+    BlockedDistillationResults b = device.distillation_blocked(
+        xs, student_weight.contiguous(), student_bias, xt, teacher_weight.contiguous(), teacher_bias, t, options,
+        grad_mask, scales, scale);
+    loss_rows = b.loss_rows;
+    if (grad_mask[0]) grads.input = b.grad_input;
+    if (grad_mask[1]) grads.weight = b.grad_weight;
+    if (grad_mask[2]) grads.bias = b.grad_bias;
+    TORCH_INTERNAL_ASSERT(loss_rows.defined() && (!grad_mask[0] || grads.input.defined()) &&
+                              (!grad_mask[1] || grads.weight.defined()) && (!grad_mask[2] || grads.bias.defined()),
+                          "bigkernels linear_distillation_loss: the blocked kernels left out a result asked for");
+  } else {
+    loss_rows = at::empty({Nv}, opts.dtype(compute));
+    grads = Gradients(grad_mask, Nv, student_input, student_weight);
+    const int64_t Nc = std::min(Nv, rows_per_chunk(V, chunk_rows));
+    const int64_t stat_bytes = loss_rows.element_size();
+    for (int64_t c0 = 0; c0 < Nv; c0 += Nc) {
+      const int64_t n = std::min(Nc, Nv - c0);
+      const at::Tensor xc = xs.narrow(0, c0, n);
+      at::Tensor z = device.product(xc, student_weight, student_bias);
+      const at::Tensor zt = device.product(xt.narrow(0, c0, n), teacher_weight, teacher_bias).to(compute);
+      const DistillationRows chunk{
+          z.mutable_data_ptr(), zt.const_data_ptr(), V, V, hard ? t.const_data_ptr<int64_t>() + c0 : nullptr,
+          temperature, beta, hard_weight, static_cast<char*>(loss_rows.mutable_data_ptr()) + c0 * stat_bytes, grad,
+          scales.defined() ? static_cast<const char*>(scales.const_data_ptr()) + c0 * stat_bytes : nullptr, scale};
+      device.distillation_rows(dtype, chunk, n);
+      if (grad) grads.add_chunk(z, xc, student_weight, c0);
+    }
   }
   auto [grad_input, grad_weight, grad_bias] = grads.finish(rows, N, opts);
   return {reduce_loss(loss_rows, rows, N, r, scale), grad_input, grad_weight, grad_bias};
@@ -334,10 +358,10 @@ at::Tensor linear_distillation_loss(const LossDevice& device, const at::Tensor& 
                                         const std::optional<at::Tensor>& student_bias,
                                         const std::optional<at::Tensor>& teacher_bias, double temperature,
                                         double beta, double hard_weight, int64_t ignore_index,
-                                        c10::string_view reduction, int64_t chunk_rows) {
+                                        c10::string_view reduction, int64_t chunk_rows, c10::string_view method) {
   return std::get<0>(linear_distillation_loss_forward(
       device, student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias, temperature,
-      beta, hard_weight, ignore_index, reduction, chunk_rows, std::nullopt, {false, false, false}));
+      beta, hard_weight, ignore_index, reduction, chunk_rows, method, std::nullopt, {false, false, false}));
 }
 
 }  // namespace bigkernels

@@ -27,17 +27,29 @@ struct BlockedResults {
   at::Tensor grad_input, grad_weight, grad_bias;  // [rows, D] and [V, D] in x's dtype, [V] compute type; undefined where not in grad_mask
 };
 
+// Distillation the same way (method "blocked"): xs/xt and target the rows
+// that count, contiguous (target undefined: no hard term); row_scale
+// (undefined: `scale` for every row) weighs each row's gradient.
+struct BlockedDistillationResults {
+  at::Tensor loss_rows;  // [rows] compute type
+  at::Tensor grad_input, grad_weight, grad_bias;  // [rows, Ds] and [V, Ds] in the dtype, [V] compute type; undefined where not in grad_mask
+};
+
 struct LossDevice {
   // x [n, K] @ w [V, K]^T (+ b), a new [n, V] tensor in x's dtype
   at::Tensor (*product)(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
   // the passes over all `rows` rows of a chunk
   void (*cross_entropy_rows)(at::ScalarType dtype, const CrossEntropyRows& a, int64_t rows);
   void (*distillation_rows)(at::ScalarType dtype, const DistillationRows& a, int64_t rows);
-  // null where the device has no blocked kernels (the CPU)
+  // null where the device has no blocked kernels (the CPU), as is distillation_blocked
   BlockedResults (*cross_entropy_blocked)(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                           const at::Tensor& target, const CrossEntropyOptions& options,
                                           std::array<bool, 3> grad_mask, const at::Tensor& lse_given,
                                           const at::Tensor& row_scale, double scale);
+  BlockedDistillationResults (*distillation_blocked)(
+      const at::Tensor& xs, const at::Tensor& ws, const std::optional<at::Tensor>& bs, const at::Tensor& xt,
+      const at::Tensor& wt, const std::optional<at::Tensor>& bt, const at::Tensor& target,
+      const DistillationOptions& options, std::array<bool, 3> grad_mask, const at::Tensor& row_scale, double scale);
 };
 
 // The ops' bodies (schemas in losses.cpp), for a device.
@@ -62,13 +74,14 @@ at::Tensor linear_distillation_loss(const LossDevice& device, const at::Tensor& 
                                     const std::optional<at::Tensor>& student_bias,
                                     const std::optional<at::Tensor>& teacher_bias, double temperature, double beta,
                                     double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                                    int64_t chunk_rows);
+                                    int64_t chunk_rows, c10::string_view method);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_distillation_loss_forward(
     const LossDevice& device, const at::Tensor& student_input, const at::Tensor& student_weight,
     const at::Tensor& teacher_input, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& target,
     const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias,
     double temperature, double beta, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-    int64_t chunk_rows, const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask);
+    int64_t chunk_rows, c10::string_view method, const std::optional<at::Tensor>& grad_loss,
+    std::array<bool, 3> grad_mask);
 
 // Registers the five ops' kernels for one device (its TORCH_LIBRARY_IMPL
 // calls this), each the body above with `device` bound.
@@ -107,20 +120,21 @@ void register_loss_ops(torch::Library& m) {
                                    const std::optional<at::Tensor>& student_bias,
                                    const std::optional<at::Tensor>& teacher_bias, double temperature, double beta,
                                    double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                                   int64_t chunk_rows) {
+                                   int64_t chunk_rows, c10::string_view method) {
       return linear_distillation_loss(*device, student_input, student_weight, teacher_input, teacher_weight, target,
                                       student_bias, teacher_bias, temperature, beta, hard_weight, ignore_index,
-                                      reduction, chunk_rows);
+                                      reduction, chunk_rows, method);
     }
     static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distillation_forward(
         const at::Tensor& student_input, const at::Tensor& student_weight, const at::Tensor& teacher_input,
         const at::Tensor& teacher_weight, const std::optional<at::Tensor>& target,
         const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias,
         double temperature, double beta, double hard_weight, int64_t ignore_index, c10::string_view reduction,
-        int64_t chunk_rows, const std::optional<at::Tensor>& grad_loss, std::array<bool, 3> grad_mask) {
+        int64_t chunk_rows, c10::string_view method, const std::optional<at::Tensor>& grad_loss,
+        std::array<bool, 3> grad_mask) {
       return linear_distillation_loss_forward(*device, student_input, student_weight, teacher_input, teacher_weight,
                                               target, student_bias, teacher_bias, temperature, beta, hard_weight,
-                                              ignore_index, reduction, chunk_rows, grad_loss, grad_mask);
+                                              ignore_index, reduction, chunk_rows, method, grad_loss, grad_mask);
     }
   };
   m.impl("linear_cross_entropy", &Bound::cross_entropy);

@@ -17,6 +17,21 @@ Reduction parse_reduction(c10::string_view name) {
   return Reduction::kNone;
 }
 
+namespace {
+
+// A float dtype's name as Python spells it (the messages' readers write torch.bfloat16).
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    default: return c10::toString(dtype);
+  }
+}
+
+}  // namespace
+
 bool parse_method(c10::string_view name) {
   if (name == "chunked") return false;
   TORCH_CHECK_VALUE(name == "blocked", "bigkernels linear_cross_entropy: method must be 'chunked' or 'blocked', got '",
@@ -104,6 +119,11 @@ void check_linear_distillation_args(const at::Tensor& student_input, const at::T
   TORCH_CHECK_VALUE(options.hard_weight >= 0, op, "hard_weight must be >= 0, got ", options.hard_weight);
   TORCH_CHECK_VALUE(options.hard_weight == 0 || target.has_value(), op, "hard_weight ", options.hard_weight,
                     " needs a target");
+  // The blocked kernels make both logits in one tile's loop, from one dtype's operands.
+  const at::ScalarType student = student_input.scalar_type();
+  TORCH_CHECK_TYPE(!options.blocked || dtype == student, op, "method 'blocked' needs the teacher in the student's "
+                   "dtype (", dtype_name(student), "), got teacher_input ", dtype_name(dtype),
+                   ": cast it, or use method 'chunked'");
 }
 
 }  // namespace bigkernels
@@ -143,14 +163,18 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // generalized Jensen-Shannon divergence), reduced as linear_cross_entropy's
   // (rows whose target is ignore_index count nowhere), in float32 (float64
   // for a double student). The teacher gets no gradient.
+  // method: "chunked" as linear_cross_entropy's; "blocked" makes both logits
+  // a tile at a time (CUDA only; student and teacher in one dtype;
+  // chunk_rows unused).
   m.def("linear_distillation_loss(Tensor student_input, Tensor student_weight, Tensor teacher_input, "
         "Tensor teacher_weight, Tensor? target, Tensor? student_bias, Tensor? teacher_bias, float temperature, "
-        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows) -> Tensor");
+        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows, str method) -> Tensor");
   // The same and, in grad_mask, the gradients of the student's input, weight
   // and bias: of the reduced loss, or with grad_loss ([N]; reduction 'none',
-  // the backward) of sum(grad_loss * loss rows).
+  // the backward) of sum(grad_loss * loss rows). method as above.
   m.def("linear_distillation_loss_forward(Tensor student_input, Tensor student_weight, Tensor teacher_input, "
         "Tensor teacher_weight, Tensor? target, Tensor? student_bias, Tensor? teacher_bias, float temperature, "
-        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows, Tensor? grad_loss, "
-        "bool[3] grad_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+        "float beta, float hard_weight, int ignore_index, str reduction, int chunk_rows, str method, "
+        "Tensor? grad_loss, bool[3] grad_mask) -> (Tensor loss, Tensor grad_input, Tensor grad_weight, "
+        "Tensor grad_bias)");
 }

@@ -39,17 +39,21 @@ void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& 
                                      const std::optional<at::Tensor>& bias, const CrossEntropyOptions& options,
                                      int64_t chunk_rows);
 
+// blocked: method "blocked" (both logits a tile at a time, never a row's;
+// CUDA only; the teacher in the student's dtype).
 struct DistillationOptions {
   double temperature;  // > 0
   double beta;         // in [0, 1]
   double hard_weight;  // >= 0; > 0 needs a target
   int64_t ignore_index;
+  bool blocked = false;
 };
 
 // The checks of the linear_distillation_loss ops: the student's input [N, Ds],
 // weight [V, Ds] and bias [V] as linear_cross_entropy's; the teacher's input
-// [N, Dt], weight [V, Dt] and bias [V] in one floating dtype of their own, on
-// the student's device; target [N] int64 or none; the options' ranges.
+// [N, Dt], weight [V, Dt] and bias [V] in one floating dtype of their own
+// (with blocked, the student's), on the student's device; target [N] int64
+// or none; the options' ranges.
 void check_linear_distillation_args(const at::Tensor& student_input, const at::Tensor& student_weight,
                                     const at::Tensor& teacher_input, const at::Tensor& teacher_weight,
                                     const std::optional<at::Tensor>& target,

@@ -136,11 +136,11 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
 using DistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&, double, double, double, int64_t, c10::string_view,
-                              int64_t);
+                              int64_t, c10::string_view);
 using DistillForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, double, int64_t,
-    c10::string_view, int64_t, const std::optional<at::Tensor>&, std::array<bool, 3>);
+    c10::string_view, int64_t, c10::string_view, const std::optional<at::Tensor>&, std::array<bool, 3>);
 
 // Distillation: the same scheme. Gradients reach the student's input, weight
 // and bias only; the teacher is read, never differentiated.
@@ -150,7 +150,7 @@ struct LinearDistillationFunction : public torch::autograd::Function<LinearDisti
                                const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& student_bias,
                                const std::optional<at::Tensor>& teacher_bias, double temperature, double beta,
                                double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                               int64_t chunk_rows, std::array<bool, 3> wants) {
+                               int64_t chunk_rows, c10::string_view method, std::array<bool, 3> wants) {
     const bool precompute = (wants[0] || wants[1] || wants[2]) && parse_reduction(reduction) != Reduction::kNone;
     ctx->set_materialize_grads(false);
     ctx->saved_data["precomputed"] = precompute;
@@ -159,14 +159,15 @@ struct LinearDistillationFunction : public torch::autograd::Function<LinearDisti
       static const auto op = find_op<DistillForwardSig>("bigkernels::linear_distillation_loss_forward");
       auto [loss, gi, gw, gb] = op.call(student_input, student_weight, teacher_input, teacher_weight, target,
                                         student_bias, teacher_bias, temperature, beta, hard_weight, ignore_index,
-                                        reduction, chunk_rows, std::nullopt, wants);
+                                        reduction, chunk_rows, method, std::nullopt, wants);
       ctx->save_for_backward({gi, gw, gb});
       ctx->saved_data["wants"] = c10::List<bool>({wants[0], wants[1], wants[2]});
       return {loss};
     }
     static const auto op = find_op<DistillSig>("bigkernels::linear_distillation_loss");
     at::Tensor loss = op.call(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
-                              teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows);
+                              teacher_bias, temperature, beta, hard_weight, ignore_index, reduction, chunk_rows,
+                              method);
     ctx->save_for_backward({student_input, student_weight, teacher_input, teacher_weight,
                             target.value_or(at::Tensor()), student_bias.value_or(at::Tensor()),
                             teacher_bias.value_or(at::Tensor())});
@@ -175,12 +176,13 @@ struct LinearDistillationFunction : public torch::autograd::Function<LinearDisti
     ctx->saved_data["hard_weight"] = hard_weight;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["method"] = std::string(method);
     return {loss};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_loss = grads[0];
-    variable_list result(14);  // the 7 tensors, then the 7 other arguments
+    variable_list result(15);  // the 7 tensors, then the 8 other arguments
     if (!grad_loss.defined()) return result;
     TORCH_CHECK(!at::GradMode::is_enabled(), "bigkernels.linear_distillation_loss: the gradient is not itself "
                 "differentiable (create_graph=True is not supported)");
@@ -201,7 +203,7 @@ struct LinearDistillationFunction : public torch::autograd::Function<LinearDisti
         saved[0], saved[1], saved[2], saved[3], target, student_bias, teacher_bias,
         ctx->saved_data["temperature"].toDouble(), ctx->saved_data["beta"].toDouble(),
         ctx->saved_data["hard_weight"].toDouble(), ctx->saved_data["ignore_index"].toInt(), "none",
-        ctx->saved_data["chunk_rows"].toInt(), grad_loss, needs);
+        ctx->saved_data["chunk_rows"].toInt(), ctx->saved_data["method"].toStringRef(), grad_loss, needs);
     const at::Tensor* got[3] = {&gi, &gw, &gb};
     for (size_t i = 0; i < 3; ++i) {
       if (needs[i]) result[slot[i]] = *got[i];
@@ -216,13 +218,14 @@ at::Tensor linear_distillation_loss_autograd(const at::Tensor& student_input, co
                                              const std::optional<at::Tensor>& student_bias,
                                              const std::optional<at::Tensor>& teacher_bias, double temperature,
                                              double beta, double hard_weight, int64_t ignore_index,
-                                             c10::string_view reduction, int64_t chunk_rows) {
+                                             c10::string_view reduction, int64_t chunk_rows,
+                                             c10::string_view method) {
   const bool on = at::GradMode::is_enabled();
   const std::array<bool, 3> wants = {on && student_input.requires_grad(), on && student_weight.requires_grad(),
                                      on && student_bias.has_value() && student_bias->requires_grad()};
   return LinearDistillationFunction::apply(student_input, student_weight, teacher_input, teacher_weight, target,
                                            student_bias, teacher_bias, temperature, beta, hard_weight, ignore_index,
-                                           reduction, chunk_rows, wants)[0];
+                                           reduction, chunk_rows, method, wants)[0];
 }
 
 }  // namespace

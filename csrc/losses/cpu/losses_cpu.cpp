@@ -23,7 +23,8 @@ void distillation_rows_cpu(at::ScalarType dtype, const DistillationRows& a, int6
 }
 
 // No blocked kernels: on the CPU chunks of rows win (chunks.cpp says why).
-const LossDevice kCpuLossDevice{&cpu_linear_product, &cross_entropy_rows_cpu, &distillation_rows_cpu, nullptr};
+const LossDevice kCpuLossDevice{&cpu_linear_product, &cross_entropy_rows_cpu, &distillation_rows_cpu, nullptr,
+                                nullptr};
 
 }  // namespace
 }  // namespace bigkernels

@@ -43,6 +43,24 @@ constexpr int kSPitch = kBN + 4;               // S's rows, in elements
 
 constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
+// One product's operands: x [N, D] and w [V, D] (rows D apart); vec: the
+// 16-byte copies apply (D a multiple of 16 bytes, both 16-byte aligned). The
+// gradient pass's products add into grad_x and grad_w (null: not wanted).
+struct Operands {
+  const void* x;
+  const void* w;
+  int64_t N, D, V;
+  bool vec;
+  void* grad_x;
+  void* grad_w;
+};
+
+template <typename T>
+Operands operands(const void* x, const void* w, int64_t N, int64_t D, int64_t V, void* grad_x, void* grad_w) {
+  const bool vec = D % (16 / sizeof(T)) == 0 && aligned16(x) && aligned16(w);
+  return {x, w, N, D, V, vec, grad_x, grad_w};
+}
+
 // fp16 / bf16 on the tensor cores. Shared memory: G [kBM][kGPitch] in T,
 // then the work area: the main loop's stages, then S [kBM][kSPitch] in fp32
 // over them, then the products' slices of D.
@@ -62,7 +80,8 @@ struct MmaTile {
   __device__ static Logit* s_tile(unsigned char* smem) { return reinterpret_cast<float*>(smem + kGBytes); }
 
   // S = x[m0 .. m0 + kBM) w[n0 .. n0 + kBN)^T (rows past N or V: zeros).
-  __device__ static void logits(const BlockedCrossEntropy& p, int64_t m0, int64_t n0, unsigned char* smem, bool vec) {
+  __device__ static void logits(const Operands& p, int64_t m0, int64_t n0, unsigned char* smem) {
+    const bool vec = p.vec;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     T* stages = reinterpret_cast<T*>(smem + kGBytes);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -134,8 +153,8 @@ struct MmaTile {
   }
 
   // dX[m0.., :] += G w[n0.., :] and dW[n0.., :] += G^T x[m0.., :], kBD of D at a time.
-  __device__ static void products(const BlockedCrossEntropy& p, int64_t m0, int64_t n0, unsigned char* smem,
-                                  bool vec) {
+  __device__ static void products(const Operands& p, int64_t m0, int64_t n0, unsigned char* smem) {
+    const bool vec = p.vec;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const T* G = g_tile(smem);
     T* ws = reinterpret_cast<T*>(smem + kGBytes);  // [kBN][kSlicePitch]: w's rows n0.., columns d0..
@@ -240,7 +259,7 @@ struct SimtTile {
   __device__ static Grad* g_tile(unsigned char* smem) { return reinterpret_cast<T*>(smem); }
   __device__ static Logit* s_tile(unsigned char* smem) { return reinterpret_cast<T*>(smem); }
 
-  __device__ static void logits(const BlockedCrossEntropy& p, int64_t m0, int64_t n0, unsigned char* smem, bool) {
+  __device__ static void logits(const Operands& p, int64_t m0, int64_t n0, unsigned char* smem) {
     T* xs = reinterpret_cast<T*>(smem + kSBytes);
     T* ws = xs + kBK * kXPitch;
     const T* x = static_cast<const T*>(p.x);
@@ -279,7 +298,7 @@ struct SimtTile {
     __syncthreads();
   }
 
-  __device__ static void products(const BlockedCrossEntropy& p, int64_t m0, int64_t n0, unsigned char* smem, bool) {
+  __device__ static void products(const Operands& p, int64_t m0, int64_t n0, unsigned char* smem) {
     const T* G = g_tile(smem);
     T* ws = reinterpret_cast<T*>(smem + kSBytes);  // [kBN][kSlicePitch]
     T* xs = ws + kBN * kSlicePitch;                 // [kBM][kSlicePitch]
@@ -335,31 +354,46 @@ template <typename T>
 using TileFor = std::conditional_t<std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, MmaTile<T>,
                                    SimtTile<T>>;
 
-// (m, s) <- the statistics of both halves: max, and the sum of exp(z - max).
+// sum exp(factor (z - m)) over some z, as a sum over the same z of exp(factor (z - top)), top >= m.
 template <typename C>
-__device__ __forceinline__ void merge(C& m, C& s, C m2, C s2) {
+__device__ __forceinline__ C rescaled(C sum, C m, C top, C factor) {
+  return m == -INFINITY ? C(0) : sum * acc_exp((m - top) * factor);
+}
+
+// (m, s) <- the statistics of both halves: max, and the sum of exp(factor (z - max)).
+template <typename C>
+__device__ __forceinline__ void merge(C& m, C& s, C m2, C s2, C factor = C(1)) {
   const C top = nan_max(m, m2);
   if (top == -INFINITY) return;  // both empty
-  s = (m == -INFINITY ? C(0) : s * acc_exp(m - top)) + (m2 == -INFINITY ? C(0) : s2 * acc_exp(m2 - top));
+  s = rescaled(s, m, top, factor) + rescaled(s2, m2, top, factor);
   m = top;
 }
 
+// The vocabulary tiles [first, last) of the statistics passes' split blockIdx.y.
+struct SplitTiles {
+  int64_t first, last;
+  __device__ SplitTiles(int64_t V, int64_t splits) {
+    const int64_t tiles = (V + kBN - 1) / kBN, per_split = (tiles + splits - 1) / splits;
+    first = blockIdx.y * per_split;
+    last = first + per_split < tiles ? first + per_split : tiles;
+  }
+};
+
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCrossEntropy p, bool vec) {
+__global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCrossEntropy p, Operands o) {
   using C = acc_t<T>;
   unsigned char* smem = dynamic_smem();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t tiles = (p.V + kBN - 1) / kBN, per_split = (tiles + p.splits - 1) / p.splits;
-  const int64_t first = blockIdx.y * per_split, last = first + per_split < tiles ? first + per_split : tiles;
+  const SplitTiles split(p.V, p.splits);
   const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
   const int64_t row = m0 + r;
   const int64_t target = row < p.N ? p.target[row] : -1;
   const T* bias = static_cast<const T*>(p.bias);
   const Softcap<C> cap(p.softcap);
   C m = -INFINITY, s = 0, z_sum = 0;  // this thread's columns': max, sum exp(z - m), sum z
-  for (int64_t tile = first; tile < last; ++tile) {
+  for (int64_t tile = split.first; tile < split.last; ++tile) {
     const int64_t n0 = tile * kBN;
-    Tile::logits(p, m0, n0, smem, vec);
+    Tile::logits(o, m0, n0, smem);
     const auto* S = Tile::s_tile(smem);
     for (int c = part; c < kBN && n0 + c < p.V; c += kPartsPerRow) {
       const int64_t col = n0 + c;
@@ -377,9 +411,9 @@ __global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCro
   }
   // the row's kPartsPerRow threads are neighbouring lanes
 #pragma unroll
-  for (int o = 1; o < kPartsPerRow; o *= 2) {
-    const C m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, o);
+  for (int mask = 1; mask < kPartsPerRow; mask *= 2) {
+    const C m2 = __shfl_xor_sync(0xffffffffu, m, mask), s2 = __shfl_xor_sync(0xffffffffu, s, mask);
+    z_sum += __shfl_xor_sync(0xffffffffu, z_sum, mask);
     merge(m, s, m2, s2);
   }
   if (part == 0 && row < p.N) {
@@ -391,12 +425,12 @@ __global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCro
 }
 
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCrossEntropy p, bool vec) {
+__global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCrossEntropy p, Operands o) {
   using C = acc_t<T>;
   using Grad = typename Tile::Grad;
   unsigned char* smem = dynamic_smem();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  Tile::logits(p, m0, n0, smem, vec);
+  Tile::logits(o, m0, n0, smem);
   const auto* S = Tile::s_tile(smem);
   Grad* G = Tile::g_tile(smem);
   const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
@@ -439,18 +473,235 @@ __global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCros
       atomicAdd(static_cast<C*>(p.grad_b) + n0 + c, sum);
     }
   }
-  Tile::products(p, m0, n0, smem, vec);
+  Tile::products(o, m0, n0, smem);
+}
+
+
+// ---- distillation (launchers.h: BlockedDistillation) ----
+
+// The epilogue's columns per thread: part + 4 j. Its teacher logits wait in
+// an array while the student's product takes S: in local memory (L1), its
+// loops not unrolled; unrolled, in registers, the kernels spilled (fp16/bf16
+// gradients) or ran out of registers (fp64).
+constexpr int kColsPerThread = kBN / kPartsPerRow;
+
+// The tile's teacher logits (with their bias) into t, this thread's columns
+// (0 past V), then the student's product into S.
+template <typename T, typename Tile>
+__device__ __forceinline__ void distillation_logits(const BlockedDistillation& p, const Operands& student,
+                                                    const Operands& teacher, int64_t m0, int64_t n0,
+                                                    unsigned char* smem, acc_t<T> (&t)[kColsPerThread]) {
+  using C = acc_t<T>;
+  const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
+  const T* bias = static_cast<const T*>(p.bt);
+  Tile::logits(teacher, m0, n0, smem);
+  const auto* S = Tile::s_tile(smem);
+#pragma unroll 1
+  for (int j = 0; j < kColsPerThread; ++j) {
+    const int c = part + kPartsPerRow * j;
+    const int64_t col = n0 + c;
+    t[j] = col < p.V ? static_cast<C>(S[r * kSPitch + c]) + (bias != nullptr ? to_acc(bias[col]) : C(0)) : C(0);
+  }
+  __syncthreads();  // every thread has its teacher logits before the student's product overwrites S
+  Tile::logits(student, m0, n0, smem);
+}
+
+// The student's logit (with its bias) at column c of S.
+template <typename T, typename S_t>
+__device__ __forceinline__ acc_t<T> student_logit(const BlockedDistillation& p, const S_t* S, int r, int c,
+                                                   int64_t col) {
+  const T* bias = static_cast<const T*>(p.bs);
+  return static_cast<acc_t<T>>(S[r * kSPitch + c]) + (bias != nullptr ? to_acc(bias[col]) : acc_t<T>(0));
+}
+
+// A row's statistics from the passes before (row_stats), and the soft loss's pieces.
+template <typename C>
+struct DistillationRow {
+  C s_max, log_sum_q, log_sum_s, t_max, log_sum_p, q_dot_g;
+  C inv_t, beta, log_beta, log_1m_beta;
+  __device__ DistillationRow(const BlockedDistillation& p, int64_t row) {
+    const C* stats = static_cast<const C*>(p.row_stats);
+    const bool in = row < p.N;
+    s_max = in ? stats[row] : C(0), log_sum_q = in ? stats[p.N + row] : C(0);
+    log_sum_s = in ? stats[2 * p.N + row] : C(0), t_max = in ? stats[3 * p.N + row] : C(0);
+    log_sum_p = in ? stats[4 * p.N + row] : C(0), q_dot_g = in ? stats[5 * p.N + row] : C(0);
+    inv_t = static_cast<C>(1 / p.temperature), beta = static_cast<C>(p.beta);
+    log_beta = acc_log(beta), log_1m_beta = acc_log1p(-beta);
+  }
+  __device__ C log_q(C s) const { return (s - s_max) * inv_t - log_sum_q; }
+  __device__ C log_p(C t) const { return (t - t_max) * inv_t - log_sum_p; }
+  // log M, M = beta P + (1 - beta) Q, at least its larger term's log (the row passes' way)
+  __device__ C log_m(C lp, C lq, C pv, C qv) const {
+    const C larger = fmax(lp + log_beta, lq + log_1m_beta);
+    const C m = acc_log(beta * pv + (1 - beta) * qv);
+    return m > larger ? m : larger;
+  }
+};
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(kThreads)
+    blocked_distillation_statistics_kernel(BlockedDistillation p, Operands student, Operands teacher) {
+  using C = acc_t<T>;
+  unsigned char* smem = dynamic_smem();
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const SplitTiles split(p.V, p.splits);
+  const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
+  const int64_t row = m0 + r;
+  const bool hard = p.target != nullptr;
+  const int64_t target = hard && row < p.N ? p.target[row] : -1;
+  const C inv_t = static_cast<C>(1 / p.temperature);
+  // this thread's columns': the student's max, sum exp((s - max) / T) and sum exp(s - max); the teacher's
+  C s_max = -INFINITY, sum_q = 0, sum_s = 0, t_max = -INFINITY, sum_p = 0;
+  for (int64_t tile = split.first; tile < split.last; ++tile) {
+    const int64_t n0 = tile * kBN;
+    C t[kColsPerThread];
+    distillation_logits<T, Tile>(p, student, teacher, m0, n0, smem, t);
+    const auto* S = Tile::s_tile(smem);
+#pragma unroll 1
+    for (int j = 0; j < kColsPerThread; ++j) {
+      const int c = part + kPartsPerRow * j;
+      const int64_t col = n0 + c;
+      if (col >= p.V) continue;
+      const C s = student_logit<T>(p, S, r, c, col);
+      if (s > s_max) {
+        sum_q = rescaled(sum_q, s_max, s, inv_t) + 1;
+        sum_s = hard ? rescaled(sum_s, s_max, s, C(1)) + 1 : C(0);
+        s_max = s;
+      } else {
+        sum_q += acc_exp((s - s_max) * inv_t);  // NaN s: the sums become NaN, as the loss should
+        if (hard) sum_s += acc_exp(s - s_max);
+      }
+      if (t[j] > t_max) {
+        sum_p = rescaled(sum_p, t_max, t[j], inv_t) + 1;
+        t_max = t[j];
+      } else {
+        sum_p += acc_exp((t[j] - t_max) * inv_t);
+      }
+      if (col == target) static_cast<C*>(p.target_logit)[row] = s;  // one thread, in one block, sees it
+    }
+    __syncthreads();  // S is read before the next tile's products overwrite it
+  }
+#pragma unroll
+  for (int mask = 1; mask < kPartsPerRow; mask *= 2) {
+    const C s_max2 = __shfl_xor_sync(0xffffffffu, s_max, mask), sum_q2 = __shfl_xor_sync(0xffffffffu, sum_q, mask);
+    const C sum_s2 = __shfl_xor_sync(0xffffffffu, sum_s, mask);
+    const C t_max2 = __shfl_xor_sync(0xffffffffu, t_max, mask), sum_p2 = __shfl_xor_sync(0xffffffffu, sum_p, mask);
+    const C top = nan_max(s_max, s_max2);
+    if (top != -INFINITY) {
+      sum_q = rescaled(sum_q, s_max, top, inv_t) + rescaled(sum_q2, s_max2, top, inv_t);
+      sum_s = rescaled(sum_s, s_max, top, C(1)) + rescaled(sum_s2, s_max2, top, C(1));
+      s_max = top;
+    }
+    merge(t_max, sum_p, t_max2, sum_p2, inv_t);
+  }
+  if (part == 0 && row < p.N) {
+    C* out = static_cast<C*>(p.part) + blockIdx.y * p.N + row;
+    const int64_t stride = p.splits * p.N;
+    out[0] = s_max, out[stride] = sum_q, out[2 * stride] = sum_s, out[3 * stride] = t_max, out[4 * stride] = sum_p;
+  }
+}
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(kThreads)
+    blocked_distillation_terms_kernel(BlockedDistillation p, Operands student, Operands teacher) {
+  using C = acc_t<T>;
+  unsigned char* smem = dynamic_smem();
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const SplitTiles split(p.V, p.splits);
+  const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
+  const int64_t row = m0 + r;
+  const DistillationRow<C> d(p, row);
+  const bool forward_kl = p.beta == 0, reverse_kl = p.beta == 1;
+  C terms[2] = {0, 0};
+  for (int64_t tile = split.first; tile < split.last; ++tile) {
+    const int64_t n0 = tile * kBN;
+    C t[kColsPerThread];
+    distillation_logits<T, Tile>(p, student, teacher, m0, n0, smem, t);
+    const auto* S = Tile::s_tile(smem);
+#pragma unroll 1
+    for (int j = 0; j < kColsPerThread; ++j) {
+      const int c = part + kPartsPerRow * j;
+      const int64_t col = n0 + c;
+      if (col >= p.V) continue;
+      const C lq = d.log_q(student_logit<T>(p, S, r, c, col)), lp = d.log_p(t[j]);
+      if (forward_kl) {
+        terms[0] += acc_exp(lp) * (lp - lq);
+      } else if (reverse_kl) {
+        terms[0] += acc_exp(lq) * (lq - lp);
+      } else {
+        const C pv = acc_exp(lp), qv = acc_exp(lq), lm = d.log_m(lp, lq, pv, qv);
+        terms[0] += pv * (lp - lm);
+        terms[1] += qv * (lq - lm);
+      }
+    }
+    __syncthreads();  // S is read before the next tile's products overwrite it
+  }
+#pragma unroll
+  for (int mask = 1; mask < kPartsPerRow; mask *= 2) {
+    terms[0] += __shfl_xor_sync(0xffffffffu, terms[0], mask);
+    terms[1] += __shfl_xor_sync(0xffffffffu, terms[1], mask);
+  }
+  if (part == 0 && row < p.N) {
+    C* out = static_cast<C*>(p.part) + blockIdx.y * p.N + row;
+    out[0] = terms[0], out[p.splits * p.N] = terms[1];
+  }
+}
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(kThreads)
+    blocked_distillation_gradients_kernel(BlockedDistillation p, Operands student, Operands teacher) {
+  using C = acc_t<T>;
+  using Grad = typename Tile::Grad;
+  unsigned char* smem = dynamic_smem();
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  C t[kColsPerThread];
+  distillation_logits<T, Tile>(p, student, teacher, m0, n0, smem, t);
+  const auto* S = Tile::s_tile(smem);
+  Grad* G = Tile::g_tile(smem);
+  const int r = threadIdx.x / kPartsPerRow, part = threadIdx.x % kPartsPerRow;
+  const int64_t row = m0 + r;
+  const bool in_rows = row < p.N, hard = p.target != nullptr;
+  const DistillationRow<C> d(p, row);
+  const C scale = !in_rows ? C(0) : p.row_scale != nullptr ? static_cast<const C*>(p.row_scale)[row] : static_cast<C>(p.scale);
+  // d loss / d s = T * d soft / d u (u = s / T, the loss being T^2 soft) + the hard term's
+  const C soft_factor = scale * static_cast<C>(p.temperature);
+  const C hard_factor = hard ? scale * static_cast<C>(p.hard_weight) : C(0);
+  const int64_t target = hard && in_rows ? p.target[row] : -1;
+  const bool forward_kl = p.beta == 0, reverse_kl = p.beta == 1;
+#pragma unroll 1
+  for (int j = 0; j < kColsPerThread; ++j) {
+    const int c = part + kPartsPerRow * j;
+    const int64_t col = n0 + c;
+    C g = 0;
+    if (in_rows && col < p.V) {
+      const C s = student_logit<T>(p, S, r, c, col);
+      const C lq = d.log_q(s), lp = d.log_p(t[j]), q = acc_exp(lq);
+      const C du = forward_kl   ? q - acc_exp(lp)
+                   : reverse_kl ? q * (lq - lp - d.q_dot_g)
+                                : q * ((1 - d.beta) * (lq - d.log_m(lp, lq, acc_exp(lp), q)) - d.q_dot_g);
+      g = du * soft_factor;
+      if (hard) g += acc_exp(s - d.s_max - d.log_sum_s) * hard_factor - (col == target ? hard_factor : C(0));
+    }
+    G[r * Tile::kGPitch + c] = from_acc<Grad>(g);  // (SimtTile: over S's element, by the thread that read it)
+  }
+  __syncthreads();
+  if (p.grad_b != nullptr) {
+    for (int c = threadIdx.x; c < kBN && n0 + c < p.V; c += kThreads) {
+      C sum = 0;
+      for (int i = 0; i < kBM; ++i) sum += to_acc(G[i * Tile::kGPitch + c]);
+      atomicAdd(static_cast<C*>(p.grad_b) + n0 + c, sum);
+    }
+  }
+  Tile::products(student, m0, n0, smem);
 }
 
 template <typename T>
 struct LaunchBlocked {
   using Tile = TileFor<T>;
 
-  static bool vectorized(const BlockedCrossEntropy& p) {
-    return p.D % (16 / sizeof(T)) == 0 && aligned16(p.x) && aligned16(p.w);
-  }
+  static Operands of(const BlockedCrossEntropy& p) { return operands<T>(p.x, p.w, p.N, p.D, p.V, p.grad_x, p.grad_w); }
   static bool fits(const BlockedCrossEntropy& p) {
-    return p.N > 0 && p.D > 0 && p.V > 0 && (p.N + kBM - 1) / kBM <= 0x7fffffff && (p.V + kBN - 1) / kBN <= 65535;
+    return p.N > 0 && p.V > 0 && (p.N + kBM - 1) / kBM <= 0x7fffffff && (p.V + kBN - 1) / kBN <= 65535;
   }
 
   static cudaError_t statistics(const BlockedCrossEntropy& p, cudaStream_t stream) {
@@ -459,7 +710,7 @@ struct LaunchBlocked {
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
     if (e != cudaSuccess) return e;
     const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>(p.splits));
-    blocked_statistics_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, vectorized(p));
+    blocked_statistics_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, of(p));
     return cudaGetLastError();
   }
 
@@ -469,8 +720,41 @@ struct LaunchBlocked {
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
     if (e != cudaSuccess) return e;
     const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>((p.V + kBN - 1) / kBN));
-    blocked_gradients_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, vectorized(p));
+    blocked_gradients_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, of(p));
     return cudaGetLastError();
+  }
+
+  // Distillation: the student's operands (with its gradients) and the teacher's.
+  static Operands student(const BlockedDistillation& p) {
+    return operands<T>(p.xs, p.ws, p.N, p.Ds, p.V, p.grad_x, p.grad_w);
+  }
+  static Operands teacher(const BlockedDistillation& p) {
+    return operands<T>(p.xt, p.wt, p.N, p.Dt, p.V, nullptr, nullptr);
+  }
+  static bool fits(const BlockedDistillation& p) {
+    return p.N > 0 && p.V > 0 && (p.N + kBM - 1) / kBM <= 0x7fffffff && (p.V + kBN - 1) / kBN <= 65535;
+  }
+
+  // One distillation pass: grid (row tiles, splits), or (row tiles, vocabulary tiles) for the gradients.
+  template <typename Kernel>
+  static cudaError_t distillation(Kernel* kernel, const BlockedDistillation& p, bool over_splits,
+                                  cudaStream_t stream) {
+    if (!fits(p) || (over_splits && (p.splits < 1 || p.splits > 65535))) return cudaErrorInvalidValue;
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    const int64_t columns = over_splits ? p.splits : (p.V + kBN - 1) / kBN;
+    const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>(columns));
+    kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, student(p), teacher(p));
+    return cudaGetLastError();
+  }
+  static cudaError_t distillation_statistics(const BlockedDistillation& p, cudaStream_t stream) {
+    return distillation(blocked_distillation_statistics_kernel<T, Tile>, p, true, stream);
+  }
+  static cudaError_t distillation_terms(const BlockedDistillation& p, cudaStream_t stream) {
+    return distillation(blocked_distillation_terms_kernel<T, Tile>, p, true, stream);
+  }
+  static cudaError_t distillation_gradients(const BlockedDistillation& p, cudaStream_t stream) {
+    return distillation(blocked_distillation_gradients_kernel<T, Tile>, p, false, stream);
   }
 };
 
@@ -495,6 +779,21 @@ cudaError_t launch_blocked_statistics(const BlockedCrossEntropy& p, LossDType dt
 cudaError_t launch_blocked_gradients(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto launch) { return launch.gradients(p, stream); });
+}
+
+cudaError_t launch_blocked_distillation_statistics(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  return by_dtype(dtype, [&](auto launch) { return launch.distillation_statistics(p, stream); });
+}
+
+cudaError_t launch_blocked_distillation_terms(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  return by_dtype(dtype, [&](auto launch) { return launch.distillation_terms(p, stream); });
+}
+
+cudaError_t launch_blocked_distillation_gradients(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  return by_dtype(dtype, [&](auto launch) { return launch.distillation_gradients(p, stream); });
 }
 
 }  // namespace cuda

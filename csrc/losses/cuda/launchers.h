@@ -63,5 +63,38 @@ constexpr int kBlockedRows = 64, kBlockedCols = 128;
 cudaError_t launch_blocked_statistics(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream);
 cudaError_t launch_blocked_gradients(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream);
 
+// Distillation the same way (blocked_kernels.cu), student and teacher in one
+// dtype; each tile makes the teacher's logits t, then the student's s (both
+// with their bias). Three passes, each over every tile of its rows:
+//  - statistics, per row and split: into part [5, splits, N], the max of s,
+//    sum exp((s - max s) / T), sum exp(s - max s) (the hard term's, with a
+//    target), the max of t and sum exp((t - max t) / T); and s at the
+//    target into target_logit [N] (with a target);
+//  - terms, from row_stats: into part [2, splits, N] the soft loss's sums,
+//    as the row passes (loss_rows.h): forward KL sum P (log P - log Q),
+//    reverse KL sum Q (log Q - log P), the JSD's sum P (log P - log M) and
+//    sum Q (log Q - log M);
+//  - gradients, from row_stats: G = dloss/ds, then grad_x += G W_s,
+//    grad_w += G^T X_s, grad_b += G's column sums (atomics, as above).
+// row_stats [6, N]: max s, log sum_q, log sum of the hard term, max t,
+// log sum_p, and sum Q g (the KL's and JSD's gradient's correction).
+struct BlockedDistillation {
+  const void *xs, *ws, *bs;  // the student: [N, Ds], [V, Ds], [V] or null
+  const void *xt, *wt, *bt;  // the teacher: [N, Dt], [V, Dt], [V] or null
+  const int64_t* target;     // [N] or null: no hard term
+  int64_t N, Ds, Dt, V;
+  double temperature, beta, hard_weight;
+  int64_t splits;
+  void* part;
+  void* target_logit;
+  const void* row_stats;
+  const void* row_scale;  // [N] or null: `scale` for every row
+  double scale;
+  void *grad_x, *grad_w, *grad_b;
+};
+cudaError_t launch_blocked_distillation_statistics(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream);
+cudaError_t launch_blocked_distillation_terms(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream);
+cudaError_t launch_blocked_distillation_gradients(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace bigkernels

@@ -64,6 +64,11 @@ int64_t statistics_splits(int64_t N, int64_t V) {
   return std::clamp<int64_t>((wanted + row_tiles - 1) / row_tiles, 1, std::min<int64_t>(vocab_tiles, 65535));
 }
 
+// log sum_k sums_k exp(factor (maxes_k - top)) over the splits (dimension 0): a row's log-sum from its splits'.
+at::Tensor log_sum_over_splits(const at::Tensor& sums, const at::Tensor& maxes, const at::Tensor& top, double factor) {
+  return (sums * ((maxes - top) * factor).exp()).sum(0).log();
+}
+
 BlockedResults cross_entropy_blocked_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                           const at::Tensor& target, const CrossEntropyOptions& options,
                                           std::array<bool, 3> grad_mask, const at::Tensor& lse_given,
@@ -87,7 +92,7 @@ BlockedResults cross_entropy_blocked_cuda(const at::Tensor& x, const at::Tensor&
     C10_CUDA_CHECK(cuda::launch_blocked_statistics(p, to_kernel_dtype(dtype), stream));
     // The splits' statistics combined (the row passes' formulas: the max kept apart from the log-sum).
     const at::Tensor top = parts[0].amax(0);
-    const at::Tensor log_sum = (parts[1] * (parts[0] - top).exp()).sum(0).log();
+    const at::Tensor log_sum = log_sum_over_splits(parts[1], parts[0], top, 1.0);
     lse = top + log_sum;
     const double smoothing = options.label_smoothing;
     out.loss_rows = (top - target_logit + log_sum) * (1 - smoothing) +
@@ -114,8 +119,74 @@ BlockedResults cross_entropy_blocked_cuda(const at::Tensor& x, const at::Tensor&
   return out;
 }
 
+BlockedDistillationResults distillation_blocked_cuda(
+    const at::Tensor& xs, const at::Tensor& ws, const std::optional<at::Tensor>& bs, const at::Tensor& xt,
+    const at::Tensor& wt, const std::optional<at::Tensor>& bt, const at::Tensor& target,
+    const DistillationOptions& options, std::array<bool, 3> grad_mask, const at::Tensor& row_scale, double scale) {
+  const int64_t N = xs.size(0), V = ws.size(0);
+  const at::ScalarType dtype = xs.scalar_type();
+  const auto compute = xs.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
+  const cuda::LossDType kernel_dtype = to_kernel_dtype(dtype);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor xs_c = xs.contiguous(), ws_c = ws.contiguous(), xt_c = xt.contiguous(), wt_c = wt.contiguous();
+  const at::Tensor bs_c = bs.has_value() ? bs->contiguous() : at::Tensor();
+  const at::Tensor bt_c = bt.has_value() ? bt->contiguous() : at::Tensor();
+  const bool hard = target.defined();
+  const at::Tensor t = hard ? target.contiguous() : at::Tensor();
+  const double T = options.temperature, beta = options.beta;
+  cuda::BlockedDistillation p{};
+  p.xs = xs_c.const_data_ptr(), p.ws = ws_c.const_data_ptr(), p.bs = bs_c.defined() ? bs_c.const_data_ptr() : nullptr;
+  p.xt = xt_c.const_data_ptr(), p.wt = wt_c.const_data_ptr(), p.bt = bt_c.defined() ? bt_c.const_data_ptr() : nullptr;
+  p.target = hard ? t.const_data_ptr<int64_t>() : nullptr;
+  p.N = N, p.Ds = xs.size(1), p.Dt = xt.size(1), p.V = V;
+  p.temperature = T, p.beta = beta, p.hard_weight = options.hard_weight;
+  p.splits = statistics_splits(N, V);
+
+  // 1. statistics: each split's maxes and sums, combined per row (row_stats, launchers.h)
+  const at::Tensor parts = at::empty({5, p.splits, N}, compute);
+  const at::Tensor target_logit = hard ? at::empty({N}, compute) : at::Tensor();
+  p.part = parts.data_ptr(), p.target_logit = hard ? target_logit.data_ptr() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_blocked_distillation_statistics(p, kernel_dtype, stream));
+  const at::Tensor row_stats = at::zeros({6, N}, compute);
+  const at::Tensor s_max = parts[0].amax(0), t_max = parts[3].amax(0);
+  row_stats[0].copy_(s_max);
+  row_stats[1].copy_(log_sum_over_splits(parts[1], parts[0], s_max, 1 / T));
+  if (hard) row_stats[2].copy_(log_sum_over_splits(parts[2], parts[0], s_max, 1.0));
+  row_stats[3].copy_(t_max);
+  row_stats[4].copy_(log_sum_over_splits(parts[4], parts[3], t_max, 1 / T));
+  p.row_stats = row_stats.const_data_ptr();
+
+  // 2. the soft loss's sums, then each row's loss (the row passes' formulas)
+  const at::Tensor terms = at::empty({2, p.splits, N}, compute);
+  p.part = terms.data_ptr();
+  C10_CUDA_CHECK(cuda::launch_blocked_distillation_terms(p, kernel_dtype, stream));
+  const at::Tensor sums = terms.sum(1);  // [2, N]
+  const bool forward_kl = beta == 0, reverse_kl = beta == 1;
+  const at::Tensor soft = forward_kl || reverse_kl ? sums[0] : sums[0] * beta + sums[1] * (1 - beta);
+  BlockedDistillationResults out;
+  out.loss_rows = soft * (T * T);
+  if (hard) out.loss_rows = out.loss_rows + ((row_stats[0] - target_logit) + row_stats[2]) * options.hard_weight;
+  if (!(grad_mask[0] || grad_mask[1] || grad_mask[2])) return out;
+
+  // 3. gradients, with sum Q g (reverse KL: its sum; the JSD: (1 - beta) its second)
+  if (!forward_kl) row_stats[5].copy_(reverse_kl ? sums[0] : sums[1] * (1 - beta));
+  const at::Tensor scales = row_scale.defined() ? row_scale.contiguous() : at::Tensor();
+  const at::Tensor gx = grad_mask[0] ? at::zeros({N, p.Ds}, compute) : at::Tensor();
+  const at::Tensor gw = grad_mask[1] ? at::zeros({V, p.Ds}, compute) : at::Tensor();
+  const at::Tensor gb = grad_mask[2] ? at::zeros({V}, compute) : at::Tensor();
+  p.row_scale = scales.defined() ? scales.const_data_ptr() : nullptr, p.scale = scale;
+  p.grad_x = gx.defined() ? gx.data_ptr() : nullptr;
+  p.grad_w = gw.defined() ? gw.data_ptr() : nullptr;
+  p.grad_b = gb.defined() ? gb.data_ptr() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_blocked_distillation_gradients(p, kernel_dtype, stream));
+  if (gx.defined()) out.grad_input = gx.to(dtype);
+  if (gw.defined()) out.grad_weight = gw.to(dtype);
+  out.grad_bias = gb;
+  return out;
+}
+
 const LossDevice kCudaLossDevice{&cuda_product, &cross_entropy_rows_cuda, &distillation_rows_cuda,
-                                 &cross_entropy_blocked_cuda};
+                                 &cross_entropy_blocked_cuda, &distillation_blocked_cuda};
 
 }  // namespace
 }  // namespace bigkernels

@@ -16,14 +16,28 @@
 // softcap, each output left out once), and its skipping of tiles below
 // skip_below. N 1, 63, 64, 65, 130; V 1, 7, 128, 129, 300, 400; D 8, 24, 40,
 // 72, 130 (past the k-steps and slices of D, no multiple of 8), x and w
-// misaligned (no 16-byte copies), logits of order 1e3. The bounds follow the
-// kernels' roundings (see check_blocked_statistics, check_blocked_gradients);
-// "worst" lines say how close each kind of check came to its bound.
+// misaligned (no 16-byte copies), logits of order 1e3.
+// The blocked distillation kernels (the same tiles: each makes the teacher's
+// logits, then the student's), every dtype, from the dtype-rounded inputs,
+// the student's and teacher's D apart ((Ds, Dt) (40, 72), (130, 24), (8, 8)),
+// each bias on or off: the statistics pass's per-split partials (max s, the
+// log-sums of s at T and at 1, max t, t's log-sum at T; 1 to 5 splits, 2
+// and 3 tiles in one, empty splits) combined on the host into row_stats, and
+// the target's logit; the terms pass's per-split sums from the reference's
+// row_stats rounded to the compute type (forward KL, JSD, reverse KL;
+// temperatures 0.5, 1, 2; with and without the hard term), and each row's
+// loss from them as the host makes it; the gradient pass's dX, dW, db with
+// sum Q g (scale or per-row scales, each output left out once). N 1, 65,
+// 130; V 1, 7, 129, 300; fp16/bf16 misaligned once.
+// The bounds follow the kernels' roundings (see check_blocked_statistics,
+// check_blocked_gradients, check_blocked_distillation); "worst" lines say
+// how close each kind of check came to its bound.
 // Outputs start as NaN, so an element never written fails (the buffers the
 // blocked gradients sum into start at 0, as the caller zeroes them). --quick
 // (the ThreadSanitizer run): fp32's row passes and a few blocked cases (fp32,
-// bf16). Built and run by tests/test_cuda_emulation.py; exits non-zero on
-// any mismatch.
+// bf16), and one blocked distillation case each (JSD at T 2 with the hard
+// term, two tiles in a split). Built and run by tests/test_cuda_emulation.py;
+// exits non-zero on any mismatch.
 #include "emu_cuda.h"
 #include "losses/cuda/launchers.h"
 
@@ -381,6 +395,48 @@ void check_blocked_statistics(const std::string& tag0, const BlockedData<T>& d, 
   }
 }
 
+// The gradient pass's products against float64 from the reference's G (dG:
+// the bound on the kernel's G's deviation from it, each element): dX = G W
+// [N, D], dW = G^T X [V, D] and db = G's column sums [V] (an empty buffer:
+// not wanted). The products' sums round once per term, in any order (the
+// atomics): (terms + 8) u |G| |.| to spare, and an underflow's per term.
+template <typename T>
+void check_blocked_products(const std::string& kind, const std::string& tag, const BlockedData<T>& d,
+                            const std::vector<double>& G, const std::vector<double>& dG,
+                            const std::vector<acc<T>>& gx, const std::vector<acc<T>>& gw,
+                            const std::vector<acc<T>>& gb) {
+  const int64_t N = d.N, V = d.V, D = d.D;
+  const double u = unit_c<T>(), tiny = 2 * std::numeric_limits<acc<T>>::min();
+  if (!gx.empty())
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < D; ++k) {
+        double want = 0, dev = 0, mag = 0;
+        for (int64_t j = 0; j < V; ++j) {
+          const double wv = d.wt(j, k);
+          want += G[i * V + j] * wv, dev += dG[i * V + j] * std::fabs(wv), mag += std::fabs(G[i * V + j] * wv);
+        }
+        expect(kind + "_dx " + tag + " at" + std::to_string(i) + "," + std::to_string(k), gx[i * D + k], want, 2,
+               dev + u * (V + 8) * mag + V * tiny);
+      }
+  if (!gw.empty())
+    for (int64_t j = 0; j < V; ++j)
+      for (int64_t k = 0; k < D; ++k) {
+        double want = 0, dev = 0, mag = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          const double xv = d.in(i, k);
+          want += G[i * V + j] * xv, dev += dG[i * V + j] * std::fabs(xv), mag += std::fabs(G[i * V + j] * xv);
+        }
+        expect(kind + "_dw " + tag + " at" + std::to_string(j) + "," + std::to_string(k), gw[j * D + k], want, 2,
+               dev + u * (N + 8) * mag + N * tiny);
+      }
+  if (!gb.empty())
+    for (int64_t j = 0; j < V; ++j) {
+      double want = 0, dev = 0, mag = 0;
+      for (int64_t i = 0; i < N; ++i) want += G[i * V + j], dev += dG[i * V + j], mag += std::fabs(G[i * V + j]);
+      expect(kind + "_db " + tag + " at" + std::to_string(j), gb[j], want, 2, dev + u * (N + 8) * mag + N * tiny);
+    }
+}
+
 struct BlockedGrad {
   double scale = 0.375, smoothing = 0, z_loss = 0, skip_below = 0;
   bool row_scale = false, want_x = true, want_w = true, want_b = true;
@@ -453,35 +509,7 @@ void check_blocked_gradients(const std::string& tag0, const BlockedData<T>& d, c
   p.grad_x = g.want_x ? gx.data() : nullptr, p.grad_w = g.want_w ? gw.data() : nullptr;
   p.grad_b = g.want_b ? gb.data() : nullptr;
   require(launch_blocked_gradients(p, dtype_of<T>(), nullptr) == cudaSuccess, "blocked gradients launch");
-  // the products' sums round once per term, in any order (the atomics): (terms + 8) u |G| |.| to spare
-  if (g.want_x)
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t k = 0; k < D; ++k) {
-        double want = 0, dev = 0, mag = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double wv = d.wt(j, k);
-          want += G[i * V + j] * wv, dev += dG[i * V + j] * std::fabs(wv), mag += std::fabs(G[i * V + j] * wv);
-        }
-        expect("blocked_dx " + tag + " at" + std::to_string(i) + "," + std::to_string(k), gx[i * D + k], want, 2,
-               dev + u * (V + 8) * mag + V * tiny);
-      }
-  if (g.want_w)
-    for (int64_t j = 0; j < V; ++j)
-      for (int64_t k = 0; k < D; ++k) {
-        double want = 0, dev = 0, mag = 0;
-        for (int64_t i = 0; i < N; ++i) {
-          const double xv = d.in(i, k);
-          want += G[i * V + j] * xv, dev += dG[i * V + j] * std::fabs(xv), mag += std::fabs(G[i * V + j] * xv);
-        }
-        expect("blocked_dw " + tag + " at" + std::to_string(j) + "," + std::to_string(k), gw[j * D + k], want, 2,
-               dev + u * (N + 8) * mag + N * tiny);
-      }
-  if (g.want_b)
-    for (int64_t j = 0; j < V; ++j) {
-      double want = 0, dev = 0, mag = 0;
-      for (int64_t i = 0; i < N; ++i) want += G[i * V + j], dev += dG[i * V + j], mag += std::fabs(G[i * V + j]);
-      expect("blocked_db " + tag + " at" + std::to_string(j), gb[j], want, 2, dev + u * (N + 8) * mag + N * tiny);
-    }
+  check_blocked_products("blocked", tag, d, G, dG, gx, gw, gb);
 }
 
 // Random x (order 1), w (order spread / sqrt(D)), bias and targets: logits of order `spread`.
@@ -592,6 +620,312 @@ void check_blocked_dtype(const char* name, bool quick) {
   check_blocked_skip<T>(name);
 }
 
+// ---- The blocked distillation kernels (blocked_kernels.cu; launchers.h: BlockedDistillation) ----
+
+struct KdBlockedCase {
+  int64_t N, V, Ds, Dt;
+  std::vector<int64_t> splits;  // the statistics and terms passes, once per value
+  double beta = 0.5, temperature = 1;
+  bool hard = false;  // a target, hard_weight 0.5
+  bool bias_s = true, bias_t = true, misaligned = false;
+  // the gradient pass
+  bool row_scale = false, want_x = true, want_w = true, want_b = true;
+  double spread = 3;  // the student's logits of order spread, the teacher's 1.5 spread
+};
+
+// log sum_k sums_k exp(factor (maxes_k - top)) over a row's splits, top = max_k maxes_k, as the host
+// combines the statistics pass's partials (losses_cuda.cpp: log_sum_over_splits); in float64 from the
+// kernel's values.
+template <typename A>
+static void combine_splits(const A* maxes, const A* sums, int64_t splits, int64_t stride, double factor,
+                           double& top, double& log_sum) {
+  top = -INFINITY;
+  for (int64_t k = 0; k < splits; ++k) top = std::max(top, (double)maxes[k * stride]);
+  double s = 0;
+  for (int64_t k = 0; k < splits; ++k) s += sums[k * stride] * std::exp(((double)maxes[k * stride] - top) * factor);
+  log_sum = std::log(s);
+}
+
+// The three passes against float64 from the dtype-rounded inputs: s = x_s w_s + b_s, t = x_t w_t + b_t
+// (BlockedData, each logit's error bounded by z_error).
+//  - statistics, once per `splits`: each split's max of s and t and log-sums (compared as max / T + log
+//    sum against the split's float64 log-sum-exp, which the kernel's max cancels out of), an empty
+//    split's exact (-inf, 0, 0, -inf, 0), the hard sum exactly 0 without a target; the host's
+//    combination into row_stats, and the target's logit;
+//  - terms, once per `splits`, from the reference's row_stats rounded to the compute type (as the host
+//    passes them; the reference's log Q and log P are from the same rounded values, so the rounding of
+//    row_stats cancels): each split's sums, and each row's loss from them as the host makes it
+//    (T^2 soft + hard_weight ((s_max - s_target) + log sum_s), with the kernel's combined statistics
+//    and target logit);
+//  - gradients, from the same row_stats with sum Q g: G's bound per element (the logits' errors
+//    through log Q, log P, log M and exp, and the factors' roundings), then the products as the
+//    cross-entropy's (check_blocked_products; fp16/bf16: G rounded to the dtype first).
+// Each bound is the kernel's roundings, with the same factor 2 to spare.
+template <typename T>
+void check_blocked_distillation(const char* name, const KdBlockedCase& c) {
+  using A = acc<T>;
+  const int64_t N = c.N, V = c.V;
+  const BlockedData<T> st = random_blocked<T>(BlockedCase{N, V, c.Ds, {}, 0, c.spread, c.bias_s, c.misaligned});
+  const BlockedData<T> te = random_blocked<T>(BlockedCase{N, V, c.Dt, {}, 0, 1.5 * c.spread, c.bias_t, c.misaligned});
+  const double Tm = c.temperature, beta = c.beta, hw = c.hard ? 0.5 : 0.0, u = unit_c<T>();
+  const double tiny = 2 * std::numeric_limits<A>::min();
+  const bool fkl = beta == 0, rkl = beta == 1;
+  const std::string tag = std::string(name) + " kd N" + std::to_string(N) + " V" + std::to_string(V) + " Ds" +
+                          std::to_string(c.Ds) + " Dt" + std::to_string(c.Dt) + " beta" +
+                          std::to_string(beta).substr(0, 3) + " T" + std::to_string(Tm).substr(0, 3) +
+                          (c.hard ? " hard" : "") + (c.bias_s ? " bias_s" : "") + (c.bias_t ? " bias_t" : "") +
+                          (c.misaligned ? " misaligned" : "");
+  auto s_of = [&](int64_t i, int64_t j) { return st.raw[i * V + j]; };
+  auto t_of = [&](int64_t i, int64_t j) { return te.raw[i * V + j]; };
+  auto lse_of = [&](int64_t i, int64_t lo, int64_t hi, double factor, bool teacher) {
+    std::vector<double> v;
+    for (int64_t j = lo; j < hi; ++j) v.push_back(factor * (teacher ? t_of(i, j) : s_of(i, j)));
+    return logsumexp(v);
+  };
+
+  // The reference's row_stats [6, N], rounded to A; the row's logits' error bounds and sizes.
+  std::vector<A> rs(6 * N, A(0));
+  std::vector<double> row_serr(N, 0), row_terr(N, 0), row_sabs(N, 0), row_tabs(N, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    double smax = -INFINITY, tmax = -INFINITY;
+    for (int64_t j = 0; j < V; ++j) {
+      smax = std::max(smax, s_of(i, j)), tmax = std::max(tmax, t_of(i, j));
+      row_serr[i] = std::max(row_serr[i], z_error(st, i * V + j));
+      row_terr[i] = std::max(row_terr[i], z_error(te, i * V + j));
+      row_sabs[i] = std::max(row_sabs[i], std::fabs(s_of(i, j)));
+      row_tabs[i] = std::max(row_tabs[i], std::fabs(t_of(i, j)));
+    }
+    double sq = 0, ss = 0, sp = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      sq += std::exp((s_of(i, j) - smax) / Tm), ss += std::exp(s_of(i, j) - smax);
+      sp += std::exp((t_of(i, j) - tmax) / Tm);
+    }
+    rs[i] = (A)smax, rs[N + i] = (A)std::log(sq), rs[2 * N + i] = c.hard ? (A)std::log(ss) : A(0);
+    rs[3 * N + i] = (A)tmax, rs[4 * N + i] = (A)std::log(sp);
+  }
+
+  // Per element, from the rounded row_stats: the soft loss's terms (term1: the JSD's second) with
+  // their bounds, and d soft / d u with its bound. The kernel's log Q deviates from the reference's
+  // by its logit's error / T and the roundings of (s - s_max) / T - log sum_q (eq; log P: ep); Q and P
+  // by the exp of that, and exp's own rounding (rq, rp, relative); log M by the larger of them and its
+  // own roundings (em). tiny: an exp below the compute type's normal range.
+  const double log_b = std::log(beta), log_1mb = std::log1p(-beta);
+  std::vector<double> lq(N * V), lp(N * V), Q(N * V), P(N * V), eq(N * V), ep(N * V), lm(N * V), em(N * V);
+  std::vector<double> term0(N * V, 0), term1(N * V, 0), err0(N * V, 0), err1(N * V, 0);
+  std::vector<double> qg(N, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    double sum0 = 0, sum1 = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      const int64_t at = i * V + j;
+      const double s = s_of(i, j), t = t_of(i, j), ds = (s - rs[i]) / Tm, dt = (t - rs[3 * N + i]) / Tm;
+      lq[at] = ds - rs[N + i], lp[at] = dt - rs[4 * N + i];
+      Q[at] = std::exp(lq[at]), P[at] = std::exp(lp[at]);
+      eq[at] = z_error(st, at) / Tm + 4 * u * (std::fabs(ds) + std::fabs(lq[at]) + 1);
+      ep[at] = z_error(te, at) / Tm + 4 * u * (std::fabs(dt) + std::fabs(lp[at]) + 1);
+      const double rq = std::expm1(eq[at]) + 4 * u, rp = std::expm1(ep[at]) + 4 * u;
+      const double a = std::fabs(lq[at]) + std::fabs(lp[at]) + 1;
+      if (fkl) {
+        term0[at] = P[at] * (lp[at] - lq[at]);
+        err0[at] = P[at] * (ep[at] + eq[at]) + std::fabs(term0[at]) * rp + tiny * a;
+      } else if (rkl) {
+        term0[at] = Q[at] * (lq[at] - lp[at]);
+        err0[at] = Q[at] * (ep[at] + eq[at]) + std::fabs(term0[at]) * rq + tiny * a;
+      } else {
+        const double x = log_b + lp[at], y = log_1mb + lq[at];  // log M, exact where M underflows
+        lm[at] = std::max(x, y) + std::log1p(std::exp(-std::fabs(x - y)));
+        em[at] = std::max(eq[at], ep[at]) + 4 * u * (std::fabs(x) + std::fabs(y) + std::fabs(lm[at]) + 1);
+        term0[at] = P[at] * (lp[at] - lm[at]), term1[at] = Q[at] * (lq[at] - lm[at]);
+        err0[at] = P[at] * (ep[at] + em[at]) + std::fabs(term0[at]) * rp + tiny * (a + std::fabs(lm[at]));
+        err1[at] = Q[at] * (eq[at] + em[at]) + std::fabs(term1[at]) * rq + tiny * (a + std::fabs(lm[at]));
+      }
+      sum0 += term0[at], sum1 += term1[at];
+    }
+    qg[i] = fkl ? 0.0 : rkl ? sum0 : (double)(A)(1 - beta) * sum1;  // the host's: (1 - beta) in C
+  }
+
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  BlockedDistillation p{};
+  p.xs = st.x, p.ws = st.w, p.bs = st.b.empty() ? nullptr : st.b.data();
+  p.xt = te.x, p.wt = te.w, p.bt = te.b.empty() ? nullptr : te.b.data();
+  p.target = c.hard ? st.target.data() : nullptr;
+  p.N = N, p.Ds = c.Ds, p.Dt = c.Dt, p.V = V, p.temperature = Tm, p.beta = beta, p.hard_weight = hw;
+  const int64_t tiles = (V + kBlockedCols - 1) / kBlockedCols;
+  for (const int64_t splits : c.splits) {
+    const int64_t per = (tiles + splits - 1) / splits, stride = splits * N;
+    const std::string tags = tag + " splits" + std::to_string(splits);
+    // 1. statistics
+    std::vector<A> part(5 * stride, nan), target_logit(N, nan);
+    p.splits = splits, p.part = part.data(), p.target_logit = c.hard ? target_logit.data() : nullptr;
+    p.row_stats = nullptr;
+    require(launch_blocked_distillation_statistics(p, dtype_of<T>(), nullptr) == cudaSuccess, "kd statistics launch");
+    std::vector<double> host_smax(N), host_ls(N);
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t k = 0; k < splits; ++k) {
+        const int64_t lo = std::min(V, k * per * kBlockedCols), hi = std::min(V, (k + 1) * per * kBlockedCols);
+        const int64_t at = k * N + i;
+        const A sm = part[at], sq = part[stride + at], ss = part[2 * stride + at], tm = part[3 * stride + at],
+                sp = part[4 * stride + at];
+        const std::string where = tags + " row" + std::to_string(i) + " split" + std::to_string(k);
+        if (lo >= hi) {  // no tile: exactly (-inf, 0, 0, -inf, 0)
+          expect("kd_empty " + where, sm == -INFINITY && sq == 0 && ss == 0 && tm == -INFINITY && sp == 0 ? 0 : 1, 0,
+                 0.5, 1);
+          continue;
+        }
+        double smax = -INFINITY, tmax = -INFINITY, serr = 0, terr = 0;
+        for (int64_t j = lo; j < hi; ++j) {
+          smax = std::max(smax, s_of(i, j)), tmax = std::max(tmax, t_of(i, j));
+          serr = std::max(serr, z_error(st, i * V + j)), terr = std::max(terr, z_error(te, i * V + j));
+        }
+        const double n = (double)(hi - lo);
+        expect("kd_partsmax " + where, sm, smax, 2, serr);
+        expect("kd_parttmax " + where, tm, tmax, 2, terr);
+        expect("kd_partlq " + where, sm / Tm + std::log((double)sq), lse_of(i, lo, hi, 1 / Tm, false), 2,
+               serr / Tm + u * (n / 4 + 16 + 8 * row_sabs[i] / Tm));
+        expect("kd_partlp " + where, tm / Tm + std::log((double)sp), lse_of(i, lo, hi, 1 / Tm, true), 2,
+               terr / Tm + u * (n / 4 + 16 + 8 * row_tabs[i] / Tm));
+        if (c.hard)
+          expect("kd_partls " + where, sm + std::log((double)ss), lse_of(i, lo, hi, 1, false), 2,
+                 serr + u * (n / 4 + 16 + 8 * row_sabs[i]));
+        else
+          expect("kd_partls_zero " + where, ss == 0 ? 0 : 1, 0, 0.5, 1);
+      }
+      // the host's row_stats from the splits (its combination's roundings: u per split)
+      const std::string where = tags + " row" + std::to_string(i);
+      double smax, lq0, ls0 = 0, tmax, lp0;
+      combine_splits(&part[i], &part[stride + i], splits, N, 1 / Tm, smax, lq0);
+      if (c.hard) combine_splits(&part[i], &part[2 * stride + i], splits, N, 1.0, smax, ls0);
+      combine_splits(&part[3 * stride + i], &part[4 * stride + i], splits, N, 1 / Tm, tmax, lp0);
+      host_smax[i] = smax, host_ls[i] = ls0;
+      const double vb = u * (V / 4.0 + 16 + splits);
+      expect("kd_smax " + where, smax, rs[i], 2, row_serr[i] + u * row_sabs[i]);
+      expect("kd_tmax " + where, tmax, rs[3 * N + i], 2, row_terr[i] + u * row_tabs[i]);
+      expect("kd_lq " + where, smax / Tm + lq0, lse_of(i, 0, V, 1 / Tm, false), 2,
+             row_serr[i] / Tm + vb + 8 * u * row_sabs[i] / Tm);
+      expect("kd_lp " + where, tmax / Tm + lp0, lse_of(i, 0, V, 1 / Tm, true), 2,
+             row_terr[i] / Tm + vb + 8 * u * row_tabs[i] / Tm);
+      if (c.hard) {
+        expect("kd_ls " + where, smax + ls0, lse_of(i, 0, V, 1, false), 2, row_serr[i] + vb + 8 * u * row_sabs[i]);
+        const int64_t at = i * V + st.target[i];
+        expect("kd_target " + where, target_logit[i], st.raw[at], 2, z_error(st, at));
+      }
+    }
+    // 2. terms, from the reference's row_stats (sum Q g: 0, as the host's zeroed row_stats)
+    std::vector<A> terms(2 * stride, nan);
+    p.part = terms.data(), p.row_stats = rs.data();
+    require(launch_blocked_distillation_terms(p, dtype_of<T>(), nullptr) == cudaSuccess, "kd terms launch");
+    for (int64_t i = 0; i < N; ++i) {
+      double soft = 0, ref_soft = 0, soft_err = 0;
+      for (int64_t k = 0; k < splits; ++k) {
+        const int64_t lo = std::min(V, k * per * kBlockedCols), hi = std::min(V, (k + 1) * per * kBlockedCols);
+        const std::string where = tags + " row" + std::to_string(i) + " split" + std::to_string(k);
+        double want0 = 0, want1 = 0, e0 = 0, e1 = 0, abs0 = 0, abs1 = 0;
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t at = i * V + j;
+          want0 += term0[at], want1 += term1[at], e0 += err0[at], e1 += err1[at];
+          abs0 += std::fabs(term0[at]), abs1 += std::fabs(term1[at]);
+        }
+        const double n = (double)std::max<int64_t>(0, hi - lo), got0 = terms[k * N + i], got1 = terms[stride + k * N + i];
+        const double b0 = e0 + u * (n / 4 + 8) * abs0, b1 = e1 + u * (n / 4 + 8) * abs1;
+        // (an empty split's bounds are 0: exactly 0)
+        expect("kd_terms " + where, got0, want0, 2, b0);
+        if (fkl || rkl)
+          expect("kd_terms1_zero " + where, got1 == 0 ? 0 : 1, 0, 0.5, 1);
+        else
+          expect("kd_terms " + where + " second", got1, want1, 2, b1);
+        const double w0 = fkl || rkl ? 1 : beta, w1 = fkl || rkl ? 0 : 1 - beta;
+        soft += w0 * got0 + w1 * (fkl || rkl ? 0 : got1);
+        ref_soft += w0 * want0 + w1 * want1;
+        soft_err += w0 * b0 + w1 * b1;
+      }
+      // the loss as the host makes it, from the kernel's sums, combined statistics and target logit
+      double loss = Tm * Tm * soft, want = Tm * Tm * ref_soft, bound = Tm * Tm * soft_err;
+      if (c.hard) {
+        loss += hw * ((host_smax[i] - target_logit[i]) + host_ls[i]);
+        want += hw * (lse_of(i, 0, V, 1, false) - s_of(i, st.target[i]));
+        bound += hw * (2 * row_serr[i] + u * (V / 4.0 + 16 + splits + 8 * row_sabs[i]));
+      }
+      expect("kd_loss " + tags + " row" + std::to_string(i), loss, want, 2, bound + 8 * u * std::fabs(want) + tiny);
+    }
+  }
+
+  // 3. gradients, from the reference's row_stats with sum Q g
+  for (int64_t i = 0; i < N; ++i) rs[5 * N + i] = (A)qg[i];
+  std::mt19937 gen(N * 7 + V * 13 + c.Ds);
+  std::normal_distribution<double> nd;
+  std::vector<A> row_scale(N);
+  for (auto& r : row_scale) r = (A)nd(gen);
+  std::vector<double> G(N * V), dG(N * V);
+  for (int64_t i = 0; i < N; ++i) {
+    const double sc = c.row_scale ? (double)row_scale[i] : (double)(A)0.375, g5 = rs[5 * N + i];
+    const double sf = (double)(A)(sc * Tm), hf = (double)(A)(sc * hw);  // the kernel's factors
+    for (int64_t j = 0; j < V; ++j) {
+      const int64_t at = i * V + j;
+      const double rq = std::expm1(eq[at]) + 4 * u, rp = std::expm1(ep[at]) + 4 * u;
+      double du, edu;
+      if (fkl) {
+        du = Q[at] - P[at];
+        edu = Q[at] * rq + P[at] * rp + 2 * tiny;
+      } else if (rkl) {
+        du = Q[at] * (lq[at] - lp[at] - g5);
+        edu = Q[at] * (eq[at] + ep[at] + 4 * u * (std::fabs(lq[at]) + std::fabs(lp[at]) + std::fabs(g5))) +
+              std::fabs(du) * rq + tiny * (std::fabs(lq[at]) + std::fabs(lp[at]) + std::fabs(g5) + 1);
+      } else {
+        const double inner = (1 - beta) * (lq[at] - lm[at]) - g5;
+        du = Q[at] * inner;
+        edu = Q[at] * ((1 - beta) * (eq[at] + em[at]) + 4 * u * (std::fabs(lq[at]) + std::fabs(lm[at]) + std::fabs(g5))) +
+              std::fabs(du) * rq + tiny * (std::fabs(inner) + 1);
+      }
+      double gv = sf * du, err = std::fabs(sf) * edu + 4 * u * std::fabs(gv);
+      if (c.hard) {  // hf (exp(s - s_max - log sum_s) - [j == target])
+        const double s = s_of(i, j), ps = std::exp(s - rs[i] - rs[2 * N + i]), is_target = j == st.target[i];
+        gv += hf * (ps - is_target);
+        err += std::fabs(hf) * (ps * (std::expm1(z_error(st, at) + 4 * u * (std::fabs(s) + std::fabs(rs[i]) +
+                                                                              std::fabs(rs[2 * N + i]))) + 4 * u) +
+                                4 * u * is_target + tiny) +
+               4 * u * std::fabs(gv);
+      }
+      if constexpr (kMmaPath<T>) {
+        G[at] = to_d(from_d<T>(gv));
+        dG[at] = to_d(from_d<T>(gv + err)) - to_d(from_d<T>(gv - err));  // 0 unless near a rounding boundary
+      } else {
+        G[at] = gv, dG[at] = err;
+      }
+    }
+  }
+  std::vector<A> gx(c.want_x ? N * c.Ds : 0, A(0)), gw(c.want_w ? V * c.Ds : 0, A(0)), gb(c.want_b ? V : 0, A(0));
+  p.splits = 1, p.part = nullptr, p.target_logit = nullptr, p.row_stats = rs.data();
+  p.row_scale = c.row_scale ? row_scale.data() : nullptr, p.scale = 0.375;
+  p.grad_x = c.want_x ? gx.data() : nullptr, p.grad_w = c.want_w ? gw.data() : nullptr;
+  p.grad_b = c.want_b ? gb.data() : nullptr;
+  require(launch_blocked_distillation_gradients(p, dtype_of<T>(), nullptr) == cudaSuccess, "kd gradients launch");
+  const std::string tagg = tag + (c.row_scale ? " row_scale" : "") + (c.want_x ? "" : " no_dx") +
+                           (c.want_w ? "" : " no_dw") + (c.want_b ? "" : " no_db");
+  check_blocked_products("kd", tagg, st, G, dG, gx, gw, gb);
+}
+
+template <typename T>
+void check_blocked_distillation_dtype(const char* name, bool quick) {
+  using C = KdBlockedCase;
+  if (quick) {  // ThreadSanitizer: two tiles in a split (the loops' barriers), the teacher's logits then
+                // the student's in each tile, the JSD with the hard term, all three products
+    check_blocked_distillation<T>(name, C{65, 129, 40, 72, {1}, 0.5, 2.0, true, true, true, false, true});
+    return;
+  }
+  // forward KL, JSD, reverse KL, each with and without a target; temperatures 0.5, 1, 2; N at and past
+  // the 64-row tiles, V at and past the 128-column tiles; Ds and Dt apart (the student's and teacher's
+  // k-steps), 130 past the slices of D; splits: 2 tiles in one, one per split, empty ones; each of
+  // dX, dW, db left out once; fp16/bf16: misaligned (the element-wise copies), student and teacher.
+  check_blocked_distillation<T>(name, C{1, 1, 8, 8, {1, 2}, 0.0, 1.0, false, false, false});
+  check_blocked_distillation<T>(name, C{65, 129, 40, 72, {1, 3}, 0.5, 2.0, true, true, false, false, true, true,
+                                        true, false});
+  check_blocked_distillation<T>(name, C{130, 300, 130, 24, {2, 5}, 1.0, 0.5, true, true, true, false, false, true,
+                                        false});
+  check_blocked_distillation<T>(name, C{65, 7, 8, 8, {1}, 0.5, 1.0, false, false, true, false, true, false});
+  check_blocked_distillation<T>(name, C{130, 129, 40, 72, {4}, 0.0, 2.0, true, true, true, kMmaPath<T>});
+  check_blocked_distillation<T>(name, C{1, 300, 130, 24, {3}, 1.0, 1.0, false, true, true});
+  check_blocked_distillation<T>(name, C{65, 300, 8, 8, {1}, 0.0, 0.5, true, false, true, false, true});
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   check_dtype<float>("float32", quick);
@@ -616,6 +950,13 @@ int main(int argc, char** argv) {
     check_blocked_dtype<double>("float64", false);
   }
   std::printf("blocked: %d checks, %d failures\n", checks, failures);
+  check_blocked_distillation_dtype<float>("float32", quick);
+  check_blocked_distillation_dtype<__nv_bfloat16>("bfloat16", quick);
+  if (!quick) {
+    check_blocked_distillation_dtype<__half>("float16", false);
+    check_blocked_distillation_dtype<double>("float64", false);
+  }
+  std::printf("blocked distillation: %d checks, %d failures\n", checks, failures);
   for (const auto& [what, ratio] : worst) std::printf("worst %s: %.3f of its bound\n", what.c_str(), ratio);
   std::printf("total: %d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;
