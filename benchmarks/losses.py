@@ -4,7 +4,9 @@ F.cross_entropy (eager, and torch.compile of it), and torchtune's chunked
 cross-entropy (the logits made a chunk of rows at a time, each chunk's loss
 in float32; autograd still keeps every chunk's logits). Distillation:
 bigkernels.linear_distillation_loss against eager KL / JSD on both logits
-(reference.py's) and torch.compile of it.
+(reference.py's) and torch.compile of it. On CUDA also our method="blocked"
+(with and without skip_small_gradients), and Liger-Kernel's and Cut
+Cross-Entropy's fused losses where they are installed.
 Time and peak memory. (The teacher is not under no_grad in the eager variants: its
 tensors do not require a gradient, which is the same to autograd.)"""
 
@@ -104,6 +106,8 @@ def _make_distillation(device, N, Ds, Dt, V, beta, dtype):
         return {
             "bigkernels": Variant(lambda: bigkernels.linear_distillation_loss(xs, ws, xt, wt, t, beta=beta,
                                                                               **DISTILLATION_OPTIONS), wrt),
+            **({"blocked": Variant(lambda: bigkernels.linear_distillation_loss(
+                xs, ws, xt, wt, t, beta=beta, method="blocked", **DISTILLATION_OPTIONS), wrt)} if xs.is_cuda else {}),
             "eager": Variant(eager, wrt),
             "compile": Variant(compiled, wrt),
         }

@@ -90,14 +90,16 @@ run_tests() {
 run_tests rnn 120 -m cuda tests/test_rnn_cuda.py
 run_tests dense 75 -m cuda tests/test_dense.py
 run_tests attention 90 -m cuda tests/test_attention_cuda.py
+run_tests losses 75 -m cuda tests/test_losses.py
 run_tests others 45 -m cuda tests --ignore=tests/test_rnn_cuda.py --ignore=tests/test_dense.py \
-  --ignore=tests/test_attention_cuda.py --ignore=tests/test_cuda_emulation.py
+  --ignore=tests/test_attention_cuda.py --ignore=tests/test_losses.py --ignore=tests/test_cuda_emulation.py
 
 # ---- memcheck on a few small cases of each family ----
 if (( $(left) > 60 )); then
   timeout -k 5 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_rnn_cuda.py tests/test_dense.py tests/test_attention_cuda.py \
-    -k "large_tiles or misaligned or zero_size or strided_inputs or empty_ranges and causal-67-131 or sizes_on_cuda and 1-1-1" \
+    tests/test_losses.py \
+    -k "large_tiles or misaligned or zero_size or strided_inputs or empty_ranges and causal-67-131 or sizes_on_cuda and 1-1-1 or blocked_ignore_index_and_empty" \
     > "$OUT/memcheck.log" 2>&1
   rc=$?
   say "memcheck: rc $rc (0 clean, 9 errors found, 124 timed out) at $(elapsed) s: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"

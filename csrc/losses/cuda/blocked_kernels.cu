@@ -61,6 +61,24 @@ Operands operands(const void* x, const void* w, int64_t N, int64_t D, int64_t V,
   return {x, w, N, D, V, vec, grad_x, grad_w};
 }
 
+// Adds a warp's mma.sync accumulators (MT x NT tiles of 16 x 8, its rows
+// row0.., columns col0..; fragment layout in ptx_sm80.cuh) into out
+// [rows, cols] with atomics, what lies inside it.
+template <int MT, int NT>
+__device__ __forceinline__ void add_fragments(float* out, const float (&acc)[MT][NT][4], int64_t row0, int64_t col0,
+                                              int64_t rows, int64_t cols) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = row0 + mt * 16 + g + 8 * (i / 2), col = col0 + nt * 8 + 2 * t + i % 2;
+        if (row < rows && col < cols) atomicAdd(out + row * cols + col, acc[mt][nt][i]);
+      }
+}
+
 // fp16 / bf16 on the tensor cores. Shared memory: G [kBM][kGPitch] in T,
 // then the work area: the main loop's stages, then S [kBM][kSPitch] in fp32
 // over them, then the products' slices of D.
@@ -163,7 +181,7 @@ struct MmaTile {
     const T* w = static_cast<const T*>(p.w);
     float* gx = static_cast<float*>(p.grad_x);
     float* gw = static_cast<float*>(p.grad_w);
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     // ldmatrix.x4 row addresses: A from G [m][k] as is; A from G^T and B from a slice [k][n], .trans
     const int a_row = lane % 8 + 8 * ((lane / 8) % 2), a_k = 8 * (lane / 16);
     const int at_k = lane % 8 + 8 * (lane / 16), at_m = 8 * ((lane / 8) % 2);
@@ -196,15 +214,7 @@ struct MmaTile {
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) mma_m16n8k16<T>(acc[mt][nt], a[mt], b[nt]);
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int64_t row = m0 + wm * 32 + mt * 16 + g + 8 * (i / 2), col = d0 + wn * 16 + nt * 8 + 2 * t + i % 2;
-              if (row < p.N && col < p.D) atomicAdd(gx + row * p.D + col, acc[mt][nt][i]);
-            }
+        add_fragments(gx, acc, m0 + wm * 32, d0 + wn * 16, p.N, p.D);
       }
       if (gw != nullptr) {  // [kBN x kBD] += G^T [kBN x kBM] xs [kBM x kBD]: 4 x 2 warps, each 32 x 32
         const int wm = warp / 2, wn = warp % 2;
@@ -225,15 +235,7 @@ struct MmaTile {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) mma_m16n8k16<T>(acc[mt][nt], a[mt], b[nt]);
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int64_t row = n0 + wm * 32 + mt * 16 + g + 8 * (i / 2), col = d0 + wn * 32 + nt * 8 + 2 * t + i % 2;
-              if (row < p.V && col < p.D) atomicAdd(gw + row * p.D + col, acc[mt][nt][i]);
-            }
+        add_fragments(gw, acc, n0 + wm * 32, d0 + wn * 32, p.V, p.D);
       }
       __syncthreads();  // every warp is done with the slices before the next ones land
     }
