@@ -18,6 +18,10 @@
 // needs the row's logits made once per slice of D, or a [64 x D] fp32
 // accumulator: 1 MB at D 4096.
 //
+// Distillation (BlockedDistillation) runs the same tiles, each making the
+// teacher's logits and then the student's, in three passes: statistics,
+// the divergence's sums, gradients (the student's products only).
+//
 // Never run on a GPU: tested under tests/cuda_emulation/losses/.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
