@@ -385,8 +385,19 @@ struct SplitTiles {
   }
 };
 
+// grad_b[n0 + c] += column c of G (the bias's gradient; null: not wanted).
+template <typename Tile, typename C>
+__device__ __forceinline__ void add_column_sums(const typename Tile::Grad* G, int64_t n0, int64_t V, C* grad_b) {
+  if (grad_b == nullptr) return;
+  for (int c = threadIdx.x; c < kBN && n0 + c < V; c += kThreads) {
+    C sum = 0;
+    for (int i = 0; i < kBM; ++i) sum += to_acc(G[i * Tile::kGPitch + c]);
+    atomicAdd(grad_b + n0 + c, sum);
+  }
+}
+
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCrossEntropy p, Operands o) {
+__global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCrossEntropy p, Operands o, Operands) {
   using C = acc_t<T>;
   unsigned char* smem = dynamic_smem();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -431,7 +442,7 @@ __global__ void __launch_bounds__(kThreads) blocked_statistics_kernel(BlockedCro
 }
 
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCrossEntropy p, Operands o) {
+__global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCrossEntropy p, Operands o, Operands) {
   using C = acc_t<T>;
   using Grad = typename Tile::Grad;
   unsigned char* smem = dynamic_smem();
@@ -472,13 +483,7 @@ __global__ void __launch_bounds__(kThreads) blocked_gradients_kernel(BlockedCros
   } else {
     __syncthreads();
   }
-  if (p.grad_b != nullptr) {
-    for (int c = threadIdx.x; c < kBN && n0 + c < p.V; c += kThreads) {
-      C sum = 0;
-      for (int i = 0; i < kBM; ++i) sum += to_acc(G[i * Tile::kGPitch + c]);
-      atomicAdd(static_cast<C*>(p.grad_b) + n0 + c, sum);
-    }
-  }
+  add_column_sums<Tile>(G, n0, p.V, static_cast<C*>(p.grad_b));
   Tile::products(o, m0, n0, smem);
 }
 
@@ -691,13 +696,7 @@ __global__ void __launch_bounds__(kThreads)
     G[r * Tile::kGPitch + c] = from_acc<Grad>(g);  // (SimtTile: over S's element, by the thread that read it)
   }
   __syncthreads();
-  if (p.grad_b != nullptr) {
-    for (int c = threadIdx.x; c < kBN && n0 + c < p.V; c += kThreads) {
-      C sum = 0;
-      for (int i = 0; i < kBM; ++i) sum += to_acc(G[i * Tile::kGPitch + c]);
-      atomicAdd(static_cast<C*>(p.grad_b) + n0 + c, sum);
-    }
-  }
+  add_column_sums<Tile>(G, n0, p.V, static_cast<C*>(p.grad_b));
   Tile::products(student, m0, n0, smem);
 }
 
@@ -705,29 +704,29 @@ template <typename T>
 struct LaunchBlocked {
   using Tile = TileFor<T>;
 
+  // One pass: grid (row tiles, columns): the statistics passes' splits, or
+  // the gradient passes' vocabulary tiles.
+  template <typename Params>
+  static cudaError_t launch(void (*kernel)(Params, Operands, Operands), const Params& p, const Operands& a,
+                            const Operands& b, int64_t columns, cudaStream_t stream) {
+    const int64_t row_tiles = (p.N + kBM - 1) / kBM;
+    if (p.V <= 0 || row_tiles > 0x7fffffff || (p.V + kBN - 1) / kBN > 65535 || columns < 1 || columns > 65535) {
+      return cudaErrorInvalidValue;
+    }
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(columns));
+    kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, a, b);
+    return cudaGetLastError();
+  }
+  static int64_t vocabulary_tiles(int64_t V) { return (V + kBN - 1) / kBN; }
+
   static Operands of(const BlockedCrossEntropy& p) { return operands<T>(p.x, p.w, p.N, p.D, p.V, p.grad_x, p.grad_w); }
-  static bool fits(const BlockedCrossEntropy& p) {
-    return p.N > 0 && p.V > 0 && (p.N + kBM - 1) / kBM <= 0x7fffffff && (p.V + kBN - 1) / kBN <= 65535;
-  }
-
   static cudaError_t statistics(const BlockedCrossEntropy& p, cudaStream_t stream) {
-    if (!fits(p) || p.splits < 1 || p.splits > 65535) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaFuncSetAttribute(blocked_statistics_kernel<T, Tile>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>(p.splits));
-    blocked_statistics_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, of(p));
-    return cudaGetLastError();
+    return launch(blocked_statistics_kernel<T, Tile>, p, of(p), of(p), p.splits, stream);
   }
-
   static cudaError_t gradients(const BlockedCrossEntropy& p, cudaStream_t stream) {
-    if (!fits(p)) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaFuncSetAttribute(blocked_gradients_kernel<T, Tile>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>((p.V + kBN - 1) / kBN));
-    blocked_gradients_kernel<T, Tile><<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, of(p));
-    return cudaGetLastError();
+    return launch(blocked_gradients_kernel<T, Tile>, p, of(p), of(p), vocabulary_tiles(p.V), stream);
   }
 
   // Distillation: the student's operands (with its gradients) and the teacher's.
@@ -737,30 +736,15 @@ struct LaunchBlocked {
   static Operands teacher(const BlockedDistillation& p) {
     return operands<T>(p.xt, p.wt, p.N, p.Dt, p.V, nullptr, nullptr);
   }
-  static bool fits(const BlockedDistillation& p) {
-    return p.N > 0 && p.V > 0 && (p.N + kBM - 1) / kBM <= 0x7fffffff && (p.V + kBN - 1) / kBN <= 65535;
-  }
-
-  // One distillation pass: grid (row tiles, splits), or (row tiles, vocabulary tiles) for the gradients.
-  template <typename Kernel>
-  static cudaError_t distillation(Kernel* kernel, const BlockedDistillation& p, bool over_splits,
-                                  cudaStream_t stream) {
-    if (!fits(p) || (over_splits && (p.splits < 1 || p.splits > 65535))) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    const int64_t columns = over_splits ? p.splits : (p.V + kBN - 1) / kBN;
-    const dim3 grid(static_cast<unsigned>((p.N + kBM - 1) / kBM), static_cast<unsigned>(columns));
-    kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(p, student(p), teacher(p));
-    return cudaGetLastError();
-  }
   static cudaError_t distillation_statistics(const BlockedDistillation& p, cudaStream_t stream) {
-    return distillation(blocked_distillation_statistics_kernel<T, Tile>, p, true, stream);
+    return launch(blocked_distillation_statistics_kernel<T, Tile>, p, student(p), teacher(p), p.splits, stream);
   }
   static cudaError_t distillation_terms(const BlockedDistillation& p, cudaStream_t stream) {
-    return distillation(blocked_distillation_terms_kernel<T, Tile>, p, true, stream);
+    return launch(blocked_distillation_terms_kernel<T, Tile>, p, student(p), teacher(p), p.splits, stream);
   }
   static cudaError_t distillation_gradients(const BlockedDistillation& p, cudaStream_t stream) {
-    return distillation(blocked_distillation_gradients_kernel<T, Tile>, p, false, stream);
+    return launch(blocked_distillation_gradients_kernel<T, Tile>, p, student(p), teacher(p), vocabulary_tiles(p.V),
+                  stream);
   }
 };
 
@@ -777,30 +761,18 @@ cudaError_t by_dtype(LossDType dtype, F&& f) {
 
 }  // namespace
 
-cudaError_t launch_blocked_statistics(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto launch) { return launch.statistics(p, stream); });
-}
-
-cudaError_t launch_blocked_gradients(const BlockedCrossEntropy& p, LossDType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto launch) { return launch.gradients(p, stream); });
-}
-
-cudaError_t launch_blocked_distillation_statistics(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto launch) { return launch.distillation_statistics(p, stream); });
-}
-
-cudaError_t launch_blocked_distillation_terms(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto launch) { return launch.distillation_terms(p, stream); });
-}
-
-cudaError_t launch_blocked_distillation_gradients(const BlockedDistillation& p, LossDType dtype, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto launch) { return launch.distillation_gradients(p, stream); });
-}
+// A pass for the dtype; nothing to do without rows.
+#define BK_BLOCKED_PASS(name, Params, pass)                                               \
+  cudaError_t name(const Params& p, LossDType dtype, cudaStream_t stream) {               \
+    if (p.N == 0) return cudaSuccess;                                                      \
+    return by_dtype(dtype, [&](auto launch) { return launch.pass(p, stream); });          \
+  }
+BK_BLOCKED_PASS(launch_blocked_statistics, BlockedCrossEntropy, statistics)
+BK_BLOCKED_PASS(launch_blocked_gradients, BlockedCrossEntropy, gradients)
+BK_BLOCKED_PASS(launch_blocked_distillation_statistics, BlockedDistillation, distillation_statistics)
+BK_BLOCKED_PASS(launch_blocked_distillation_terms, BlockedDistillation, distillation_terms)
+BK_BLOCKED_PASS(launch_blocked_distillation_gradients, BlockedDistillation, distillation_gradients)
+#undef BK_BLOCKED_PASS
 
 }  // namespace cuda
 }  // namespace bigkernels

@@ -64,6 +64,24 @@ int64_t statistics_splits(int64_t N, int64_t V) {
   return std::clamp<int64_t>((wanted + row_tiles - 1) / row_tiles, 1, std::min<int64_t>(vocab_tiles, 65535));
 }
 
+// The gradient passes' buffers, which their atomics sum into: zeroed, in the
+// compute type; those not in grad_mask undefined (null to the kernels).
+struct Accumulators {
+  at::Tensor x, w, b;  // [N, D], [V, D], [V]
+  Accumulators(std::array<bool, 3> grad_mask, int64_t N, int64_t D, int64_t V, const at::TensorOptions& compute)
+      : x(grad_mask[0] ? at::zeros({N, D}, compute) : at::Tensor()),
+        w(grad_mask[1] ? at::zeros({V, D}, compute) : at::Tensor()),
+        b(grad_mask[2] ? at::zeros({V}, compute) : at::Tensor()) {}
+  static void* pointer(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+  // into the results: input's and weight's in the dtype, the bias's in the compute type
+  template <typename Results>
+  void finish(Results& out, at::ScalarType dtype) const {
+    if (x.defined()) out.grad_input = x.to(dtype);
+    if (w.defined()) out.grad_weight = w.to(dtype);
+    out.grad_bias = b;
+  }
+};
+
 // log sum_k sums_k exp(factor (maxes_k - top)) over the splits (dimension 0): a row's log-sum from its splits'.
 at::Tensor log_sum_over_splits(const at::Tensor& sums, const at::Tensor& maxes, const at::Tensor& top, double factor) {
   return (sums * ((maxes - top) * factor).exp()).sum(0).log();
@@ -102,20 +120,14 @@ BlockedResults cross_entropy_blocked_cuda(const at::Tensor& x, const at::Tensor&
   if (!(grad_mask[0] || grad_mask[1] || grad_mask[2])) return out;
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor scales = row_scale.defined() ? row_scale.contiguous() : at::Tensor();
-  // Summed into by atomics: zeroed first, in the compute type.
-  const at::Tensor gx = grad_mask[0] ? at::zeros({N, D}, compute) : at::Tensor();
-  const at::Tensor gw = grad_mask[1] ? at::zeros({V, D}, compute) : at::Tensor();
-  const at::Tensor gb = grad_mask[2] ? at::zeros({V}, compute) : at::Tensor();
+  const Accumulators grads(grad_mask, N, D, V, compute);
   p.lse = lse_c.const_data_ptr(), p.label_smoothing = options.label_smoothing, p.z_loss = options.z_loss;
   p.row_scale = scales.defined() ? scales.const_data_ptr() : nullptr, p.scale = scale;
   p.skip_below = options.skip_small_gradients ? skip_threshold(dtype) : 0.0;
-  p.grad_x = gx.defined() ? gx.data_ptr() : nullptr;
-  p.grad_w = gw.defined() ? gw.data_ptr() : nullptr;
-  p.grad_b = gb.defined() ? gb.data_ptr() : nullptr;
+  p.grad_x = Accumulators::pointer(grads.x), p.grad_w = Accumulators::pointer(grads.w);
+  p.grad_b = Accumulators::pointer(grads.b);
   C10_CUDA_CHECK(cuda::launch_blocked_gradients(p, to_kernel_dtype(dtype), stream));
-  if (gx.defined()) out.grad_input = gx.to(dtype);
-  if (gw.defined()) out.grad_weight = gw.to(dtype);
-  out.grad_bias = gb;
+  grads.finish(out, dtype);
   return out;
 }
 
@@ -171,17 +183,12 @@ BlockedDistillationResults distillation_blocked_cuda(
   // 3. gradients, with sum Q g (reverse KL: its sum; the JSD: (1 - beta) its second)
   if (!forward_kl) row_stats[5].copy_(reverse_kl ? sums[0] : sums[1] * (1 - beta));
   const at::Tensor scales = row_scale.defined() ? row_scale.contiguous() : at::Tensor();
-  const at::Tensor gx = grad_mask[0] ? at::zeros({N, p.Ds}, compute) : at::Tensor();
-  const at::Tensor gw = grad_mask[1] ? at::zeros({V, p.Ds}, compute) : at::Tensor();
-  const at::Tensor gb = grad_mask[2] ? at::zeros({V}, compute) : at::Tensor();
+  const Accumulators grads(grad_mask, N, p.Ds, V, compute);
   p.row_scale = scales.defined() ? scales.const_data_ptr() : nullptr, p.scale = scale;
-  p.grad_x = gx.defined() ? gx.data_ptr() : nullptr;
-  p.grad_w = gw.defined() ? gw.data_ptr() : nullptr;
-  p.grad_b = gb.defined() ? gb.data_ptr() : nullptr;
+  p.grad_x = Accumulators::pointer(grads.x), p.grad_w = Accumulators::pointer(grads.w);
+  p.grad_b = Accumulators::pointer(grads.b);
   C10_CUDA_CHECK(cuda::launch_blocked_distillation_gradients(p, kernel_dtype, stream));
-  if (gx.defined()) out.grad_input = gx.to(dtype);
-  if (gw.defined()) out.grad_weight = gw.to(dtype);
-  out.grad_bias = gb;
+  grads.finish(out, dtype);
   return out;
 }
 
