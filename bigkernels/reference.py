@@ -87,14 +87,17 @@ def causal_window(is_causal, window):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, causal_align="top_left",
-                                 window=None):
+                                 window=None, softcap=0.0, alibi_slopes=None):
     """softmax(q k^T * scale + mask) v, F.scaled_dot_product_attention's
     semantics on [..., H, L, E] inputs (3-d or 4-d), computed in the inputs'
     dtype and written for clarity: it materialises the L x S scores.
 
     attn_mask: bool (True = attend) or additive float, broadcastable to
     [..., H, L, S]. dropout_mask: bool keep-mask of the scores' shape, applied
-    as keep / (1 - dropout_p) after the softmax. Rows whose every key is
+    as keep / (1 - dropout_p) after the softmax. softcap > 0: the scaled
+    scores x become softcap * tanh(x / softcap) (Gemma-2); then alibi_slopes
+    ([H] or [B, H], 4-d inputs) adds -slope * |i + offset - j|, offset the
+    causal alignment's (flash-attention's order, before any mask). Rows whose every key is
     masked give 0 (and zero gradients). Returns (output, lse), lse the
     log-sum-exp of each row's scaled, masked scores (float32, float64 for
     float64 inputs; -inf for a fully masked row)."""
@@ -104,6 +107,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask
         groups = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
     scores = (query @ key.transpose(-2, -1)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        offset = S - L if causal_align == "bottom_right" else 0
+        distance = (torch.arange(L, device=query.device)[:, None] + offset
+                    - torch.arange(S, device=query.device)[None, :]).abs().to(scores.dtype)
+        slopes = alibi_slopes.to(scores.dtype)
+        slopes = slopes[:, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        scores = scores - slopes * distance
     allowed = attention_allowed(L, S, is_causal, causal_align, window, query.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         allowed = allowed & attn_mask
@@ -116,6 +128,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ value, lse
+
+
+def rotary(x, cos, sin, positions, interleaved=False):
+    """Rotary embedding of x [B, L, H, D] at positions [B, L] (flash-
+    attention's apply_rotary_emb): cos and sin [seqlen, R / 2] rotate the
+    first R dims, as pairs (2i, 2i + 1) when interleaved (GPT-J), else as
+    halves (i, i + R / 2) (GPT-NeoX); the rest pass through. Computed in
+    float32 (float64 for float64 x), returned in x's dtype."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = cos.shape[-1]
+    c = cos.to(work)[positions][:, :, None, :]  # [B, L, 1, R / 2]
+    s = sin.to(work)[positions][:, :, None, :]
+    y = x.to(work)
+    if interleaved:
+        x1, x2 = y[..., 0:2 * half:2], y[..., 1:2 * half:2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = y[..., :half], y[..., half:2 * half]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated, y[..., 2 * half:]), dim=-1).to(x.dtype)
+
+
+def cache_keys(cache, b, n, block_table=None):
+    """The first n rows of batch b of a KV cache, [n, Hkv, D]: cache
+    [B, capacity, Hkv, D], or pages [num_pages, page_size, Hkv, D] through
+    block_table [B, max_pages]."""
+    if block_table is None:
+        return cache[b, :n]
+    page_size = cache.shape[1]
+    pages = block_table[b, :(n + page_size - 1) // page_size].long()
+    return cache[pages].flatten(0, 1)[:n]
+
+
+def attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table=None, scale=None, is_causal=False,
+                           window=None, softcap=0.0, alibi_slopes=None):
+    """flash-attention's flash_attn_with_kvcache after the append: q
+    [B, Lq, H, D] against the first seqlens_k[b] keys of each batch's cache
+    (cache_keys), bottom-right aligned, GQA by head counts. Returns (out
+    [B, Lq, H, Dv], lse [B, H, Lq]) from scaled_dot_product_attention, one
+    batch at a time."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        n = int(seqlens_k[b])
+        k = cache_keys(k_cache, b, n, block_table).transpose(0, 1)[None]
+        v = cache_keys(v_cache, b, n, block_table).transpose(0, 1)[None]
+        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
+        out, lse = scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k, v, is_causal=is_causal, scale=scale,
+                                                enable_gqa=True, causal_align="bottom_right", window=window,
+                                                softcap=softcap, alibi_slopes=slopes)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 RNN_MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")

@@ -80,6 +80,11 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         raise TypeError(f"scale must be a number or None, got {scale!r}")
     if causal_align not in CAUSAL_ALIGNS:
         raise ValueError(f"causal_align must be one of {', '.join(CAUSAL_ALIGNS)}, got {causal_align!r}")
+    return _check_window(window)
+
+
+def _check_window(window):
+    """window=(left, right) as a tuple, (-1, -1) for None; TypeError/ValueError naming it."""
     if window is None:
         return (-1, -1)
     if (not isinstance(window, (tuple, list)) or len(window) != 2

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace bigkernels {
 
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -47,6 +49,62 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
       TORCH_CHECK_VALUE(size == want || size == 1, "bigkernels.attention: attn_mask of shape ",
                         mask->sizes(), " does not broadcast to [", s.B, ", ", s.Hq, ", ", s.L, ", ", s.S, "]");
     }
+  }
+  return s;
+}
+
+AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                  int64_t window_left, int64_t window_right, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "bigkernels.attention_with_kvcache";
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), op, ": q must be a floating-point tensor, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
+                   ": k_cache (", k_cache.scalar_type(), ") and v_cache (", v_cache.scalar_type(),
+                   ") must have q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(k_cache.device() == q.device() && v_cache.device() == q.device(), op,
+                    ": q, k_cache and v_cache must be on one device");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, op, ": q must be [B, Lq, H, D] and "
+                    "the caches [B, S, Hkv, D] (or pages [num_pages, page_size, Hkv, D]), got ", q.sizes(), ", ",
+                    k_cache.sizes(), ", ", v_cache.sizes());
+  const bool paged = block_table.has_value();
+  AttentionShape s{q.size(0), q.size(2), k_cache.size(2), q.size(1), k_cache.size(1), q.size(3), v_cache.size(3)};
+  TORCH_CHECK_VALUE(k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3), op, ": k_cache ",
+                    k_cache.sizes(), " and v_cache ", v_cache.sizes(), " must agree but in the head dim");
+  TORCH_CHECK_VALUE(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": q's heads (", s.Hq,
+                    ") must be a multiple of the caches' (", s.Hkv, ")");
+  TORCH_CHECK_VALUE(k_cache.size(3) == s.E, op, ": k_cache's head dim ", k_cache.size(3),
+                    " does not match q's ", s.E);
+  TORCH_CHECK_TYPE(seqlens_k.scalar_type() == at::kInt || seqlens_k.scalar_type() == at::kLong, op,
+                   ": cache_seqlens must be int32 or int64, got ", seqlens_k.scalar_type());
+  TORCH_CHECK_VALUE(seqlens_k.dim() == 1 && seqlens_k.size(0) == s.B && seqlens_k.device() == q.device(), op,
+                    ": cache_seqlens must be [B] = [", s.B, "] on q's device, got ", seqlens_k.sizes(), " on ",
+                    seqlens_k.device());
+  if (paged) {
+    const at::Tensor& table = *block_table;
+    TORCH_CHECK_TYPE(table.scalar_type() == at::kInt || table.scalar_type() == at::kLong, op,
+                     ": block_table must be int32 or int64, got ", table.scalar_type());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == s.B && table.device() == q.device(), op,
+                      ": block_table must be [B, max_pages] with B = ", s.B, " on q's device, got ", table.sizes(),
+                      " on ", table.device());
+    TORCH_CHECK_VALUE(k_cache.size(1) > 0, op, ": the paged caches' page_size (dim 1) must be positive");
+    s.S = table.size(1) * k_cache.size(1);  // each batch's capacity: its pages
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == s.B, op, ": k_cache has batch ", k_cache.size(0), " but q has ", s.B,
+                      " (a paged cache needs block_table)");
+  }
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (",
+                    window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be >= 0 (0: none), got ", softcap);
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, op,
+                     ": alibi_slopes must be float32 or float64, got ", a.scalar_type());
+    TORCH_CHECK_VALUE(a.device() == q.device() && (a.dim() == 1 || (a.dim() == 2 && a.size(0) == s.B)) &&
+                          a.size(-1) == s.Hq,
+                      op, ": alibi_slopes must be [H] or [B, H] = [", s.B, ", ", s.Hq, "] on q's device, got ",
+                      a.sizes(), " on ", a.device());
   }
   return s;
 }
@@ -113,6 +171,21 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
       "float dropout_p, int dropout_seed, bool grad_mask=False) -> (Tensor grad_query, Tensor grad_key, "
       "Tensor grad_value, Tensor grad_attn_mask)");
+  // Attention of query [B, Lq, H, D] against the first seqlens_k[b] keys of
+  // batch b of a KV cache: k_cache and v_cache [B, capacity, Hkv, D|Dv], or
+  // pages [num_pages, page_size, Hkv, D|Dv] read through block_table
+  // [B, max_pages] (key j of batch b: row j % page_size of page
+  // block_table[b, j / page_size]). Query i sits at key position
+  // i + seqlens_k[b] - Lq (bottom-right, flash-attention's); the window is
+  // attention_forward's around it (causal: window_right 0). softcap > 0
+  // caps the scaled scores at softcap * tanh(x / softcap), then ALiBi adds
+  // -slope * |position - j| with alibi_slopes [H] or [B, H]. Forward only:
+  // output [B, Lq, H, Dv], lse [B, H, Lq] (lse_dtype; -inf for a row that
+  // attends to nothing, whose output is 0).
+  m.def(
+      "attention_kvcache_forward(Tensor query, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, "
+      "Tensor? block_table, float scale, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes) -> (Tensor output, Tensor lse)");
   // The same gradients through reference.py's differentiable PyTorch ops, for
   // double backward (create_graph=True; without dropout); implemented in
   // bigkernels/ops/attention.py. Those not asked for in output_mask are empty.

@@ -19,6 +19,17 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                                     const std::optional<at::Tensor>& attn_mask, int64_t window_left,
                                     int64_t window_right, double dropout_p);
 
+// attention_kvcache_forward's inputs: query [B, Lq, H, D]; the caches
+// [B, capacity, Hkv, D|Dv], or pages [num_pages, page_size, Hkv, D|Dv] with
+// block_table [B, max_pages] (int32/int64); seqlens_k [B] (int32/int64);
+// alibi_slopes float32/float64 [H] or [B, H]; softcap >= 0. Checks what needs
+// no reading of a tensor's values (the devices check seqlens_k's and
+// block_table's); returns the sizes with S = the cache's capacity per batch.
+AttentionShape check_kvcache_args(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                  int64_t window_left, int64_t window_right, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes);
+
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).
 at::ScalarType lse_dtype(const at::Tensor& query);

@@ -232,6 +232,42 @@ at::Tensor aten_flash_mask(const at::Tensor& mask4, at::ScalarType dtype) {
   return at::zeros(m.sizes(), m.options().dtype(dtype)).masked_fill_(m.logical_not(), -INFINITY);
 }
 
+// The forward's tasks (`plan`'s) over p, whose inputs, out and lse are set;
+// with the keys split, into scratch, then combined into out and lse.
+void run_forward_tasks(AttentionCpuParams& p, const AttentionShape& s, const ForwardPlan& plan,
+                       const at::Tensor& lse) {
+  p.splits = plan.splits;
+  p.heads_per_task = plan.heads_per_task;
+  at::Tensor split_out, split_lse;
+  if (plan.splits > 1) {
+    split_out = at::empty({plan.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
+    split_lse = at::empty({plan.splits, s.B, s.Hq, s.L}, lse.options());
+    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
+  }
+  const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+  const int64_t head_tasks = s.Hq / plan.heads_per_task;
+  const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
+  const int64_t tasks = s.B * head_tasks * position_tasks * plan.splits;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      AttentionForwardTask task{};
+      task.split = t % plan.splits;
+      const int64_t rest = t / plan.splits, i_task = rest % position_tasks, bh = rest / position_tasks;
+      task.b = bh / head_tasks;
+      task.h0 = bh % head_tasks * plan.heads_per_task, task.h1 = task.h0 + plan.heads_per_task;
+      task.i0 = i_task * plan.positions_per_task, task.i1 = std::min(s.L, task.i0 + plan.positions_per_task);
+      task.j_begin = task.split * plan.keys_per_split;
+      task.j_end = plan.splits > 1 ? std::min(s.S, task.j_begin + plan.keys_per_split) : s.S;
+      kernels.forward_task(p, task);
+    }
+  });
+  if (plan.splits > 1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "attention_combine_splits", [&] {
+      combine_splits<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(p);
+    });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                          const at::Tensor& value,
                                                          const std::optional<at::Tensor>& attn_mask,
@@ -266,14 +302,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out.stride(d);
   p.lse = lse.mutable_data_ptr();
   const ForwardPlan plan = plan_forward(s);
-  p.splits = plan.splits;
-  p.heads_per_task = plan.heads_per_task;
-  at::Tensor split_out, split_lse;
-  if (plan.splits > 1) {
-    split_out = at::empty({plan.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
-    split_lse = at::empty({plan.splits, s.B, s.Hq, s.L}, lse.options());
-    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
-  }
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
   // bf16/fp16 where ATen's BLAS has a micro-kernel for them (packed_micro_kernel):
   // K and V packed once for it (AttentionCpuParams::k_vnni), when enough query
@@ -292,27 +320,73 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
       for (int64_t t = t0; t < t1; ++t) kernels.pack_key_block(p, t / blocks / s.Hkv, t / blocks % s.Hkv, t % blocks);
     });
   }
-  const int64_t head_tasks = s.Hq / plan.heads_per_task;
-  const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
-  const int64_t tasks = s.B * head_tasks * position_tasks * plan.splits;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      AttentionForwardTask task{};
-      task.split = t % plan.splits;
-      const int64_t rest = t / plan.splits, i_task = rest % position_tasks, bh = rest / position_tasks;
-      task.b = bh / head_tasks;
-      task.h0 = bh % head_tasks * plan.heads_per_task, task.h1 = task.h0 + plan.heads_per_task;
-      task.i0 = i_task * plan.positions_per_task, task.i1 = std::min(s.L, task.i0 + plan.positions_per_task);
-      task.j_begin = task.split * plan.keys_per_split;
-      task.j_end = plan.splits > 1 ? std::min(s.S, task.j_begin + plan.keys_per_split) : s.S;
-      kernels.forward_task(p, task);
-    }
-  });
-  if (plan.splits > 1) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_combine_splits", [&] {
-      combine_splits<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(p);
-    });
+  run_forward_tasks(p, s, plan, lse);
+  return {out, lse};
+}
+
+// An index tensor's values as int64, checked to lie in [lo, hi] (the
+// message names `name`, what its values index, and the first one out of range).
+at::Tensor checked_indices(const at::Tensor& t, int64_t lo, int64_t hi, const char* name, const char* what) {
+  at::Tensor x = t.to(at::kLong).contiguous();
+  const int64_t* v = x.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    TORCH_CHECK_VALUE(v[i] >= lo && v[i] <= hi, "bigkernels.attention_with_kvcache: ", name, " entry ", i, " is ",
+                      v[i], ", outside [", lo, ", ", hi, "] (", what, ")");
   }
+  return x;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  AttentionShape s = check_kvcache_args(query, k_cache, v_cache, seqlens_k, block_table, window_left, window_right,
+                                        softcap, alibi_slopes);
+  const int64_t capacity = s.S;
+  const at::Tensor lens = checked_indices(seqlens_k, 0, capacity, "cache_seqlens",
+                                          "keys per batch, after the new ones: at most the cache's capacity");
+  const int64_t* len = lens.const_data_ptr<int64_t>();
+  s.S = s.B > 0 ? *std::max_element(len, len + s.B) : 0;
+  at::Tensor table;
+  if (block_table.has_value()) {  // the pages in use must exist (the others are never read)
+    const int64_t pages = block_table->size(1), page_size = k_cache.size(1);
+    table = block_table->to(at::kLong).contiguous();
+    const int64_t* entry = table.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t j = 0; j < (len[b] + page_size - 1) / page_size; ++j) {
+        const int64_t page = entry[b * pages + j];
+        TORCH_CHECK_VALUE(page >= 0 && page < k_cache.size(0), "bigkernels.attention_with_kvcache: block_table[",
+                          b, ", ", j, "] is ", page, ", not a page of the caches' ", k_cache.size(0));
+      }
+  }
+  // [B, H, L, D] views of q and the output in flash-attention's [B, L, H, D];
+  // the caches' strides taken as (batch or page, head, row)
+  const at::Tensor q = unit_last_stride(query).transpose(1, 2);
+  const at::Tensor k = unit_last_stride(k_cache), v = unit_last_stride(v_cache);
+  at::Tensor out = at::empty({s.B, s.L, s.Hq, s.Ev}, query.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
+  if (out.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  at::Tensor mask4, slopes;
+  AttentionCpuParams p = make_params(s, q, std::nullopt, mask4, scale, window_left, window_right, 0, 0.0, 0);
+  p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
+  const int64_t order[3] = {0, 2, 1};
+  for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(order[d]), p.v_strides[d] = v.stride(order[d]);
+  p.seqlens_k = len;
+  if (table.defined()) {
+    p.block_table = table.const_data_ptr<int64_t>();
+    p.block_table_stride = table.size(1), p.page_size = k_cache.size(1);
+  }
+  p.softcap = softcap;
+  if (alibi_slopes.has_value()) {
+    slopes = alibi_slopes->to(lse_dtype(query)).contiguous();
+    p.alibi_slopes = slopes.const_data_ptr();
+    p.alibi_batch_stride = slopes.dim() == 2 ? s.Hq : 0;
+  }
+  const at::Tensor out4 = out.transpose(1, 2);
+  p.out = out.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d) p.out_strides[d] = out4.stride(d);
+  p.lse = lse.mutable_data_ptr();
+  run_forward_tasks(p, s, plan_forward(s), lse);
   return {out, lse};
 }
 
@@ -378,6 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention_kvcache_forward", &attention_kvcache_forward_cpu);
 }
 
 }  // namespace bigkernels

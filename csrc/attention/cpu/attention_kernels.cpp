@@ -142,22 +142,30 @@ std::pair<C, C> exp_shifted(C* x, int64_t n, C shift, C scale = C(1), const C* b
   return {total, best};
 }
 
+// Batch b's number of keys: its own with per-batch lengths (a KV cache's).
+inline int64_t keys_of(const AttentionCpuParams& p, int64_t b) {
+  return p.seqlens_k != nullptr ? p.seqlens_k[b] : p.S;
+}
+
 // The part of the query block [i0, i1) x key range that causality, the window
-// and the mask can touch.
+// and the mask can touch, for head h of batch b: S keys, query i at key
+// position i + diagonal.
 struct Band {
   const AttentionCpuParams& p;
   int64_t b, h;
+  int64_t S = keys_of(p, b);
+  int64_t diagonal = p.seqlens_k != nullptr ? S - p.L : p.diagonal_offset;
   bool allowed(int64_t i, int64_t j) const {
-    const int64_t pos = i + p.diagonal_offset;
+    const int64_t pos = i + diagonal;
     return (p.window_left < 0 || j >= pos - p.window_left) && (p.window_right < 0 || j <= pos + p.window_right);
   }
   // The keys any row of [i0, i1) may see, [lo, hi), with lo rounded down to
   // a block boundary (the transposed key blocks'): the keys before the true lo in
   // that first block are masked by the window (such a block is never whole).
   std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
-    int64_t lo = 0, hi = p.S;
-    if (p.window_left >= 0) lo = std::max<int64_t>(0, i0 + p.diagonal_offset - p.window_left);
-    if (p.window_right >= 0) hi = std::min<int64_t>(p.S, i1 - 1 + p.diagonal_offset + p.window_right + 1);
+    int64_t lo = 0, hi = S;
+    if (p.window_left >= 0) lo = std::max<int64_t>(0, i0 + diagonal - p.window_left);
+    if (p.window_right >= 0) hi = std::min<int64_t>(S, i1 - 1 + diagonal + p.window_right + 1);
     if (lo >= hi) return {0, 0};
     return {lo / kBlockK * kBlockK, hi};
   }
@@ -270,27 +278,41 @@ std::unique_ptr<C[]> filled(int64_t n, C x, int64_t size = 0) {
   return buffer;
 }
 
-// Key j0 of head `head` of batch b of K or V in place (strides: batch, head, key).
+// Row j0 of head `head` of batch b of a [B, H, L|S, D] tensor in place (strides: batch, head, row).
 template <typename T>
 const T* key_row(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0) {
   return static_cast<const T*>(base) + b * strides[0] + head * strides[1] + j0 * strides[2];
 }
 
-// Keys [j0, j0 + n) of head `head` of batch b, as rows of `dim` values in the
+// Key j of head `head` of batch b of K or V (base, strides: p.k or p.v's),
+// through the page table when paged. Keys [j, j + n) are then one row
+// stride apart only within one page: see page_rest.
+template <typename T>
+const T* cache_row(const AttentionCpuParams& p, const void* base, const int64_t* strides, int64_t b, int64_t head,
+                   int64_t j) {
+  if (p.block_table == nullptr) return key_row<T>(base, strides, b, head, j);
+  const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
+  return static_cast<const T*>(base) + page * strides[0] + head * strides[1] + j % p.page_size * strides[2];
+}
+
+// How many keys from key j on are one row stride apart (the rest of its page when paged), at most n.
+inline int64_t page_rest(const AttentionCpuParams& p, int64_t j, int64_t n) {
+  return p.block_table == nullptr ? n : std::min(n, p.page_size - j % p.page_size);
+}
+
+// n keys (rows of `dim` values, `stride` apart from `rows` on), in the
 // compute type with row stride *ld: read in place when already in it, else
 // converted into scratch (per block, so no per-call copy of K or V exists).
 template <typename T, typename C>
-const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
-                  int64_t dim, C* scratch, int64_t* ld) {
-  const T* rows = key_row<T>(base, strides, b, head, j0);
+const C* key_rows(const T* rows, int64_t stride, int64_t n, int64_t dim, C* scratch, int64_t* ld) {
   if constexpr (std::is_same_v<T, C>) {
-    *ld = strides[2];
+    *ld = stride;
     return rows;
   } else {
     using IO = VecIO<T>;  // converted in registers, a chunk at a time
     for (int64_t j = 0; j < n; ++j) {
-      const T* src = rows + j * strides[2];
-      if (j + 8 < n) prefetch_bytes(src + 8 * strides[2], dim * static_cast<int64_t>(sizeof(T)));  // 8 rows ahead
+      const T* src = rows + j * stride;
+      if (j + 8 < n) prefetch_bytes(src + 8 * stride, dim * static_cast<int64_t>(sizeof(T)));  // 8 rows ahead
       C* dst = scratch + j * dim;
       for (int64_t e = 0; e < dim; e += IO::kWidth) {
         const int64_t c = std::min<int64_t>(IO::kWidth, dim - e);
@@ -304,12 +326,10 @@ const C* key_rows(const void* base, const int64_t* strides, int64_t b, int64_t h
   }
 }
 
-// Prefetches keys [j0, j0 + n) of head `head` of batch b (rows of `dim` values).
+// Prefetches n rows of `dim` values, `stride` apart from `first` on.
 template <typename T>
-void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t head, int64_t j0, int64_t n,
-                   int64_t dim) {
-  const T* first = key_row<T>(base, strides, b, head, j0);
-  for (int64_t j = 0; j < n; ++j) prefetch_bytes(first + j * strides[2], dim * static_cast<int64_t>(sizeof(T)));
+void prefetch_rows(const T* first, int64_t stride, int64_t n, int64_t dim) {
+  for (int64_t j = 0; j < n; ++j) prefetch_bytes(first + j * stride, dim * static_cast<int64_t>(sizeof(T)));
 }
 
 // max(x[0:n] * scale (+ bias[0:n] where given)), -inf for n = 0.
@@ -413,6 +433,38 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, 
   }
 }
 
+// A block's scaled scores, score (r, jj) at st[r * row_step + jj * key_step]
+// (rows [0, rows), ld columns apart when transposed; keys j0 + jj, jj < jn):
+// Gemma-2's softcap, then ALiBi's distance bias (AttentionCpuParams::softcap),
+// before any mask: a masked score must stay -inf.
+template <typename C, typename HeadOf, typename PosOf>
+void shape_scores(const AttentionCpuParams& p, const Band& band, C* st, int64_t rows, int64_t ld, int64_t row_step,
+                  int64_t key_step, int64_t j0, int64_t jn, HeadOf head_of, PosOf pos_of) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  if (p.softcap > 0) {
+    const C cap = static_cast<C>(p.softcap), inv = C(1) / cap;
+    // transposed: the block is jn rows of ld contiguous scores; else rows of jn
+    const int64_t lines = key_step == 1 ? rows : 1, width = key_step == 1 ? jn : jn * ld;
+    for (int64_t r = 0; r < lines; ++r) {
+      C* x = st + r * row_step;
+      for (int64_t j = 0; j < width; j += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, width - j));
+        (MathOps<V>::tanh(V::loadu(x + j, n) * V(inv)) * V(cap)).store(x + j, n);
+      }
+    }
+  }
+  if (p.alibi_slopes == nullptr) return;
+  const C* slopes = static_cast<const C*>(p.alibi_slopes) + band.b * p.alibi_batch_stride;
+  for (int64_t r = 0; r < rows; ++r) {
+    const C slope = slopes[head_of(r)];
+    const int64_t pos = pos_of(r) + band.diagonal;
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      st[r * row_step + jj * key_step] -= slope * static_cast<C>(std::abs(pos - (j0 + jj)));
+    }
+  }
+}
+
 // The forward of one task (AttentionForwardTask), flash-style: the task's
 // query rows walk the key blocks with an online softmax; the L x S scores
 // never exist beyond one block. Two layouts of a block's scores:
@@ -495,13 +547,19 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   // packed: the probabilities are rounded to T in the softmax's pass (unless
   // dropout must see them first), which also adds a shared mask row and
   // applies the scale, if positive (scores already set to -inf must stay
-  // -inf), unless another float mask must be added to scaled scores first
+  // -inf), unless another float mask must be added to scaled scores first,
+  // or the softcap or ALiBi must shape them (shape_scores)
   const bool round_in_softmax = packed && p.dropout_p == 0;
   const bool bias_in_softmax = round_in_softmax && shared_mask_row;
-  const bool scale_in_softmax = packed && scale > C(0) && (p.mask == nullptr || p.mask_is_bool || bias_in_softmax);
+  const bool scale_in_softmax = packed && scale > C(0) && (p.mask == nullptr || p.mask_is_bool || bias_in_softmax) &&
+                                p.softcap == 0 && p.alibi_slopes == nullptr;
   const C softmax_scale = scale_in_softmax ? scale : C(1);
-  for (int64_t j0 = jlo; j0 < jhi; j0 += block) {
-    const int64_t jn = std::min(block, jhi - j0);
+  // Keys per step from key j on: a block, or less at the end of the range or of a page.
+  const auto keys_from = [&](int64_t j) { return page_rest(p, j, std::min(block, jhi - j)); };
+  const auto k_at = [&](int64_t j) { return cache_row<T>(p, p.k, p.k_strides, t.b, hk, j); };
+  const auto v_at = [&](int64_t j) { return cache_row<T>(p, p.v, p.v_strides, t.b, hk, j); };
+  for (int64_t j0 = jlo, jn = 0; j0 < jhi; j0 += jn) {
+    jn = keys_from(j0);
     const bool whole = band.whole(t.i0, t.i1, j0, j0 + jn);
     // Ask for this block's V and the next block's K now: they arrive while
     // the scores and the softmax are computed (their rows are strided, e.g.
@@ -510,9 +568,9 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     // Tasks with scores by dot products ask for K and V inside their loops:
     // see scores_by_dot.)
     const bool burst = transposed;
-    if (burst) prefetch_rows<T>(p.v, p.v_strides, t.b, hk, j0, jn, Ev);
-    if (j0 + block < jhi) {
-      if (burst) prefetch_rows<T>(p.k, p.k_strides, t.b, hk, j0 + block, std::min(block, jhi - j0 - block), E);
+    if (burst) prefetch_rows<T>(v_at(j0), p.v_strides[2], jn, Ev);
+    if (j0 + jn < jhi) {
+      if (burst) prefetch_rows<T>(k_at(j0 + jn), p.k_strides[2], keys_from(j0 + jn), E);
     } else if (p.splits == 1) {  // the last block: the output rows, for writing
       for (int64_t r = 0; r < rows; ++r)
         prefetch_bytes<true>(static_cast<T*>(p.out) + t.b * p.out_strides[0] + head_of(r) * p.out_strides[1] +
@@ -530,13 +588,15 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
         }
       }
     } else if (transposed) {  // st = K Q^T
-      const C* kb = key_rows<T, C>(p.k, p.k_strides, t.b, hk, j0, jn, E, k_scratch.get(), &k_ld);
+      const C* kb = key_rows<T, C>(k_at(j0), p.k_strides[2], jn, E, k_scratch.get(), &k_ld);
       gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);
     } else {  // K and V read in place: the V rows' prefetches ride along
-      const char* v_rows = reinterpret_cast<const char*>(key_row<T>(p.v, p.v_strides, t.b, hk, j0));
-      scores_by_dot(rows, jn, E, q_scaled.get(), key_row<T>(p.k, p.k_strides, t.b, hk, j0), p.k_strides[2],
-                    st.get(), block, v_rows, p.v_strides[2] * static_cast<int64_t>(sizeof(T)),
-                    Ev * static_cast<int64_t>(sizeof(T)));
+      const char* v_rows = reinterpret_cast<const char*>(v_at(j0));
+      scores_by_dot(rows, jn, E, q_scaled.get(), k_at(j0), p.k_strides[2], st.get(), block, v_rows,
+                    p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)));
+    }
+    if (p.softcap > 0 || p.alibi_slopes != nullptr) {
+      shape_scores(p, band, st.get(), rows, ld, row_step, key_step, j0, jn, head_of, pos_of);
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
     const C* softmax_bias = nullptr;  // the shared row, when the softmax's pass adds it
@@ -650,11 +710,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
         round_row(st.get() + r * block, p_rows.get() + r * block, jn, block);
       brgemm_vnni(rows, Ev, block, p_rows.get(), block, v_vnni + j0 / block * block * Ev, acc.get(), Ev, true);
     } else if (transposed) {  // acc += P V
-      const C* vb = key_rows<T, C>(p.v, p.v_strides, t.b, hk, j0, jn, Ev, v_scratch.get(), &v_ld);
+      const C* vb = key_rows<T, C>(v_at(j0), p.v_strides[2], jn, Ev, v_scratch.get(), &v_ld);
       gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);
     } else {
-      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, key_row<T>(p.v, p.v_strides, t.b, hk, j0), p.v_strides[2],
-               acc.get(), Ev, true);
+      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, v_at(j0), p.v_strides[2], acc.get(), Ev, true);
     }
   }
   if (packed) at::native::cpublas::brgemm_release();

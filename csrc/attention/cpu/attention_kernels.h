@@ -45,6 +45,24 @@ struct AttentionCpuParams {
   double dropout_p;
   uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
+  // Per-batch key lengths (a KV cache's, after the append), null: S for
+  // every batch. With them each batch's diagonal is its own bottom-right
+  // one, seqlens_k[b] - L (flash-attention's), and diagonal_offset is unused.
+  const int64_t* seqlens_k;
+  // A paged K and V (vLLM's [pages, page_size, Hkv, D]; k_strides and
+  // v_strides are then page, head, row): key j of batch b is row
+  // j % page_size of page block_table[b * block_table_stride + j / page_size].
+  // Null: K and V are [B, Hkv, S, D] views. Never with k_vnni.
+  const int64_t* block_table;
+  int64_t block_table_stride, page_size;
+  // Gemma-2's logit softcap (0: none): a scaled score x becomes
+  // softcap * tanh(x / softcap); then ALiBi (null: none) adds
+  // -slope * |i + diagonal - j|, slopes [B or 1, Hq] in the compute type
+  // (alibi_batch_stride 0 or Hq), as flash-attention orders them. Neither
+  // with k_vnni.
+  double softcap;
+  const void* alibi_slopes;
+  int64_t alibi_batch_stride;
   // forward: out [B, Hq, L, Ev] (dtype; strides out_strides: batch, head,
   // position), lse [B, Hq, L] (float; double for double). With the keys
   // split (splits > 1), each split writes its rows' normalised output and
