@@ -92,7 +92,13 @@ struct ForwardPlan {
   int64_t heads_per_task, positions_per_task, splits, keys_per_split;
 };
 
-ForwardPlan plan_forward(const AttentionShape& s) {
+// Fewer rows than this per GQA group (decoding) compute scores by dot
+// products (forward_task): a task may then take every head (heads_together).
+constexpr int64_t kMaxDecodingGroupRows = 16;
+
+// heads_together: one key's heads lie side by side (a [B, S, Hkv, D] cache),
+// so that decoding tasks take every head and stream K and V contiguously.
+ForwardPlan plan_forward(const AttentionShape& s, bool heads_together = false) {
   ForwardPlan plan{};
   plan.positions_per_task = std::max<int64_t>(1, std::min(s.L, kAttentionBlockRows));
   const int64_t group = s.Hq / s.Hkv;
@@ -103,6 +109,7 @@ ForwardPlan plan_forward(const AttentionShape& s) {
       break;
     }
   }
+  if (heads_together && s.Hkv > 1 && group * s.L < kMaxDecodingGroupRows) plan.heads_per_task = s.Hq;
   const int64_t tasks = s.B * (s.Hq / plan.heads_per_task) *
                         ((s.L + plan.positions_per_task - 1) / plan.positions_per_task);
   // Splits of at least kMinSplitKeys keys (the combine step and each split's
@@ -386,7 +393,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
   p.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out4.stride(d);
   p.lse = lse.mutable_data_ptr();
-  run_forward_tasks(p, s, plan_forward(s), lse);
+  const bool heads_together = k.stride(2) < k.stride(1) && v.stride(2) < v.stride(1);
+  run_forward_tasks(p, s, plan_forward(s, heads_together), lse);
   return {out, lse};
 }
 

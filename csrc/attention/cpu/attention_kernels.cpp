@@ -384,51 +384,94 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
   }
 }
 
+// s[i * lds + jj] = q[i] . k[jj] for NR rows (E values each, contiguous)
+// and four keys (ldk apart): each key's vector widened once for all NR rows,
+// the 4 * NR sums in registers (NR a constant, so that none is spilled).
+template <int NR, typename C, typename TK>
+BK_VEC_INLINE void dot_four_keys(const C* q, int64_t E, const TK* k, int64_t ldk, C* s, int64_t lds) {
+  using V = at::vec::Vectorized<C>;
+  constexpr int64_t W = V::size();
+  V x[NR][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = V(0);
+  for (int64_t e = 0; e < E; e += W) {
+    const int64_t c = std::min<int64_t>(W, E - e);
+    const V k0 = load_as<C>(k + e, c), k1 = load_as<C>(k + ldk + e, c);
+    const V k2 = load_as<C>(k + 2 * ldk + e, c), k3 = load_as<C>(k + 3 * ldk + e, c);
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; ++i) {
+      const V qv = V::loadu(q + i * E + e, c);  // lanes past c are zero
+      x[i][0] = at::vec::fmadd(qv, k0, x[i][0]);
+      x[i][1] = at::vec::fmadd(qv, k1, x[i][1]);
+      x[i][2] = at::vec::fmadd(qv, k2, x[i][2]);
+      x[i][3] = at::vec::fmadd(qv, k3, x[i][3]);
+    }
+  }
+  const auto sum = [](const V& v) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, v); };
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i) {
+    C* si = s + i * lds;
+    si[0] = sum(x[i][0]), si[1] = sum(x[i][1]), si[2] = sum(x[i][2]), si[3] = sum(x[i][3]);
+  }
+}
+
 // s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
 // products along the head dim, four keys at a time (four FMA chains), for
 // tasks with fewer rows than vector lanes (decoding), where K Q^T would leave
 // most lanes idle. K is read in place, bf16/fp16 widened in registers (a
-// block converted into scratch first cost twice these products: issue 16).
+// block converted into scratch first cost twice these products: issue 16),
+// once per pass over up to kDotRows rows (a GQA group's heads share it).
+// With `groups` > 1 the rows are that many groups of `rows` (rows
+// g * rows + r of q and s), group g against the keys k + g * k_head: the
+// heads of one key, side by side in a [B, S, H, D] cache, are then read
+// together, one contiguous stream (head by head, each head's rows are one
+// cache line in every few and the hardware prefetchers lose the stream).
 // Such tasks stream K and V from memory at a few FMAs per byte: the loop asks
 // for the K rows of the group after next and (when v_rows is given:
-// `v_bytes` bytes each, `v_stride` apart) the same keys' V rows, spread over
-// the loop. A block-sized burst of prefetches instead filled the core's
-// line-fill buffers and left a decoding call at ~10 GB/s.
+// `v_bytes` bytes each, `v_stride` apart, group g's at v_rows + g * v_head)
+// the same keys' V rows, spread over the loop, into L2 (prefetch_bytes_to_l2).
+// A block-sized burst of prefetches instead filled the core's line-fill
+// buffers and left a decoding call at ~10 GB/s.
 template <typename C, typename TK>
 void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, int64_t ldk, C* s, int64_t lds,
-                   const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0) {
+                   const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0, int64_t groups = 1,
+                   int64_t k_head = 0, int64_t v_head = 0) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
+  // rows per pass: 4 x 4 sums + 4 keys + a query in AVX-512's 32 registers, 2 x 4 + 5 in AVX2's 16
+  constexpr int64_t kDotRows = sizeof(V) >= 64 ? 4 : 2;
   const auto sum = [](const V& x) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, x); };
+  const int64_t k_bytes = E * static_cast<int64_t>(sizeof(TK));
   int64_t jj = 0;
   for (; jj + 4 <= n; jj += 4) {
-    const TK* k0 = k + jj * ldk;
-    for (int64_t key = jj + 8; key < std::min(jj + 12, n); ++key)
-      prefetch_bytes(k + key * ldk, E * static_cast<int64_t>(sizeof(TK)));
-    for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key) prefetch_bytes(v_rows + key * v_stride, v_bytes);
-    for (int64_t r = 0; r < rows; ++r) {
-      const C* qr = q + r * E;
-      V x0(0), x1(0), x2(0), x3(0);
-      for (int64_t e = 0; e < E; e += W) {
-        const int64_t c = std::min<int64_t>(W, E - e);
-        const V qv = V::loadu(qr + e, c);  // lanes past c are zero
-        x0 = at::vec::fmadd(qv, load_as<C>(k0 + e, c), x0);
-        x1 = at::vec::fmadd(qv, load_as<C>(k0 + ldk + e, c), x1);
-        x2 = at::vec::fmadd(qv, load_as<C>(k0 + 2 * ldk + e, c), x2);
-        x3 = at::vec::fmadd(qv, load_as<C>(k0 + 3 * ldk + e, c), x3);
+    for (int64_t g = 0; g < groups; ++g) {
+      const TK* kg = k + g * k_head;
+      const TK* k0 = kg + jj * ldk;
+      for (int64_t key = jj + 8; key < std::min(jj + 12, n); ++key) prefetch_bytes_to_l2(kg + key * ldk, k_bytes);
+      for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key)
+        prefetch_bytes_to_l2(v_rows + g * v_head + key * v_stride, v_bytes);
+      for (int64_t r0 = g * rows; r0 < (g + 1) * rows; r0 += kDotRows) {
+        const C* qr = q + r0 * E;
+        C* sr = s + r0 * lds + jj;
+        switch (std::min<int64_t>(kDotRows, (g + 1) * rows - r0)) {
+          case 4: dot_four_keys<4>(qr, E, k0, ldk, sr, lds); break;
+          case 3: dot_four_keys<3>(qr, E, k0, ldk, sr, lds); break;
+          case 2: dot_four_keys<2>(qr, E, k0, ldk, sr, lds); break;
+          default: dot_four_keys<1>(qr, E, k0, ldk, sr, lds); break;
+        }
       }
-      C* sr = s + r * lds + jj;
-      sr[0] = sum(x0), sr[1] = sum(x1), sr[2] = sum(x2), sr[3] = sum(x3);
     }
   }
   for (; jj < n; ++jj) {
-    for (int64_t r = 0; r < rows; ++r) {
-      V x(0);
-      for (int64_t e = 0; e < E; e += W) {
-        const int64_t c = std::min<int64_t>(W, E - e);
-        x = at::vec::fmadd(V::loadu(q + r * E + e, c), load_as<C>(k + jj * ldk + e, c), x);
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t r = g * rows; r < (g + 1) * rows; ++r) {
+        V x(0);
+        for (int64_t e = 0; e < E; e += W) {
+          const int64_t c = std::min<int64_t>(W, E - e);
+          x = at::vec::fmadd(V::loadu(q + r * E + e, c), load_as<C>(k + g * k_head + jj * ldk + e, c), x);
+        }
+        s[r * lds + jj] = sum(x);
       }
-      s[r * lds + jj] = sum(x);
     }
   }
 }
@@ -482,9 +525,12 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   constexpr int64_t W = V::size();
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t E = p.E, Ev = p.Ev, len = t.i1 - t.i0, rows = (t.h1 - t.h0) * len;
-  const int64_t hk = t.h0 / (p.Hq / p.Hkv);
+  const int64_t group = p.Hq / p.Hkv, hk = t.h0 / group;
+  // A task past one GQA group (AttentionForwardTask) takes `groups` whole
+  // groups of group_rows rows, key heads hk, hk + 1, ..., scores by rows.
+  const int64_t groups = (t.h1 - t.h0 + group - 1) / group, group_rows = rows / groups;
   const bool packed = p.k_vnni != nullptr;  // both products on the BLAS micro-kernel, scores by rows
-  const bool transposed = !packed && rows >= W;
+  const bool transposed = !packed && rows >= W && groups == 1;
   // keys per block: more when packed, so fewer per-block softmax steps per key
   const int64_t block = packed ? p.vnni_keys : kBlockK;
   const int64_t ld = transposed ? (rows + W - 1) / W * W : rows;  // columns of qt and of the scores' rows
@@ -592,8 +638,9 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);
     } else {  // K and V read in place: the V rows' prefetches ride along
       const char* v_rows = reinterpret_cast<const char*>(v_at(j0));
-      scores_by_dot(rows, jn, E, q_scaled.get(), k_at(j0), p.k_strides[2], st.get(), block, v_rows,
-                    p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)));
+      scores_by_dot(group_rows, jn, E, q_scaled.get(), k_at(j0), p.k_strides[2], st.get(), block, v_rows,
+                    p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)), groups,
+                    p.k_strides[1], p.v_strides[1] * static_cast<int64_t>(sizeof(T)));
     }
     if (p.softcap > 0 || p.alibi_slopes != nullptr) {
       shape_scores(p, band, st.get(), rows, ld, row_step, key_step, j0, jn, head_of, pos_of);
@@ -713,7 +760,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       const C* vb = key_rows<T, C>(v_at(j0), p.v_strides[2], jn, Ev, v_scratch.get(), &v_ld);
       gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, vb, v_ld, acc.get(), Ev, true);
     } else {
-      gemm_acc(rows, Ev, jn, st.get(), row_step, key_step, v_at(j0), p.v_strides[2], acc.get(), Ev, true);
+      for (int64_t g = 0; g < groups; ++g) {
+        gemm_acc(group_rows, Ev, jn, st.get() + g * group_rows * row_step, row_step, key_step,
+                 v_at(j0) + g * p.v_strides[1], p.v_strides[2], acc.get() + g * group_rows * Ev, Ev, true);
+      }
     }
   }
   if (packed) at::native::cpublas::brgemm_release();

@@ -98,7 +98,9 @@ constexpr int64_t kAttentionPackedKeyBlock = 128;
 // kAttentionBlockRows rows (head-major), against the keys [j_begin, j_end)
 // (split number `split`; the whole of S when the keys are not split).
 // Packing a GQA group's heads into one task reads its keys once for all of
-// them, which is what decoding (L = 1) needs.
+// them, which is what decoding (L = 1) needs. Or, decoding a cache whose
+// heads lie side by side per key, several whole groups (every head) in one
+// task, scores by rows, which reads the cache as one stream.
 struct AttentionForwardTask {
   int64_t b, h0, h1, i0, i1, j_begin, j_end, split;
 };
