@@ -217,10 +217,10 @@ def test_compile_fullgraph_and_opcheck():
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(args[1], eager_args[1])  # the compiled call appended in place too
-    lens = case["cache_seqlens"] + 1
-    torch.library.opcheck(torch.ops.bigkernels.attention_kvcache_forward,
-                          (case["q"], case["k_cache"], case["v_cache"], lens, case["block_table"], 0.3, -1, 0, 2.0,
-                           torch.rand(4)))
+    for new in ((case["k"], case["v"]), (None, None)):
+        torch.library.opcheck(torch.ops.bigkernels.attention_kvcache_forward,
+                              (case["q"], case["k_cache"], case["v_cache"], *new, case["cache_seqlens"],
+                               case["block_table"], 0.3, -1, 0, 2.0, torch.rand(4)))
 
 
 def test_meta_tensors():
@@ -246,8 +246,8 @@ def errors_case():
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([3, 16], dtype=torch.int32)), "cache_seqlens must lie"),
-    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), "cache_seqlens must lie"),
+    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([3, 16], dtype=torch.int32)), r"must lie in \[0, capacity - Lk\]"),
+    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), r"must lie in \[0, capacity - Lk\]"),
     (lambda a, kw: kw.update(cache_seqlens=16), "cache_seqlens 16 with 1 new keys"),
     (lambda a, kw: kw.update(cache_seqlens=torch.tensor([1.0, 2.0])), "cache_seqlens must be an int"),
     (lambda a, kw: kw.update(cache_seqlens=torch.tensor([1, 2, 3], dtype=torch.int32)), r"cache_seqlens must be \[B\]"),
@@ -292,7 +292,7 @@ def test_paged_errors():
     with torch.no_grad():
         bigkernels.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([20, 16], dtype=torch.int32),
                                           block_table=table)
-    with pytest.raises(ValueError, match="cache_seqlens must lie"), torch.no_grad():  # capacity 2 pages = 32
+    with pytest.raises(ValueError, match=r"must lie in \[0, capacity - Lk\]"), torch.no_grad():  # capacity 2 pages = 32
         bigkernels.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([33, 0], dtype=torch.int32),
                                           block_table=table)
 
@@ -301,10 +301,15 @@ def test_the_op_checks_values_itself():
     """Called directly (no Python front), the op refuses out-of-range lengths and pages too."""
     q, kc, vc = torch.randn(2, 1, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
     op = torch.ops.bigkernels.attention_kvcache_forward
-    with pytest.raises(ValueError, match="cache_seqlens entry 1 is 17"):
-        op(q, kc, vc, torch.tensor([3, 17]), None, 1.0, -1, -1, 0.0, None)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] is 17"):
+        op(q, kc, vc, None, None, torch.tensor([3, 17]), None, 1.0, -1, -1, 0.0, None)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] is 16"):  # no room for the new key
+        op(q, kc, vc, kc[:, :1], vc[:, :1], torch.tensor([16, 0]), None, 1.0, -1, -1, 0.0, None)
     with pytest.raises(ValueError, match=r"block_table\[0, 0\] is -1"):
-        op(q, kc, vc, torch.tensor([3, 0]), torch.tensor([[-1], [0]]), 1.0, -1, -1, 0.0, None)
+        op(q, kc, vc, None, None, torch.tensor([3, 0]), torch.tensor([[-1], [0]]), 1.0, -1, -1, 0.0, None)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        op(q, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, None, None, torch.tensor([3, 0]), None, 1.0, -1,
+           -1, 0.0, None)
 
 
 def test_grad_is_refused():

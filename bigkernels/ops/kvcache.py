@@ -50,7 +50,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     capacity = _check_block_table(block_table, k_cache, B) if paged else k_cache.shape[1]
     if not paged and k_cache.shape[0] != B:
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {B} (a paged cache needs block_table)")
-    Lk = 0 if k is None else k.shape[1]
     seqlens = _check_cache_seqlens(cache_seqlens, q, k, capacity)
     left, right = reference.causal_window(_check_bool(causal, "causal"), _check_window(window))
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < float("inf"):
@@ -63,25 +62,21 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     scale = float(softmax_scale) if softmax_scale is not None else (D ** -0.5 if D > 0 else 1.0)
     _check_bool(return_lse, "return_lse")
     _check_bool(rotary_interleaved, "rotary_interleaved")
-    if paged and not _compiling():
-        _check_pages(block_table, seqlens + Lk, k_cache)
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin come together: pass both or neither")
     if rotary_cos is not None:
-        q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, positions_per_query=right >= 0 or left >= 0)
-    if k is not None:
-        _append(k_cache, k, seqlens, block_table)
-        _append(v_cache, v, seqlens, block_table)
-    seqlens_k = seqlens + Lk
-    slopes = None if alibi_slopes is None else alibi_slopes
+        q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, rotary_interleaved,
+                       positions_per_query=right >= 0 or left >= 0)
     if _ext.LOADED and q.device.type in ("cpu", "meta"):
-        out, lse = torch.ops.bigkernels.attention_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, scale,
-                                                                  left, right, float(softcap), slopes)
+        # the op writes k and v into the caches, checking cache_seqlens and the pages in use
+        out, lse = torch.ops.bigkernels.attention_kvcache_forward(q, k_cache, v_cache, k, v, seqlens, block_table,
+                                                                  scale, left, right, float(softcap), alibi_slopes)
     else:
         _warn_reference_once(q.device.type)
+        seqlens_k = _append_checked(q, k_cache, v_cache, k, v, seqlens, block_table, capacity)
         out, lse = reference.attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, scale,
                                                     window=(left, right), softcap=float(softcap),
-                                                    alibi_slopes=slopes)
+                                                    alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -157,6 +152,23 @@ def _check_block_table(block_table, k_cache, B):
     return block_table.shape[1] * k_cache.shape[1]
 
 
+def _append_checked(q, k_cache, v_cache, k, v, seqlens, block_table, capacity):
+    """The op's checks of cache_seqlens and block_table and its append, in
+    PyTorch (the reference path); returns each batch's keys after the append."""
+    Lk = 0 if k is None else k.shape[1]
+    if not _compiling() and q.shape[0] > 0:
+        low, high = int(seqlens.min()), int(seqlens.max())
+        if low < 0 or high + Lk > capacity:
+            raise ValueError(f"cache_seqlens must lie in [0, capacity - Lk] = [0, {capacity - Lk}] (the cache "
+                             f"holds {capacity} keys per batch, {Lk} new ones come), got values in [{low}, {high}]")
+        if block_table is not None:
+            _check_pages(block_table, seqlens + Lk, k_cache)
+    if k is not None:
+        _append(k_cache, k, seqlens, block_table)
+        _append(v_cache, v, seqlens, block_table)
+    return seqlens + Lk
+
+
 def _check_pages(block_table, seqlens_k, k_cache):
     """Every page a batch uses (those holding its first seqlens_k[b] keys) must be one of k_cache's."""
     page_size, pages = k_cache.shape[1], k_cache.shape[0]
@@ -169,7 +181,7 @@ def _check_pages(block_table, seqlens_k, k_cache):
 
 
 def _check_cache_seqlens(cache_seqlens, q, k, capacity):
-    """cache_seqlens as an int tensor [B] on q's device, checked to leave room for k's Lk new keys."""
+    """cache_seqlens as an int tensor [B] on q's device (an int checked to leave room for k's Lk new keys)."""
     B, Lk = q.shape[0], 0 if k is None else k.shape[1]
     if cache_seqlens is None:
         if k is not None:
@@ -185,12 +197,7 @@ def _check_cache_seqlens(cache_seqlens, q, k, capacity):
     if cache_seqlens.shape != (B,) or cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be [B] = [{B}] on q's device, got shape "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    if not _compiling() and cache_seqlens.device.type != "meta" and B > 0:
-        low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if low < 0 or high + Lk > capacity:
-            raise ValueError(f"cache_seqlens must lie in [0, capacity - Lk] = [0, {capacity - Lk}] (the cache "
-                             f"holds {capacity} keys per batch, {Lk} new ones come), got values in [{low}, {high}]")
-    return cache_seqlens
+    return cache_seqlens  # (its values: checked by the op, or by _append_checked)
 
 
 def _check_alibi(alibi_slopes, q):
@@ -244,8 +251,8 @@ def _append(cache, new, seqlens, block_table):
 
 def _register():
     @torch.library.register_fake("bigkernels::attention_kvcache_forward")
-    def _kvcache_fake(query, k_cache, v_cache, seqlens_k, block_table, scale, window_left, window_right, softcap,
-                      alibi_slopes):
+    def _kvcache_fake(query, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_left, window_right,
+                      softcap, alibi_slopes):
         B, L, H, _ = query.shape
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         return query.new_empty((B, L, H, v_cache.shape[-1])), query.new_empty((B, H, L), dtype=lse_dtype)

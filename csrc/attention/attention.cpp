@@ -54,7 +54,8 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
 }
 
 AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                  const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                   int64_t window_left, int64_t window_right, double softcap,
                                   const std::optional<at::Tensor>& alibi_slopes) {
   const char* op = "bigkernels.attention_with_kvcache";
@@ -76,11 +77,28 @@ AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache
                     ") must be a multiple of the caches' (", s.Hkv, ")");
   TORCH_CHECK_VALUE(k_cache.size(3) == s.E, op, ": k_cache's head dim ", k_cache.size(3),
                     " does not match q's ", s.E);
-  TORCH_CHECK_TYPE(seqlens_k.scalar_type() == at::kInt || seqlens_k.scalar_type() == at::kLong, op,
-                   ": cache_seqlens must be int32 or int64, got ", seqlens_k.scalar_type());
-  TORCH_CHECK_VALUE(seqlens_k.dim() == 1 && seqlens_k.size(0) == s.B && seqlens_k.device() == q.device(), op,
-                    ": cache_seqlens must be [B] = [", s.B, "] on q's device, got ", seqlens_k.sizes(), " on ",
-                    seqlens_k.device());
+  TORCH_CHECK_VALUE((k_cache.size(3) <= 1 || k_cache.stride(3) == 1) && (v_cache.size(3) <= 1 || v_cache.stride(3) == 1),
+                    op, ": k_cache and v_cache need a contiguous last dim (stride 1): they are read and written in "
+                    "place");
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), op, ": k and v come together");
+  if (k_new.has_value()) {
+    for (const at::Tensor* t : {&*k_new, &*v_new}) {
+      TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
+                       ": k and v must have q's dtype and device");
+    }
+    const at::Tensor &k = *k_new, &v = *v_new;
+    TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == s.B && k.size(2) == s.Hkv && k.size(3) == s.E, op,
+                      ": k must be [B, Lk, Hkv, D] = [", s.B, ", Lk, ", s.Hkv, ", ", s.E, "], got ", k.sizes());
+    TORCH_CHECK_VALUE(v.dim() == 4 && v.size(0) == s.B && v.size(1) == k.size(1) && v.size(2) == s.Hkv &&
+                          v.size(3) == s.Ev,
+                      op, ": v must be [B, Lk, Hkv, Dv] = [", s.B, ", ", k.size(1), ", ", s.Hkv, ", ", s.Ev,
+                      "], got ", v.sizes());
+  }
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong, op,
+                   ": cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == s.B && cache_seqlens.device() == q.device(), op,
+                    ": cache_seqlens must be [B] = [", s.B, "] on q's device, got ", cache_seqlens.sizes(), " on ",
+                    cache_seqlens.device());
   if (paged) {
     const at::Tensor& table = *block_table;
     TORCH_CHECK_TYPE(table.scalar_type() == at::kInt || table.scalar_type() == at::kLong, op,
@@ -171,20 +189,22 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
       "float dropout_p, int dropout_seed, bool grad_mask=False) -> (Tensor grad_query, Tensor grad_key, "
       "Tensor grad_value, Tensor grad_attn_mask)");
-  // Attention of query [B, Lq, H, D] against the first seqlens_k[b] keys of
-  // batch b of a KV cache: k_cache and v_cache [B, capacity, Hkv, D|Dv], or
-  // pages [num_pages, page_size, Hkv, D|Dv] read through block_table
-  // [B, max_pages] (key j of batch b: row j % page_size of page
-  // block_table[b, j / page_size]). Query i sits at key position
-  // i + seqlens_k[b] - Lq (bottom-right, flash-attention's); the window is
+  // Attention of query [B, Lq, H, D] against a KV cache: k_cache and v_cache
+  // [B, capacity, Hkv, D|Dv], or pages [num_pages, page_size, Hkv, D|Dv] read
+  // through block_table [B, max_pages] (key j of batch b: row j % page_size
+  // of page block_table[b, j / page_size]). New keys k and values v
+  // [B, Lk, Hkv, D|Dv] (or neither) are first written into the caches in
+  // place at positions cache_seqlens[b] + i; batch b then attends to its
+  // first seqlens_k[b] = cache_seqlens[b] + Lk keys. Query i sits at key
+  // position i + seqlens_k[b] - Lq (bottom-right, flash-attention's); the window is
   // attention_forward's around it (causal: window_right 0). softcap > 0
   // caps the scaled scores at softcap * tanh(x / softcap), then ALiBi adds
   // -slope * |position - j| with alibi_slopes [H] or [B, H]. Forward only:
   // output [B, Lq, H, Dv], lse [B, H, Lq] (lse_dtype; -inf for a row that
   // attends to nothing, whose output is 0).
   m.def(
-      "attention_kvcache_forward(Tensor query, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, "
-      "Tensor? block_table, float scale, int window_left, int window_right, float softcap, "
+      "attention_kvcache_forward(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, float scale, int window_left, int window_right, float softcap, "
       "Tensor? alibi_slopes) -> (Tensor output, Tensor lse)");
   // The same gradients through reference.py's differentiable PyTorch ops, for
   // double backward (create_graph=True; without dropout); implemented in

@@ -20,13 +20,16 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                                     int64_t window_right, double dropout_p);
 
 // attention_kvcache_forward's inputs: query [B, Lq, H, D]; the caches
-// [B, capacity, Hkv, D|Dv], or pages [num_pages, page_size, Hkv, D|Dv] with
-// block_table [B, max_pages] (int32/int64); seqlens_k [B] (int32/int64);
-// alibi_slopes float32/float64 [H] or [B, H]; softcap >= 0. Checks what needs
-// no reading of a tensor's values (the devices check seqlens_k's and
-// block_table's); returns the sizes with S = the cache's capacity per batch.
+// [B, capacity, Hkv, D|Dv] (unit last stride: they are written in place), or
+// pages [num_pages, page_size, Hkv, D|Dv] with block_table [B, max_pages]
+// (int32/int64); new k, v [B, Lk, Hkv, D|Dv] or neither; cache_seqlens [B]
+// (int32/int64); alibi_slopes float32/float64 [H] or [B, H]; softcap >= 0.
+// Checks what needs no reading of a tensor's values (the devices check
+// cache_seqlens' and block_table's); returns the sizes with S = the cache's
+// capacity per batch.
 AttentionShape check_kvcache_args(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                  const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                   int64_t window_left, int64_t window_right, double softcap,
                                   const std::optional<at::Tensor>& alibi_slopes);
 

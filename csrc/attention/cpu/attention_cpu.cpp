@@ -331,32 +331,51 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   return {out, lse};
 }
 
-// An index tensor's values as int64, checked to lie in [lo, hi] (the
-// message names `name`, what its values index, and the first one out of range).
-at::Tensor checked_indices(const at::Tensor& t, int64_t lo, int64_t hi, const char* name, const char* what) {
-  at::Tensor x = t.to(at::kLong).contiguous();
-  const int64_t* v = x.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    TORCH_CHECK_VALUE(v[i] >= lo && v[i] <= hi, "bigkernels.attention_with_kvcache: ", name, " entry ", i, " is ",
-                      v[i], ", outside [", lo, ", ", hi, "] (", what, ")");
-  }
-  return x;
+// Writes fresh [B, Lk, Hkv, D] into cache at positions start[b] + i of
+// batch b (through the page table when paged: p's), row by row.
+void append_to_cache(const at::Tensor& cache, const at::Tensor& fresh, const int64_t* start,
+                     const AttentionCpuParams& p) {
+  const int64_t B = fresh.size(0), Lk = fresh.size(1), H = fresh.size(2), es = cache.element_size();
+  const int64_t bytes = fresh.size(3) * es;
+  char* base = static_cast<char*>(cache.mutable_data_ptr());
+  const char* src = static_cast<const char*>(fresh.const_data_ptr());
+  at::parallel_for(0, B * Lk, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Lk, i = r % Lk, pos = start[b] + i;
+      const int64_t row = p.block_table != nullptr
+                              ? p.block_table[b * p.block_table_stride + pos / p.page_size] * cache.stride(0) +
+                                    pos % p.page_size * cache.stride(1)
+                              : b * cache.stride(0) + pos * cache.stride(1);
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(base + (row + h * cache.stride(2)) * es,
+                    src + (b * fresh.stride(0) + i * fresh.stride(1) + h * fresh.stride(2)) * es, bytes);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
-    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
-    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  AttentionShape s = check_kvcache_args(query, k_cache, v_cache, seqlens_k, block_table, window_left, window_right,
-                                        softcap, alibi_slopes);
-  const int64_t capacity = s.S;
-  const at::Tensor lens = checked_indices(seqlens_k, 0, capacity, "cache_seqlens",
-                                          "keys per batch, after the new ones: at most the cache's capacity");
-  const int64_t* len = lens.const_data_ptr<int64_t>();
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    double scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  AttentionShape s = check_kvcache_args(query, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                        window_left, window_right, softcap, alibi_slopes);
+  const int64_t capacity = s.S, Lk = k_new.has_value() ? k_new->size(1) : 0;
+  // each batch's keys after the append: cache_seqlens + Lk, within the capacity
+  at::Tensor lens = cache_seqlens.to(at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  int64_t* len = lens.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + Lk <= capacity, "bigkernels.attention_with_kvcache: cache_seqlens[",
+                      b, "] is ", len[b], ": it must lie in [0, capacity - Lk] = [0, ", capacity - Lk, "] (the cache "
+                      "holds ", capacity, " keys per batch, ", Lk, " new ones come)");
+    len[b] += Lk;
+  }
   s.S = s.B > 0 ? *std::max_element(len, len + s.B) : 0;
   at::Tensor table;
+  const int64_t page_size = k_cache.size(1);
   if (block_table.has_value()) {  // the pages in use must exist (the others are never read)
-    const int64_t pages = block_table->size(1), page_size = k_cache.size(1);
+    const int64_t pages = block_table->size(1);
     table = block_table->to(at::kLong).contiguous();
     const int64_t* entry = table.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < s.B; ++b)
@@ -366,23 +385,30 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
                           b, ", ", j, "] is ", page, ", not a page of the caches' ", k_cache.size(0));
       }
   }
+  at::Tensor mask4, slopes;
   // [B, H, L, D] views of q and the output in flash-attention's [B, L, H, D];
   // the caches' strides taken as (batch or page, head, row)
   const at::Tensor q = unit_last_stride(query).transpose(1, 2);
-  const at::Tensor k = unit_last_stride(k_cache), v = unit_last_stride(v_cache);
-  at::Tensor out = at::empty({s.B, s.L, s.Hq, s.Ev}, query.options());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
-  if (out.numel() == 0) return {out, lse.fill_(-INFINITY)};
-  at::Tensor mask4, slopes;
   AttentionCpuParams p = make_params(s, q, std::nullopt, mask4, scale, window_left, window_right, 0, 0.0, 0);
-  p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
-  const int64_t order[3] = {0, 2, 1};
-  for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(order[d]), p.v_strides[d] = v.stride(order[d]);
   p.seqlens_k = len;
   if (table.defined()) {
     p.block_table = table.const_data_ptr<int64_t>();
-    p.block_table_stride = table.size(1), p.page_size = k_cache.size(1);
+    p.block_table_stride = table.size(1), p.page_size = page_size;
   }
+  if (Lk > 0) {
+    const int64_t* start = cache_seqlens.scalar_type() == at::kLong && cache_seqlens.is_contiguous()
+                               ? cache_seqlens.const_data_ptr<int64_t>() : nullptr;
+    const at::Tensor starts = start != nullptr ? at::Tensor() : cache_seqlens.to(at::kLong).contiguous();
+    if (start == nullptr) start = starts.const_data_ptr<int64_t>();
+    append_to_cache(k_cache, unit_last_stride(*k_new), start, p);
+    append_to_cache(v_cache, unit_last_stride(*v_new), start, p);
+  }
+  at::Tensor out = at::empty({s.B, s.L, s.Hq, s.Ev}, query.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
+  if (out.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  p.k = k_cache.const_data_ptr(), p.v = v_cache.const_data_ptr();
+  const int64_t order[3] = {0, 2, 1};
+  for (int d = 0; d < 3; ++d) p.k_strides[d] = k_cache.stride(order[d]), p.v_strides[d] = v_cache.stride(order[d]);
   p.softcap = softcap;
   if (alibi_slopes.has_value()) {
     slopes = alibi_slopes->to(lse_dtype(query)).contiguous();
@@ -393,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
   p.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out4.stride(d);
   p.lse = lse.mutable_data_ptr();
-  const bool heads_together = k.stride(2) < k.stride(1) && v.stride(2) < v.stride(1);
+  const bool heads_together = k_cache.stride(2) < k_cache.stride(1) && v_cache.stride(2) < v_cache.stride(1);
   run_forward_tasks(p, s, plan_forward(s, heads_together), lse);
   return {out, lse};
 }
