@@ -7,7 +7,10 @@ a [B, Hkv, capacity, D] cache as transformers' StaticCache keeps it
 (index_copy_, then SDPA over the filled part: its best eager path). GQA runs
 as SDPA's enable_gqa. Llama-3-8B's attention: 32 query heads, 8 KV heads,
 head dim 128. Decoding is memory-bound: the table shows the GB/s of K and V
-read and their share of this machine's copy bandwidth."""
+read, and the "copy" variant, a torch copy_ that reads and writes as many
+bytes in all as the step must read, timed in the same rounds (this shared
+host's bandwidth moves by 1.5x over minutes), so that "x copy" is our share
+of this machine's copy bandwidth."""
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ import bigkernels
 from .harness import Case, Variant
 
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-VARIANTS = ("bigkernels", "sdpa", "sdpa-static", "flash-attn")
+VARIANTS = ("bigkernels", "sdpa", "sdpa-static", "flash-attn", "copy")
 H, HKV, D = 32, 8, 128
 CPU_FULL = [(B, S) for B in (1, 8) for S in (1024, 8192, 32768)]
 CPU_SHORT = [(1, 8192)]
@@ -35,6 +38,9 @@ def _make(device, B, S, dtype):
         seqlens = torch.full((B,), S - 1, dtype=torch.int32, device=device)
         k_static, v_static = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
         position = torch.tensor([S - 1], device=device)
+        # copy_ of half the K and V bytes: as many bytes moved as the step reads
+        copy_src = k_cache[:, :S]
+        copy_dst = torch.empty_like(copy_src)
 
         def ours():
             return bigkernels.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
@@ -59,6 +65,8 @@ def _make(device, B, S, dtype):
             "sdpa": Variant(sdpa, backward=False, note="write the token, then SDPA over the same [B, S, Hkv, D] cache"),
             "sdpa-static": Variant(sdpa_static, backward=False,
                                    note="index_copy_, then SDPA over a [B, Hkv, S, D] cache (StaticCache's layout)"),
+            "copy": Variant(lambda: copy_dst.copy_(copy_src), backward=False,
+                            note="copy_ of K's bytes: reads and writes as many bytes as the step reads"),
         }
         if device == "cuda":
             try:

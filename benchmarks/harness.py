@@ -51,8 +51,7 @@ class Case:
     # each; on CUDA it is always measured), and show it in the table.
     measure_memory: bool = False
     # The fewest bytes a forward must move (memory-bound kernels: decoding),
-    # 0 when not counted: the table then shows the subject's GB/s and its share
-    # of this machine's copy bandwidth (copy_bandwidth_gbps).
+    # 0 when not counted: the table then shows the subject's GB/s.
     bytes: float = 0.0
 
 
@@ -224,19 +223,6 @@ def measure_pass(variants, pass_, device, warmup, repeats, budget_s, calls=1, mi
 
 # ---------------------------------------------------------------- running
 
-@functools.lru_cache(maxsize=None)
-def copy_bandwidth_gbps(device):
-    """This machine's copy bandwidth, GB/s of bytes read plus written: the
-    median of 7 copies of 512 MiB into another 512 MiB (far past any cache)
-    with torch's copy_, on every thread."""
-    src = torch.ones(2**27, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    time_once = _timer(device)
-    ms = statistics.median(time_once(lambda: dst.copy_(src)) for _ in range(7))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-
-
 def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
     """Measures every variant x pass of one case (but those named in skip);
     returns its records."""
@@ -257,7 +243,6 @@ def run_case(case, device, warmup, repeats, budget_s, log, skip=()):
                 family=case.family, case=case.name, params=case.params, variant=vname, pass_=pass_,
                 status=status, median_ms=ms, samples=n,
                 tflops=flops / (ms * 1e-3) / 1e12 if ms else None, gbps=gbps,
-                copy_fraction=gbps / copy_bandwidth_gbps(device) if gbps else None,
                 peak_mem_mib=peak, show_memory=case.measure_memory, note=msg or variant.note,
             ))
             shown = f"{_fmt_ms(ms):>10} ms" if ms is not None else f"{status:>13}"
@@ -326,9 +311,9 @@ def table_rows(records):
     variants = list(dict.fromkeys(r["variant"] for r in records))
     baselines = [v for v in variants if v != SUBJECT]
     memory = any(r.get("show_memory") for r in records)  # peak MiB per variant too
-    bandwidth = any(r.get("gbps") for r in records)  # the subject's GB/s and share of copy bandwidth too
+    bandwidth = any(r.get("gbps") for r in records)  # the subject's GB/s too
     header = (["case", "pass"] + [f"{v} ms" for v in variants] + [f"{SUBJECT} TFLOP/s"]
-              + ([f"{SUBJECT} GB/s", "% of copy"] if bandwidth else [])
+              + ([f"{SUBJECT} GB/s"] if bandwidth else [])
               + [f"x {v}" for v in baselines] + ([f"{v} peak MiB" for v in variants] if memory else []))
     rows = []
     for key in dict.fromkeys((r["case"], r["pass_"]) for r in records):
@@ -338,9 +323,8 @@ def table_rows(records):
         subj = got.get(SUBJECT, {})
         speed = lambda v: _fmt(got[v].get("speedup"), ".2f") if v in got else "-"  # noqa: E731
         peak = lambda v: _fmt(got[v].get("peak_mem_mib"), ".0f") if v in got else "-"  # noqa: E731
-        share = subj.get("copy_fraction")
         rows.append(list(key) + [cell(v) for v in variants] + [_fmt(subj.get("tflops"), ".3f")]
-                    + ([_fmt(subj.get("gbps"), ".1f"), _fmt(share and 100 * share, ".0f")] if bandwidth else [])
+                    + ([_fmt(subj.get("gbps"), ".1f")] if bandwidth else [])
                     + [speed(v) for v in baselines] + ([peak(v) for v in variants] if memory else []))
     return header, rows
 
@@ -362,10 +346,8 @@ def markdown(info, header, rows, records):
         "Median ms; TFLOP/s counts dense 2·M·K·N_rows per forward (3x for fwd+bwd), attention "
         "4·B·H·L·S·D (halved when causal; 3.5x for fwd+bwd); overhead cases time a call on tiny tensors "
         "(the mean of 100 calls per sample); losses 2·N·D·V (3x for fwd+bwd); "
-        "decode GB/s (where shown): the K and V bytes a forward must read over its time, and their share of this "
-        "machine's copy bandwidth (a 512 MiB copy_, bytes read plus written: "
-        + (f"{copy_bandwidth_gbps(info['device']):.1f} GB/s); " if any(r.get("gbps") for r in records) else "not measured); ")
-        + f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster); peak MiB (where shown): "
+        "GB/s (where shown): the bytes a forward must read (decode: K and V) over its time; "
+        f"x <variant> = that variant's ms / {SUBJECT} ms (>1: {SUBJECT} is faster); peak MiB (where shown): "
         "the memory a run adds above its live inputs, at its peak (CPU: malloc's bytes in use, sampled every "
         "0.5 ms).", "",
         "| " + " | ".join(header) + " |",
