@@ -87,7 +87,7 @@ def causal_window(is_causal, window):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, causal_align="top_left",
-                                 window=None, softcap=0.0, alibi_slopes=None):
+                                 window=None, softcap=0.0, alibi_slopes=None, alibi_offset=None):
     """softmax(q k^T * scale + mask) v, F.scaled_dot_product_attention's
     semantics on [..., H, L, E] inputs (3-d or 4-d), computed in the inputs'
     dtype and written for clarity: it materialises the L x S scores.
@@ -97,7 +97,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask
     as keep / (1 - dropout_p) after the softmax. softcap > 0: the scaled
     scores x become softcap * tanh(x / softcap) (Gemma-2); then alibi_slopes
     ([H] or [B, H], 4-d inputs) adds -slope * |i + offset - j|, offset the
-    causal alignment's (flash-attention's order, before any mask). Rows whose every key is
+    causal alignment's unless alibi_offset gives it (flash-attention's
+    order, before any mask). Rows whose every key is
     masked give 0 (and zero gradients). Returns (output, lse), lse the
     log-sum-exp of each row's scaled, masked scores (float32, float64 for
     float64 inputs; -inf for a fully masked row)."""
@@ -110,7 +111,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_mask
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
-        offset = S - L if causal_align == "bottom_right" else 0
+        offset = alibi_offset if alibi_offset is not None else (S - L if causal_align == "bottom_right" else 0)
         distance = (torch.arange(L, device=query.device)[:, None] + offset
                     - torch.arange(S, device=query.device)[None, :]).abs().to(scores.dtype)
         slopes = alibi_slopes.to(scores.dtype)

@@ -34,6 +34,13 @@ def feature_kwargs(feature, B, L, S, seed):
         return dict(is_causal=True, causal_align="bottom_right")
     if feature == "window":
         return dict(window=(7, 3))
+    if feature == "softcap":  # Gemma 2's: small enough to bend the scores
+        return dict(softcap=1.5)
+    if feature == "alibi":  # per head
+        return dict(alibi_slopes=torch.rand(2, generator=gen, dtype=torch.float64))
+    if feature == "softcap_alibi_causal":  # per batch, bottom-right (flash-attention's position)
+        return dict(softcap=2.0, alibi_slopes=torch.rand(B, 2, generator=gen, dtype=torch.float64), is_causal=True,
+                    causal_align="bottom_right")
     if feature == "key_padding":  # [B, 1, 1, S], never expanded
         return dict(attn_mask=torch.rand(B, 1, 1, S, generator=gen) > 0.3)
     if feature == "float_mask":
@@ -56,8 +63,10 @@ def feature_kwargs(feature, B, L, S, seed):
 def run(fn, tensors, grad, dtype, kwargs, device="cpu"):
     """fn's output and input gradients (on the CPU) for float64 tensors cast to dtype on device."""
     leaves = [t.to(device, dtype).detach().requires_grad_() for t in tensors]
-    kwargs = {k: (v.to(device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v)
-              for k, v in kwargs.items()}
+    # ALiBi's slopes stay float32 (float64 for float64), as flash-attention takes them
+    cast = {"alibi_slopes": torch.float64 if dtype == torch.float64 else torch.float32}
+    kwargs = {k: (v.to(device, cast.get(k, dtype) if v.is_floating_point() else v.dtype)
+                  if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     out = fn(*leaves, **kwargs)
     out.backward(grad.to(device, dtype))
     return [t.cpu() for t in [out.detach()] + [t.grad for t in leaves]]
@@ -69,6 +78,8 @@ def ours(q, k, v, **kw):
 
 def torch_same_dtype(q, k, v, **kw):
     # what PyTorch users run: SDPA where it has the feature, else the reference in this dtype
+    if "softcap" in kw or "alibi_slopes" in kw:
+        return reference.scaled_dot_product_attention(q, k, v, kw.pop("attn_mask", None), enable_gqa=True, **kw)[0]
     if "window" in kw or kw.get("causal_align") == "bottom_right":
         mask = reference.attention_allowed(q.shape[-2], k.shape[-2], kw.pop("is_causal", False),
                                            kw.pop("causal_align", "top_left"), kw.pop("window", None))
@@ -108,7 +119,7 @@ def check(dtype, feature, B=2, Hq=2, Hkv=2, L=17, S=17, E=16, Ev=16, seed=0, log
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "key_padding",
                                      "float_mask", "padding_rows", "float_padding_rows", "window_padding_rows", "gqa",
-                                     "three_d"])
+                                     "three_d", "softcap", "alibi", "softcap_alibi_causal"])
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (113, 203), (127, 65), (70, 1)], ids=str)
 def test_matches_reference(dtype, feature, L, S):
     check(dtype, feature, L=L, S=S)
@@ -415,7 +426,8 @@ def test_float_mask_gradient(dtype, shape):
     mask_gradient_check(dtype, shape)
 
 
-@pytest.mark.parametrize("feature", ["plain", "causal_bottom_right", "window", "float_mask", "gqa"])
+@pytest.mark.parametrize("feature", ["plain", "causal_bottom_right", "window", "float_mask", "gqa", "softcap",
+                                     "softcap_alibi_causal"])
 def test_gradcheck_float64(feature):
     q, k, v, _ = make_inputs(1, 4 if feature == "gqa" else 2, 2, 6, 9, 4, 3, seed=8)
     kw = feature_kwargs(feature, 1, 6, 9, seed=8)
@@ -451,6 +463,46 @@ def test_create_graph_gradients_match_the_kernels():
     assert all(a.requires_grad for a in again)  # the differentiable backward ran
     for p, a in zip(plain, again):
         torch.testing.assert_close(a, p)
+
+
+def test_softcap_and_alibi_under_create_graph_match_the_kernels():
+    q, k, v, _ = make_inputs(2, 4, 2, 6, 9, 5, 3, seed=32)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    kw = dict(enable_gqa=True, is_causal=True, causal_align="bottom_right", softcap=1.5,
+              alibi_slopes=torch.rand(2, 4, dtype=torch.float64))
+    out = attention(*inputs, **kw)
+    grad = torch.randn_like(out)
+    plain = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    again = torch.autograd.grad(out, inputs, grad, create_graph=True)
+    for p, a in zip(plain, again):
+        torch.testing.assert_close(a, p)
+
+
+def test_softcap_and_alibi_opcheck():
+    q, k, v, grad = (t.float() for t in make_inputs(2, 4, 2, 9, 11, 8, 6, seed=12))
+    slopes = torch.rand(4)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, 0.35, -1, 0, 2, 0.0, 0, 3.0, slopes)
+    torch.library.opcheck(torch.ops.bigkernels.attention_forward.default, args)
+    out, lse = torch.ops.bigkernels.attention_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                        for a in args])
+    torch.library.opcheck(torch.ops.bigkernels.attention_backward.default,
+                          (grad, q.detach(), k.detach(), v.detach(), None, out, lse, 0.35, -1, 0, 2, 0.0, 0, False,
+                           3.0, slopes))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(softcap=-1.0), "softcap must be"),
+    (dict(softcap=float("inf")), "softcap must be"),
+    (dict(alibi_slopes=torch.rand(3)), r"alibi_slopes must be \[H\]"),
+    (dict(alibi_slopes=torch.rand(2, dtype=torch.bfloat16)), "alibi_slopes must be a float32"),
+    (dict(alibi_slopes=[0.5, 0.25]), "alibi_slopes must be a float32"),
+])
+def test_softcap_and_alibi_bad_input(kw, match):
+    q, k, v, _ = (t.float() for t in make_inputs(1, 2, 2, 3, 4, 8, 8, seed=13))
+    with pytest.raises((TypeError, ValueError), match=match):
+        attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match="4-d"):
+        attention(q[:, 0], k[:, 0], v[:, 0], alibi_slopes=torch.rand(1))
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float"])

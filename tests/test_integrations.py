@@ -47,6 +47,29 @@ def test_matches_sdpa_backend(arch):
             torch.testing.assert_close(got_grads[name], want_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_gemma2_softcap_matches_eager_attention():
+    """Gemma 2 caps its attention scores (attn_logit_softcapping) and mixes sliding-window
+    layers: our backend applies the softcap inside the kernels and gives eager attention's
+    logits and gradients (transformers' SDPA backend cannot softcap)."""
+    bk_hf.register()
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_logit_softcapping=2.0,
+                  initializer_range=0.5, final_logit_softcapping=None, sliding_window=4, query_pre_attn_scalar=8)
+    # (weights large enough that the cap bends the scores: without it the logits move by ~3)
+    ids = torch.randint(64, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding (left-padded rows that see no key differ: eager spreads them evenly)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    want, want_grads = run(build(transformers.Gemma2Config, transformers.AutoModelForCausalLM, "eager", **config),
+                           inputs, "logits")
+    got, got_grads = run(build(transformers.Gemma2Config, transformers.AutoModelForCausalLM, bk_hf.NAME, **config),
+                         inputs, "logits")
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=3e-5, rtol=1e-4, msg=name)
+
+
 # bigkernels.optimize() on Hugging Face models: the blocks it knows fuse their
 # activation, the attention moves to our backend; outputs and gradients keep
 # the 2x rule against stock in float64, the state_dict and checkpoints are unchanged.

@@ -223,9 +223,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-function signature (that of its own SDPA
     backend): query [B, H, L, D], key/value [B, Hkv, S, D], attention_mask
     bool (True = attend) or additive float, or None; returns ([B, L, H, D],
-    None). GQA runs without repeating K/V."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("the bigkernels attention backend does not support softcap")
+    None). GQA runs without repeating K/V; softcap (Gemma 2's) is applied
+    inside the kernels."""
+    softcap = kwargs.get("softcap") or 0.0
     L, S = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = L > 1 and attention_mask is None and is_causal
@@ -239,7 +239,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       scale=scaling, is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
+                                       scale=scaling, is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1],
+                                       softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

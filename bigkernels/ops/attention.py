@@ -96,7 +96,8 @@ def _check_window(window):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_align="top_left", window=None, return_lse=False):
+                                 enable_gqa=False, *, causal_align="top_left", window=None, softcap=0.0,
+                                 alibi_slopes=None, return_lse=False):
     """F.scaled_dot_product_attention, with flash-attention's extras.
 
     query [B, H, L, E] or [B, L, E]; key [.., Hkv, S, E]; value [.., Hkv, S, Ev].
@@ -107,6 +108,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Extras: causal_align="bottom_right" aligns the last query with the last
     key (flash-attention's convention); window=(left, right) keeps keys
     within left before and right after the query's position (-1: no limit);
+    softcap > 0 caps the scaled scores x at softcap * tanh(x / softcap)
+    (Gemma 2); alibi_slopes (float32 [H] or [B, H], 4-d inputs) adds
+    -slope * |position - j| to them (ALiBi, position as causal_align puts
+    query i), both before the mask, as flash-attention orders them;
     return_lse=True also returns the log-sum-exp of each row's scaled scores
     ([B, H, L] float32 (float64 for float64 inputs), -inf for a row that
     attends to nothing). Under torch.autocast the inputs are cast to the
@@ -117,9 +122,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               causal_align, window)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    refusal = _kernel_refusal(query, value)
+    _check_score_options(softcap, alibi_slopes, query)
+    softcap = float(softcap)
+    refusal = _kernel_refusal(query, value, softcap, alibi_slopes)
     if refusal is None:
-        out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p)
+        out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p,
+                              softcap, alibi_slopes)
     else:
         _warn_reference_once(refusal)
         dropout_mask = None
@@ -128,7 +136,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             dropout_mask = torch.rand(scores_shape, device=query.device) >= dropout_p
         out, lse = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_mask, dropout_p, is_causal, scale, enable_gqa, causal_align,
-            (left, right))
+            (left, right), softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -145,16 +153,36 @@ def _warn_reference_once(reason):
                       "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
 
 
-def _kernel_refusal(query, value):
+def _check_score_options(softcap, alibi_slopes, query):
+    """TypeError/ValueError naming softcap or alibi_slopes."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a number >= 0 (0: none), got {softcap!r}")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype not in (torch.float32, torch.float64):
+        kind = f"{alibi_slopes.dtype} tensor" if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got {kind}")
+    if query.dim() != 4:
+        raise ValueError("alibi_slopes needs 4-d [B, H, L, E] inputs (slopes per head)")
+    B, H = query.shape[0], query.shape[1]
+    if alibi_slopes.shape not in ((H,), (B, H)) or alibi_slopes.device != query.device:
+        raise ValueError(f"alibi_slopes must be [H] = [{H}] or [B, H] = [{B}, {H}] on query's device, got shape "
+                         f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
+
+
+def _kernel_refusal(query, value, softcap=0.0, alibi_slopes=None):
     """None when the compiled kernels run this call, else why not: no
     extension; on CUDA, head dims over 256, float16/bfloat16 (tensor cores)
-    on GPUs older than sm_80, or a build without CUDA."""
+    on GPUs older than sm_80, softcap or ALiBi (CPU kernels only, for now),
+    or a build without CUDA."""
     if not _ext.LOADED:
         return "a build without the extension"
     if query.device.type in ("cpu", "meta"):
         return None
     if query.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
         return f"{query.device.type} tensors in this build"
+    if softcap > 0 or alibi_slopes is not None:
+        return "softcap or alibi_slopes on CUDA"
     if max(query.shape[-1], value.shape[-1]) > 256:
         return "CUDA head dims over 256"
     if query.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(query.device)[0] < 8:
@@ -168,7 +196,8 @@ def _dropout_seed(device):
     return int(torch.randint(-2**63, 2**63 - 1, (), device=device if device.type != "meta" else "cpu"))
 
 
-def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p):
+def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p, softcap=0.0,
+               alibi_slopes=None):
     """The op on 4-d views of 3- or 4-d inputs; returns (out, lse) shaped like the inputs."""
     three_d = query.dim() == 3
     if three_d:
@@ -183,7 +212,7 @@ def _attention(query, key, value, attn_mask, is_causal, scale, causal_align, lef
     offset = S - L if causal_align == "bottom_right" else 0
     seed = _dropout_seed(query.device) if dropout_p > 0 else 0
     out, lse = torch.ops.bigkernels.attention_forward(query, key, value, attn_mask, scale, left, right, offset,
-                                                      float(dropout_p), seed)
+                                                      float(dropout_p), seed, softcap, alibi_slopes)
     return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
 
 
@@ -210,14 +239,14 @@ def _register():
 
     @torch.library.register_fake("bigkernels::attention_forward")
     def _forward_fake(query, key, value, attn_mask, scale, window_left, window_right, diagonal_offset, dropout_p,
-                      dropout_seed):
+                      dropout_seed, softcap=0.0, alibi_slopes=None):
         B, H, L, _ = query.shape
         lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         return _output_like(query, value.shape[-1]), query.new_empty((B, H, L), dtype=lse_dtype)
 
     @torch.library.register_fake("bigkernels::attention_backward")
     def _backward_fake(grad_output, query, key, value, attn_mask, output, lse, scale, window_left, window_right,
-                       diagonal_offset, dropout_p, dropout_seed, grad_mask=False):
+                       diagonal_offset, dropout_p, dropout_seed, grad_mask=False, softcap=0.0, alibi_slopes=None):
         grad_attn_mask = attn_mask.new_empty(attn_mask.shape) if grad_mask else query.new_empty((0,))
         return _grad_like(query), _grad_like(key), _grad_like(value), grad_attn_mask
 
@@ -225,13 +254,16 @@ def _register():
     # its double backward (create_graph=True) calls this, which differentiates
     # the reference's PyTorch ops, themselves differentiable.
     @torch.library.impl("bigkernels::attention_backward_reference", "CompositeImplicitAutograd")
-    def _backward_reference(grad_out, query, key, value, attn_mask, scale, left, right, offset, output_mask):
+    def _backward_reference(grad_out, query, key, value, attn_mask, scale, left, right, offset, output_mask,
+                            softcap=0.0, alibi_slopes=None):
         wanted = [t for t, m in zip((query, key, value, attn_mask), output_mask) if m]
         L, S = query.shape[-2], key.shape[-2]
         allowed = reference.window_mask(L, S, left, right, offset, query.device)
         mask = allowed if attn_mask is None else (
             allowed & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~allowed, float("-inf")))
-        again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale, enable_gqa=True)
+        again, _ = reference.scaled_dot_product_attention(query, key, value, mask, scale=scale, enable_gqa=True,
+                                                          softcap=softcap, alibi_slopes=alibi_slopes,
+                                                          alibi_offset=offset)
         grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
         return tuple(next(grads) if m else query.new_empty((0,)) for m in output_mask)
 

@@ -114,17 +114,21 @@ AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache
   }
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (",
                     window_left, ", ", window_right, ")");
-  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be >= 0 (0: none), got ", softcap);
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, op,
-                     ": alibi_slopes must be float32 or float64, got ", a.scalar_type());
-    TORCH_CHECK_VALUE(a.device() == q.device() && (a.dim() == 1 || (a.dim() == 2 && a.size(0) == s.B)) &&
-                          a.size(-1) == s.Hq,
-                      op, ": alibi_slopes must be [H] or [B, H] = [", s.B, ", ", s.Hq, "] on q's device, got ",
-                      a.sizes(), " on ", a.device());
-  }
+  check_score_options(op, q, s, softcap, alibi_slopes);
   return s;
+}
+
+void check_score_options(const char* op, const at::Tensor& q, const AttentionShape& s, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be >= 0 (0: none), got ", softcap);
+  if (!alibi_slopes.has_value()) return;
+  const at::Tensor& a = *alibi_slopes;
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, op,
+                   ": alibi_slopes must be float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == q.device() && (a.dim() == 1 || (a.dim() == 2 && a.size(0) == s.B)) &&
+                        a.size(-1) == s.Hq,
+                    op, ": alibi_slopes must be [H] or [B, H] = [", s.B, ", ", s.Hq, "] on the query's device, got ",
+                    a.sizes(), " on ", a.device());
 }
 
 at::ScalarType lse_dtype(const at::Tensor& query) {
@@ -174,11 +178,15 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // log-sum-exp ([B, H, L], float32, float64 for float64 inputs; -inf for a
   // row that attends to nothing, whose output is 0). dropout_p > 0 drops
   // probabilities after the softmax with common/counter_rng.h under
-  // dropout_seed, so the backward regenerates the same mask.
+  // dropout_seed, so the backward regenerates the same mask. softcap > 0
+  // caps the scaled scores x at softcap * tanh(x / softcap) (Gemma 2), then
+  // alibi_slopes ([H] or [B, H], float32/float64) adds
+  // -slope * |i + diagonal_offset - j|, both before the mask, as
+  // flash-attention orders them (CPU kernels; on CUDA not yet).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
-      "int window_left, int window_right, int diagonal_offset, float dropout_p, int dropout_seed) "
-      "-> (Tensor output, Tensor lse)");
+      "int window_left, int window_right, int diagonal_offset, float dropout_p, int dropout_seed, "
+      "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor output, Tensor lse)");
   // Gradients of attention_forward from its output and lse (the scores are
   // recomputed block by block). With grad_mask (a float attn_mask that
   // requires grad), grad_attn_mask is the gradient of the scores summed to
@@ -187,8 +195,8 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor output, Tensor lse, float scale, int window_left, int window_right, int diagonal_offset, "
-      "float dropout_p, int dropout_seed, bool grad_mask=False) -> (Tensor grad_query, Tensor grad_key, "
-      "Tensor grad_value, Tensor grad_attn_mask)");
+      "float dropout_p, int dropout_seed, bool grad_mask=False, float softcap=0., Tensor? alibi_slopes=None) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
   // Attention of query [B, Lq, H, D] against a KV cache: k_cache and v_cache
   // [B, capacity, Hkv, D|Dv], or pages [num_pages, page_size, Hkv, D|Dv] read
   // through block_table [B, max_pages] (key j of batch b: row j % page_size
@@ -212,5 +220,6 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   m.def(
       "attention_backward_reference(Tensor grad_output, Tensor query, Tensor key, Tensor value, "
       "Tensor? attn_mask, float scale, int window_left, int window_right, int diagonal_offset, "
-      "bool[4] output_mask) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+      "bool[4] output_mask, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, "
+      "Tensor grad_value, Tensor grad_attn_mask)");
 }

@@ -19,6 +19,11 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                                     const std::optional<at::Tensor>& attn_mask, int64_t window_left,
                                     int64_t window_right, double dropout_p);
 
+// softcap (>= 0, finite; 0: none) and alibi_slopes (float32/float64 [Hq] or
+// [B, Hq] on query's device), for every attention op; `op` names the caller.
+void check_score_options(const char* op, const at::Tensor& query, const AttentionShape& s, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes);
+
 // attention_kvcache_forward's inputs: query [B, Lq, H, D]; the caches
 // [B, capacity, Hkv, D|Dv] (unit last stride: they are written in place), or
 // pages [num_pages, page_size, Hkv, D|Dv] with block_table [B, max_pages]

@@ -11,25 +11,26 @@ using torch::autograd::variable_list;
 
 using AttentionForwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, int64_t,
-    int64_t, int64_t, double, int64_t);
+    int64_t, int64_t, double, int64_t, double, const std::optional<at::Tensor>&);
 using AttentionBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, double, int64_t, bool);
+    const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, double, int64_t, bool, double,
+    const std::optional<at::Tensor>&);
 using AttentionBackwardReferenceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    double, int64_t, int64_t, int64_t, std::array<bool, 4>);
+    double, int64_t, int64_t, int64_t, std::array<bool, 4>, double, const std::optional<at::Tensor>&);
 
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, double scale,
                                int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p,
-                               int64_t dropout_seed) {
+                               int64_t dropout_seed, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
     static const auto op = find_op<AttentionForwardSig>("bigkernels::attention_forward");
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(out, lse) = op.call(query, key, value, attn_mask, scale, window_left, window_right,
-                                   diagonal_offset, dropout_p, dropout_seed);
+                                   diagonal_offset, dropout_p, dropout_seed, softcap, alibi_slopes);
     }
     ctx->set_materialize_grads(false);  // lse never gets a gradient: don't fill zeros for it
     ctx->mark_non_differentiable({lse});
@@ -39,13 +40,15 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["diagonal_offset"] = diagonal_offset;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["dropout_seed"] = dropout_seed;
-    ctx->save_for_backward({query, key, value, attn_mask.value_or(at::Tensor()), out, lse});
+    ctx->saved_data["softcap"] = softcap;
+    ctx->save_for_backward({query, key, value, attn_mask.value_or(at::Tensor()), out, lse,
+                            alibi_slopes.value_or(at::Tensor())});
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_output = grads[0];
-    variable_list result(10);  // query, key, value, attn_mask, then six numbers
+    variable_list result(12);  // query, key, value, attn_mask, six numbers, softcap, alibi_slopes (none)
     if (!grad_output.defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &query = saved[0], &key = saved[1], &value = saved[2];
@@ -57,18 +60,21 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const int64_t right = ctx->saved_data["window_right"].toInt();
     const int64_t offset = ctx->saved_data["diagonal_offset"].toInt();
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
+    const std::optional<at::Tensor> alibi_slopes = optional_tensor(saved[6]);
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a backward that is differentiable
       TORCH_CHECK_NOT_IMPLEMENTED(dropout_p == 0, "bigkernels.scaled_dot_product_attention: double backward "
                                   "(create_graph=True) with dropout_p > 0 is not supported");
       static const auto op =
           find_op<AttentionBackwardReferenceSig>("bigkernels::attention_backward_reference");
-      g = op.call(grad_output, query, key, value, attn_mask, scale, left, right, offset, needs);
+      g = op.call(grad_output, query, key, value, attn_mask, scale, left, right, offset, needs, softcap,
+                  alibi_slopes);
     } else {
       static const auto op = find_op<AttentionBackwardSig>("bigkernels::attention_backward");
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // not boxed through autograd's fallback
       g = op.call(grad_output, query, key, value, attn_mask, saved[4], saved[5], scale, left, right, offset,
-                  dropout_p, ctx->saved_data["dropout_seed"].toInt(), needs[3]);
+                  dropout_p, ctx->saved_data["dropout_seed"].toInt(), needs[3], softcap, alibi_slopes);
     }
     if (needs[0]) result[0] = std::get<0>(g);
     if (needs[1]) result[1] = std::get<1>(g);
@@ -81,9 +87,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left, int64_t window_right,
-    int64_t diagonal_offset, double dropout_p, int64_t dropout_seed) {
+    int64_t diagonal_offset, double dropout_p, int64_t dropout_seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const variable_list out = AttentionFunction::apply(query, key, value, attn_mask, scale, window_left, window_right,
-                                                     diagonal_offset, dropout_p, dropout_seed);
+                                                     diagonal_offset, dropout_p, dropout_seed, softcap, alibi_slopes);
   return {out[0], out[1]};
 }
 

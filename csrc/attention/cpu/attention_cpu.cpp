@@ -83,6 +83,16 @@ AttentionCpuParams make_params(const AttentionShape& s, const at::Tensor& q,
   return p;
 }
 
+// The softcap and ALiBi's slopes (kept alive in `slopes`, in the compute type) into p.
+void set_score_options(AttentionCpuParams& p, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                       at::Tensor& slopes) {
+  p.softcap = softcap;
+  if (!alibi_slopes.has_value()) return;
+  slopes = alibi_slopes->to(p.dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  p.alibi_slopes = slopes.const_data_ptr();
+  p.alibi_batch_stride = slopes.dim() == 2 ? p.Hq : 0;
+}
+
 // How the forward spreads over threads: tasks of up to kAttentionBlockRows
 // query rows (the heads of a GQA group packed together when the sequence is
 // short, so that decoding reads each key once per group), and, when those
@@ -280,11 +290,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
                                                          const std::optional<at::Tensor>& attn_mask,
                                                          double scale, int64_t window_left,
                                                          int64_t window_right, int64_t diagonal_offset,
-                                                         double dropout_p, int64_t dropout_seed) {
+                                                         double dropout_p, int64_t dropout_seed, double softcap,
+                                                         const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
+  check_score_options("bigkernels.attention", query, s, softcap, alibi_slopes);
   const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
   at::Tensor out = attention_output_cpu(query, s.Ev);
-  if (runs_aten_flash_forward(s, q, k, attn_mask, window_left, window_right, diagonal_offset, dropout_p)) {
+  if (softcap == 0 && !alibi_slopes.has_value() &&
+      runs_aten_flash_forward(s, q, k, attn_mask, window_left, window_right, diagonal_offset, dropout_p)) {
     const at::Tensor bias =
         attn_mask.has_value() ? aten_flash_mask(broadcast_mask(*attn_mask, s), q.scalar_type()) : at::Tensor();
     auto [flash_out, flash_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
@@ -299,9 +312,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     if (flash_out.strides() != out.strides()) flash_out = out.copy_(flash_out);
     return {flash_out, flash_lse.to(lse_dtype(q))};
   }
-  at::Tensor mask4;
+  at::Tensor mask4, slopes;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
+  set_score_options(p, softcap, alibi_slopes, slopes);
   p.k = k.const_data_ptr(), p.v = v.const_data_ptr();
   for (int d = 0; d < 3; ++d) p.k_strides[d] = k.stride(d), p.v_strides[d] = v.stride(d);
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(lse_dtype(q)));
@@ -409,12 +423,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
   p.k = k_cache.const_data_ptr(), p.v = v_cache.const_data_ptr();
   const int64_t order[3] = {0, 2, 1};
   for (int d = 0; d < 3; ++d) p.k_strides[d] = k_cache.stride(order[d]), p.v_strides[d] = v_cache.stride(order[d]);
-  p.softcap = softcap;
-  if (alibi_slopes.has_value()) {
-    slopes = alibi_slopes->to(lse_dtype(query)).contiguous();
-    p.alibi_slopes = slopes.const_data_ptr();
-    p.alibi_batch_stride = slopes.dim() == 2 ? s.Hq : 0;
-  }
+  set_score_options(p, softcap, alibi_slopes, slopes);
   const at::Tensor out4 = out.transpose(1, 2);
   p.out = out.mutable_data_ptr();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out4.stride(d);
@@ -428,25 +437,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
     int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
-    bool grad_mask) {
+    bool grad_mask, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_attention_backward_args(grad_output, output, lse, query, s);
+  check_score_options("bigkernels.attention_backward", query, s, softcap, alibi_slopes);
   // Everything read in place where it can be (the forward's [B, L, H, D]-laid
   // output and Hugging Face's grad_output included); K and V in the compute type.
   const at::Tensor q = unit_last_stride(query), &k = key, &v = value;
   const at::Tensor g = unit_last_stride(grad_output.to(q.scalar_type())), o = unit_last_stride(output);
   const at::Tensor l = lse.contiguous();
-  at::Tensor mask4;
+  at::Tensor mask4, slopes;
   AttentionCpuParams p = make_params(s, q, attn_mask, mask4, scale, window_left, window_right, diagonal_offset,
                                      dropout_p, dropout_seed);
+  set_score_options(p, softcap, alibi_slopes, slopes);
   // bf16 where ATen's BLAS has a micro-kernel for it (packed_micro_kernel)
   // and the forward's products ran there (16+ queries): all five products
   // there too, K and V read in place (1.6-1.75x our float backward with
   // AVX512-BF16 alone; docs/PERFORMANCE.md). Otherwise K and V in the
   // compute type.
   p.packed_backward = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 &&
-                      s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask &&
-                      packed_micro_kernel(at::kBFloat16);
+                      s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask && softcap == 0 &&
+                      !alibi_slopes.has_value() && packed_micro_kernel(at::kBFloat16);
   at::Tensor k_in, v_in, k_c, v_c;  // what the kernels read K and V from, kept alive
   if (p.packed_backward) {
     k_in = unit_last_stride(k), v_in = unit_last_stride(v);

@@ -479,10 +479,11 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, 
 // A block's scaled scores, score (r, jj) at st[r * row_step + jj * key_step]
 // (rows [0, rows), ld columns apart when transposed; keys j0 + jj, jj < jn):
 // Gemma-2's softcap, then ALiBi's distance bias (AttentionCpuParams::softcap),
-// before any mask: a masked score must stay -inf.
+// before any mask: a masked score must stay -inf. With cap_slope (laid out
+// as st), the softcap's derivative there, 1 - tanh², for the backward.
 template <typename C, typename HeadOf, typename PosOf>
 void shape_scores(const AttentionCpuParams& p, const Band& band, C* st, int64_t rows, int64_t ld, int64_t row_step,
-                  int64_t key_step, int64_t j0, int64_t jn, HeadOf head_of, PosOf pos_of) {
+                  int64_t key_step, int64_t j0, int64_t jn, HeadOf head_of, PosOf pos_of, C* cap_slope = nullptr) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   if (p.softcap > 0) {
@@ -493,7 +494,9 @@ void shape_scores(const AttentionCpuParams& p, const Band& band, C* st, int64_t 
       C* x = st + r * row_step;
       for (int64_t j = 0; j < width; j += W) {
         const int n = static_cast<int>(std::min<int64_t>(W, width - j));
-        (MathOps<V>::tanh(V::loadu(x + j, n) * V(inv)) * V(cap)).store(x + j, n);
+        const V t = MathOps<V>::tanh(V::loadu(x + j, n) * V(inv));
+        (t * V(cap)).store(x + j, n);
+        if (cap_slope != nullptr) (V(1) - t * t).store(cap_slope + r * row_step + j, n);
       }
     }
   }
@@ -835,6 +838,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const auto qf = filled(kBlockQ * E, C(0)), dof = filled(kBlockQ * Ev, C(0)), d = filled(kBlockQ, C(0));
   const auto lse = filled(kBlockQ, C(0)), dq = filled(kBlockQ * E, C(0));
   const auto s = filled(kBlockQ * kBlockK, C(0)), dp = filled(kBlockQ * kBlockK, C(0));
+  const auto cap_slope = filled(0, C(0), p.softcap > 0 ? kBlockQ * kBlockK : 0);  // shape_scores's
   const auto mask_bias = filled(0, C(0), kBlockK);  // a shared mask row over one block's keys
   const int64_t* ms = p.mask_strides;
   using V = at::vec::Vectorized<C>;
@@ -888,6 +892,10 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           gemm_acc(bq, jn, E, qf.get(), E, 1, kt.get() + j0 * E, kBlockK, s.get(), kBlockK,
                    false);
         }
+        if (p.softcap > 0 || p.alibi_slopes != nullptr) {
+          shape_scores(p, band, s.get(), bq, kBlockK, kBlockK, 1, j0, jn, [&](int64_t) { return h; },
+                       [&](int64_t r) { return i0 + r; }, cap_slope.get());
+        }
         for (int64_t r = 0; r < bq; ++r) {
           if (!next_asked) prefetch_next_row(r);
           C* sr = s.get() + r * kBlockK;
@@ -926,6 +934,10 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           for (int64_t r = 0; r < bq; ++r) {
             std::copy(dp.get() + r * kBlockK, dp.get() + r * kBlockK + jn, gm + r * S);
           }
+        }
+        if (p.softcap > 0) {  // through the softcap: dS * (1 - tanh²), the scaled scores' gradient
+          for (int64_t r = 0; r < bq; ++r)
+            for (int64_t jj = 0; jj < jn; ++jj) dp[r * kBlockK + jj] *= cap_slope[r * kBlockK + jj];
         }
         if (p.dropout_p > 0) {
           for (int64_t r = 0; r < bq; ++r) apply_dropout(p, s.get() + r * kBlockK, b, h, i0 + r, j0, jn);  // P * M

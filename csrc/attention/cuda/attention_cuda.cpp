@@ -144,14 +144,23 @@ void launch(const cuda::AttentionParams& p) {
   C10_CUDA_CHECK(e);
 }
 
+// softcap and ALiBi have no CUDA kernel yet (bigkernels/ops/attention.py
+// sends such calls to the PyTorch reference).
+void check_no_score_options(double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0 && !alibi_slopes.has_value(), "bigkernels.attention: softcap and "
+                              "alibi_slopes have no CUDA kernel yet (the CPU kernels have them)");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value,
                                                           const std::optional<at::Tensor>& attn_mask,
                                                           double scale, int64_t window_left,
                                                           int64_t window_right, int64_t diagonal_offset,
-                                                          double dropout_p, int64_t dropout_seed) {
+                                                          double dropout_p, int64_t dropout_seed, double softcap,
+                                                          const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
+  check_no_score_options(softcap, alibi_slopes);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
   if (s.B * s.Hq * s.L == 0) return {at::empty({s.B, s.Hq, s.L, s.Ev}, query.options()), lse};
@@ -170,9 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& output, const at::Tensor& lse, double scale,
     int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p, int64_t dropout_seed,
-    bool grad_mask) {
+    bool grad_mask, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
+  check_no_score_options(softcap, alibi_slopes);
   check_attention_backward_args(grad_output, output, lse, query, s);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor grad_mask_full = grad_mask_buffer(attn_mask, grad_mask, s, lse_dtype(query));
