@@ -476,20 +476,40 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, 
   }
 }
 
+// ALiBi per score row r: its slope and its query's key position
+// (AttentionCpuParams::alibi_slopes), padded with zeros to `width` rows.
+template <typename C>
+struct AlibiRows {
+  std::unique_ptr<C[]> slope, position;
+  template <typename HeadOf, typename PosOf>
+  AlibiRows(const AttentionCpuParams& p, const Band& band, int64_t rows, int64_t width, HeadOf head_of,
+            PosOf pos_of) {
+    if (p.alibi_slopes == nullptr) return;
+    const C* slopes = static_cast<const C*>(p.alibi_slopes) + band.b * p.alibi_batch_stride;
+    slope = filled(width, C(0)), position = filled(width, C(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      slope[r] = slopes[head_of(r)];
+      position[r] = static_cast<C>(pos_of(r) + band.diagonal);
+    }
+  }
+};
+
 // A block's scaled scores, score (r, jj) at st[r * row_step + jj * key_step]
 // (rows [0, rows), ld columns apart when transposed; keys j0 + jj, jj < jn):
-// Gemma-2's softcap, then ALiBi's distance bias (AttentionCpuParams::softcap),
-// before any mask: a masked score must stay -inf. With cap_slope (laid out
-// as st), the softcap's derivative there, 1 - tanh², for the backward.
-template <typename C, typename HeadOf, typename PosOf>
-void shape_scores(const AttentionCpuParams& p, const Band& band, C* st, int64_t rows, int64_t ld, int64_t row_step,
-                  int64_t key_step, int64_t j0, int64_t jn, HeadOf head_of, PosOf pos_of, C* cap_slope = nullptr) {
+// Gemma-2's softcap, then ALiBi's distance bias (AttentionCpuParams::softcap;
+// `alibi`'s rows, ld of them), before any mask: a masked score must stay
+// -inf. With cap_slope (laid out as st), the softcap's derivative there,
+// 1 - tanh², for the backward.
+template <typename C>
+void shape_scores(const AttentionCpuParams& p, const AlibiRows<C>& alibi, C* st, int64_t rows, int64_t ld,
+                  int64_t row_step, int64_t key_step, int64_t j0, int64_t jn, C* cap_slope = nullptr) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
+  // transposed (key_step > 1): the block is jn lines of ld contiguous rows' scores; else rows lines of jn keys
+  const bool by_rows = key_step == 1;
+  const int64_t lines = by_rows ? rows : 1, width = by_rows ? jn : jn * ld;
   if (p.softcap > 0) {
     const C cap = static_cast<C>(p.softcap), inv = C(1) / cap;
-    // transposed: the block is jn rows of ld contiguous scores; else rows of jn
-    const int64_t lines = key_step == 1 ? rows : 1, width = key_step == 1 ? jn : jn * ld;
     for (int64_t r = 0; r < lines; ++r) {
       C* x = st + r * row_step;
       for (int64_t j = 0; j < width; j += W) {
@@ -501,12 +521,24 @@ void shape_scores(const AttentionCpuParams& p, const Band& band, C* st, int64_t 
     }
   }
   if (p.alibi_slopes == nullptr) return;
-  const C* slopes = static_cast<const C*>(p.alibi_slopes) + band.b * p.alibi_batch_stride;
-  for (int64_t r = 0; r < rows; ++r) {
-    const C slope = slopes[head_of(r)];
-    const int64_t pos = pos_of(r) + band.diagonal;
-    for (int64_t jj = 0; jj < jn; ++jj) {
-      st[r * row_step + jj * key_step] -= slope * static_cast<C>(std::abs(pos - (j0 + jj)));
+  if (by_rows) {  // -slope * |position - j| along each row's keys
+    for (int64_t r = 0; r < rows; ++r) {
+      const V slope(alibi.slope[r]), position(alibi.position[r]);
+      C* x = st + r * row_step;
+      for (int64_t jj = 0; jj < jn; jj += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, jn - jj));
+        const V key = V::arange(static_cast<C>(j0 + jj), C(1));
+        (V::loadu(x + jj, n) - slope * (position - key).abs()).store(x + jj, n);
+      }
+    }
+    return;
+  }
+  for (int64_t jj = 0; jj < jn; ++jj) {  // down the rows of each key
+    const V key(static_cast<C>(j0 + jj));
+    C* x = st + jj * key_step;
+    for (int64_t c = 0; c < ld; c += W) {
+      const V d = V::loadu(alibi.slope.get() + c) * (V::loadu(alibi.position.get() + c) - key).abs();
+      (V::loadu(x + c) - d).store(x + c);
     }
   }
 }
@@ -584,6 +616,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const int64_t* ms = p.mask_strides;
   const auto mask_row = [&](int64_t r) { return t.b * ms[0] + head_of(r) * ms[1] + pos_of(r) * ms[2]; };
   const Band band{p, t.b, t.h0};
+  const AlibiRows<C> alibi(p, band, rows, ld, head_of, pos_of);
   auto [jlo, jhi] = band.key_range(t.i0, t.i1);
   jlo = std::max(jlo, t.j_begin), jhi = std::min(jhi, t.j_end);
   if (packed) jlo = jlo / block * block;  // whole packed blocks (the keys are never split then)
@@ -646,7 +679,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
                     p.k_strides[1], p.v_strides[1] * static_cast<int64_t>(sizeof(T)));
     }
     if (p.softcap > 0 || p.alibi_slopes != nullptr) {
-      shape_scores(p, band, st.get(), rows, ld, row_step, key_step, j0, jn, head_of, pos_of);
+      shape_scores(p, alibi, st.get(), rows, ld, row_step, key_step, j0, jn);
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
     const C* softmax_bias = nullptr;  // the shared row, when the softmax's pass adds it
@@ -848,6 +881,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
     const Band band{p, b, h};
     for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
       const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0;
+      const AlibiRows<C> alibi(p, band, bq, bq, [&](int64_t) { return h; }, [&](int64_t r) { return i0 + r; });
       load_rows(qf.get(), q_row(h, i0), bq, E, p.q_strides[2], static_cast<C>(p.scale));
       load_rows(dof.get(), go_row(h, i0), bq, Ev, p.grad_out_strides[2]);
       for (int64_t r = 0; r < bq; ++r) {  // D = rowsum(dO * O)
@@ -893,8 +927,7 @@ void backward_head(const AttentionCpuParams& p, int64_t b, int64_t hk) {
                    false);
         }
         if (p.softcap > 0 || p.alibi_slopes != nullptr) {
-          shape_scores(p, band, s.get(), bq, kBlockK, kBlockK, 1, j0, jn, [&](int64_t) { return h; },
-                       [&](int64_t r) { return i0 + r; }, cap_slope.get());
+          shape_scores(p, alibi, s.get(), bq, kBlockK, kBlockK, 1, j0, jn, cap_slope.get());
         }
         for (int64_t r = 0; r < bq; ++r) {
           if (!next_asked) prefetch_next_row(r);
