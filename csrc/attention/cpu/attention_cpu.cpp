@@ -456,8 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   // AVX512-BF16 alone; docs/PERFORMANCE.md). Otherwise K and V in the
   // compute type.
   p.packed_backward = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 &&
-                      s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask && softcap == 0 &&
-                      !alibi_slopes.has_value() && packed_micro_kernel(at::kBFloat16);
+                      s.L >= kMinPackedQueries && dropout_p == 0 && !grad_mask &&
+                      packed_micro_kernel(at::kBFloat16);
   at::Tensor k_in, v_in, k_c, v_c;  // what the kernels read K and V from, kept alive
   if (p.packed_backward) {
     k_in = unit_last_stride(k), v_in = unit_last_stride(v);

@@ -537,8 +537,9 @@ void shape_scores(const AttentionCpuParams& p, const AlibiRows<C>& alibi, C* st,
     const V key(static_cast<C>(j0 + jj));
     C* x = st + jj * key_step;
     for (int64_t c = 0; c < ld; c += W) {
-      const V d = V::loadu(alibi.slope.get() + c) * (V::loadu(alibi.position.get() + c) - key).abs();
-      (V::loadu(x + c) - d).store(x + c);
+      const int n = static_cast<int>(std::min<int64_t>(W, ld - c));
+      const V d = V::loadu(alibi.slope.get() + c, n) * (V::loadu(alibi.position.get() + c, n) - key).abs();
+      (V::loadu(x + c, n) - d).store(x + c, n);
     }
   }
 }
@@ -1084,11 +1085,15 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
   const auto mask_bias = filled(0, C(0), kBlockK);
   const int64_t* ms = p.mask_strides;
   const C scale = static_cast<C>(p.scale);
+  // softcap or ALiBi: the scores scaled and shaped (shape_scores) before the mask
+  const bool shaped = p.softcap > 0 || p.alibi_slopes != nullptr;
+  const auto cap_slope = filled(0, C(0), p.softcap > 0 ? kBlockK * ld_max : 0);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t row0 = (b * p.Hq + h) * p.L;  // first row of this head in lse
     const Band band{p, b, h};
     for (int64_t i0 = 0; i0 < p.L; i0 += kBlockQ) {
       const int64_t i1 = std::min(p.L, i0 + kBlockQ), bq = i1 - i0, ld = (bq + 1) / 2 * 2;
+      const AlibiRows<C> alibi(p, band, bq, ld, [&](int64_t) { return h; }, [&](int64_t r) { return i0 + r; });
       const T* q = key_row<T>(p.q, p.q_strides, b, h, i0);
       const T* go = key_row<T>(p.grad_out, p.grad_out_strides, b, h, i0);
       transpose_row_words(q, p.q_strides[2], bq, ld, E, qt_vnni.get());
@@ -1115,11 +1120,19 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         // Scores, each element's mask and window applied to it where they
         // vary within the block (then scaled here, not in the exp's pass).
         brgemm_vnni(jn, ld, E, k + j0 * k_ld, k_ld, qt_vnni.get(), st.get(), ld, false);
+        if (shaped) {
+          for (int64_t i = 0; i < jn * ld; i += W) {
+            const int n = static_cast<int>(std::min<int64_t>(W, jn * ld - i));
+            (V::loadu(st.get() + i, n) * V(scale)).store(st.get() + i, n);
+          }
+          shape_scores(p, alibi, st.get(), bq, ld, 1, ld, j0, jn, cap_slope.get());
+        }
+        const C score_scale = shaped ? C(1) : scale;  // what the scores still need
         const bool per_element = !band.whole(i0, i1, j0, j0 + jn) || (p.mask != nullptr && !shared_mask_row);
         for (int64_t jj = 0; jj < jn && per_element; ++jj) {
           C* row = st.get() + jj * ld;
           for (int64_t r = 0; r < bq; ++r) {
-            C x = row[r] * scale;
+            C x = row[r] * score_scale;
             if (!band.allowed(i0 + r, j0 + jj)) {
               x = kNegInf;
             } else if (shared_mask_row) {
@@ -1136,7 +1149,7 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           }
         }
         // P = exp(scores - lse), float in st and rounded in pt.
-        const V row_scale(per_element ? C(1) : scale);
+        const V row_scale(per_element ? C(1) : score_scale);
         for (int64_t jj = 0; jj < jn; ++jj) {
           C* row = st.get() + jj * ld;
           const V bias(per_element || every_key_kept ? C(0) : mask_bias[jj]);
@@ -1155,7 +1168,8 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
           const C* dpr = dpt.get() + jj * ld;
           for (int64_t r = 0; r < ld; r += W) {
             const int n = static_cast<int>(std::min(W, ld - r));
-            const V ds = V::loadu(pr + r, n) * (V::loadu(dpr + r, n) - V::loadu(d.get() + r, n));
+            V ds = V::loadu(pr + r, n) * (V::loadu(dpr + r, n) - V::loadu(d.get() + r, n));
+            if (p.softcap > 0) ds = ds * V::loadu(cap_slope.get() + jj * ld + r, n);  // through the softcap
             at::vec::convert_from_float<T>(ds, ds).store(ds_rows.get() + jj * ld + r, n);
           }
         }
