@@ -20,5 +20,6 @@ from . import nn, models
 from ._optimize import optimize
 from ._info import backend_info, __version__
 
-__all__ = ["dense", "scaled_dot_product_attention", "attention_with_kvcache", "layer_norm", "rms_norm", "linear_cross_entropy", "linear_distillation_loss", "optimize", "backend_info", "nn",
+__all__ = ["dense", "scaled_dot_product_attention", "attention_with_kvcache", "layer_norm", "rms_norm",
+           "linear_cross_entropy", "linear_distillation_loss", "optimize", "backend_info", "nn",
            "models", "__version__"]

@@ -240,14 +240,17 @@ def test_empty_batch_and_no_queries():
         assert out.shape == (B, Lq, 4, 16)
 
 
+OUT_OF_RANGE = r"must lie in \[0, capacity - Lk\]"
+
+
 def errors_case():
     c = cast(make_case(B=2, Lq=1, Lk=1, H=4, Hkv=2, D=8, capacity=16), torch.float32)
     return c["q"], c["k_cache"], c["v_cache"], c["k"], c["v"]
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([3, 16], dtype=torch.int32)), r"must lie in \[0, capacity - Lk\]"),
-    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), r"must lie in \[0, capacity - Lk\]"),
+    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([3, 16], dtype=torch.int32)), OUT_OF_RANGE),
+    (lambda a, kw: kw.update(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), OUT_OF_RANGE),
     (lambda a, kw: kw.update(cache_seqlens=16), "cache_seqlens 16 with 1 new keys"),
     (lambda a, kw: kw.update(cache_seqlens=torch.tensor([1.0, 2.0])), "cache_seqlens must be an int"),
     (lambda a, kw: kw.update(cache_seqlens=torch.tensor([1, 2, 3], dtype=torch.int32)), r"cache_seqlens must be \[B\]"),
@@ -292,7 +295,7 @@ def test_paged_errors():
     with torch.no_grad():
         bigkernels.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([20, 16], dtype=torch.int32),
                                           block_table=table)
-    with pytest.raises(ValueError, match=r"must lie in \[0, capacity - Lk\]"), torch.no_grad():  # capacity 2 pages = 32
+    with pytest.raises(ValueError, match=OUT_OF_RANGE), torch.no_grad():  # capacity 2 pages = 32
         bigkernels.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([33, 0], dtype=torch.int32),
                                           block_table=table)
 

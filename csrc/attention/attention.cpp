@@ -77,9 +77,9 @@ AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache
                     ") must be a multiple of the caches' (", s.Hkv, ")");
   TORCH_CHECK_VALUE(k_cache.size(3) == s.E, op, ": k_cache's head dim ", k_cache.size(3),
                     " does not match q's ", s.E);
-  TORCH_CHECK_VALUE((k_cache.size(3) <= 1 || k_cache.stride(3) == 1) && (v_cache.size(3) <= 1 || v_cache.stride(3) == 1),
-                    op, ": k_cache and v_cache need a contiguous last dim (stride 1): they are read and written in "
-                    "place");
+  const auto unit_last = [](const at::Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; };
+  TORCH_CHECK_VALUE(unit_last(k_cache) && unit_last(v_cache), op, ": k_cache and v_cache need a contiguous last "
+                    "dim (stride 1): they are read and written in place");
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), op, ": k and v come together");
   if (k_new.has_value()) {
     for (const at::Tensor* t : {&*k_new, &*v_new}) {
@@ -96,8 +96,8 @@ AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache
   }
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong, op,
                    ": cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == s.B && cache_seqlens.device() == q.device(), op,
-                    ": cache_seqlens must be [B] = [", s.B, "] on q's device, got ", cache_seqlens.sizes(), " on ",
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == s.B && cache_seqlens.device() == q.device(),
+                    op, ": cache_seqlens must be [B] = [", s.B, "] on q's device, got ", cache_seqlens.sizes(), " on ",
                     cache_seqlens.device());
   if (paged) {
     const at::Tensor& table = *block_table;

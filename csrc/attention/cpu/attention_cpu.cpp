@@ -345,17 +345,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
   return {out, lse};
 }
 
-// Writes fresh [B, Lk, Hkv, D] into cache at positions start[b] + i of
-// batch b (through the page table when paged: p's), row by row.
-void append_to_cache(const at::Tensor& cache, const at::Tensor& fresh, const int64_t* start,
-                     const AttentionCpuParams& p) {
+// Writes fresh [B, Lk, Hkv, D] into cache as the last Lk of batch b's
+// p.seqlens_k[b] keys (through the page table when paged), row by row.
+void append_to_cache(const at::Tensor& cache, const at::Tensor& fresh, const AttentionCpuParams& p) {
   const int64_t B = fresh.size(0), Lk = fresh.size(1), H = fresh.size(2), es = cache.element_size();
   const int64_t bytes = fresh.size(3) * es;
   char* base = static_cast<char*>(cache.mutable_data_ptr());
   const char* src = static_cast<const char*>(fresh.const_data_ptr());
   at::parallel_for(0, B * Lk, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / Lk, i = r % Lk, pos = start[b] + i;
+      const int64_t b = r / Lk, i = r % Lk, pos = p.seqlens_k[b] - Lk + i;
       const int64_t row = p.block_table != nullptr
                               ? p.block_table[b * p.block_table_stride + pos / p.page_size] * cache.stride(0) +
                                     pos % p.page_size * cache.stride(1)
@@ -369,10 +368,10 @@ void append_to_cache(const at::Tensor& cache, const at::Tensor& fresh, const int
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
-    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-    double scale, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   AttentionShape s = check_kvcache_args(query, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                                         window_left, window_right, softcap, alibi_slopes);
   const int64_t capacity = s.S, Lk = k_new.has_value() ? k_new->size(1) : 0;
@@ -410,12 +409,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
     p.block_table_stride = table.size(1), p.page_size = page_size;
   }
   if (Lk > 0) {
-    const int64_t* start = cache_seqlens.scalar_type() == at::kLong && cache_seqlens.is_contiguous()
-                               ? cache_seqlens.const_data_ptr<int64_t>() : nullptr;
-    const at::Tensor starts = start != nullptr ? at::Tensor() : cache_seqlens.to(at::kLong).contiguous();
-    if (start == nullptr) start = starts.const_data_ptr<int64_t>();
-    append_to_cache(k_cache, unit_last_stride(*k_new), start, p);
-    append_to_cache(v_cache, unit_last_stride(*v_new), start, p);
+    append_to_cache(k_cache, unit_last_stride(*k_new), p);
+    append_to_cache(v_cache, unit_last_stride(*v_new), p);
   }
   at::Tensor out = at::empty({s.B, s.L, s.Hq, s.Ev}, query.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
