@@ -499,17 +499,21 @@ struct AlibiRows {
 // Gemma-2's softcap, then ALiBi's distance bias (AttentionCpuParams::softcap;
 // `alibi`'s rows, ld of them), before any mask: a masked score must stay
 // -inf. With cap_slope (laid out as st), the softcap's derivative there,
-// 1 - tanh², for the backward.
+// 1 - tanh², for the backward. `scale`: what the scores are multiplied by
+// first (1: they come scaled; the packed products' come unscaled, and this
+// pass scales them instead of one of its own).
 template <typename C>
 void shape_scores(const AttentionCpuParams& p, const AlibiRows<C>& alibi, C* st, int64_t rows, int64_t ld,
-                  int64_t row_step, int64_t key_step, int64_t j0, int64_t jn, C* cap_slope = nullptr) {
+                  int64_t row_step, int64_t key_step, int64_t j0, int64_t jn, C* cap_slope = nullptr,
+                  C scale = C(1)) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   // transposed (key_step > 1): the block is jn lines of ld contiguous rows' scores; else rows lines of jn keys
   const bool by_rows = key_step == 1;
   const int64_t lines = by_rows ? rows : 1, width = by_rows ? jn : jn * ld;
   if (p.softcap > 0) {
-    const C cap = static_cast<C>(p.softcap), inv = C(1) / cap;
+    const C cap = static_cast<C>(p.softcap), inv = scale / cap;
+    scale = C(1);  // applied here
     for (int64_t r = 0; r < lines; ++r) {
       C* x = st + r * row_step;
       for (int64_t j = 0; j < width; j += W) {
@@ -528,7 +532,7 @@ void shape_scores(const AttentionCpuParams& p, const AlibiRows<C>& alibi, C* st,
       for (int64_t jj = 0; jj < jn; jj += W) {
         const int n = static_cast<int>(std::min<int64_t>(W, jn - jj));
         const V key = V::arange(static_cast<C>(j0 + jj), C(1));
-        (V::loadu(x + jj, n) - slope * (position - key).abs()).store(x + jj, n);
+        (V::loadu(x + jj, n) * V(scale) - slope * (position - key).abs()).store(x + jj, n);
       }
     }
     return;
@@ -539,7 +543,7 @@ void shape_scores(const AttentionCpuParams& p, const AlibiRows<C>& alibi, C* st,
     for (int64_t c = 0; c < ld; c += W) {
       const int n = static_cast<int>(std::min<int64_t>(W, ld - c));
       const V d = V::loadu(alibi.slope.get() + c, n) * (V::loadu(alibi.position.get() + c, n) - key).abs();
-      (V::loadu(x + c, n) - d).store(x + c, n);
+      (V::loadu(x + c, n) * V(scale) - d).store(x + c, n);
     }
   }
 }
@@ -634,8 +638,9 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   // or the softcap or ALiBi must shape them (shape_scores)
   const bool round_in_softmax = packed && p.dropout_p == 0;
   const bool bias_in_softmax = round_in_softmax && shared_mask_row;
+  const bool shaped = p.softcap > 0 || p.alibi_slopes != nullptr;
   const bool scale_in_softmax = packed && scale > C(0) && (p.mask == nullptr || p.mask_is_bool || bias_in_softmax) &&
-                                p.softcap == 0 && p.alibi_slopes == nullptr;
+                                !shaped;
   const C softmax_scale = scale_in_softmax ? scale : C(1);
   // Keys per step from key j on: a block, or less at the end of the range or of a page.
   const auto keys_from = [&](int64_t j) { return page_rest(p, j, std::min(block, jhi - j)); };
@@ -663,7 +668,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
     int64_t k_ld = 0, v_ld = 0;
     if (packed) {  // s = Q K^T (K^T's block is zero-padded to `block` keys), scaled below
       brgemm_vnni(rows, block, E, q_rows.get(), E, k_vnni + j0 / block * E * block, st.get(), block, false);
-      for (int64_t r = 0; r < rows && !scale_in_softmax; ++r) {
+      for (int64_t r = 0; r < rows && !scale_in_softmax && !shaped; ++r) {  // (shape_scores scales)
         C* sr = st.get() + r * block;
         for (int64_t jj = 0; jj < jn; jj += W) {
           const int n = static_cast<int>(std::min(W, jn - jj));
@@ -679,8 +684,9 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
                     p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)), groups,
                     p.k_strides[1], p.v_strides[1] * static_cast<int64_t>(sizeof(T)));
     }
-    if (p.softcap > 0 || p.alibi_slopes != nullptr) {
-      shape_scores(p, alibi, st.get(), rows, ld, row_step, key_step, j0, jn);
+    if (shaped) {  // (the packed product's scores come unscaled: scaled there)
+      shape_scores(p, alibi, st.get(), rows, ld, row_step, key_step, j0, jn, static_cast<C*>(nullptr),
+                   packed ? scale : C(1));
     }
     // Masks and windows: -inf where a pair may not attend, a float mask added.
     const C* softmax_bias = nullptr;  // the shared row, when the softmax's pass adds it
@@ -1120,13 +1126,7 @@ void backward_head_packed(const AttentionCpuParams& p, int64_t b, int64_t hk) {
         // Scores, each element's mask and window applied to it where they
         // vary within the block (then scaled here, not in the exp's pass).
         brgemm_vnni(jn, ld, E, k + j0 * k_ld, k_ld, qt_vnni.get(), st.get(), ld, false);
-        if (shaped) {
-          for (int64_t i = 0; i < jn * ld; i += W) {
-            const int n = static_cast<int>(std::min<int64_t>(W, jn * ld - i));
-            (V::loadu(st.get() + i, n) * V(scale)).store(st.get() + i, n);
-          }
-          shape_scores(p, alibi, st.get(), bq, ld, 1, ld, j0, jn, cap_slope.get());
-        }
+        if (shaped) shape_scores(p, alibi, st.get(), bq, ld, 1, ld, j0, jn, cap_slope.get(), scale);
         const C score_scale = shaped ? C(1) : scale;  // what the scores still need
         const bool per_element = !band.whole(i0, i1, j0, j0 + jn) || (p.mask != nullptr && !shared_mask_row);
         for (int64_t jj = 0; jj < jn && per_element; ++jj) {
