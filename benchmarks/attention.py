@@ -39,13 +39,18 @@ CPU_MATRIX = [
     ("decode 4 tokens GQA 4:1", 1, 32, 8, 4, 4096, 128, None, False, False),
     ("long sequence", 1, 8, 8, 1024, 1024, 64, None, False, True),
 ]
+# Gemma 2's capped scores (attn_logit_softcapping 50; 2B: 8 query heads on 4
+# KV heads, head dim 256), causal prefill, forward and forward+backward:
+# (label, B, Hq, Hkv, L, D, softcap). SDPA cannot cap scores, so what such
+# users run is transformers' eager attention (_eager_softcap).
+CPU_SOFTCAP = [("Gemma-2 2B prefill", 1, 8, 4, 1024, 256, 50.0)]
 # the short run (`python -m benchmarks`): one row of each kind
 CPU_SHORT = ("MiniLM", "BERT L512", "Llama prefill", "decode GQA 4:1 S4k", "long sequence")
 CPU_MATH_MAX_SCORES = 2 ** 27  # SDPA's math backend materialises B*H*L*S scores: 512 MiB in fp32
 GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_MATH_MAX_SEQLEN = 4096  # beyond it the math backend's L x S scores cost minutes and tens of GiB
 DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-VARIANTS = ("bigkernels", "eager", "flash", "efficient", "cudnn", "math")
+VARIANTS = ("bigkernels", "eager", "flash", "efficient", "cudnn", "math", "eager-softcap")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
@@ -96,6 +101,39 @@ def _make_cpu(B, Hq, Hkv, L, S, D, mask, causal, training, dtype):
     return make
 
 
+def _eager_softcap(q, k, v, softcap):
+    """transformers' eager_attention_forward as Gemma 2 runs it: K and V
+    repeated per query head, the scores capped, the causal mask added, the
+    softmax in float32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    L, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + torch.full((L, S), float("-inf"), dtype=q.dtype).triu(1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _softcap_case(label, B, Hq, Hkv, L, D, softcap, dtype):
+    def make():
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, L, Hq, D, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(B, L, Hkv, D, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+                for _ in range(2))
+        back = lambda out: out.transpose(1, 2).contiguous()  # noqa: E731 -- what the HF backend returns
+        return {
+            "bigkernels": Variant(lambda: back(scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                                            softcap=softcap)), (q, k, v)),
+            "eager-softcap": Variant(lambda: back(_eager_softcap(q, k, v, softcap)), (q, k, v),
+                                     note="transformers' eager attention with the softcap (SDPA cannot cap)"),
+        }
+    name = f"{DTYPE_NAMES[dtype]} {label}: B{B} H{Hq}/{Hkv} L{L} D{D} causal softcap {softcap:g}"
+    return Case(family="attention", name=name,
+                params=dict(model=label, B=B, H=Hq, Hkv=Hkv, L=L, S=L, D=D, dtype=DTYPE_NAMES[dtype], causal=True,
+                            softcap=softcap),
+                flops=2.0 * B * Hq * L * L * D, backward_flops_factor=2.5, make=make)
+
+
 def _cpu_case(label, B, Hq, Hkv, L, S, D, mask, causal, training, dtype):
     mask_text = " padding" if mask else ""
     name = f"{DTYPE_NAMES[dtype]} {label}: B{B} H{Hq}/{Hkv} L{L} S{S} D{D}{mask_text}{' causal' if causal else ''}"
@@ -135,4 +173,5 @@ def cases(device, full, log=print):
                 for D in (64, 128) for L in seqlens for causal in (False, True)]
     rows = CPU_MATRIX if full else [r for r in CPU_MATRIX if r[0] in CPU_SHORT]
     dtypes = (torch.float32, torch.bfloat16) if full else (torch.float32,)
-    return [_cpu_case(*row, dtype) for dtype in dtypes for row in rows]
+    return ([_cpu_case(*row, dtype) for dtype in dtypes for row in rows]
+            + [_softcap_case(*row, dtype) for dtype in dtypes for row in (CPU_SOFTCAP if full else [])])
