@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_window
+from .attention import _FLOAT_DTYPES, _check_score_options, _check_window
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -43,8 +43,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     _check_tensors(q, k_cache, v_cache, k, v)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
         raise RuntimeError("attention_with_kvcache is forward-only (inference): call it under torch.no_grad() or "
-                           "torch.inference_mode(); for training use scaled_dot_product_attention or "
-                           "varlen_attention")
+                           "torch.inference_mode(); for training use scaled_dot_product_attention")
     B, Lq, H, D = q.shape
     paged = block_table is not None
     capacity = _check_block_table(block_table, k_cache, B) if paged else k_cache.shape[1]
@@ -52,10 +51,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {B} (a paged cache needs block_table)")
     seqlens = _check_cache_seqlens(cache_seqlens, q, k, capacity)
     left, right = reference.causal_window(_check_bool(causal, "causal"), _check_window(window))
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap < float("inf"):
-        raise ValueError(f"softcap must be a number >= 0 (0: none), got {softcap!r}")
-    if alibi_slopes is not None:
-        _check_alibi(alibi_slopes, q)
+    _check_score_options(softcap, alibi_slopes, q.transpose(1, 2))  # (its [B, H, ...] view)
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, numbers.Real)):
         raise TypeError(f"softmax_scale must be a number or None, got {softmax_scale!r}")
@@ -198,15 +194,6 @@ def _check_cache_seqlens(cache_seqlens, q, k, capacity):
         raise ValueError(f"cache_seqlens must be [B] = [{B}] on q's device, got shape "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
     return cache_seqlens  # (its values: checked by the op, or by _append_checked)
-
-
-def _check_alibi(alibi_slopes, q):
-    B, H = q.shape[0], q.shape[2]
-    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"alibi_slopes must be a float32 tensor, got {_describe(alibi_slopes)}")
-    if alibi_slopes.shape not in ((H,), (B, H)) or alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes must be [H] = [{H}] or [B, H] = [{B}, {H}] on q's device, got shape "
-                         f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
 
 
 def _describe(x):
