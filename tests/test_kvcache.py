@@ -10,7 +10,7 @@ import torch
 
 import bigkernels
 from bigkernels import reference
-from conftest import assert_close
+from conftest import HAS_CUDA, assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -94,20 +94,22 @@ def truth(case, causal=False, window=None, softcap=0.0, alibi_slopes=None, rotar
     return out, lse, c["k_cache"], c["v_cache"]
 
 
-def ours(case, dtype, rotary=None, **kw):
-    c = cast(case, dtype)
+def ours(case, dtype, rotary=None, device="cpu", **kw):
+    c = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in cast(case, dtype).items()}
     if rotary is not None:
         cos, sin, interleaved = rotary
-        kw.update(rotary_cos=cos.float(), rotary_sin=sin.float(), rotary_interleaved=interleaved)
+        kw.update(rotary_cos=cos.float().to(device), rotary_sin=sin.float().to(device), rotary_interleaved=interleaved)
+    if kw.get("alibi_slopes") is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"].to(device)
     with torch.no_grad():
         out, lse = bigkernels.attention_with_kvcache(
             c["q"], c["k_cache"], c["v_cache"], c["k"], c["v"], cache_seqlens=c["cache_seqlens"],
             block_table=c.get("block_table"), return_lse=True, **kw)
-    return out, lse, c["k_cache"], c["v_cache"]
+    return out.cpu(), lse.cpu(), c["k_cache"].cpu(), c["v_cache"].cpu()
 
 
-def check(case, dtype, rotary=None, **kw):
-    got = ours(case, dtype, rotary, **kw)
+def check(case, dtype, rotary=None, device="cpu", **kw):
+    got = ours(case, dtype, rotary, device, **kw)
     theirs = truth(case, dtype=dtype, rotary=rotary, **kw)
     exact = truth(case, rotary=rotary, **kw)
     assert_close("output", got[0], theirs[0], exact[0])
@@ -313,6 +315,33 @@ def test_the_op_checks_values_itself():
     with pytest.raises(ValueError, match="contiguous last dim"):
         op(q, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, None, None, torch.tensor([3, 0]), None, 1.0, -1,
            -1, 0.0, None)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_pytorch_path_without_the_kernel(monkeypatch, paged):
+    """The path CUDA tensors take until a CUDA kernel exists (the append and
+    the checks in PyTorch, then reference.attention_with_kvcache), run here."""
+    monkeypatch.setattr(bigkernels._ext, "LOADED", False)
+    gen = torch.Generator().manual_seed(5)
+    check(make_case(B=3, Lq=2, Lk=2, page_size=32 if paged else None), torch.float32, causal=True, softcap=2.0,
+          alibi_slopes=torch.rand(4, generator=gen))
+    q, kc, vc = torch.randn(2, 1, 4, 8), torch.randn(5, 16, 2, 8), torch.randn(5, 16, 2, 8)
+    table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32)  # page 7 does not exist
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] is 7"), torch.no_grad():
+        bigkernels.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([20, 20], dtype=torch.int32),
+                                          block_table=table)
+    with pytest.raises(ValueError, match=OUT_OF_RANGE), torch.no_grad():
+        bigkernels.attention_with_kvcache(q, kc[:2], vc[:2], kc[:2, :1], vc[:2, :1],
+                                          cache_seqlens=torch.tensor([3, 16], dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_matches_reference(dtype, paged):
+    check(make_case(B=3, Lq=3, Lk=3, H=8, Hkv=2, D=64, capacity=700, page_size=64 if paged else None), dtype,
+          device="cuda", causal=True, softcap=3.0)
 
 
 def test_grad_is_refused():
