@@ -160,14 +160,18 @@ def _check_score_options(softcap, alibi_slopes, query):
     if alibi_slopes is None:
         return
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype not in (torch.float32, torch.float64):
-        kind = f"{alibi_slopes.dtype} tensor" if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
-        raise TypeError(f"alibi_slopes must be a float32 tensor, got {kind}")
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got {_describe(alibi_slopes)}")
     if query.dim() != 4:
         raise ValueError("alibi_slopes needs 4-d [B, H, L, E] inputs (slopes per head)")
     B, H = query.shape[0], query.shape[1]
     if alibi_slopes.shape not in ((H,), (B, H)) or alibi_slopes.device != query.device:
         raise ValueError(f"alibi_slopes must be [H] = [{H}] or [B, H] = [{B}, {H}] on query's device, got shape "
                          f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
+
+
+def _describe(x):
+    """A wrong argument's kind, for an error message: its dtype if a tensor, else its type."""
+    return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _kernel_refusal(query, value, softcap=0.0, alibi_slopes=None):

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_score_options, _check_window
+from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -194,10 +194,6 @@ def _check_cache_seqlens(cache_seqlens, q, k, capacity):
         raise ValueError(f"cache_seqlens must be [B] = [{B}] on q's device, got shape "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
     return cache_seqlens  # (its values: checked by the op, or by _append_checked)
-
-
-def _describe(x):
-    return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _rotate(q, k, cos, sin, seqlens, interleaved, positions_per_query):
