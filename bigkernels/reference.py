@@ -183,6 +183,31 @@ def attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table=None, sca
     return torch.cat(outs), torch.cat(lses)
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, is_causal=False, window=None, softcap=0.0,
+                     alibi_slopes=None, dropout_masks=None, dropout_p=0.0):
+    """flash-attention's flash_attn_varlen_func: sequences packed end to end,
+    q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv], sequence b
+    the rows [cu_seqlens[b], cu_seqlens[b + 1]), bottom-right aligned, GQA by
+    head counts, alibi_slopes [H] or [B, H]; dropout_masks: one bool keep-mask
+    [H, L_b, S_b] per sequence, or None. Returns (out [total_q, H, Dv], lse
+    [H, total_q]) from scaled_dot_product_attention, one sequence at a time."""
+    outs, lses = [], []
+    for b in range(len(cu_seqlens_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_seqlens_q[b], cu_seqlens_q[b + 1], cu_seqlens_k[b], cu_seqlens_k[b + 1]))
+        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
+        out, lse = scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None],
+            dropout_mask=None if dropout_masks is None else dropout_masks[b][None], dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=True, causal_align="bottom_right", window=window,
+            softcap=softcap, alibi_slopes=slopes)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty((0, q.shape[1], v.shape[2])), q.new_empty((q.shape[1], 0), dtype=lse_dtype)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
 RNN_MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 

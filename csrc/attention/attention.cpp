@@ -118,6 +118,44 @@ AttentionShape check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache
   return s;
 }
 
+AttentionShape check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                 int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+                                 int64_t window_right, double dropout_p, double softcap,
+                                 const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "bigkernels.varlen_attention";
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), op, ": q must be a floating-point tensor, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op, ": k (",
+                   k.scalar_type(), ") and v (", v.scalar_type(), ") must have q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q must be [total_q, H, D] and k, v "
+                    "[total_k, Hkv, D], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t B = cu_seqlens_q.numel() - 1;
+  const AttentionShape s{B, q.size(1), k.size(1), max_seqlen_q, max_seqlen_k, q.size(2), v.size(2)};
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && v.size(1) == s.Hkv, op, ": v ", v.sizes(), " must have k's ",
+                    k.sizes(), " positions and heads");
+  TORCH_CHECK_VALUE(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": q's heads (", s.Hq, ") must be a multiple of k's (",
+                    s.Hkv, ")");
+  TORCH_CHECK_VALUE(k.size(2) == s.E, op, ": k's head dim ", k.size(2), " does not match q's ", s.E);
+  for (const auto& [name, cu] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &cu_seqlens_q},
+                                 {"cu_seqlens_k", &cu_seqlens_k}}) {
+    TORCH_CHECK_TYPE(cu->scalar_type() == at::kInt || cu->scalar_type() == at::kLong, op, ": ", name,
+                     " must be int32 or int64, got ", cu->scalar_type());
+    TORCH_CHECK_VALUE(cu->dim() == 1 && cu->numel() >= 1 && cu->device() == q.device(), op, ": ", name,
+                      " must be 1-d [sequences + 1] on q's device, got ", cu->sizes(), " on ", cu->device());
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_k.numel() == cu_seqlens_q.numel(), op, ": cu_seqlens_q (", cu_seqlens_q.numel(),
+                    ") and cu_seqlens_k (", cu_seqlens_k.numel(), ") must have one entry per sequence, plus one");
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ",
+                    max_seqlen_q, " and ", max_seqlen_k);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (",
+                    window_left, ", ", window_right, ")");
+  check_score_options(op, q, s, softcap, alibi_slopes);
+  return s;
+}
+
 void check_score_options(const char* op, const at::Tensor& q, const AttentionShape& s, double softcap,
                          const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be >= 0 (0: none), got ", softcap);
@@ -214,6 +252,29 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
       "attention_kvcache_forward(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? block_table, float scale, int window_left, int window_right, float softcap, "
       "Tensor? alibi_slopes) -> (Tensor output, Tensor lse)");
+  // Attention over sequences packed end to end (flash-attention's
+  // flash_attn_varlen_func): query [total_q, H, D], key [total_k, Hkv, D],
+  // value [total_k, Hkv, Dv]; sequence b holds query rows
+  // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and key rows likewise from
+  // cu_seqlens_k (int32/int64, from 0, non-decreasing, ending at the totals),
+  // at most max_seqlen_q and max_seqlen_k of them. Nothing attends across
+  // sequences. Each sequence is attention_forward's single-batch call with
+  // its own bottom-right diagonal (query i at key position i + S_b - L_b; the
+  // window, causal: window_right 0, around it). Dropout keeps (b, h, i, j)
+  // when counter_uniform(dropout_seed, n_b + (h * L_b + i) * S_b + j) >=
+  // dropout_p, n_b the sequences before b's H * L * S. Returns output
+  // [total_q, H, Dv] and lse [H, total_q] (lse_dtype; -inf for a row that
+  // attends to nothing, whose output is 0).
+  m.def(
+      "varlen_attention_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, float dropout_p, "
+      "int dropout_seed, float softcap, Tensor? alibi_slopes) -> (Tensor output, Tensor lse)");
+  // Its gradients from the output and lse (deterministic: every gradient row has one writer).
+  m.def(
+      "varlen_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor output, Tensor lse, float scale, "
+      "int window_left, int window_right, float dropout_p, int dropout_seed, float softcap, Tensor? alibi_slopes) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // The same gradients through reference.py's differentiable PyTorch ops, for
   // double backward (create_graph=True; without dropout); implemented in
   // bigkernels/ops/attention.py. Those not asked for in output_mask are empty.

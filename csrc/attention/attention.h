@@ -38,6 +38,19 @@ AttentionShape check_kvcache_args(const at::Tensor& query, const at::Tensor& k_c
                                   int64_t window_left, int64_t window_right, double softcap,
                                   const std::optional<at::Tensor>& alibi_slopes);
 
+// varlen_attention_forward's inputs: sequences packed end to end, query
+// [total_q, H, D], key [total_k, Hkv, D], value [total_k, Hkv, Dv];
+// cu_seqlens_q and cu_seqlens_k [sequences + 1] (int32/int64) on query's
+// device; max_seqlen_q, max_seqlen_k >= 0; the options as
+// check_attention_args' and check_score_options'. Checks what needs no
+// reading of a tensor's values (the devices check cu_seqlens'); returns the
+// sizes with B = the sequences, L = max_seqlen_q and S = max_seqlen_k.
+AttentionShape check_varlen_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                 int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+                                 int64_t window_right, double dropout_p, double softcap,
+                                 const std::optional<at::Tensor>& alibi_slopes);
+
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).
 at::ScalarType lse_dtype(const at::Tensor& query);

@@ -20,6 +20,8 @@
 #include "attention/cpu/attention_kernels.h"
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -106,6 +108,9 @@ struct ForwardPlan {
 // products (forward_task): a task may then take every head (heads_together).
 constexpr int64_t kMaxDecodingGroupRows = 16;
 
+int64_t forward_tasks(const AttentionShape& s, const ForwardPlan& plan);
+void split_keys(ForwardPlan& plan, int64_t S, int64_t tasks);
+
 // heads_together: one key's heads lie side by side (a [B, S, Hkv, D] cache),
 // so that decoding tasks take every head and stream K and V contiguously.
 ForwardPlan plan_forward(const AttentionShape& s, bool heads_together = false) {
@@ -120,17 +125,26 @@ ForwardPlan plan_forward(const AttentionShape& s, bool heads_together = false) {
     }
   }
   if (heads_together && s.Hkv > 1 && group * s.L < kMaxDecodingGroupRows) plan.heads_per_task = s.Hq;
-  const int64_t tasks = s.B * (s.Hq / plan.heads_per_task) *
-                        ((s.L + plan.positions_per_task - 1) / plan.positions_per_task);
-  // Splits of at least kMinSplitKeys keys (the combine step and each split's
-  // setup cost little against them) until there are 4 tasks per thread.
+  split_keys(plan, s.S, forward_tasks(s, plan));
+  return plan;
+}
+
+// The tasks of a plan before the keys are split.
+int64_t forward_tasks(const AttentionShape& s, const ForwardPlan& plan) {
+  return s.B * (s.Hq / plan.heads_per_task) * ((s.L + plan.positions_per_task - 1) / plan.positions_per_task);
+}
+
+// Splits S keys when `tasks` tasks (the whole call's) are too few to keep
+// every thread busy: splits of at least kMinSplitKeys keys (the combine step
+// and each split's setup cost little against them) until there are 4 tasks
+// per thread.
+void split_keys(ForwardPlan& plan, int64_t S, int64_t tasks) {
   constexpr int64_t kMinSplitKeys = 512;
   const int64_t wanted = (4 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(tasks, 1);
-  plan.splits = std::max<int64_t>(1, std::min(wanted, s.S / kMinSplitKeys));
-  const int64_t key_blocks = (s.S + kAttentionKeyBlock - 1) / kAttentionKeyBlock;
+  plan.splits = std::max<int64_t>(1, std::min(wanted, S / kMinSplitKeys));
+  const int64_t key_blocks = (S + kAttentionKeyBlock - 1) / kAttentionKeyBlock;
   plan.keys_per_split = (key_blocks + plan.splits - 1) / plan.splits * kAttentionKeyBlock;
-  plan.splits = std::max<int64_t>(1, (s.S + plan.keys_per_split - 1) / std::max<int64_t>(plan.keys_per_split, 1));
-  return plan;
+  plan.splits = std::max<int64_t>(1, (S + plan.keys_per_split - 1) / std::max<int64_t>(plan.keys_per_split, 1));
 }
 
 // The splits' rows, each normalised with its own lse, merged into out and lse:
@@ -249,40 +263,95 @@ at::Tensor aten_flash_mask(const at::Tensor& mask4, at::ScalarType dtype) {
   return at::zeros(m.sizes(), m.options().dtype(dtype)).masked_fill_(m.logical_not(), -INFINITY);
 }
 
-// The forward's tasks (`plan`'s) over p, whose inputs, out and lse are set;
-// with the keys split, into scratch, then combined into out and lse.
-void run_forward_tasks(AttentionCpuParams& p, const AttentionShape& s, const ForwardPlan& plan,
-                       const at::Tensor& lse) {
-  p.splits = plan.splits;
-  p.heads_per_task = plan.heads_per_task;
+// Runs fn(0), ..., fn(n - 1) over the threads, each thread taking the next
+// index when it is free: for tasks of unequal cost (a varlen call's
+// sequences), ordered largest first. (A static split of the range left one
+// thread with the long sequences.)
+template <typename F>
+void parallel_largest_first(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < n; t = next++) fn(t);
+  });
+}
+
+// A share of a forward with its own plan: the whole call, or one sequence of
+// a varlen call (sequence_params) whose inputs, out and lse are set.
+struct ForwardPart {
+  AttentionCpuParams p;
+  AttentionShape s;
+  ForwardPlan plan;
+};
+
+// The parts' tasks over the threads; parts whose keys are split write into
+// scratch, then combine into their out and lse.
+void run_forward_parts(std::vector<ForwardPart>& parts, const at::TensorOptions& compute) {
+  int64_t split_rows = 0;
+  for (const ForwardPart& part : parts)
+    if (part.plan.splits > 1) split_rows += part.plan.splits * part.s.B * part.s.Hq * part.s.L;
   at::Tensor split_out, split_lse;
-  if (plan.splits > 1) {
-    split_out = at::empty({plan.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
-    split_lse = at::empty({plan.splits, s.B, s.Hq, s.L}, lse.options());
-    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
+  if (split_rows > 0) {
+    const int64_t Ev = parts.front().s.Ev, size = at::elementSize(compute.dtype().toScalarType());
+    split_out = at::empty({split_rows, Ev}, compute), split_lse = at::empty({split_rows}, compute);
+    int64_t row = 0;
+    for (ForwardPart& part : parts) {
+      part.p.splits = part.plan.splits;
+      if (part.plan.splits == 1) continue;
+      part.p.split_out = static_cast<char*>(split_out.mutable_data_ptr()) + row * Ev * size;
+      part.p.split_lse = static_cast<char*>(split_lse.mutable_data_ptr()) + row * size;
+      row += part.plan.splits * part.s.B * part.s.Hq * part.s.L;
+    }
+  }
+  // tasks numbered part by part, the costliest parts first
+  std::vector<size_t> order(parts.size());
+  std::iota(order.begin(), order.end(), 0);
+  const auto cost = [&](size_t k) { return parts[k].s.B * parts[k].s.Hq * parts[k].s.L * std::max<int64_t>(1, parts[k].s.S); };
+  if (parts.size() > 1) std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost(a) > cost(b); });
+  std::vector<int64_t> first(parts.size() + 1, 0);
+  for (size_t k = 0; k < parts.size(); ++k) {
+    ForwardPart& part = parts[order[k]];
+    part.p.splits = part.plan.splits, part.p.heads_per_task = part.plan.heads_per_task;
+    first[k + 1] = first[k] + forward_tasks(part.s, part.plan) * part.plan.splits;
   }
   const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
-  const int64_t head_tasks = s.Hq / plan.heads_per_task;
-  const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
-  const int64_t tasks = s.B * head_tasks * position_tasks * plan.splits;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      AttentionForwardTask task{};
-      task.split = t % plan.splits;
-      const int64_t rest = t / plan.splits, i_task = rest % position_tasks, bh = rest / position_tasks;
-      task.b = bh / head_tasks;
-      task.h0 = bh % head_tasks * plan.heads_per_task, task.h1 = task.h0 + plan.heads_per_task;
-      task.i0 = i_task * plan.positions_per_task, task.i1 = std::min(s.L, task.i0 + plan.positions_per_task);
-      task.j_begin = task.split * plan.keys_per_split;
-      task.j_end = plan.splits > 1 ? std::min(s.S, task.j_begin + plan.keys_per_split) : s.S;
-      kernels.forward_task(p, task);
-    }
-  });
-  if (plan.splits > 1) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "attention_combine_splits", [&] {
-      combine_splits<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(p);
+  const auto run = [&](int64_t t) {
+    const size_t k = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const ForwardPart& part = parts[order[k]];
+    const AttentionShape& s = part.s;
+    const ForwardPlan& plan = part.plan;
+    const int64_t head_tasks = s.Hq / plan.heads_per_task;
+    const int64_t position_tasks = (s.L + plan.positions_per_task - 1) / plan.positions_per_task;
+    AttentionForwardTask task{};
+    const int64_t local = t - first[k];
+    task.split = local % plan.splits;
+    const int64_t rest = local / plan.splits, i_task = rest % position_tasks, bh = rest / position_tasks;
+    task.b = bh / head_tasks;
+    task.h0 = bh % head_tasks * plan.heads_per_task, task.h1 = task.h0 + plan.heads_per_task;
+    task.i0 = i_task * plan.positions_per_task, task.i1 = std::min(s.L, task.i0 + plan.positions_per_task);
+    task.j_begin = task.split * plan.keys_per_split;
+    task.j_end = plan.splits > 1 ? std::min(s.S, task.j_begin + plan.keys_per_split) : s.S;
+    kernels.forward_task(part.p, task);
+  };
+  if (parts.size() == 1) {
+    at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run(t);
+    });
+  } else {
+    parallel_largest_first(first.back(), run);
+  }
+  for (const ForwardPart& part : parts) {
+    if (part.plan.splits == 1) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, part.p.dtype, "attention_combine_splits", [&] {
+      combine_splits<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(part.p);
     });
   }
+}
+
+// The forward's tasks (`plan`'s) over p, whose inputs, out and lse are set.
+void run_forward_tasks(const AttentionCpuParams& p, const AttentionShape& s, const ForwardPlan& plan,
+                       const at::Tensor& lse) {
+  std::vector<ForwardPart> parts{{p, s, plan}};
+  run_forward_parts(parts, lse.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -487,12 +556,272 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   return {grad_q, grad_k, grad_v, reduce_grad_mask(grad_mask_full, attn_mask, query)};
 }
 
+// The sequences of a varlen call, from cu_seqlens_q and cu_seqlens_k
+// (checked: from 0, non-decreasing, ending at the totals, within the max
+// lengths): sequence b's query rows start at q_start[b], L(b) of them; its
+// keys likewise.
+struct VarlenSequences {
+  std::vector<int64_t> q_start, k_start;  // sequences + 1 each
+  int64_t count() const { return static_cast<int64_t>(q_start.size()) - 1; }
+  int64_t L(int64_t b) const { return q_start[b + 1] - q_start[b]; }
+  int64_t S(int64_t b) const { return k_start[b + 1] - k_start[b]; }
+};
+
+VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                               int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  VarlenSequences seqs;
+  const struct {
+    const char *name, *max_name;
+    const at::Tensor& cu;
+    int64_t total, max_len;
+    std::vector<int64_t>& start;
+  } sides[2] = {{"cu_seqlens_q", "max_seqlen_q", cu_seqlens_q, total_q, max_seqlen_q, seqs.q_start},
+                {"cu_seqlens_k", "max_seqlen_k", cu_seqlens_k, total_k, max_seqlen_k, seqs.k_start}};
+  for (const auto& side : sides) {
+    const at::Tensor cu = side.cu.to(at::kLong).contiguous();
+    const int64_t* c = cu.const_data_ptr<int64_t>();
+    side.start.assign(c, c + cu.numel());
+    TORCH_CHECK_VALUE(side.start.front() == 0 && side.start.back() == side.total, "bigkernels.varlen_attention: ",
+                      side.name, " must run from 0 to the packed rows (", side.total, "), got ", side.start.front(),
+                      " to ", side.start.back());
+    for (size_t b = 0; b + 1 < side.start.size(); ++b) {
+      const int64_t len = side.start[b + 1] - side.start[b];
+      TORCH_CHECK_VALUE(len >= 0, "bigkernels.varlen_attention: ", side.name, " must not decrease, but ", side.name,
+                        "[", b + 1, "] = ", side.start[b + 1], " < ", side.name, "[", b, "] = ", side.start[b]);
+      TORCH_CHECK_VALUE(len <= side.max_len, "bigkernels.varlen_attention: sequence ", b, " has ", len, " rows but ",
+                        side.max_name, " is ", side.max_len);
+    }
+  }
+  return seqs;
+}
+
+// Moves a data pointer of p by n elements of `size` bytes (null stays null).
+template <typename P>
+P* advance(P* ptr, int64_t n, int64_t size) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return ptr == nullptr ? ptr : static_cast<P*>(static_cast<Byte*>(ptr) + n * size);
+}
+
+// Sequence b of a varlen call as a single-batch call of its own: `all`
+// describes the packed rows as one [1, H, total, D] call (q, k, v, out,
+// their gradients, k_c and v_c), lse sequence by sequence ([H, L_b] each, at
+// H * q_start[b]). The block loops then run unchanged over the sequence's
+// rows and lengths, with its own bottom-right diagonal, its ALiBi slopes and
+// its share of the dropout counters.
+AttentionCpuParams sequence_params(const AttentionCpuParams& all, const VarlenSequences& seqs, int64_t b) {
+  AttentionCpuParams p = all;
+  const int64_t q0 = seqs.q_start[b], k0 = seqs.k_start[b];
+  const int64_t size = c10::elementSize(all.dtype), c_size = all.dtype == at::kDouble ? 8 : 4;
+  p.B = 1, p.L = seqs.L(b), p.S = seqs.S(b);
+  p.diagonal_offset = p.S - p.L;
+  p.q = advance(all.q, q0 * all.q_strides[2], size);
+  p.k = advance(all.k, k0 * all.k_strides[2], size);
+  p.v = advance(all.v, k0 * all.v_strides[2], size);
+  p.k_c = advance(all.k_c, k0 * all.k_c_strides[2], c_size);
+  p.v_c = advance(all.v_c, k0 * all.v_c_strides[2], c_size);
+  p.out = advance(all.out, q0 * all.out_strides[2], size);
+  p.lse = advance(all.lse, all.Hq * q0, c_size);
+  p.grad_out = advance(all.grad_out, q0 * all.grad_out_strides[2], size);
+  p.grad_q = advance(all.grad_q, q0 * all.grad_q_strides[2], size);
+  p.grad_k = advance(all.grad_k, k0 * all.grad_k_strides[2], size);
+  p.grad_v = advance(all.grad_v, k0 * all.grad_v_strides[2], size);
+  p.alibi_slopes = advance(all.alibi_slopes, b * all.alibi_batch_stride, c_size);
+  for (int64_t before = 0; before < b; ++before)
+    p.dropout_offset += static_cast<uint64_t>(all.Hq * seqs.L(before) * seqs.S(before));
+  return p;
+}
+
+// A varlen call's own shape for sequence b.
+AttentionShape sequence_shape(const AttentionShape& s, const VarlenSequences& seqs, int64_t b) {
+  return {1, s.Hq, s.Hkv, seqs.L(b), seqs.S(b), s.E, s.Ev};
+}
+
+// [total, H, D] as the single-batch [1, H, total, D] view the params read.
+at::Tensor as_one_batch(const at::Tensor& t) { return unit_last_stride(t).unsqueeze(0).transpose(1, 2); }
+
+// Copies lse between flash-attention's [H, total_q] (`flat`) and the kernels'
+// sequence-by-sequence [H, L_b] blocks (`blocks`), either way.
+template <typename C>
+void lse_layout(const VarlenSequences& seqs, int64_t H, C* flat, C* blocks, bool to_flat) {
+  const int64_t total = seqs.q_start.back();
+  for (int64_t b = 0; b < seqs.count(); ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < seqs.L(b); ++i) {
+        C& f = flat[h * total + seqs.q_start[b] + i];
+        C& k = blocks[H * seqs.q_start[b] + h * seqs.L(b) + i];
+        if (to_flat) f = k; else k = f;
+      }
+}
+
+void convert_lse(const VarlenSequences& seqs, int64_t H, const at::Tensor& flat, const at::Tensor& blocks,
+                 bool to_flat) {
+  if (flat.scalar_type() == at::kDouble) {
+    lse_layout(seqs, H, flat.data_ptr<double>(), blocks.data_ptr<double>(), to_flat);
+  } else {
+    lse_layout(seqs, H, flat.data_ptr<float>(), blocks.data_ptr<float>(), to_flat);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p, int64_t dropout_seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttentionShape s = check_varlen_args(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, window_left, window_right, dropout_p, softcap, alibi_slopes);
+  const VarlenSequences seqs =
+      read_sequences(cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0), max_seqlen_q, max_seqlen_k);
+  const int64_t total_q = query.size(0);
+  at::Tensor out = at::empty({total_q, s.Hq, s.Ev}, query.options());
+  at::Tensor lse = at::empty({s.Hq, total_q}, query.options().dtype(lse_dtype(query)));
+  if (total_q == 0 || s.Hq == 0) return {out, lse};
+  const at::Tensor q = as_one_batch(query), k = as_one_batch(key), v = as_one_batch(value), out4 = as_one_batch(out);
+  at::Tensor mask4, slopes;
+  AttentionCpuParams all = make_params({1, s.Hq, s.Hkv, total_q, key.size(0), s.E, s.Ev}, q, std::nullopt, mask4,
+                                       scale, window_left, window_right, 0, dropout_p, dropout_seed);
+  set_score_options(all, softcap, alibi_slopes, slopes);
+  all.k = k.const_data_ptr(), all.v = v.const_data_ptr(), all.out = out.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d)
+    all.k_strides[d] = k.stride(d), all.v_strides[d] = v.stride(d), all.out_strides[d] = out4.stride(d);
+  const at::Tensor lse_blocks = at::empty({s.Hq * total_q}, lse.options());
+  all.lse = lse_blocks.mutable_data_ptr();
+  std::vector<ForwardPart> parts;
+  int64_t tasks = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (seqs.L(b) == 0) continue;
+    const AttentionShape sb = sequence_shape(s, seqs, b);
+    parts.push_back({sequence_params(all, seqs, b), sb, plan_forward(sb)});
+    tasks += forward_tasks(sb, parts.back().plan);
+  }
+  for (ForwardPart& part : parts) split_keys(part.plan, part.s.S, tasks);  // by the whole call's tasks
+  // bf16/fp16 with the BLAS micro-kernel: each long enough sequence's K and V
+  // packed for it, as attention_forward_cpu does, into one buffer
+  at::Tensor k_vnni, v_vnni;
+  const at::ScalarType dtype = q.scalar_type();
+  std::vector<std::pair<ForwardPart*, int64_t>> packed;  // (part, its first block in the buffers)
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && s.E % 2 == 0 && packed_micro_kernel(dtype)) {
+    // blocks of up to kAttentionPackedKeyBlock keys, a multiple of 64 (no
+    // more padding than that); each part's in slots of the largest size
+    const auto blocks_per_head = [](const ForwardPart& part) {
+      return (part.s.S + part.p.vnni_keys - 1) / part.p.vnni_keys;
+    };
+    int64_t slots = 0;
+    for (ForwardPart& part : parts) {
+      if (part.s.L < kMinPackedQueries || part.s.S == 0 || part.plan.splits > 1) continue;
+      part.p.vnni_keys = std::min(kAttentionPackedKeyBlock, (part.s.S + 63) / 64 * 64);
+      packed.push_back({&part, slots});
+      slots += s.Hkv * blocks_per_head(part);
+    }
+    if (!packed.empty()) {
+      k_vnni = at::empty({slots, s.E * kAttentionPackedKeyBlock}, q.options());
+      v_vnni = at::empty({slots, kAttentionPackedKeyBlock * s.Ev}, q.options());
+      const int64_t size = k_vnni.element_size();
+      for (auto& [part, first] : packed) {
+        part->p.k_vnni = advance(k_vnni.mutable_data_ptr(), first * s.E * kAttentionPackedKeyBlock, size);
+        part->p.v_vnni = advance(v_vnni.mutable_data_ptr(), first * kAttentionPackedKeyBlock * s.Ev, size);
+      }
+      const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+      at::parallel_for(0, slots, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          // the part whose slots hold t: the last one starting at or before it
+          const auto it = std::upper_bound(packed.begin(), packed.end(), t,
+                                           [](int64_t x, const auto& entry) { return x < entry.second; }) - 1;
+          const int64_t local = t - it->second, per_head = blocks_per_head(*it->first);
+          kernels.pack_key_block(it->first->p, 0, local / per_head, local % per_head);
+        }
+      });
+    }
+  }
+  run_forward_parts(parts, lse.options());
+  convert_lse(seqs, s.Hq, lse, lse_blocks, /*to_flat=*/true);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const at::Tensor& output, const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
+    double dropout_p, int64_t dropout_seed, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttentionShape s = check_varlen_args(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, window_left, window_right, dropout_p, softcap, alibi_slopes);
+  const int64_t total_q = query.size(0), total_k = key.size(0);
+  const std::vector<int64_t> out_shape{total_q, s.Hq, s.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.varlen_attention backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must be [total_q, H, Dv] = ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.Hq, total_q}),
+                    "bigkernels.varlen_attention backward: lse must be ", lse_dtype(query), " [H, total_q], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  const VarlenSequences seqs =
+      read_sequences(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k);
+  at::Tensor grad_q = attention_grad_like(query), grad_k = attention_grad_like(key);
+  at::Tensor grad_v = attention_grad_like(value);
+  if (total_q == 0 || s.Hq == 0) return {grad_q, grad_k.zero_(), grad_v.zero_()};
+  const at::Tensor q = as_one_batch(query), k = as_one_batch(key), v = as_one_batch(value);
+  const at::Tensor g = as_one_batch(grad_output.to(query.scalar_type())), o = as_one_batch(output);
+  const at::Tensor gq = grad_q.unsqueeze(0).transpose(1, 2), gk = grad_k.unsqueeze(0).transpose(1, 2);
+  const at::Tensor gv = grad_v.unsqueeze(0).transpose(1, 2);
+  at::Tensor mask4, slopes;
+  AttentionCpuParams all = make_params({1, s.Hq, s.Hkv, total_q, total_k, s.E, s.Ev}, q, std::nullopt, mask4, scale,
+                                       window_left, window_right, 0, dropout_p, dropout_seed);
+  set_score_options(all, softcap, alibi_slopes, slopes);
+  const at::Tensor lse_blocks = at::empty({s.Hq * total_q}, lse.options());
+  convert_lse(seqs, s.Hq, lse.contiguous(), lse_blocks, /*to_flat=*/false);
+  all.lse = lse_blocks.mutable_data_ptr();
+  all.out = const_cast<void*>(o.const_data_ptr());  // read only in backward
+  all.grad_out = g.const_data_ptr();
+  all.k = k.const_data_ptr(), all.v = v.const_data_ptr();
+  all.grad_q = gq.mutable_data_ptr(), all.grad_k = gk.mutable_data_ptr(), all.grad_v = gv.mutable_data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    all.k_strides[d] = k.stride(d), all.v_strides[d] = v.stride(d);
+    all.out_strides[d] = o.stride(d), all.grad_out_strides[d] = g.stride(d);
+    all.grad_q_strides[d] = gq.stride(d), all.grad_k_strides[d] = gk.stride(d), all.grad_v_strides[d] = gv.stride(d);
+  }
+  // Per sequence, as attention_backward_cpu decides: bf16 on the BLAS
+  // micro-kernel when its forward's products ran there (16+ queries), else
+  // K and V in the compute type (converted once for all such sequences).
+  const bool can_pack = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 && dropout_p == 0 &&
+                        packed_micro_kernel(at::kBFloat16);
+  std::vector<AttentionCpuParams> parts(s.B);
+  bool any_unpacked = false;
+  for (int64_t b = 0; b < s.B; ++b) {
+    const AttentionShape sb = sequence_shape(s, seqs, b);
+    any_unpacked = any_unpacked || !(can_pack && sb.L >= kMinPackedQueries);
+  }
+  at::Tensor k_c, v_c;
+  if (any_unpacked) {
+    k_c = unit_last_stride(k.to(compute_dtype(query))), v_c = unit_last_stride(v.to(compute_dtype(query)));
+    all.k_c = k_c.const_data_ptr(), all.v_c = v_c.const_data_ptr();
+    for (int d = 0; d < 3; ++d) all.k_c_strides[d] = k_c.stride(d), all.v_c_strides[d] = v_c.stride(d);
+  }
+  for (int64_t b = 0; b < s.B; ++b) {
+    const AttentionShape sb = sequence_shape(s, seqs, b);
+    parts[b] = sequence_params(all, seqs, b);
+    parts[b].packed_backward = can_pack && sb.L >= kMinPackedQueries;
+    parts[b].heads_per_task = plan_forward(sb).heads_per_task;
+  }
+  // tasks (sequence, key head), the costliest sequences first
+  std::vector<int64_t> order(s.B);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return seqs.L(a) * std::max<int64_t>(1, seqs.S(a)) > seqs.L(b) * std::max<int64_t>(1, seqs.S(b));
+  });
+  const AttentionCpuKernels& kernels = BK_PICK_CAPABILITY_TABLE(attention_cpu_kernels);
+  parallel_largest_first(s.B * s.Hkv, [&](int64_t t) {
+    const int64_t b = order[t / s.Hkv];
+    kernels.backward_head(parts[b], 0, t % s.Hkv);  // (a sequence without queries: zero dK, dV)
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bigkernels, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
   m.impl("attention_kvcache_forward", &attention_kvcache_forward_cpu);
+  m.impl("varlen_attention_forward", &varlen_attention_forward_cpu);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
 }
 
 }  // namespace bigkernels

@@ -253,7 +253,7 @@ bool mask_rows_equal(const AttentionCpuParams& p, int64_t n, int64_t j0, int64_t
 // keep-mask scaled by 1 / (1 - p): kept ones grow, dropped ones become 0.
 template <typename C>
 void apply_dropout(const AttentionCpuParams& p, C* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) {
-  const uint64_t row = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j0);
+  const uint64_t row = p.dropout_offset + static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j0);
   const float drop = static_cast<float>(p.dropout_p);
   const C keep_scale = static_cast<C>(1.0 / (1.0 - p.dropout_p));
   for (int64_t jj = 0; jj < n; ++jj) {
@@ -790,7 +790,8 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       const float drop = static_cast<float>(p.dropout_p);
       const C keep_scale = static_cast<C>(1.0 / (1.0 - p.dropout_p));
       for (int64_t r = 0; r < rows; ++r) {
-        const uint64_t first = static_cast<uint64_t>(((t.b * p.Hq + head_of(r)) * p.L + pos_of(r)) * p.S + j0);
+        const uint64_t first =
+            p.dropout_offset + static_cast<uint64_t>(((t.b * p.Hq + head_of(r)) * p.L + pos_of(r)) * p.S + j0);
         for (int64_t jj = 0; jj < jn; ++jj)
           st[r * row_step + jj * key_step] *= counter_uniform(p.dropout_seed, first + jj) >= drop ? keep_scale : C(0);
       }

@@ -41,9 +41,10 @@ struct AttentionCpuParams {
   int64_t vnni_keys;
   double scale;
   // Dropout of the probabilities (0: none): element (b, h, i, j) is kept when
-  // counter_uniform(dropout_seed, ((b * Hq + h) * L + i) * S + j) >= dropout_p.
+  // counter_uniform(dropout_seed, dropout_offset + ((b * Hq + h) * L + i) * S + j)
+  // >= dropout_p (dropout_offset: 0, or where a varlen call's sequence starts).
   double dropout_p;
-  uint64_t dropout_seed;
+  uint64_t dropout_seed, dropout_offset;
   int64_t window_left, window_right, diagonal_offset;  // -1: unbounded
   // Per-batch key lengths (a KV cache's, after the append), null: S for
   // every batch. With them each batch's diagonal is its own bottom-right
