@@ -5,4 +5,4 @@ harness.py holds everything they share. Add a family by adding its module and
 its name here.
 """
 
-FAMILIES = ("dense", "attention", "decode", "rnn", "losses", "overhead", "models")
+FAMILIES = ("dense", "attention", "decode", "varlen", "rnn", "losses", "overhead", "models")

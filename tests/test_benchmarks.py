@@ -16,10 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--repeats", "0"], "--repeats: must be >= 1"),
     (["--max-seconds", "0"], "--max-seconds: must be > 0"),
     (["--warmup", "-1"], "--warmup: must be >= 0"),
-    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, blocked, blocked-skip, cce, "
-                               "cell_loop, chunked, compile, copy, cudnn, cudnn_graph, eager, eager-softcap, "
-                               "efficient, flash, flash-attn, liger, math, matmul, mma_sync, onednn_postop, sdpa, "
-                               "sdpa-static"),
+    (["--skip", "bogus"], "--skip bogus: unknown variant; known: addmm_activation, bigkernels-padded, blocked, "
+                               "blocked-skip, cce, cell_loop, chunked, compile, copy, cudnn, cudnn_graph, eager, "
+                               "eager-softcap, efficient, flash, flash-attn, liger, math, matmul, mma_sync, "
+                               "onednn_postop, sdpa, sdpa-blockmask, sdpa-static"),
     (["--skip", "bigkernels"], "--skip bigkernels: the subject"),
     (["--only", "nope"], "invalid choice: 'nope'"),
 ])

@@ -92,6 +92,66 @@ def test_gemma2_softcap_matches_eager_attention():
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=3e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_padding_free_training_runs_on_varlen_with_the_padded_batch_numbers(flash_kwargs, monkeypatch):
+    """DataCollatorWithFlattening packs the sequences into one row (position_ids
+    restarting, or flash-attention's cu_seq_lens_* kwargs): our backend runs
+    them on varlen_attention, and the loss and every gradient are the padded
+    batch's (on "sdpa" and on ours)."""
+    bk_hf.register()
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    gen = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(1, 64, (n,), generator=gen) for n in (5, 13, 1, 8)]
+    ids = torch.zeros(len(sequences), 13, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, seq in enumerate(sequences):
+        ids[b, :len(seq)], mask[b, :len(seq)] = seq, 1
+    padded = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")
+    flat = collator([{"input_ids": seq.tolist(), "labels": seq.tolist()} for seq in sequences])
+    assert flat["input_ids"].shape == (1, 27) and ("cu_seq_lens_q" in flat) == flash_kwargs
+
+    calls = []
+    varlen = bk_hf.varlen_attention
+    monkeypatch.setattr(bk_hf, "varlen_attention", lambda *a, **kw: calls.append(a[3]) or varlen(*a, **kw))
+
+    def loss_and_grads(attn, batch):
+        model = build(transformers.LlamaConfig, transformers.AutoModelForCausalLM, attn, **config)
+        loss = model(**batch, use_cache=False).loss  # (with a cache, transformers' masks ignore the packing)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = loss_and_grads("sdpa", padded)
+    for attn, batch in (("sdpa", flat), (bk_hf.NAME, padded), (bk_hf.NAME, flat)):
+        calls.clear()
+        got, got_grads = loss_and_grads(attn, batch)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], atol=2e-6, rtol=1e-4, msg=name)
+        ran_varlen = attn == bk_hf.NAME and batch is flat
+        assert len(calls) == (2 if ran_varlen else 0)  # each layer's attention, when packed
+        if ran_varlen:
+            assert calls[0].tolist() == [0, 5, 18, 19, 27]
+
+
+def test_packed_rows_with_another_mask_keep_the_mask():
+    """Only a mask that is exactly the packed sequences' causal blocks is left
+    to varlen_attention: one that also masks something else (here a padded
+    key) keeps the mask's path."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
+    sequence = torch.tensor([0, 0, 0, 1, 1])
+    block = (sequence[:, None] == sequence[None, :]).tril()[None, None]
+    q = torch.randn(1, 2, 5, 8)
+    found = bk_hf._packed_sequences(q, q, block, True, {"position_ids": position_ids})
+    assert found is not None and found[0].tolist() == [0, 3, 5] and found[1] == 3
+    other = block.clone()
+    other[..., 1] = False
+    assert bk_hf._packed_sequences(q, q, other, True, {"position_ids": position_ids}) is None
+    assert bk_hf._packed_sequences(q, q, block, False, {"position_ids": position_ids}) is None  # not causal
+    assert bk_hf._packed_sequences(q, q, None, True, {"position_ids": torch.arange(5)[None]}) is None  # one sequence
+
+
 # bigkernels.optimize() on Hugging Face models: the blocks it knows fuse their
 # activation, the attention moves to our backend; outputs and gradients keep
 # the 2x rule against stock in float64, the state_dict and checkpoints are unchanged.

@@ -13,6 +13,8 @@ transformers is an optional dependency: importing this module does not
 import it; register() does.
 """
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ from ..ops.attention import scaled_dot_product_attention
 from ..ops.dense import dense
 from ..ops.losses import _linear_cross_entropy
 from ..ops.norm import residual_layer_norm_output, rms_norm
+from ..ops.varlen import varlen_attention
 
 NAME = "bigkernels"
 
@@ -224,10 +227,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     backend): query [B, H, L, D], key/value [B, Hkv, S, D], attention_mask
     bool (True = attend) or additive float, or None; returns ([B, L, H, D],
     None). GQA runs without repeating K/V; softcap (Gemma 2's) is applied
-    inside the kernels."""
+    inside the kernels. Sequences packed in one row (padding-free training)
+    run on varlen_attention: no work across sequences (_packed_sequences)."""
     softcap = kwargs.get("softcap") or 0.0
     L, S = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = None if position_bias is not None else _packed_sequences(query, key, attention_mask, is_causal, kwargs)
+    if packed is not None:  # padding-free training: the sequences packed in one row, none padded
+        cu_seqlens, max_length = packed
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D] views
+        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, dropout_p=dropout,
+                               softmax_scale=scaling, causal=is_causal, softcap=softcap)
+        return out[None], None
     is_causal = L > 1 and attention_mask is None and is_causal
     if is_causal and S > L:  # a prefill against a larger empty cache: as transformers' SDPA backend does
         key, value = key[:, :, :L], value[:, :, :L]
@@ -242,6 +253,59 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                        scale=scaling, is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1],
                                        softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+# The last mask checked against the packed sequences it stands for: (the
+# mask, is_causal, the sequences) (_packed_sequences); a model's layers share
+# one mask per forward.
+_packed_mask = (lambda: None, None, None)
+
+
+def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
+    """(cu_seqlens, max_length) when the batch is several sequences packed in
+    one row (transformers' padding-free training, DataCollatorWithFlattening),
+    else None. The sequences come from flash-attention's kwargs (cu_seq_lens_q
+    and _k, equal) or from where position_ids restart, as transformers' flash
+    backends find them. Since transformers hands this backend its SDPA mask,
+    they are used only when that mask is none or exactly the sequences'
+    block-diagonal one (causal for causal models): padding or a sliding
+    window it also carries keeps the mask's path."""
+    global _packed_mask
+    T = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != T or T == 0 or torch.compiler.is_compiling():
+        return None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (1, 1, T, T):
+            return None
+        if _packed_mask[0]() is attention_mask and _packed_mask[1] == is_causal:
+            return _packed_mask[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        if not torch.equal(cu_q, cu_k):
+            return None
+        cu_seqlens = cu_q.to(device=query.device, dtype=torch.int32)
+    else:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or position_ids.numel() != T:
+            return None
+        position_ids = position_ids.reshape(-1)
+        starts = (position_ids == position_ids.min()).nonzero().view(-1)
+        if starts.numel() < 2:  # one sequence: nothing is packed
+            return None
+        cu_seqlens = torch.cat([starts, starts.new_tensor([T])]).to(device=query.device, dtype=torch.int32)
+    lengths = cu_seqlens.diff()
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((lengths < 0).any()):
+        return None
+    packed = (cu_seqlens, int(lengths.max()))
+    if attention_mask is not None:
+        sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths.long())
+        expected = sequence[:, None] == sequence[None, :]
+        if is_causal:
+            expected = expected.tril()
+        if not torch.equal(attention_mask[0, 0], expected):
+            return None
+        _packed_mask = (weakref.ref(attention_mask), is_causal, packed)
+    return packed
 
 
 def _class_path(module):
