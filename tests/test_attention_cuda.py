@@ -24,7 +24,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "key_padding",
-                                     "float_mask", "gqa", "three_d"])
+                                     "float_mask", "gqa", "three_d", "softcap", "alibi", "softcap_alibi_causal"])
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (113, 203), (127, 255), (1000, 33)], ids=str)
 def test_matches_reference(dtype, feature, L, S):
     check(dtype, feature, L=L, S=S, E=64, Ev=64, device="cuda")

@@ -124,7 +124,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     _check_score_options(softcap, alibi_slopes, query)
     softcap = float(softcap)
-    refusal = _kernel_refusal(query, value, softcap, alibi_slopes)
+    refusal = _kernel_refusal(query, value)
     if refusal is None:
         out, lse = _attention(query, key, value, attn_mask, is_causal, scale, causal_align, left, right, dropout_p,
                               softcap, alibi_slopes)
@@ -174,19 +174,16 @@ def _describe(x):
     return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _kernel_refusal(query, value, softcap=0.0, alibi_slopes=None):
+def _kernel_refusal(query, value):
     """None when the compiled kernels run this call, else why not: no
     extension; on CUDA, head dims over 256, float16/bfloat16 (tensor cores)
-    on GPUs older than sm_80, softcap or ALiBi (CPU kernels only, for now),
-    or a build without CUDA."""
+    on GPUs older than sm_80, or a build without CUDA."""
     if not _ext.LOADED:
         return "a build without the extension"
     if query.device.type in ("cpu", "meta"):
         return None
     if query.device.type != "cuda" or not BUILD_INFO["cuda_compiled"]:
         return f"{query.device.type} tensors in this build"
-    if softcap > 0 or alibi_slopes is not None:
-        return "softcap or alibi_slopes on CUDA"
     if max(query.shape[-1], value.shape[-1]) > 256:
         return "CUDA head dims over 256"
     if query.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(query.device)[0] < 8:

@@ -220,7 +220,7 @@ TORCH_LIBRARY_FRAGMENT(bigkernels, m) {
   // caps the scaled scores x at softcap * tanh(x / softcap) (Gemma 2), then
   // alibi_slopes ([H] or [B, H], float32/float64) adds
   // -slope * |i + diagonal_offset - j|, both before the mask, as
-  // flash-attention orders them (CPU kernels; on CUDA not yet).
+  // flash-attention orders them.
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
       "int window_left, int window_right, int diagonal_offset, float dropout_p, int dropout_seed, "

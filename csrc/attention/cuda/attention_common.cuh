@@ -23,6 +23,14 @@ __device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : x > hi ? hi : x;
 }
 
+// tanh for the softcap: in float as 1 - 2 / (e^2x + 1), one exp2 and one
+// division (exact at both ends: e^2x overflows to inf or underflows to 0).
+// tanhf's own polynomial-and-branches took the dQ kernel from 168 to 207
+// registers (bf16, head dim 64). Near 0 its absolute error is ~1e-7, below
+// the rounding of the dot product it caps.
+__device__ __forceinline__ float tanh_acc(float x) { return 1.f - 2.f / (exp2f(x * 2.8853900817779268f) + 1.f); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+
 // Which (query i, key j) pairs the window allows, and the ranges of one
 // index that a tile of the other can reach.
 struct Window {
@@ -45,13 +53,27 @@ struct Window {
   }
 };
 
-// The scaled score of (i, j) from the dot product `acc`, plus a float mask,
+// The scaled score of (i, j) from the dot product `acc`, capped and given
+// ALiBi's bias (AttentionParams::softcap, alibi_slopes), plus a float mask,
 // or -inf where the window, the bounds or a bool mask exclude it. `whole`:
-// the tile is known to be inside the window and the bounds.
-template <typename T, typename A>
+// the tile is known to be inside the window and the bounds. cap_slope (when
+// given) gets the softcap's derivative 1 - tanh^2, for the backward (1
+// without a softcap). kShaped false: a kernel built for calls with neither
+// option (see backward_dq_kernel).
+template <typename T, bool kShaped = true, typename A>
 __device__ __forceinline__ A masked_score(const AttentionParams& p, const Window& w, A acc, int64_t b, int64_t h,
-                                          int64_t i, int64_t j, bool whole) {
+                                          int64_t i, int64_t j, bool whole, A* cap_slope = nullptr) {
   A x = acc * static_cast<A>(p.scale);
+  if (kShaped && p.softcap > 0.f) {
+    const A cap = static_cast<A>(p.softcap), t = tanh_acc(x / cap);
+    x = cap * t;
+    if (cap_slope != nullptr) *cap_slope = A(1) - t * t;
+  }
+  if (kShaped && p.alibi_slopes != nullptr) {
+    const int64_t distance = i + w.offset - j;
+    x -= static_cast<const A*>(p.alibi_slopes)[b * p.alibi_batch_stride + h] *
+         static_cast<A>(distance < 0 ? -distance : distance);
+  }
   if (!whole && (i >= p.L || j >= p.S || !w.allows(i, j))) return -INFINITY;
   if (p.mask != nullptr) {
     const int64_t* ms = p.mask_strides;

@@ -144,11 +144,14 @@ void launch(const cuda::AttentionParams& p) {
   C10_CUDA_CHECK(e);
 }
 
-// softcap and ALiBi have no CUDA kernel yet (bigkernels/ops/attention.py
-// sends such calls to the PyTorch reference).
-void check_no_score_options(double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0 && !alibi_slopes.has_value(), "bigkernels.attention: softcap and "
-                              "alibi_slopes have no CUDA kernel yet (the CPU kernels have them)");
+// The softcap and ALiBi's slopes (kept alive in `slopes`, in lse's type) into p.
+void set_score_options(cuda::AttentionParams& p, const at::Tensor& query, double softcap,
+                       const std::optional<at::Tensor>& alibi_slopes, at::Tensor& slopes) {
+  p.softcap = static_cast<float>(softcap);
+  if (!alibi_slopes.has_value()) return;
+  slopes = alibi_slopes->to(lse_dtype(query)).contiguous();
+  p.alibi_slopes = slopes.const_data_ptr();
+  p.alibi_batch_stride = slopes.dim() == 2 ? p.Hq : 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
@@ -160,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
                                                           const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
-  check_no_score_options(softcap, alibi_slopes);
+  check_score_options("bigkernels.attention", query, s, softcap, alibi_slopes);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
   if (s.B * s.Hq * s.L == 0) return {at::empty({s.B, s.Hq, s.L, s.Ev}, query.options()), lse};
@@ -168,6 +171,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
   cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
                                         dropout_p, dropout_seed);
+  at::Tensor slopes;
+  set_score_options(p, query, softcap, alibi_slopes, slopes);
   at::Tensor out = at::empty({s.B, s.Hq, s.L, p.Ev}, query.options());
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr();
@@ -182,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     bool grad_mask, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_args(query, key, value, attn_mask, window_left, window_right, dropout_p);
   check_cuda_args(query, s);
-  check_no_score_options(softcap, alibi_slopes);
+  check_score_options("bigkernels.attention_backward", query, s, softcap, alibi_slopes);
   check_attention_backward_args(grad_output, output, lse, query, s);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor grad_mask_full = grad_mask_buffer(attn_mask, grad_mask, s, lse_dtype(query));
@@ -194,6 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
   cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
                                         dropout_p, dropout_seed);
+  at::Tensor slopes;
+  set_score_options(p, query, softcap, alibi_slopes, slopes);
   // delta = rowsum(dO * O), the softmax gradient's shared term, in lse's type
   const at::Tensor delta =
       at::mul(grad_output.to(lse_dtype(query)), output.to(lse_dtype(query))).sum(-1).contiguous();

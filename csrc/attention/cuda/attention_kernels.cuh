@@ -268,7 +268,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
 
 // ---- backward, dQ: grid (B * Hq, query tiles) ----
 
-template <typename T, int kD>
+// kShaped: built for softcap and ALiBi (AttentionParams::softcap,
+// alibi_slopes). Built once without them too: with their code in it, the
+// kernel took 207 registers instead of 168 (bf16, head dim 64, sm_90a), 2
+// blocks per SM instead of 3, whether a call used them or not.
+template <typename T, int kD, bool kShaped>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionParams p) {
 #if __CUDA_ARCH__ >= 800
   constexpr int kN = Tiles<kD>::kBackwardCols;
@@ -317,7 +321,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-        const float x = masked_score<T>(p, w, s[nt][e], b, h, row[r], j, whole) * kLog2e;
+        float cap_slope = 1.f;
+        const float x = masked_score<T, kShaped>(p, w, s[nt][e], b, h, row[r], j, whole, &cap_slope) * kLog2e;
         const float prob = lse[r] == -INFINITY ? 0.f : exp2f(x - lse[r]);
         // dS = P * (dP * M - D), M the dropout keep-mask scaled by 1 / (1 - p)
         const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, row[r], j) : 1.f;
@@ -325,6 +330,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
         if (p.grad_mask != nullptr && row[r] < p.L && j < p.S) {  // a float mask's gradient is dS
           static_cast<float*>(p.grad_mask)[(head_row0 + row[r]) * p.S + j] = s[nt][e];
         }
+        s[nt][e] *= cap_slope;  // through the softcap: the scaled scores' gradient
       }
     accumulate_pv<T, kD, kN>(dq, s, sk, p.E);
   }
@@ -395,11 +401,13 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * (lane % 4) + (e & 1);
           const int64_t i = i0 + c, j = key[e / 2];
-          const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole) * kLog2e;
+          float cap_slope = 1.f;
+          const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole, &cap_slope) * kLog2e;
           const float prob = slse[c] == -INFINITY ? 0.f : exp2f(x - slse[c]);
           const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, i, j) : 1.f;
-          st[nt][e] = prob * keep;                                          // (P * M)^T, for dV
-          if constexpr (kWantDk) dpt[nt][e] = prob * (dpt[nt][e] * keep - sdelta[c]);  // dS^T, for dK
+          st[nt][e] = prob * keep;  // (P * M)^T, for dV
+          // dS^T (through the softcap), for dK
+          if constexpr (kWantDk) dpt[nt][e] = prob * (dpt[nt][e] * keep - sdelta[c]) * cap_slope;
         }
       if constexpr (kWantDv) accumulate_pv<T, kD, kN>(dv, st, sdo, p.Ev);
       if constexpr (kWantDk) accumulate_pv<T, kD, kN>(dk, dpt, sq, p.E);
@@ -438,9 +446,14 @@ template <typename T, int kD>
 cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t stream) {
   using namespace attention;
   const size_t smem = Tiles<kD>::template backward_smem<T>();
-  if (cudaError_t e = allow_smem(backward_dq_kernel<T, kD>, smem); e != cudaSuccess) return e;
   const dim3 dq_grid(static_cast<unsigned>(p.B * p.Hq), static_cast<unsigned>((p.L + kRows - 1) / kRows));
-  backward_dq_kernel<T, kD><<<dq_grid, kThreads, smem, stream>>>(p);
+  if (p.softcap > 0.f || p.alibi_slopes != nullptr) {
+    if (cudaError_t e = allow_smem(backward_dq_kernel<T, kD, true>, smem); e != cudaSuccess) return e;
+    backward_dq_kernel<T, kD, true><<<dq_grid, kThreads, smem, stream>>>(p);
+  } else {
+    if (cudaError_t e = allow_smem(backward_dq_kernel<T, kD, false>, smem); e != cudaSuccess) return e;
+    backward_dq_kernel<T, kD, false><<<dq_grid, kThreads, smem, stream>>>(p);
+  }
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const dim3 dkdv_grid(static_cast<unsigned>(p.B * p.Hkv), static_cast<unsigned>((p.S + kRows - 1) / kRows));
   if constexpr (kD <= 128) {

@@ -194,12 +194,13 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
     if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // no gradient flows through it
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
     for (int jj = 0; jj < kN; ++jj) {
-      const A x = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole);
+      A cap_slope = A(1);
+      const A x = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole, &cap_slope);
       const A dp = dot<T, kD>(dor, sv + jj * kD);
       const A prob = lse == -INFINITY ? A(0) : exp_acc(x - lse);  // a row that attends to nothing: no gradient
       const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j0 + jj) : A(1);
       const A ds = prob * (dp * keep - delta);  // dS = P * (dP * M - D)
-      axpy<T, kD>(dq, ds, sk + jj * kD);
+      axpy<T, kD>(dq, ds * cap_slope, sk + jj * kD);  // (through the softcap)
       if (p.grad_mask != nullptr && threadIdx.x % Sh::kTpr == 0 && i < p.L && j0 + jj < p.S) {
         static_cast<A*>(p.grad_mask)[(head_row0 + i) * p.S + j0 + jj] = ds;  // a float mask's gradient is dS
       }
@@ -248,12 +249,13 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
       const bool whole = w.whole(i0, i0 + kN, j0, j0 + Sh::kRows);
       for (int ii = 0; ii < kN; ++ii) {
         const int64_t i = i0 + ii;
-        const A x = masked_score<T>(p, w, dot<T, kD>(kr, sq + ii * kD), b, h, i, j, whole);
+        A cap_slope = A(1);
+        const A x = masked_score<T>(p, w, dot<T, kD>(kr, sq + ii * kD), b, h, i, j, whole, &cap_slope);
         const A dp = dot<T, kD>(vr, sdo + ii * kD);
         const A prob = slse[ii] == -INFINITY ? A(0) : exp_acc(x - slse[ii]);
         const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j) : A(1);
-        axpy<T, kD>(dv, prob * keep, sdo + ii * kD);                        // dV += (P * M)^T dO
-        axpy<T, kD>(dk, prob * (dp * keep - sdelta[ii]), sq + ii * kD);  // dK += dS^T Q
+        axpy<T, kD>(dv, prob * keep, sdo + ii * kD);                                    // dV += (P * M)^T dO
+        axpy<T, kD>(dk, prob * (dp * keep - sdelta[ii]) * cap_slope, sq + ii * kD);  // dK += dS^T Q
       }
     }
   }

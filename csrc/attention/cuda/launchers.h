@@ -32,6 +32,13 @@ struct AttentionParams {
   uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // key j is allowed for query i when
                                                        // j - (i + offset) is in [-left, right]; -1: unbounded
+  // Gemma-2's softcap (0: none): a scaled score x becomes softcap * tanh(x /
+  // softcap); then ALiBi (null: none) adds -slope * |i + diagonal_offset - j|,
+  // slopes [B or 1, Hq] in lse's type (alibi_batch_stride Hq or 0); both
+  // before the mask, as on the CPU.
+  float softcap;
+  const void* alibi_slopes;
+  int64_t alibi_batch_stride;
   void* out;  // [B, Hq, L, Ev], contiguous
   void* lse;  // [B, Hq, L], float (double for fp64)
   // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out)

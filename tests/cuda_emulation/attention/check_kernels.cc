@@ -138,11 +138,14 @@ struct Case {
   double peak = 1;       // q's scale: > 1 makes the softmax peaky, so that O and D = rowsum(dO O) are large
   int last_valid = -1;   // key padding: keys the last batch keeps (-1: all but a few), so whole tiles are masked
   bool misaligned_grad_out = false;  // grad_out one element past an aligned start (the op must copy such a view)
+  float softcap = 0.f;               // Gemma 2's cap on the scaled scores (0: none)
+  int alibi = 0;                     // ALiBi slopes: 0 none, 1 per head [Hq], 2 per batch and head [B, Hq]
   std::string name() const {
-    char s[200];
-    std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s peak%.0f", B, Hq,
-                  Hkv, L, S, E, Ev, (long long)left, (long long)right, bottom_right ? " bottom-right" : "", (int)mask,
-                  dropout, strided ? " strided" : "", peak);
+    char s[240];
+    std::snprintf(s, sizeof s, "B%d H%d/%d L%d S%d E%d Ev%d window(%lld,%lld)%s mask%d p%.2f%s peak%.0f cap%.1f "
+                  "alibi%d", B, Hq, Hkv, L, S, E, Ev, (long long)left, (long long)right,
+                  bottom_right ? " bottom-right" : "", (int)mask, dropout, strided ? " strided" : "", peak, softcap,
+                  alibi);
     return s;
   }
 };
@@ -236,6 +239,10 @@ void run_case(const Case& c, double tol) {
   p.dropout_p = c.dropout;
   p.dropout_seed = 0x1234567890abcdefull + L;
   p.window_left = c.left, p.window_right = c.right, p.diagonal_offset = offset;
+  p.softcap = c.softcap;
+  std::vector<A> slopes(c.alibi == 2 ? B * Hq : Hq);
+  for (auto& s : slopes) s = static_cast<A>(0.05 + 0.3 * ud(gen));
+  if (c.alibi > 0) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = c.alibi == 2 ? Hq : 0;
   std::vector<A> lse(B * Hq * L), delta(B * Hq * L);
   p.out = out.p, p.lse = lse.data();
   expect(launch<T, true>(p) == cudaSuccess, tag + ": forward launch");
@@ -245,7 +252,7 @@ void run_case(const Case& c, double tol) {
   const double scale = p.scale, keep_scale = 1.0 / (1.0 - c.dropout);
   std::vector<double> ref_dq(B * Hq * L * E, 0.0), ref_dk(B * Hkv * S * E, 0.0), ref_dv(B * Hkv * S * Ev, 0.0);
   std::vector<double> ref_ds(B * Hq * L * S, 0.0);  // the scores' gradient: a float mask's
-  std::vector<double> P(S), M(S), dP(S);
+  std::vector<double> P(S), M(S), dP(S), CS(S, 1.0);  // CS: the softcap's derivative
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hq; ++h) {
       const int64_t hk = h / (Hq / Hkv), row0 = (b * Hq + h) * L;
@@ -255,7 +262,13 @@ void run_case(const Case& c, double tol) {
           double add, dot = 0;
           if (!allowed(b, h, i, j, add)) { P[j] = -INFINITY; continue; }
           for (int64_t e = 0; e < E; ++e) dot += Q(b, h, i, e) * K(b, hk, j, e);
-          P[j] = dot * scale + add;
+          double x = dot * scale;
+          if (c.softcap > 0) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t, CS[j] = 1 - t * t;
+          }
+          if (c.alibi > 0) x -= slopes[(c.alibi == 2 ? b * Hq : 0) + h] * std::fabs(double(i + offset - j));
+          P[j] = x + add;
           mx = std::max(mx, P[j]);
         }
         double sum = 0;
@@ -291,6 +304,7 @@ void run_case(const Case& c, double tol) {
           }
           dP[j] = P[j] * (dpm * M[j] - d);  // dS
           ref_ds[(row0 + i) * S + j] = dP[j];
+          dP[j] *= CS[j];  // through the softcap: the scaled scores' gradient
           for (int64_t e = 0; e < E; ++e) {
             ref_dq[(row0 + i) * E + e] += scale * dP[j] * K(b, hk, j, e);
             ref_dk[((b * Hkv + hk) * S + j) * E + e] += scale * dP[j] * Q(b, h, i, e);
@@ -397,6 +411,9 @@ void run_all(double tol, bool quick = false) {
     Case padded{2, 2, 1, 40, 100, 64, 64};
     padded.mask = Mask::kKeyPadding, padded.last_valid = 5;
     run_case<T>(padded, tol);
+    Case shaped{2, 4, 2, 40, 70, 64, 64};
+    shaped.right = 0, shaped.bottom_right = true, shaped.softcap = 2.f, shaped.alibi = 2, shaped.peak = 3;
+    run_case<T>(shaped, tol);
     return;
   }
   run_case<T>(Case{1, 1, 1, 1, 1, 64, 64}, tol);
@@ -441,6 +458,20 @@ void run_all(double tol, bool quick = false) {
   Case strided{2, 2, 2, 30, 50, 64, 64};
   strided.strided = true;
   run_case<T>(strided, tol);
+  // Gemma 2's softcap (peaky scores, so that it bends them) and ALiBi, alone
+  // and together with causality, a window, a float mask and dropout
+  Case capped{1, 2, 1, 50, 90, 64, 64};
+  capped.softcap = 1.5f, capped.peak = 3;
+  run_case<T>(capped, tol);
+  Case alibi{2, 4, 2, 70, 130, 128, 128};
+  alibi.alibi = 1, alibi.right = 0, alibi.bottom_right = true;
+  run_case<T>(alibi, tol);
+  Case both{2, 2, 2, 45, 77, 64, 64};
+  both.softcap = 2.f, both.alibi = 2, both.peak = 3, both.mask = Mask::kFloat, both.left = 30;
+  run_case<T>(both, tol);
+  Case both_dropout{1, 2, 1, 66, 80, 256, 256};
+  both_dropout.softcap = 3.f, both_dropout.alibi = 1, both_dropout.dropout = 0.3f, both_dropout.peak = 3;
+  run_case<T>(both_dropout, tol);
 }
 
 int main(int argc, char** argv) {
