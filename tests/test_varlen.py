@@ -344,11 +344,56 @@ def test_pytorch_path_without_the_kernel(monkeypatch):
         bigkernels.varlen_attention(*args)
 
 
+CUDA_KERNELS = HAS_CUDA and bigkernels.backend_info()["cuda_compiled"]
+
+
+def on_cuda(case):
+    return {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in case.items()}
+
+
+def cpu_of(results):
+    return [t.cpu() for t in results]
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_cuda_matches_reference():
-    case = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in make_case([70, 1, 0, 129]).items()}
-    got = bigkernels.varlen_attention(case["q"].float(), case["k"].float(), case["v"].float(), case["cu_q"],
-                                      case["cu_k"], case["max_q"], case["max_k"], causal=True)
-    exact = reference.varlen_attention(case["q"], case["k"], case["v"], case["cu_q"], case["cu_k"], 16 ** -0.5, True)
-    torch.testing.assert_close(got.double(), exact[0], rtol=1e-4, atol=1e-4)
+@pytest.mark.skipif(not CUDA_KERNELS, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal", "causal_window", "causal_softcap_alibi_per_sequence"])
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
+def test_cuda_matches_per_sequence_reference(dtype, feature, lengths):
+    """The CUDA kernels, a sequence per batch index, under the same checks (fp16/bf16 need sm_80+)."""
+    if dtype != torch.float32 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("fp16/bf16 run on tensor cores (sm_80+)")
+    lens_q, lens_k = LENGTHS[lengths]
+    case = make_case(lens_q, lens_k, D=64, seed=len(feature))
+    kw = feature_kwargs(feature, len(lens_q), 4)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = kw["alibi_slopes"].cuda()
+    got = cpu_of(run(ours, on_cuda(case), dtype, kw))
+    theirs = run(per_sequence, case, dtype, {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in kw.items()})
+    exact = run(per_sequence, case, torch.float64, {n: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                    for n, v in kw.items()})
+    for name, a, t, r in zip(("output", "lse", "grad_q", "grad_k", "grad_v"), got, theirs, exact):
+        if name == "lse":
+            finite = torch.isfinite(r)
+            assert torch.equal(finite, torch.isfinite(a))
+            a, t, r = a[finite], t[finite], r[finite]
+        assert_close(name, a, t, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_KERNELS, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_dropout_matches_the_cpu_masks():
+    """The same seed drops the same elements on both devices (the counters of each sequence)."""
+    lens_q, lens_k, H, p, seed = [9, 30, 1], [12, 30, 70], 2, 0.3, 99
+    cpu = kernel_dropout_masks(lens_q, lens_k, H, p, seed)
+    S_max = max(lens_k)
+    q = torch.zeros(sum(lens_q), H, 8, dtype=torch.float32, device="cuda")
+    k = torch.zeros(sum(lens_k), H, 8, dtype=torch.float32, device="cuda")
+    v = torch.cat([torch.eye(S, S_max) for S in lens_k])[:, None, :].expand(-1, H, -1).contiguous().cuda()
+    out, _ = torch.ops.bigkernels.varlen_attention_forward(q, k, v, cu(lens_q).cuda(), cu(lens_k).cuda(),
+                                                            max(lens_q), S_max, 1.0, -1, -1, p, seed, 0.0, None)
+    starts = cu(lens_q).tolist()
+    for b, S in enumerate(lens_k):
+        got = out[starts[b]:starts[b + 1], :, :S].transpose(0, 1).cpu().double() * S
+        torch.testing.assert_close(got > 0, cpu[b] > 0)

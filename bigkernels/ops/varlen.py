@@ -1,7 +1,8 @@
 """Attention over sequences packed end to end, flash-attention's
 flash_attn_varlen_func: nothing padded, nothing attends across sequences.
 The bigkernels::varlen_attention_* ops (csrc/attention/) run each sequence
-through the attention family's block loops, forward and backward.
+through the attention family's kernels, forward and backward (on the CPU
+its block loops; on CUDA its tiles, a sequence per batch index).
 """
 
 import numbers
@@ -10,7 +11,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe, _dropout_seed
+from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe, _dropout_seed, _kernel_refusal
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -35,6 +36,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Differentiable in q, k and v (deterministic gradients).
     Returns out [total_q, H, Dv] (and lse [H, total_q] float32, float64 for
     float64 inputs, with return_lse). A row that attends to nothing gives 0.
+    CPU and CUDA kernels (the CUDA ones as scaled_dot_product_attention's:
+    head dims up to 256, fp16/bf16 on sm_80+); elsewhere the reference.
     """
     _check_tensors(q, k, v)
     B = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q)
@@ -54,13 +57,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise TypeError(f"softmax_scale must be a number or None, got {softmax_scale!r}")
     D = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else (D ** -0.5 if D > 0 else 1.0)
-    if _ext.LOADED and q.device.type in ("cpu", "meta"):
+    refusal = _kernel_refusal(q, v)
+    if refusal is None:
         seed = _dropout_seed(q.device) if dropout_p > 0 else 0
         out, lse = torch.ops.bigkernels.varlen_attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, float(dropout_p),
             seed, float(softcap), alibi_slopes)
     else:
-        _warn_reference_once(q.device.type)
+        _warn_reference_once(refusal)
         _check_sequences(cu_seqlens_q, q.shape[0], max_seqlen_q, "q")
         _check_sequences(cu_seqlens_k, k.shape[0], max_seqlen_k, "k")
         masks = None
@@ -77,12 +81,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 _WARNED = set()
 
 
-def _warn_reference_once(device_type):
-    if not _ext.LOADED or device_type in _WARNED:
+def _warn_reference_once(reason):
+    if not _ext.LOADED or reason in _WARNED:
         return  # importing bigkernels already warned about a missing extension
-    _WARNED.add(device_type)
-    warnings.warn(f"bigkernels.varlen_attention: no kernel for {device_type} tensors yet; this runs on the "
-                  "pure-PyTorch reference, one sequence at a time", stacklevel=3)
+    _WARNED.add(reason)
+    warnings.warn(f"bigkernels.varlen_attention: no kernel for {reason}; this runs on the pure-PyTorch "
+                  "reference, one sequence at a time", stacklevel=3)
 
 
 def _check_tensors(q, k, v):

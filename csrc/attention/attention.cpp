@@ -2,10 +2,12 @@
 #include "attention/attention.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_to_copy.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace bigkernels {
@@ -167,6 +169,46 @@ void check_score_options(const char* op, const at::Tensor& q, const AttentionSha
                         a.size(-1) == s.Hq,
                     op, ": alibi_slopes must be [H] or [B, H] = [", s.B, ", ", s.Hq, "] on the query's device, got ",
                     a.sizes(), " on ", a.device());
+}
+
+VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                               int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  VarlenSequences seqs;
+  const struct {
+    const char *name, *max_name;
+    const at::Tensor& cu;
+    int64_t total, max_len;
+    std::vector<int64_t>& start;
+  } sides[2] = {{"cu_seqlens_q", "max_seqlen_q", cu_seqlens_q, total_q, max_seqlen_q, seqs.q_start},
+                {"cu_seqlens_k", "max_seqlen_k", cu_seqlens_k, total_k, max_seqlen_k, seqs.k_start}};
+  for (const auto& side : sides) {
+    const at::Tensor cu = side.cu.to(at::kCPU, at::kLong).contiguous();  // (a copy from the GPU waits for it)
+    const int64_t* c = cu.const_data_ptr<int64_t>();
+    side.start.assign(c, c + cu.numel());
+    TORCH_CHECK_VALUE(side.start.front() == 0 && side.start.back() == side.total, "bigkernels.varlen_attention: ",
+                      side.name, " must run from 0 to the packed rows (", side.total, "), got ", side.start.front(),
+                      " to ", side.start.back());
+    for (size_t b = 0; b + 1 < side.start.size(); ++b) {
+      const int64_t len = side.start[b + 1] - side.start[b];
+      TORCH_CHECK_VALUE(len >= 0, "bigkernels.varlen_attention: ", side.name, " must not decrease, but ", side.name,
+                        "[", b + 1, "] = ", side.start[b + 1], " < ", side.name, "[", b, "] = ", side.start[b]);
+      TORCH_CHECK_VALUE(len <= side.max_len, "bigkernels.varlen_attention: sequence ", b, " has ", len, " rows but ",
+                        side.max_name, " is ", side.max_len);
+    }
+  }
+  return seqs;
+}
+
+int64_t VarlenSequences::longest_L() const {
+  int64_t n = 0;
+  for (int64_t b = 0; b < count(); ++b) n = std::max(n, L(b));
+  return n;
+}
+
+int64_t VarlenSequences::longest_S() const {
+  int64_t n = 0;
+  for (int64_t b = 0; b < count(); ++b) n = std::max(n, S(b));
+  return n;
 }
 
 at::ScalarType lse_dtype(const at::Tensor& query) {

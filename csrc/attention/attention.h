@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace bigkernels {
 
@@ -50,6 +51,22 @@ AttentionShape check_varlen_args(const at::Tensor& query, const at::Tensor& key,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
                                  int64_t window_right, double dropout_p, double softcap,
                                  const std::optional<at::Tensor>& alibi_slopes);
+
+// The sequences of a varlen call, read from cu_seqlens_q and cu_seqlens_k
+// (on the CPU; the CUDA op copies them over) and checked: from 0,
+// non-decreasing, ending at the totals, none longer than the max lengths.
+// Sequence b's query rows start at q_start[b], L(b) of them; its keys likewise.
+struct VarlenSequences {
+  std::vector<int64_t> q_start, k_start;  // sequences + 1 each
+  int64_t count() const { return static_cast<int64_t>(q_start.size()) - 1; }
+  int64_t L(int64_t b) const { return q_start[b + 1] - q_start[b]; }
+  int64_t S(int64_t b) const { return k_start[b + 1] - k_start[b]; }
+  int64_t longest_L() const;
+  int64_t longest_S() const;
+};
+
+VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                               int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).

@@ -556,45 +556,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   return {grad_q, grad_k, grad_v, reduce_grad_mask(grad_mask_full, attn_mask, query)};
 }
 
-// The sequences of a varlen call, from cu_seqlens_q and cu_seqlens_k
-// (checked: from 0, non-decreasing, ending at the totals, within the max
-// lengths): sequence b's query rows start at q_start[b], L(b) of them; its
-// keys likewise.
-struct VarlenSequences {
-  std::vector<int64_t> q_start, k_start;  // sequences + 1 each
-  int64_t count() const { return static_cast<int64_t>(q_start.size()) - 1; }
-  int64_t L(int64_t b) const { return q_start[b + 1] - q_start[b]; }
-  int64_t S(int64_t b) const { return k_start[b + 1] - k_start[b]; }
-};
-
-VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
-                               int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  VarlenSequences seqs;
-  const struct {
-    const char *name, *max_name;
-    const at::Tensor& cu;
-    int64_t total, max_len;
-    std::vector<int64_t>& start;
-  } sides[2] = {{"cu_seqlens_q", "max_seqlen_q", cu_seqlens_q, total_q, max_seqlen_q, seqs.q_start},
-                {"cu_seqlens_k", "max_seqlen_k", cu_seqlens_k, total_k, max_seqlen_k, seqs.k_start}};
-  for (const auto& side : sides) {
-    const at::Tensor cu = side.cu.to(at::kLong).contiguous();
-    const int64_t* c = cu.const_data_ptr<int64_t>();
-    side.start.assign(c, c + cu.numel());
-    TORCH_CHECK_VALUE(side.start.front() == 0 && side.start.back() == side.total, "bigkernels.varlen_attention: ",
-                      side.name, " must run from 0 to the packed rows (", side.total, "), got ", side.start.front(),
-                      " to ", side.start.back());
-    for (size_t b = 0; b + 1 < side.start.size(); ++b) {
-      const int64_t len = side.start[b + 1] - side.start[b];
-      TORCH_CHECK_VALUE(len >= 0, "bigkernels.varlen_attention: ", side.name, " must not decrease, but ", side.name,
-                        "[", b + 1, "] = ", side.start[b + 1], " < ", side.name, "[", b, "] = ", side.start[b]);
-      TORCH_CHECK_VALUE(len <= side.max_len, "bigkernels.varlen_attention: sequence ", b, " has ", len, " rows but ",
-                        side.max_name, " is ", side.max_len);
-    }
-  }
-  return seqs;
-}
-
 // Moves a data pointer of p by n elements of `size` bytes (null stays null).
 template <typename P>
 P* advance(P* ptr, int64_t n, int64_t size) {

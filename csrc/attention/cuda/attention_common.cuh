@@ -31,6 +31,41 @@ __device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
 __device__ __forceinline__ float tanh_acc(float x) { return 1.f - 2.f / (exp2f(x * 2.8853900817779268f) + 1.f); }
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
+// One batch's share of a call (AttentionParams): its first query and key
+// rows in q and k, its lengths and diagonal, its rows in out, lse, delta,
+// grad_out and grad_q (head h's first: query_row0 + h * query_head_stride)
+// and in grad_k, grad_v, and its first dropout counter. The [B, ...]
+// layouts: rows from 0, lengths L and S; packed sequences: sequence b's.
+struct Sequence {
+  int64_t q0, k0, L, S, diagonal;
+  int64_t query_row0, query_head_stride, key_row0, key_head_stride;
+  // element (h, i, j)'s dropout counter: dropout0 + ((dropout_batch * Hq + h) * L + i) * S + j (one
+  // formula for both layouts: a base of b * Hq * L * S held in a register cost the dQ kernel 40 of them)
+  int64_t dropout_batch;
+  uint64_t dropout0;
+  __device__ __forceinline__ int64_t query_rows(int64_t h) const { return query_row0 + h * query_head_stride; }
+  __device__ __forceinline__ int64_t key_rows(int64_t hk) const { return key_row0 + hk * key_head_stride; }
+};
+
+// kPacked false: a kernel built for the [B, ...] layouts alone (see backward_dq_kernel).
+template <bool kPacked = true>
+__device__ __forceinline__ Sequence sequence_of(const AttentionParams& p, int64_t b) {
+  Sequence s;
+  if (!kPacked || p.cu_seqlens_q == nullptr) {
+    s.q0 = 0, s.k0 = 0, s.L = p.L, s.S = p.S, s.diagonal = p.diagonal_offset;
+    s.query_row0 = b * p.Hq * p.L, s.query_head_stride = p.L;
+    s.key_row0 = b * p.Hkv * p.S, s.key_head_stride = p.S;
+    s.dropout_batch = b, s.dropout0 = 0;
+  } else {
+    s.q0 = p.cu_seqlens_q[b], s.k0 = p.cu_seqlens_k[b];
+    s.L = p.cu_seqlens_q[b + 1] - s.q0, s.S = p.cu_seqlens_k[b + 1] - s.k0, s.diagonal = s.S - s.L;
+    s.query_row0 = s.q0, s.query_head_stride = p.total_q;
+    s.key_row0 = s.k0, s.key_head_stride = p.total_k;
+    s.dropout_batch = 0, s.dropout0 = p.dropout_offsets != nullptr ? static_cast<uint64_t>(p.dropout_offsets[b]) : 0;
+  }
+  return s;
+}
+
 // Which (query i, key j) pairs the window allows, and the ranges of one
 // index that a tile of the other can reach.
 struct Window {
@@ -74,7 +109,7 @@ __device__ __forceinline__ A masked_score(const AttentionParams& p, const Window
     x -= static_cast<const A*>(p.alibi_slopes)[b * p.alibi_batch_stride + h] *
          static_cast<A>(distance < 0 ? -distance : distance);
   }
-  if (!whole && (i >= p.L || j >= p.S || !w.allows(i, j))) return -INFINITY;
+  if (!whole && (i >= w.L || j >= w.S || !w.allows(i, j))) return -INFINITY;
   if (p.mask != nullptr) {
     const int64_t* ms = p.mask_strides;
     const int64_t at = b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3];
@@ -87,10 +122,11 @@ __device__ __forceinline__ A masked_score(const AttentionParams& p, const Window
   return x;
 }
 
-// 1 / (1 - p) where dropout keeps (b, h, i, j), else 0.
+// 1 / (1 - p) where dropout keeps (h, i, j) of sequence (batch) s, else 0.
 template <typename A = float>
-__device__ __forceinline__ A dropout_keep(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const uint64_t counter = static_cast<uint64_t>(((b * p.Hq + h) * p.L + i) * p.S + j);
+__device__ __forceinline__ A dropout_keep(const AttentionParams& p, const Sequence& s, int64_t h, int64_t i,
+                                          int64_t j) {
+  const uint64_t counter = s.dropout0 + static_cast<uint64_t>(((s.dropout_batch * p.Hq + h) * s.L + i) * s.S + j);
   return counter_uniform(p.dropout_seed, counter) >= p.dropout_p ? A(1) / (A(1) - A(p.dropout_p)) : A(0);
 }
 

@@ -219,11 +219,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
           reduce_grad_mask(grad_mask_full, attn_mask, query)};
 }
 
+// A varlen call's params: the packed [total, H, D] tensors as the kernels'
+// [1, H, total, D] views (kernel_layout; their batch strides 0), the
+// sequences' offsets on the device (int64), their lengths as L and S, and,
+// with dropout, each sequence's first counter (the sequences before it
+// count Hq * L_b * S_b each, as on the CPU). Keeps what it allocates alive
+// in `keep`.
+cuda::AttentionParams varlen_params(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    const VarlenSequences& seqs, const AttentionShape& s, double scale,
+                                    int64_t window_left, int64_t window_right, double dropout_p, int64_t dropout_seed,
+                                    std::vector<at::Tensor>& keep) {
+  const auto one_batch = [](const at::Tensor& t) { return kernel_layout(t.unsqueeze(0).transpose(1, 2)); };
+  const at::Tensor q = one_batch(query), k = one_batch(key), v = one_batch(value);
+  cuda::AttentionParams p = make_params(s, q, k, v, at::Tensor(), scale, window_left, window_right, 0, dropout_p,
+                                        dropout_seed);
+  p.q_strides[0] = p.k_strides[0] = p.v_strides[0] = 0;  // batch b is sequence b, from its own rows
+  const at::Tensor cu_q = cu_seqlens_q.to(at::kLong).contiguous(), cu_k = cu_seqlens_k.to(at::kLong).contiguous();
+  p.cu_seqlens_q = cu_q.const_data_ptr<int64_t>(), p.cu_seqlens_k = cu_k.const_data_ptr<int64_t>();
+  p.total_q = query.size(0), p.total_k = key.size(0);
+  keep = {q, k, v, cu_q, cu_k};
+  if (dropout_p > 0) {
+    at::Tensor offsets = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));
+    int64_t* o = offsets.mutable_data_ptr<int64_t>();
+    for (int64_t b = 0, counters = 0; b < s.B; counters += s.Hq * seqs.L(b) * seqs.S(b), ++b) o[b] = counters;
+    keep.push_back(offsets.to(query.device()));
+    p.dropout_offsets = keep.back().const_data_ptr<int64_t>();
+  }
+  return p;
+}
+
+// The varlen call's shape with the sequences' true longest lengths (the
+// grid's extent; max_seqlen_* may be larger).
+AttentionShape varlen_shape(const AttentionShape& s, const VarlenSequences& seqs) {
+  return {s.B, s.Hq, s.Hkv, seqs.longest_L(), seqs.longest_S(), s.E, s.Ev};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p, int64_t dropout_seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttentionShape checked = check_varlen_args(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                   max_seqlen_k, window_left, window_right, dropout_p, softcap,
+                                                   alibi_slopes);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const VarlenSequences seqs =
+      read_sequences(cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0), max_seqlen_q, max_seqlen_k);
+  const AttentionShape s = varlen_shape(checked, seqs);
+  check_cuda_args(query, s);
+  const int64_t total_q = query.size(0);
+  at::Tensor lse = at::empty({s.Hq, total_q}, query.options().dtype(lse_dtype(query)));
+  if (total_q == 0 || s.Hq == 0) return {at::empty({total_q, s.Hq, s.Ev}, query.options()), lse};
+  std::vector<at::Tensor> keep;
+  cuda::AttentionParams p = varlen_params(query, key, value, cu_seqlens_q, cu_seqlens_k, seqs, s, scale,
+                                          window_left, window_right, dropout_p, dropout_seed, keep);
+  at::Tensor slopes;
+  set_score_options(p, query, softcap, alibi_slopes, slopes);
+  at::Tensor out = at::empty({s.Hq, total_q, p.Ev}, query.options());  // head-major, as the kernels write it
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  launch<true>(p);
+  return {out.narrow(-1, 0, s.Ev).transpose(0, 1).contiguous(), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const at::Tensor& output, const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
+    double dropout_p, int64_t dropout_seed, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttentionShape checked = check_varlen_args(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                   max_seqlen_k, window_left, window_right, dropout_p, softcap,
+                                                   alibi_slopes);
+  const int64_t total_q = query.size(0), total_k = key.size(0);
+  const std::vector<int64_t> out_shape{total_q, checked.Hq, checked.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.varlen_attention backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must be [total_q, H, Dv] = ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({checked.Hq, total_q}),
+                    "bigkernels.varlen_attention backward: lse must be ", lse_dtype(query), " [H, total_q], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(query.device());
+  const VarlenSequences seqs = read_sequences(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k);
+  const AttentionShape s = varlen_shape(checked, seqs);
+  check_cuda_args(query, s);
+  if (total_q == 0 || total_k == 0 || s.Hq == 0) {  // no score: every gradient is 0
+    return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
+            at::zeros_like(value, at::MemoryFormat::Contiguous)};
+  }
+  std::vector<at::Tensor> keep;
+  cuda::AttentionParams p = varlen_params(query, key, value, cu_seqlens_q, cu_seqlens_k, seqs, s, scale,
+                                          window_left, window_right, dropout_p, dropout_seed, keep);
+  at::Tensor slopes;
+  set_score_options(p, query, softcap, alibi_slopes, slopes);
+  // head-major, as the kernels read and write them: dO, delta = rowsum(dO * O) and lse [Hq, total_q, ...]
+  const at::Tensor grad_out = contiguous_for_kernels(grad_output.to(query.scalar_type()).transpose(0, 1), p.Ev);
+  const at::Tensor delta =
+      at::mul(grad_output.to(lse_dtype(query)), output.to(lse_dtype(query))).sum(-1).transpose(0, 1).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad_q = at::empty({s.Hq, total_q, p.E}, query.options());
+  at::Tensor grad_k = at::empty({s.Hkv, total_k, p.E}, query.options());
+  at::Tensor grad_v = at::empty({s.Hkv, total_k, p.Ev}, query.options());
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read only in backward
+  p.delta = delta.const_data_ptr();
+  p.grad_out = grad_out.const_data_ptr();
+  p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
+  launch<false>(p);
+  const auto packed = [](const at::Tensor& g, int64_t dim) { return g.narrow(-1, 0, dim).transpose(0, 1).contiguous(); };
+  return {packed(grad_q, s.E), packed(grad_k, s.E), packed(grad_v, s.Ev)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("varlen_attention_forward", &varlen_attention_forward_cuda);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cuda);
 }
 
 }  // namespace bigkernels

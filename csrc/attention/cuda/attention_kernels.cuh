@@ -176,24 +176,26 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
 #if __CUDA_ARCH__ >= 800
   constexpr int kN = Tiles<kD>::kForwardKeys;
   const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
-  const int64_t i0 = int64_t(blockIdx.y) * kRows, i1 = clamp(i0 + kRows, 0, p.L);
+  const Sequence seq = sequence_of(p, b);
+  const int64_t i0 = int64_t(blockIdx.y) * kRows, i1 = clamp(i0 + kRows, 0, seq.L);
+  if (i0 >= seq.L) return;  // (a shorter packed sequence: the grid is sized for the longest)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   // Q, then K and V of stage 0, then of stage 1 (pointer arithmetic: an
   // array of stage pointers indexed at run time would live in local memory)
   T* sq = reinterpret_cast<T*>(dynamic_smem());
   const auto sk = [&](int stage) { return sq + (kRows + 2 * stage * kN) * kD; };
   const auto sv = [&](int stage) { return sq + (kRows + (2 * stage + 1) * kN) * kD; };
 
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t jlo, jhi;
   w.keys_for(i0, i1, jlo, jhi);
-  load_tile<T, kD>(sq, q, i0, kRows, p.L, p.E, p.q_strides[2]);
+  load_tile<T, kD>(sq, q, i0, kRows, seq.L, p.E, p.q_strides[2]);
   if (jlo < jhi) {
-    load_tile<T, kD>(sk(0), k, jlo, kN, p.S, p.E, p.k_strides[2]);
-    load_tile<T, kD>(sv(0), v, jlo, kN, p.S, p.Ev, p.v_strides[2]);
+    load_tile<T, kD>(sk(0), k, jlo, kN, seq.S, p.E, p.k_strides[2]);
+    load_tile<T, kD>(sv(0), v, jlo, kN, seq.S, p.Ev, p.v_strides[2]);
   }
   __pipeline_commit();
 
@@ -205,8 +207,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     __pipeline_wait_prior(0);
     __syncthreads();  // this tile has landed, and every warp is done with the other stage
     if (j0 + kN < jhi) {  // prefetch the next tile while this one is computed
-      load_tile<T, kD>(sk(stage ^ 1), k, j0 + kN, kN, p.S, p.E, p.k_strides[2]);
-      load_tile<T, kD>(sv(stage ^ 1), v, j0 + kN, kN, p.S, p.Ev, p.v_strides[2]);
+      load_tile<T, kD>(sk(stage ^ 1), k, j0 + kN, kN, seq.S, p.E, p.k_strides[2]);
+      load_tile<T, kD>(sv(stage ^ 1), v, j0 + kN, kN, seq.S, p.Ev, p.v_strides[2]);
     }
     __pipeline_commit();
     if (!tile_has_allowed_pair(p, b, h, i0, kRows, j0, kN)) continue;  // contributes nothing
@@ -246,67 +248,70 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
       for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          s[nt][e] *= dropout_keep(p, b, h, row[e / 2], j0 + nt * 8 + 2 * (lane % 4) + (e & 1));
+          s[nt][e] *= dropout_keep(p, seq, h, row[e / 2], j0 + nt * 8 + 2 * (lane % 4) + (e & 1));
     }
     accumulate_pv<T, kD, kN>(o, s, sv(stage), p.Ev);
   }
   __pipeline_wait_prior(0);  // no copy outlives the block, even when there was no key tile
 
   float inv[2];
+  const int64_t head_row0 = seq.query_rows(h);  // this head's first row in out and lse
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that attends to nothing gives 0
-    if (lane % 4 == 0 && row[r] < p.L) {
-      static_cast<float*>(p.lse)[(b * p.Hq + h) * p.L + row[r]] =
-          l[r] > 0.f ? (m[r] + log2f(l[r])) / kLog2e : -INFINITY;
+    if (lane % 4 == 0 && row[r] < seq.L) {
+      static_cast<float*>(p.lse)[head_row0 + row[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) / kLog2e : -INFINITY;
     }
   }
-  store_rows<T, kD>(static_cast<T*>(p.out) + (b * p.Hq + h) * p.L * p.Ev, o, i0, p.L, p.Ev, inv[0], inv[1]);
+  store_rows<T, kD>(static_cast<T*>(p.out) + head_row0 * p.Ev, o, i0, seq.L, p.Ev, inv[0], inv[1]);
 #endif
 }
 
 // ---- backward, dQ: grid (B * Hq, query tiles) ----
 
-// kShaped: built for softcap and ALiBi (AttentionParams::softcap,
-// alibi_slopes). Built once without them too: with their code in it, the
-// kernel took 207 registers instead of 168 (bf16, head dim 64, sm_90a), 2
-// blocks per SM instead of 3, whether a call used them or not.
-template <typename T, int kD, bool kShaped>
+// kGeneral: built for softcap, ALiBi and packed sequences
+// (AttentionParams::softcap, alibi_slopes, cu_seqlens_q). Built once without
+// them too: with their code in it, the kernel took 203-207 registers instead
+// of 168 (bf16, head dim 64, sm_90a), 2 blocks per SM instead of 3, whether
+// a call used them or not.
+template <typename T, int kD, bool kGeneral>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionParams p) {
 #if __CUDA_ARCH__ >= 800
   constexpr int kN = Tiles<kD>::kBackwardCols;
   const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
-  const int64_t i0 = int64_t(blockIdx.y) * kRows, i1 = clamp(i0 + kRows, 0, p.L);
+  const Sequence seq = sequence_of<kGeneral>(p, b);
+  const int64_t i0 = int64_t(blockIdx.y) * kRows, i1 = clamp(i0 + kRows, 0, seq.L);
+  if (i0 >= seq.L) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t head_row0 = (b * p.Hq + h) * p.L;  // first row of this head in out, lse, delta, dQ
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const int64_t head_row0 = seq.query_rows(h);  // first row of this head in out, lse, delta, dQ
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   const T* dout = static_cast<const T*>(p.grad_out) + head_row0 * p.Ev;
   T* sq = reinterpret_cast<T*>(dynamic_smem());
   T* sdo = sq + kRows * kD;
   T* sk = sdo + kRows * kD;
   T* sv = sk + kN * kD;
 
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t jlo, jhi;
   w.keys_for(i0, i1, jlo, jhi);
-  load_tile<T, kD>(sq, q, i0, kRows, p.L, p.E, p.q_strides[2]);
-  load_tile<T, kD>(sdo, dout, i0, kRows, p.L, p.Ev, p.Ev);
+  load_tile<T, kD>(sq, q, i0, kRows, seq.L, p.E, p.q_strides[2]);
+  load_tile<T, kD>(sdo, dout, i0, kRows, seq.L, p.Ev, p.Ev);
   __pipeline_commit();  // a group of its own: the final wait covers it even when no key tile runs
   const int64_t row[2] = {i0 + warp * 16 + lane / 4, i0 + warp * 16 + lane / 4 + 8};
   float lse[2], delta[2];  // lse in log2 units; -inf for a row with nothing to attend (no gradient)
   for (int r = 0; r < 2; ++r) {
-    const bool in = row[r] < p.L;
+    const bool in = row[r] < seq.L;
     lse[r] = in ? static_cast<const float*>(p.lse)[head_row0 + row[r]] * kLog2e : -INFINITY;
     delta[r] = in ? static_cast<const float*>(p.delta)[head_row0 + row[r]] : 0.f;
   }
   float dq[kD / 8][4] = {};
   for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
     __syncthreads();  // every warp is done with the previous K and V
-    load_tile<T, kD>(sk, k, j0, kN, p.S, p.E, p.k_strides[2]);
-    load_tile<T, kD>(sv, v, j0, kN, p.S, p.Ev, p.v_strides[2]);
+    load_tile<T, kD>(sk, k, j0, kN, seq.S, p.E, p.k_strides[2]);
+    load_tile<T, kD>(sv, v, j0, kN, seq.S, p.Ev, p.v_strides[2]);
     __pipeline_commit();
     __pipeline_wait_prior(0);
     __syncthreads();
@@ -322,10 +327,10 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
         const int r = e / 2;
         const int64_t j = j0 + nt * 8 + 2 * (lane % 4) + (e & 1);
         float cap_slope = 1.f;
-        const float x = masked_score<T, kShaped>(p, w, s[nt][e], b, h, row[r], j, whole, &cap_slope) * kLog2e;
+        const float x = masked_score<T, kGeneral>(p, w, s[nt][e], b, h, row[r], j, whole, &cap_slope) * kLog2e;
         const float prob = lse[r] == -INFINITY ? 0.f : exp2f(x - lse[r]);
         // dS = P * (dP * M - D), M the dropout keep-mask scaled by 1 / (1 - p)
-        const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, row[r], j) : 1.f;
+        const float keep = p.dropout_p > 0.f ? dropout_keep(p, seq, h, row[r], j) : 1.f;
         s[nt][e] = prob * (dp[nt][e] * keep - delta[r]);
         if (p.grad_mask != nullptr && row[r] < p.L && j < p.S) {  // a float mask's gradient is dS
           static_cast<float*>(p.grad_mask)[(head_row0 + row[r]) * p.S + j] = s[nt][e];
@@ -335,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
     accumulate_pv<T, kD, kN>(dq, s, sk, p.E);
   }
   __pipeline_wait_prior(0);  // no copy outlives the block, even when there was no key tile
-  store_rows<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i0, p.L, p.E, p.scale, p.scale);
+  store_rows<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i0, seq.L, p.E, p.scale, p.scale);
 #endif
 }
 
@@ -354,10 +359,12 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   constexpr int kN = Tiles<kD>::kBackwardCols;
   constexpr bool kWantDv = kPart != DkDvPart::kDk, kWantDk = kPart != DkDvPart::kDv;
   const int64_t b = blockIdx.x / p.Hkv, hk = blockIdx.x % p.Hkv, group = p.Hq / p.Hkv;
-  const int64_t j0 = int64_t(blockIdx.y) * kRows, j1 = clamp(j0 + kRows, 0, p.S);
+  const Sequence seq = sequence_of(p, b);
+  const int64_t j0 = int64_t(blockIdx.y) * kRows, j1 = clamp(j0 + kRows, 0, seq.S);
+  if (j0 >= seq.S) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   T* sk = reinterpret_cast<T*>(dynamic_smem());
   T* sv = sk + kRows * kD;
   T* sq = sv + kRows * kD;
@@ -365,25 +372,25 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   float* slse = reinterpret_cast<float*>(sdo + kN * kD);
   float* sdelta = slse + kN;
 
-  load_tile<T, kD>(sk, k, j0, kRows, p.S, p.E, p.k_strides[2]);
-  if constexpr (kWantDk) load_tile<T, kD>(sv, v, j0, kRows, p.S, p.Ev, p.v_strides[2]);  // V only enters dP
+  load_tile<T, kD>(sk, k, j0, kRows, seq.S, p.E, p.k_strides[2]);
+  if constexpr (kWantDk) load_tile<T, kD>(sv, v, j0, kRows, seq.S, p.Ev, p.v_strides[2]);  // V only enters dP
   __pipeline_commit();
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t ilo, ihi;
   w.queries_for(j0, j1, ilo, ihi);
   const int64_t key[2] = {j0 + warp * 16 + lane / 4, j0 + warp * 16 + lane / 4 + 8};
   float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};  // the part's unused one is optimised away
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const int64_t head_row0 = (b * p.Hq + h) * p.L;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+    const int64_t head_row0 = seq.query_rows(h);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
     const T* dout = static_cast<const T*>(p.grad_out) + head_row0 * p.Ev;
     for (int64_t i0 = ilo; i0 < ihi; i0 += kN) {
       __syncthreads();  // every warp is done with the previous queries
-      load_tile<T, kD>(sq, q, i0, kN, p.L, p.E, p.q_strides[2]);
-      load_tile<T, kD>(sdo, dout, i0, kN, p.L, p.Ev, p.Ev);
+      load_tile<T, kD>(sq, q, i0, kN, seq.L, p.E, p.q_strides[2]);
+      load_tile<T, kD>(sdo, dout, i0, kN, seq.L, p.Ev, p.Ev);
       __pipeline_commit();
       for (int c = threadIdx.x; c < kN; c += kThreads) {
-        const bool in = i0 + c < p.L;
+        const bool in = i0 + c < seq.L;
         slse[c] = in ? static_cast<const float*>(p.lse)[head_row0 + i0 + c] * kLog2e : -INFINITY;
         sdelta[c] = in ? static_cast<const float*>(p.delta)[head_row0 + i0 + c] : 0.f;
       }
@@ -404,7 +411,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
           float cap_slope = 1.f;
           const float x = masked_score<T>(p, w, st[nt][e], b, h, i, j, whole, &cap_slope) * kLog2e;
           const float prob = slse[c] == -INFINITY ? 0.f : exp2f(x - slse[c]);
-          const float keep = p.dropout_p > 0.f ? dropout_keep(p, b, h, i, j) : 1.f;
+          const float keep = p.dropout_p > 0.f ? dropout_keep(p, seq, h, i, j) : 1.f;
           st[nt][e] = prob * keep;  // (P * M)^T, for dV
           // dS^T (through the softcap), for dK
           if constexpr (kWantDk) dpt[nt][e] = prob * (dpt[nt][e] * keep - sdelta[c]) * cap_slope;
@@ -414,9 +421,9 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
     }
   }
   __pipeline_wait_prior(0);  // no copy outlives the block, even when no query reaches these keys
-  const int64_t head_key0 = (b * p.Hkv + hk) * p.S;
-  if constexpr (kWantDk) store_rows<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j0, p.S, p.E, p.scale, p.scale);
-  if constexpr (kWantDv) store_rows<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j0, p.S, p.Ev, 1.f, 1.f);
+  const int64_t head_key0 = seq.key_rows(hk);
+  if constexpr (kWantDk) store_rows<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j0, seq.S, p.E, p.scale, p.scale);
+  if constexpr (kWantDv) store_rows<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j0, seq.S, p.Ev, 1.f, 1.f);
 #endif
 }
 
@@ -447,7 +454,7 @@ cudaError_t launch_attention_backward(const AttentionParams& p, cudaStream_t str
   using namespace attention;
   const size_t smem = Tiles<kD>::template backward_smem<T>();
   const dim3 dq_grid(static_cast<unsigned>(p.B * p.Hq), static_cast<unsigned>((p.L + kRows - 1) / kRows));
-  if (p.softcap > 0.f || p.alibi_slopes != nullptr) {
+  if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.cu_seqlens_q != nullptr) {
     if (cudaError_t e = allow_smem(backward_dq_kernel<T, kD, true>, smem); e != cudaSuccess) return e;
     backward_dq_kernel<T, kD, true><<<dq_grid, kThreads, smem, stream>>>(p);
   } else {

@@ -114,23 +114,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
   using Sh = Shape<T, kD>;
   constexpr int kN = Sh::kN;
   const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const Sequence seq = sequence_of(p, b);
   const int64_t i0 = int64_t(blockIdx.y) * Sh::kRows, i = i0 + threadIdx.x / Sh::kTpr;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  if (i0 >= seq.L) return;  // (a shorter packed sequence: the grid is sized for the longest)
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   T* sk = reinterpret_cast<T*>(dynamic_smem());
   T* sv = sk + kN * kD;
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t jlo, jhi;
-  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
+  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, seq.L), jlo, jhi);
 
   RowPart<T, kD> qr, o = {};
-  load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
+  load_row<T, kD>(qr, q, i, seq.L, p.E, p.q_strides[2]);
   A m = -INFINITY, l = 0;
   for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
     __syncthreads();  // every row is done with the previous tile
-    load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
-    load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
+    load_tile<T, kD, kN>(sk, k, j0, seq.S, p.E, p.k_strides[2]);
+    load_tile<T, kD, kN>(sv, v, j0, seq.S, p.Ev, p.v_strides[2]);
     __syncthreads();
     if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // contributes nothing
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
@@ -151,14 +153,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionParams
     for (int jj = 0; jj < kN; ++jj) {
       A prob = exp_acc(s[jj] - shift);
       l += prob;  // the normaliser counts every key, dropped or not
-      if (p.dropout_p > 0.f) prob *= dropout_keep<A>(p, b, h, i, j0 + jj);
+      if (p.dropout_p > 0.f) prob *= dropout_keep<A>(p, seq, h, i, j0 + jj);
       axpy<T, kD>(o, prob, sv + jj * kD);
     }
   }
-  store_row<T, kD>(static_cast<T*>(p.out) + (b * p.Hq + h) * p.L * p.Ev, o, i, p.L, p.Ev,
+  const int64_t head_row0 = seq.query_rows(h);  // this head's first row in out and lse
+  store_row<T, kD>(static_cast<T*>(p.out) + head_row0 * p.Ev, o, i, seq.L, p.Ev,
                    l > 0 ? A(1) / l : A(0));  // a row that attends to nothing gives 0
-  if (threadIdx.x % Sh::kTpr == 0 && i < p.L) {
-    static_cast<A*>(p.lse)[(b * p.Hq + h) * p.L + i] = l > 0 ? m + log_acc(l) : A(-INFINITY);
+  if (threadIdx.x % Sh::kTpr == 0 && i < seq.L) {
+    static_cast<A*>(p.lse)[head_row0 + i] = l > 0 ? m + log_acc(l) : A(-INFINITY);
   }
 }
 
@@ -170,26 +173,28 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
   using Sh = Shape<T, kD>;
   constexpr int kN = Sh::kN;
   const int64_t b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const Sequence seq = sequence_of(p, b);
   const int64_t i0 = int64_t(blockIdx.y) * Sh::kRows, i = i0 + threadIdx.x / Sh::kTpr;
-  const int64_t head_row0 = (b * p.Hq + h) * p.L;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  if (i0 >= seq.L) return;
+  const int64_t head_row0 = seq.query_rows(h);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   T* sk = reinterpret_cast<T*>(dynamic_smem());
   T* sv = sk + kN * kD;
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t jlo, jhi;
-  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, p.L), jlo, jhi);
+  w.keys_for(i0, clamp(i0 + Sh::kRows, 0, seq.L), jlo, jhi);
 
   RowPart<T, kD> qr, dor, dq = {};
-  load_row<T, kD>(qr, q, i, p.L, p.E, p.q_strides[2]);
-  load_row<T, kD>(dor, static_cast<const T*>(p.grad_out) + head_row0 * p.Ev, i, p.L, p.Ev, p.Ev);
-  const A lse = i < p.L ? static_cast<const A*>(p.lse)[head_row0 + i] : A(-INFINITY);
-  const A delta = i < p.L ? static_cast<const A*>(p.delta)[head_row0 + i] : A(0);
+  load_row<T, kD>(qr, q, i, seq.L, p.E, p.q_strides[2]);
+  load_row<T, kD>(dor, static_cast<const T*>(p.grad_out) + head_row0 * p.Ev, i, seq.L, p.Ev, p.Ev);
+  const A lse = i < seq.L ? static_cast<const A*>(p.lse)[head_row0 + i] : A(-INFINITY);
+  const A delta = i < seq.L ? static_cast<const A*>(p.delta)[head_row0 + i] : A(0);
   for (int64_t j0 = jlo; j0 < jhi; j0 += kN) {
     __syncthreads();
-    load_tile<T, kD, kN>(sk, k, j0, p.S, p.E, p.k_strides[2]);
-    load_tile<T, kD, kN>(sv, v, j0, p.S, p.Ev, p.v_strides[2]);
+    load_tile<T, kD, kN>(sk, k, j0, seq.S, p.E, p.k_strides[2]);
+    load_tile<T, kD, kN>(sv, v, j0, seq.S, p.Ev, p.v_strides[2]);
     __syncthreads();
     if (!tile_has_allowed_pair(p, b, h, i0, Sh::kRows, j0, kN)) continue;  // no gradient flows through it
     const bool whole = w.whole(i0, i0 + Sh::kRows, j0, j0 + kN);
@@ -198,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
       const A x = masked_score<T>(p, w, dot<T, kD>(qr, sk + jj * kD), b, h, i, j0 + jj, whole, &cap_slope);
       const A dp = dot<T, kD>(dor, sv + jj * kD);
       const A prob = lse == -INFINITY ? A(0) : exp_acc(x - lse);  // a row that attends to nothing: no gradient
-      const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j0 + jj) : A(1);
+      const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, seq, h, i, j0 + jj) : A(1);
       const A ds = prob * (dp * keep - delta);  // dS = P * (dP * M - D)
       axpy<T, kD>(dq, ds * cap_slope, sk + jj * kD);  // (through the softcap)
       if (p.grad_mask != nullptr && threadIdx.x % Sh::kTpr == 0 && i < p.L && j0 + jj < p.S) {
@@ -206,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(const AttentionPa
       }
     }
   }
-  store_row<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i, p.L, p.E, static_cast<A>(p.scale));
+  store_row<T, kD>(static_cast<T*>(p.grad_q) + head_row0 * p.E, dq, i, seq.L, p.E, static_cast<A>(p.scale));
 }
 
 // ---- backward, dK and dV: grid (B * Hkv, key tiles) ----
@@ -217,30 +222,32 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
   using Sh = Shape<T, kD>;
   constexpr int kN = Sh::kN;
   const int64_t b = blockIdx.x / p.Hkv, hk = blockIdx.x % p.Hkv, group = p.Hq / p.Hkv;
+  const Sequence seq = sequence_of(p, b);
   const int64_t j0 = int64_t(blockIdx.y) * Sh::kRows, j = j0 + threadIdx.x / Sh::kTpr;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  if (j0 >= seq.S) return;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1] + seq.k0 * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1] + seq.k0 * p.v_strides[2];
   T* sq = reinterpret_cast<T*>(dynamic_smem());
   T* sdo = sq + kN * kD;
   A* slse = reinterpret_cast<A*>(sdo + kN * kD);
   A* sdelta = slse + kN;
-  const Window w{p.window_left, p.window_right, p.diagonal_offset, p.L, p.S};
+  const Window w{p.window_left, p.window_right, seq.diagonal, seq.L, seq.S};
   int64_t ilo, ihi;
-  w.queries_for(j0, clamp(j0 + Sh::kRows, 0, p.S), ilo, ihi);
+  w.queries_for(j0, clamp(j0 + Sh::kRows, 0, seq.S), ilo, ihi);
 
   RowPart<T, kD> kr, vr, dk = {}, dv = {};
-  load_row<T, kD>(kr, k, j, p.S, p.E, p.k_strides[2]);
-  load_row<T, kD>(vr, v, j, p.S, p.Ev, p.v_strides[2]);
+  load_row<T, kD>(kr, k, j, seq.S, p.E, p.k_strides[2]);
+  load_row<T, kD>(vr, v, j, seq.S, p.Ev, p.v_strides[2]);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const int64_t head_row0 = (b * p.Hq + h) * p.L;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+    const int64_t head_row0 = seq.query_rows(h);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + seq.q0 * p.q_strides[2];
     const T* dout = static_cast<const T*>(p.grad_out) + head_row0 * p.Ev;
     for (int64_t i0 = ilo; i0 < ihi; i0 += kN) {
       __syncthreads();
-      load_tile<T, kD, kN>(sq, q, i0, p.L, p.E, p.q_strides[2]);
-      load_tile<T, kD, kN>(sdo, dout, i0, p.L, p.Ev, p.Ev);
+      load_tile<T, kD, kN>(sq, q, i0, seq.L, p.E, p.q_strides[2]);
+      load_tile<T, kD, kN>(sdo, dout, i0, seq.L, p.Ev, p.Ev);
       for (int c = threadIdx.x; c < kN; c += kThreads) {
-        const bool in = i0 + c < p.L;
+        const bool in = i0 + c < seq.L;
         slse[c] = in ? static_cast<const A*>(p.lse)[head_row0 + i0 + c] : A(-INFINITY);
         sdelta[c] = in ? static_cast<const A*>(p.delta)[head_row0 + i0 + c] : A(0);
       }
@@ -253,15 +260,15 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(const Attention
         const A x = masked_score<T>(p, w, dot<T, kD>(kr, sq + ii * kD), b, h, i, j, whole, &cap_slope);
         const A dp = dot<T, kD>(vr, sdo + ii * kD);
         const A prob = slse[ii] == -INFINITY ? A(0) : exp_acc(x - slse[ii]);
-        const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, b, h, i, j) : A(1);
+        const A keep = p.dropout_p > 0.f ? dropout_keep<A>(p, seq, h, i, j) : A(1);
         axpy<T, kD>(dv, prob * keep, sdo + ii * kD);                                    // dV += (P * M)^T dO
         axpy<T, kD>(dk, prob * (dp * keep - sdelta[ii]) * cap_slope, sq + ii * kD);  // dK += dS^T Q
       }
     }
   }
-  const int64_t head_key0 = (b * p.Hkv + hk) * p.S;
-  store_row<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j, p.S, p.E, static_cast<A>(p.scale));
-  store_row<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j, p.S, p.Ev, A(1));
+  const int64_t head_key0 = seq.key_rows(hk);
+  store_row<T, kD>(static_cast<T*>(p.grad_k) + head_key0 * p.E, dk, j, seq.S, p.E, static_cast<A>(p.scale));
+  store_row<T, kD>(static_cast<T*>(p.grad_v) + head_key0 * p.Ev, dv, j, seq.S, p.Ev, A(1));
 }
 
 }  // namespace simt

@@ -27,7 +27,8 @@ struct AttentionParams {
   float scale;
   // Element (b, h, i, j) is kept when counter_uniform(dropout_seed,
   // ((b * Hq + h) * L + i) * S + j) >= dropout_p (common/counter_rng.h),
-  // as on the CPU: the same seed drops the same elements on both devices.
+  // as on the CPU: the same seed drops the same elements on both devices
+  // (packed sequences: see cu_seqlens_q).
   float dropout_p;
   uint64_t dropout_seed;
   int64_t window_left, window_right, diagonal_offset;  // key j is allowed for query i when
@@ -39,6 +40,17 @@ struct AttentionParams {
   float softcap;
   const void* alibi_slopes;
   int64_t alibi_batch_stride;
+  // Sequences packed end to end (varlen; null: the [B, ...] layouts here):
+  // batch b is sequence b, its queries rows cu_seqlens_q[b] .. [b + 1] of q
+  // (q_strides[0] is 0, rows position strides apart), its keys likewise of
+  // k and v; L and S are the longest. Each has its own bottom-right
+  // diagonal, S_b - L_b (diagonal_offset unused), and its dropout counters
+  // start at dropout_offsets[b] (element (b, h, i, j): dropout_offsets[b] +
+  // (h * L_b + i) * S_b + j; null without dropout). out, lse, delta,
+  // grad_out and grad_q are then head-major over the packed rows,
+  // [Hq, total_q, ...], and grad_k, grad_v [Hkv, total_k, ...].
+  const int64_t *cu_seqlens_q, *cu_seqlens_k, *dropout_offsets;
+  int64_t total_q, total_k;
   void* out;  // [B, Hq, L, Ev], contiguous
   void* lse;  // [B, Hq, L], float (double for fp64)
   // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out)

@@ -344,6 +344,168 @@ void run_case(const Case& c, double tol) {
   if (!grad_mask.empty()) compare("grad_mask", grad_mask.data(), ref_ds);
 }
 
+// Sequences packed end to end (AttentionParams::cu_seqlens_q): q [Tq, Hq, E],
+// k [Tk, Hkv, E], v [Tk, Hkv, Ev] as the op passes them (batch strides 0),
+// out, lse, dO, delta and the gradients head-major over the packed rows;
+// each sequence against a float64 reference of its own, bottom-right.
+struct VarlenCase {
+  std::vector<int64_t> lens_q, lens_k;
+  int Hq, Hkv, E, Ev;
+  int64_t left = -1, right = -1;
+  float dropout = 0.f, softcap = 0.f;
+  std::string name() const {
+    std::string s = "varlen q";
+    for (int64_t n : lens_q) s += " " + std::to_string(n);
+    s += " k";
+    for (int64_t n : lens_k) s += " " + std::to_string(n);
+    char rest[120];
+    std::snprintf(rest, sizeof rest, " H%d/%d E%d Ev%d window(%lld,%lld) p%.2f cap%.1f", Hq, Hkv, E, Ev,
+                  (long long)left, (long long)right, dropout, softcap);
+    return s + rest;
+  }
+};
+
+template <typename T>
+void run_varlen_case(const VarlenCase& c, double tol) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const std::string tag = std::string(name_of<T>()) + " " + c.name();
+  const int64_t B = c.lens_q.size(), Hq = c.Hq, Hkv = c.Hkv, E = c.E, Ev = c.Ev;
+  std::vector<int64_t> cu_q{0}, cu_k{0}, offsets;
+  int64_t max_q = 0, max_k = 0, counters = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    cu_q.push_back(cu_q.back() + c.lens_q[b]), cu_k.push_back(cu_k.back() + c.lens_k[b]);
+    max_q = std::max(max_q, c.lens_q[b]), max_k = std::max(max_k, c.lens_k[b]);
+    offsets.push_back(counters);
+    counters += Hq * c.lens_q[b] * c.lens_k[b];
+  }
+  const int64_t Tq = cu_q.back(), Tk = cu_k.back();
+  std::mt19937 gen(Tq * 7919 + Tk * 31 + E);
+  std::normal_distribution<double> nd;
+  Buffer<T> q(Tq * Hq * E), k(Tk * Hkv * E), v(Tk * Hkv * Ev), out(Hq * Tq * Ev), dout(Hq * Tq * Ev);
+  Buffer<T> dq(Hq * Tq * E), dk(Hkv * Tk * E), dv(Hkv * Tk * Ev);
+  for (int64_t i = 0; i < Tq * Hq * E; ++i) q.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < Tk * Hkv * E; ++i) k.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < Tk * Hkv * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < Hq * Tq * Ev; ++i) dout.p[i] = from_d<T>(nd(gen));
+  auto Q = [&](int64_t row, int64_t h, int64_t e) { return to_d(q.p[(row * Hq + h) * E + e]); };
+  auto K = [&](int64_t row, int64_t h, int64_t e) { return to_d(k.p[(row * Hkv + h) * E + e]); };
+  auto V = [&](int64_t row, int64_t h, int64_t e) { return to_d(v.p[(row * Hkv + h) * Ev + e]); };
+
+  AttentionParams p{};
+  p.dtype = dtype_of<T>();
+  p.q = q.p, p.k = k.p, p.v = v.p;
+  const int64_t qs[3] = {0, E, Hq * E}, ks[3] = {0, E, Hkv * E}, vs[3] = {0, Ev, Hkv * Ev};
+  std::memcpy(p.q_strides, qs, sizeof qs), std::memcpy(p.k_strides, ks, sizeof ks), std::memcpy(p.v_strides, vs, sizeof vs);
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.L = max_q, p.S = max_k, p.E = E, p.Ev = Ev;
+  p.scale = 1.0f / std::sqrt((float)E);
+  p.dropout_p = c.dropout;
+  p.dropout_seed = 0x5eed + Tq;
+  p.window_left = c.left, p.window_right = c.right;
+  p.softcap = c.softcap;
+  p.cu_seqlens_q = cu_q.data(), p.cu_seqlens_k = cu_k.data(), p.total_q = Tq, p.total_k = Tk;
+  p.dropout_offsets = c.dropout > 0 ? offsets.data() : nullptr;
+  std::vector<A> lse(Hq * Tq), delta(Hq * Tq);
+  p.out = out.p, p.lse = lse.data();
+  expect(launch<T, true>(p) == cudaSuccess, tag + ": forward launch");
+
+  const double scale = p.scale, keep_scale = 1.0 / (1.0 - c.dropout);
+  std::vector<double> ref_dq(Hq * Tq * E, 0.0), ref_dk(Hkv * Tk * E, 0.0), ref_dv(Hkv * Tk * Ev, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = c.lens_q[b], S = c.lens_k[b], q0 = cu_q[b], k0 = cu_k[b];
+    std::vector<double> P(S), M(S), CS(S, 1.0);
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / (Hq / Hkv);
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t pos = i + S - L, row = h * Tq + q0 + i;  // bottom-right; head-major row
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          if ((c.left >= 0 && j < pos - c.left) || (c.right >= 0 && j > pos + c.right)) { P[j] = -INFINITY; continue; }
+          double x = 0;
+          for (int64_t e = 0; e < E; ++e) x += Q(q0 + i, h, e) * K(k0 + j, hk, e);
+          x *= scale;
+          if (c.softcap > 0) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t, CS[j] = 1 - t * t;
+          }
+          P[j] = x;
+          mx = std::max(mx, x);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < S; ++j) sum += P[j] = mx == -INFINITY ? 0 : std::exp(P[j] - mx);
+        for (int64_t j = 0; j < S; ++j) {
+          P[j] = sum > 0 ? P[j] / sum : 0;
+          const uint64_t counter = static_cast<uint64_t>(offsets[b] + (h * L + i) * S + j);
+          M[j] = c.dropout > 0 ? (counter_uniform(p.dropout_seed, counter) >= c.dropout ? keep_scale : 0) : 1;
+        }
+        const double want_lse = sum > 0 ? mx + std::log(sum) : -INFINITY;
+        expect(std::isinf(want_lse) ? lse[row] == want_lse : std::fabs(lse[row] - want_lse) <= tol * (1 + std::fabs(want_lse)),
+               tag + ": lse of sequence " + std::to_string(b) + " row " + std::to_string(i));
+        double d = 0;
+        for (int64_t e = 0; e < Ev; ++e) {
+          double o = 0;
+          for (int64_t j = 0; j < S; ++j) o += P[j] * M[j] * V(k0 + j, hk, e);
+          const double got = to_d(out.p[row * Ev + e]);
+          worst_out = std::max(worst_out, std::fabs(got - o) / (tol * (1 + std::fabs(o))));
+          expect(std::fabs(got - o) <= tol * (1 + std::fabs(o)), tag + ": out of sequence " + std::to_string(b) +
+                                                                     " row " + std::to_string(i) + " got " +
+                                                                     std::to_string(got) + " want " + std::to_string(o));
+          d += to_d(dout.p[row * Ev + e]) * got;
+        }
+        delta[row] = static_cast<A>(d);
+        for (int64_t j = 0; j < S; ++j) {
+          if (P[j] == 0) continue;
+          double dpm = 0;
+          for (int64_t e = 0; e < Ev; ++e) {
+            dpm += to_d(dout.p[row * Ev + e]) * V(k0 + j, hk, e);
+            ref_dv[(hk * Tk + k0 + j) * Ev + e] += P[j] * M[j] * to_d(dout.p[row * Ev + e]);
+          }
+          const double ds = P[j] * (dpm * M[j] - d) * CS[j];
+          for (int64_t e = 0; e < E; ++e) {
+            ref_dq[row * E + e] += scale * ds * K(k0 + j, hk, e);
+            ref_dk[(hk * Tk + k0 + j) * E + e] += scale * ds * Q(q0 + i, h, e);
+          }
+        }
+      }
+    }
+  }
+  p.grad_out = dout.p, p.delta = delta.data();
+  p.grad_q = dq.p, p.grad_k = dk.p, p.grad_v = dv.p;
+  expect(launch<T, false>(p) == cudaSuccess, tag + ": backward launch");
+  auto compare = [&](const char* what, const T* got, const std::vector<double>& want) {
+    double biggest = 0;
+    for (double w : want) biggest = std::max(biggest, std::fabs(w));
+    int shown = 0;
+    for (size_t x = 0; x < want.size(); ++x) {
+      const double g = to_d(got[x]);
+      worst_grad = std::max(worst_grad, std::fabs(g - want[x]) / (tol * (1 + biggest)));
+      const bool ok = std::fabs(g - want[x]) <= tol * (1 + biggest) && std::isfinite(g);
+      expect(ok || shown > 3, tag + ": " + what + "[" + std::to_string(x) + "] got " + std::to_string(g) + " want " +
+                                  std::to_string(want[x]));
+      shown += !ok;
+    }
+  };
+  compare("dq", dq.p, ref_dq);
+  compare("dk", dk.p, ref_dk);
+  compare("dv", dv.p, ref_dv);
+}
+
+template <typename T>
+void run_varlen_all(double tol, bool quick = false) {
+  // empty sequences, one row, more than a tile, keys longer and shorter than queries
+  VarlenCase mixed{{5, 0, 70, 1, 129}, {5, 3, 70, 0, 129}, 4, 2, 64, 64};
+  run_varlen_case<T>(mixed, tol);
+  VarlenCase causal{{3, 40, 66}, {90, 40, 20}, 2, 2, 64, 64};
+  causal.right = 0;  // bottom-right per sequence: the 46 first rows of the last see no key
+  run_varlen_case<T>(causal, tol);
+  if (quick) return;
+  VarlenCase window{{33, 100}, {33, 130}, 2, 1, 128, 128};
+  window.left = 10, window.right = 4;
+  run_varlen_case<T>(window, tol);
+  VarlenCase shaped{{17, 64, 2}, {17, 64, 40}, 4, 1, 256, 256};
+  shaped.right = 0, shaped.dropout = 0.25f, shaped.softcap = 2.f;
+  run_varlen_case<T>(shaped, tol);
+}
+
 // The op's rule for reading a tensor in place (launchers.h): a contiguous
 // view at an odd storage offset must be refused, so that it gets copied.
 static void check_layout_rule() {
@@ -478,6 +640,8 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--quick") {  // the race check's set (ThreadSanitizer): each kernel family
     run_all<__nv_bfloat16>(6e-3, /*quick=*/true);
     run_all<float>(5e-6, /*quick=*/true);
+    run_varlen_all<__nv_bfloat16>(6e-3, /*quick=*/true);
+    run_varlen_all<float>(5e-6, /*quick=*/true);
     std::printf("%d checks, %d failures\n", checks, failures);
     return failures != 0;
   }
@@ -485,15 +649,18 @@ int main(int argc, char** argv) {
   check_layout_rule();
   check_fragments();
   run_all<__nv_bfloat16>(6e-3);
+  run_varlen_all<__nv_bfloat16>(6e-3);
   std::printf("bf16: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   worst_out = worst_grad = 0;
   run_all<__half>(1e-3);
   std::printf("fp16: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   worst_out = worst_grad = 0;
   run_all<float>(5e-6);
+  run_varlen_all<float>(5e-6);
   std::printf("fp32: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   worst_out = worst_grad = 0;
   run_all<double>(1e-13, /*quick=*/true);
+  run_varlen_all<double>(1e-13, /*quick=*/true);
   std::printf("fp64: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures != 0;
