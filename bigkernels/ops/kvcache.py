@@ -1,7 +1,8 @@
 """Decoding attention against a KV cache, flash-attention's
 flash_attn_with_kvcache: the new keys and values written into the cache in
 place (contiguous or paged), rotary embedding, softcap and ALiBi; the
-bigkernels::attention_kvcache_forward op (csrc/attention/) attends. Forward
+bigkernels::attention_kvcache_forward op (csrc/attention/) attends (on CUDA
+contiguous caches only, for now: paged ones run the reference). Forward
 only (inference).
 """
 
@@ -11,7 +12,7 @@ import warnings
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe
+from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe, _kernel_refusal
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -63,12 +64,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if rotary_cos is not None:
         q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, rotary_interleaved,
                        positions_per_query=right >= 0 or left >= 0)
-    if _ext.LOADED and q.device.type in ("cpu", "meta"):
+    refusal = _kernel_refusal(q, v_cache)
+    if refusal is None and paged and q.device.type == "cuda":
+        refusal = "paged caches on CUDA"
+    if refusal is None:
         # the op writes k and v into the caches, checking cache_seqlens and the pages in use
         out, lse = torch.ops.bigkernels.attention_kvcache_forward(q, k_cache, v_cache, k, v, seqlens, block_table,
                                                                   scale, left, right, float(softcap), alibi_slopes)
     else:
-        _warn_reference_once(q.device.type)
+        _warn_reference_once(refusal)
         seqlens_k = _append_checked(q, k_cache, v_cache, k, v, seqlens, block_table, capacity)
         out, lse = reference.attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, scale,
                                                     window=(left, right), softcap=float(softcap),
@@ -79,12 +83,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
 _WARNED = set()
 
 
-def _warn_reference_once(device_type):
-    if not _ext.LOADED or device_type in _WARNED:
+def _warn_reference_once(reason):
+    if not _ext.LOADED or reason in _WARNED:
         return  # importing bigkernels already warned about a missing extension
-    _WARNED.add(device_type)
-    warnings.warn(f"bigkernels.attention_with_kvcache: no kernel for {device_type} tensors yet; this runs on the "
-                  "pure-PyTorch reference, one batch at a time", stacklevel=3)
+    _WARNED.add(reason)
+    warnings.warn(f"bigkernels.attention_with_kvcache: no kernel for {reason}; this runs on the pure-PyTorch "
+                  "reference, one batch at a time", stacklevel=3)
 
 
 def _compiling():

@@ -199,6 +199,18 @@ VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor&
   return seqs;
 }
 
+at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, int64_t Lk) {
+  at::Tensor lens = cache_seqlens.to(at::kCPU, at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  int64_t* len = lens.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < lens.numel(); ++b) {
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + Lk <= capacity, "bigkernels.attention_with_kvcache: cache_seqlens[",
+                      b, "] is ", len[b], ": it must lie in [0, capacity - Lk] = [0, ", capacity - Lk, "] (the cache "
+                      "holds ", capacity, " keys per batch, ", Lk, " new ones come)");
+    len[b] += Lk;
+  }
+  return lens;
+}
+
 int64_t VarlenSequences::longest_L() const {
   int64_t n = 0;
   for (int64_t b = 0; b < count(); ++b) n = std::max(n, L(b));

@@ -68,6 +68,11 @@ struct VarlenSequences {
 VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
                                int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
+// Each batch's keys after a KV-cache append, cache_seqlens + Lk, read on the
+// CPU (int64 [B]) and checked to lie within the capacity (the message names
+// cache_seqlens).
+at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, int64_t Lk);
+
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).
 at::ScalarType lse_dtype(const at::Tensor& query);

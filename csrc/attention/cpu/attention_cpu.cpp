@@ -444,15 +444,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
   AttentionShape s = check_kvcache_args(query, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                                         window_left, window_right, softcap, alibi_slopes);
   const int64_t capacity = s.S, Lk = k_new.has_value() ? k_new->size(1) : 0;
-  // each batch's keys after the append: cache_seqlens + Lk, within the capacity
-  at::Tensor lens = cache_seqlens.to(at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor lens = kvcache_lengths(cache_seqlens, capacity, Lk);  // each batch's keys after the append
   int64_t* len = lens.mutable_data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.B; ++b) {
-    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + Lk <= capacity, "bigkernels.attention_with_kvcache: cache_seqlens[",
-                      b, "] is ", len[b], ": it must lie in [0, capacity - Lk] = [0, ", capacity - Lk, "] (the cache "
-                      "holds ", capacity, " keys per batch, ", Lk, " new ones come)");
-    len[b] += Lk;
-  }
   s.S = s.B > 0 ? *std::max_element(len, len + s.B) : 0;
   at::Tensor table;
   const int64_t page_size = k_cache.size(1);

@@ -53,6 +53,7 @@ __device__ __forceinline__ Sequence sequence_of(const AttentionParams& p, int64_
   Sequence s;
   if (!kPacked || p.cu_seqlens_q == nullptr) {
     s.q0 = 0, s.k0 = 0, s.L = p.L, s.S = p.S, s.diagonal = p.diagonal_offset;
+    if (kPacked && p.seqlens_k != nullptr) s.S = p.seqlens_k[b], s.diagonal = s.S - p.L;
     s.query_row0 = b * p.Hq * p.L, s.query_head_stride = p.L;
     s.key_row0 = b * p.Hkv * p.S, s.key_head_stride = p.S;
     s.dropout_batch = b, s.dropout0 = 0;
@@ -88,6 +89,26 @@ struct Window {
   }
 };
 
+// ALiBi's slope for head h of batch b (AttentionParams::alibi_slopes).
+template <typename A>
+__device__ __forceinline__ A alibi_slope(const AttentionParams& p, int64_t b, int64_t h) {
+  return static_cast<const A*>(p.alibi_slopes)[b * p.alibi_batch_stride + h];
+}
+
+// A scaled score x capped (AttentionParams::softcap) and given ALiBi's bias
+// -slope * |distance| (distance: the query's key position minus the key's;
+// slope 0 without ALiBi). cap_slope (when given) gets 1 - tanh^2.
+template <typename A>
+__device__ __forceinline__ A shaped_score(const AttentionParams& p, A x, A slope, int64_t distance,
+                                          A* cap_slope = nullptr) {
+  if (p.softcap > 0.f) {
+    const A cap = static_cast<A>(p.softcap), t = tanh_acc(x / cap);
+    x = cap * t;
+    if (cap_slope != nullptr) *cap_slope = A(1) - t * t;
+  }
+  return x - slope * static_cast<A>(distance < 0 ? -distance : distance);
+}
+
 // The scaled score of (i, j) from the dot product `acc`, capped and given
 // ALiBi's bias (AttentionParams::softcap, alibi_slopes), plus a float mask,
 // or -inf where the window, the bounds or a bool mask exclude it. `whole`:
@@ -99,15 +120,9 @@ template <typename T, bool kShaped = true, typename A>
 __device__ __forceinline__ A masked_score(const AttentionParams& p, const Window& w, A acc, int64_t b, int64_t h,
                                           int64_t i, int64_t j, bool whole, A* cap_slope = nullptr) {
   A x = acc * static_cast<A>(p.scale);
-  if (kShaped && p.softcap > 0.f) {
-    const A cap = static_cast<A>(p.softcap), t = tanh_acc(x / cap);
-    x = cap * t;
-    if (cap_slope != nullptr) *cap_slope = A(1) - t * t;
-  }
-  if (kShaped && p.alibi_slopes != nullptr) {
-    const int64_t distance = i + w.offset - j;
-    x -= static_cast<const A*>(p.alibi_slopes)[b * p.alibi_batch_stride + h] *
-         static_cast<A>(distance < 0 ? -distance : distance);
+  if (kShaped && (p.softcap > 0.f || p.alibi_slopes != nullptr)) {
+    const A slope = p.alibi_slopes != nullptr ? alibi_slope<A>(p, b, h) : A(0);
+    x = shaped_score(p, x, slope, i + w.offset - j, cap_slope);
   }
   if (!whole && (i >= w.L || j >= w.S || !w.allows(i, j))) return -INFINITY;
   if (p.mask != nullptr) {

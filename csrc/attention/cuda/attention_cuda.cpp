@@ -2,8 +2,12 @@
 // need, raw-pointer launches on the current stream. fp16 and bf16 run on
 // tensor cores (attention_kernels.cuh, sm_80+), float32 and float64 on the
 // SIMT kernels (attention_simt.cuh, any GPU).
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_put.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -329,9 +333,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
   return {packed(grad_q, s.E), packed(grad_k, s.E), packed(grad_v, s.Ev)};
 }
 
+// The decoding kernel for the dtype and the head-dim bucket.
+template <typename T>
+cudaError_t launch_decode_for(const cuda::AttentionParams& p, cudaStream_t stream, int bucket) {
+  switch (bucket) {
+    case 64: return cuda::launch_attention_decode<T, 64>(p, stream);
+    case 128: return cuda::launch_attention_decode<T, 128>(p, stream);
+    default: return cuda::launch_attention_decode<T, 256>(p, stream);
+  }
+}
+
+// Rows per key head (a GQA group's heads x the new queries) up to which a
+// KV-cache call runs the decoding kernel (two of its row groups); past it,
+// the forward kernels' 64-row tiles have rows enough.
+constexpr int64_t kMaxDecodeRows = 16;
+
+// Decoding against a contiguous KV cache [B, capacity, Hkv, D]: the new keys
+// appended in place (PyTorch's index_put_), then the decoding kernel (few
+// rows per key head: the keys split over the SMs) or the forward kernels
+// with per-batch key counts (AttentionParams::seqlens_k). Paged caches run
+// the PyTorch reference (bigkernels/ops/kvcache.py).
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  AttentionShape s = check_kvcache_args(query, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                        window_left, window_right, softcap, alibi_slopes);
+  TORCH_CHECK_NOT_IMPLEMENTED(!block_table.has_value(), "bigkernels.attention_with_kvcache: paged caches have no "
+                              "CUDA kernel yet (the Python front runs them on the PyTorch reference)");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t Lk = k_new.has_value() ? k_new->size(1) : 0;
+  const at::Tensor lens = kvcache_lengths(cache_seqlens, s.S, Lk);  // checked on the host
+  if (Lk > 0) {
+    const at::Tensor start = cache_seqlens.to(at::kLong).unsqueeze(1);
+    const at::Tensor positions = start + at::arange(Lk, start.options()).unsqueeze(0);
+    const at::Tensor batch = at::arange(s.B, start.options()).unsqueeze(1);
+    k_cache.index_put_({batch, positions}, *k_new);
+    v_cache.index_put_({batch, positions}, *v_new);
+  }
+  s.S = s.B > 0 ? lens.max().item<int64_t>() : 0;
+  at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, query.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
+  if (out.numel() == 0) return {out.transpose(1, 2).contiguous(), lse.fill_(-INFINITY)};
+  check_cuda_args(query, s);
+  const at::Tensor seqlens_k = lens.to(query.device());
+  // [B, H, L|S, D] views of q and the caches
+  const at::Tensor q4 = query.transpose(1, 2), k4 = k_cache.transpose(1, 2), v4 = v_cache.transpose(1, 2);
+  const bool decode = s.Hq / s.Hkv * s.L <= kMaxDecodeRows;
+  // the decoding kernel reads any strides with a contiguous last dim; the
+  // forward kernels want 16-byte rows (kernel_layout pads or copies)
+  const auto unit_last = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = decode ? unit_last(q4) : kernel_layout(q4), k = decode ? k4 : kernel_layout(k4);
+  const at::Tensor v = decode ? v4 : kernel_layout(v4);
+  cuda::AttentionParams p = make_params(s, q, k, v, at::Tensor(), scale, window_left, window_right, 0, 0.0, 0);
+  p.seqlens_k = seqlens_k.const_data_ptr<int64_t>();
+  at::Tensor slopes;
+  set_score_options(p, query, softcap, alibi_slopes, slopes);
+  at::Tensor out_k = decode ? out : at::empty({s.B, s.Hq, s.L, p.Ev}, query.options());  // (padded Ev)
+  p.out = out_k.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  if (!decode) {
+    launch<true>(p);
+    return {out_k.narrow(-1, 0, s.Ev).transpose(1, 2).contiguous(), lse};
+  }
+  // Splits of the keys until the blocks fill every SM twice, each of 256+ keys.
+  const int bucket = cuda::attention_head_dim_bucket(std::max(s.E, s.Ev));
+  const int64_t row_groups = (s.Hq / s.Hkv * s.L + cuda::attention_decode_rows_per_block(query.element_size(), bucket) -
+                              1) / cuda::attention_decode_rows_per_block(query.element_size(), bucket);
+  const int64_t blocks = s.B * s.Hkv * row_groups, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.splits = std::max<int64_t>(1, std::min((2 * sms + blocks - 1) / blocks, (s.S + 255) / 256));
+  p.keys_per_split = std::max<int64_t>(1, (s.S + p.splits - 1) / p.splits);
+  p.splits = std::max<int64_t>(1, (s.S + p.keys_per_split - 1) / p.keys_per_split);
+  TORCH_CHECK_VALUE(p.splits <= 65535, "bigkernels.attention_with_kvcache: too many keys for the CUDA grid");
+  at::Tensor split_out, split_lse;
+  if (p.splits > 1) {
+    split_out = at::empty({p.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
+    split_lse = at::empty({p.splits, s.B, s.Hq, s.L}, lse.options());
+    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = cudaSuccess;
+  switch (p.dtype) {
+    case cuda::AttentionDType::kFloat16: e = launch_decode_for<__half>(p, stream, bucket); break;
+    case cuda::AttentionDType::kBFloat16: e = launch_decode_for<__nv_bfloat16>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat32: e = launch_decode_for<float>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat64: e = launch_decode_for<double>(p, stream, bucket); break;
+  }
+  C10_CUDA_CHECK(e);
+  return {out.transpose(1, 2).contiguous(), lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bigkernels, CUDA, m) {
+  m.impl("attention_kvcache_forward", &attention_kvcache_forward_cuda);
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("varlen_attention_forward", &varlen_attention_forward_cuda);

@@ -51,6 +51,16 @@ struct AttentionParams {
   // [Hq, total_q, ...], and grad_k, grad_v [Hkv, total_k, ...].
   const int64_t *cu_seqlens_q, *cu_seqlens_k, *dropout_offsets;
   int64_t total_q, total_k;
+  // Per-batch key counts in the [B, ...] layouts (a KV cache's after the
+  // append; null: S for every batch): batch b attends to its first
+  // seqlens_k[b] keys, bottom-right (diagonal seqlens_k[b] - L). Forward only.
+  const int64_t* seqlens_k;
+  // Decoding (launch_attention_decode): the keys in `splits` ranges of
+  // keys_per_split; with more than one, each split's normalised rows and lse
+  // go to split_out [splits, B, Hq, L, Ev] and split_lse [splits, B, Hq, L]
+  // (lse's type), which a second kernel merges into out and lse.
+  int64_t splits, keys_per_split;
+  void *split_out, *split_lse;
   void* out;  // [B, Hq, L, Ev], contiguous
   void* lse;  // [B, Hq, L], float (double for fp64)
   // Backward: grad_out like out; delta[B, Hq, L] = rowsum(grad_out * out)
@@ -62,6 +72,13 @@ struct AttentionParams {
 };
 
 constexpr int kAttentionThreads = 128;  // threads per block, every attention kernel
+
+// Query rows (a GQA group's heads x positions) per block of the decoding
+// kernel: their q and output sums live in registers, kD / 32 of each per lane
+// (16 rows at head dim 128 spilled; half as many for double).
+constexpr int attention_decode_rows_per_block(int element_size, int head_dim_bucket) {
+  return (head_dim_bucket <= 128 ? 8 : 4) / (element_size == 8 ? 2 : 1);
+}
 
 // Head dims one thread of the SIMT kernels owns: 32 floats, 16 doubles (so
 // that the dK/dV kernel's four such arrays fit in 255 registers).
@@ -109,6 +126,11 @@ template <typename T, int kD>
 cudaError_t launch_attention_forward_simt(const AttentionParams& p, cudaStream_t stream);
 template <typename T, int kD>
 cudaError_t launch_attention_backward_simt(const AttentionParams& p, cudaStream_t stream);
+// Decoding, every dtype (attention_decode.cuh, attention_decode.cu): a few
+// rows per key head against long keys, split over the GPU; q, k, v need only
+// a contiguous last dim (no alignment, no padding).
+template <typename T, int kD>
+cudaError_t launch_attention_decode(const AttentionParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bigkernels

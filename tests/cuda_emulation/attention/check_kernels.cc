@@ -506,6 +506,135 @@ void run_varlen_all(double tol, bool quick = false) {
   run_varlen_case<T>(shaped, tol);
 }
 
+// Decoding against a KV cache: q [B, Lq, Hq, E] and caches [B, capacity,
+// Hkv, E] read in place through [B, H, L, D] strides, each batch attending
+// to its first seqlens_k[b] keys, bottom-right; the decoding kernel with its
+// keys split (few rows per key head) or the forward kernels (more).
+struct KvCase {
+  std::vector<int64_t> seqlens;
+  int Hq, Hkv, Lq, capacity, E, Ev;
+  int64_t right = -1, left = -1;
+  float softcap = 0.f;
+  bool alibi = false;
+  int64_t keys_per_split = 0;  // 0: no split
+  std::string name() const {
+    std::string s = "kvcache S";
+    for (int64_t n : seqlens) s += " " + std::to_string(n);
+    char rest[140];
+    std::snprintf(rest, sizeof rest, " H%d/%d Lq%d cap%d E%d Ev%d window(%lld,%lld) cap%.1f alibi%d split%lld", Hq,
+                  Hkv, Lq, capacity, E, Ev, (long long)left, (long long)right, softcap, (int)alibi,
+                  (long long)keys_per_split);
+    return s + rest;
+  }
+};
+
+template <typename T>
+void run_kvcache_case(const KvCase& c, double tol) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const std::string tag = std::string(name_of<T>()) + " " + c.name();
+  const int64_t B = c.seqlens.size(), Hq = c.Hq, Hkv = c.Hkv, L = c.Lq, cap = c.capacity, E = c.E, Ev = c.Ev;
+  std::mt19937 gen(cap * 13 + L * 7 + E);
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> ud;
+  Buffer<T> q(B * L * Hq * E), k(B * cap * Hkv * E), v(B * cap * Hkv * Ev), out(B * Hq * L * Ev);
+  for (int64_t i = 0; i < B * L * Hq * E; ++i) q.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * cap * Hkv * E; ++i) k.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < B * cap * Hkv * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
+  std::vector<A> slopes(Hq);
+  for (auto& s : slopes) s = static_cast<A>(0.05 + 0.3 * ud(gen));
+  AttentionParams p{};
+  p.dtype = dtype_of<T>();
+  p.q = q.p, p.k = k.p, p.v = v.p;
+  const int64_t qs[3] = {L * Hq * E, E, Hq * E}, ks[3] = {cap * Hkv * E, E, Hkv * E}, vs[3] = {cap * Hkv * Ev, Ev, Hkv * Ev};
+  std::memcpy(p.q_strides, qs, sizeof qs), std::memcpy(p.k_strides, ks, sizeof ks), std::memcpy(p.v_strides, vs, sizeof vs);
+  int64_t longest = 0;
+  for (int64_t n : c.seqlens) longest = std::max(longest, n);
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.L = L, p.S = longest, p.E = E, p.Ev = Ev;
+  p.scale = 1.0f / std::sqrt((float)E);
+  p.window_left = c.left, p.window_right = c.right;
+  p.softcap = c.softcap;
+  if (c.alibi) p.alibi_slopes = slopes.data();
+  p.seqlens_k = c.seqlens.data();
+  std::vector<A> lse(B * Hq * L);
+  p.out = out.p, p.lse = lse.data();
+  const bool decode = Hq / Hkv * L <= 16;
+  std::vector<A> split_out, split_lse;
+  if (decode) {
+    p.keys_per_split = c.keys_per_split > 0 ? c.keys_per_split : std::max<int64_t>(1, longest);
+    p.splits = std::max<int64_t>(1, (longest + p.keys_per_split - 1) / p.keys_per_split);
+    split_out.assign(p.splits * B * Hq * L * Ev, A(NAN)), split_lse.assign(p.splits * B * Hq * L, A(NAN));
+    p.split_out = split_out.data(), p.split_lse = split_lse.data();
+    cudaError_t e = cudaErrorInvalidValue;
+    switch (attention_head_dim_bucket(std::max(E, Ev))) {
+      case 64: e = launch_attention_decode<T, 64>(p, nullptr); break;
+      case 128: e = launch_attention_decode<T, 128>(p, nullptr); break;
+      case 256: e = launch_attention_decode<T, 256>(p, nullptr); break;
+    }
+    expect(e == cudaSuccess, tag + ": decode launch");
+  } else {
+    expect(launch<T, true>(p) == cudaSuccess, tag + ": forward launch");
+  }
+  const double scale = p.scale;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t S = c.seqlens[b];
+    std::vector<double> P(S);
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / (Hq / Hkv);
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t pos = i + S - L, row = (b * Hq + h) * L + i;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          if ((c.left >= 0 && j < pos - c.left) || (c.right >= 0 && j > pos + c.right)) { P[j] = -INFINITY; continue; }
+          double x = 0;
+          for (int64_t e = 0; e < E; ++e)
+            x += to_d(q.p[(b * L + i) * Hq * E + h * E + e]) * to_d(k.p[(b * cap + j) * Hkv * E + hk * E + e]);
+          x *= scale;
+          if (c.softcap > 0) x = c.softcap * std::tanh(x / c.softcap);
+          if (c.alibi) x -= slopes[h] * std::fabs(double(pos - j));
+          P[j] = x;
+          mx = std::max(mx, x);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < S; ++j) sum += P[j] = mx == -INFINITY ? 0 : std::exp(P[j] - mx);
+        const double want_lse = sum > 0 ? mx + std::log(sum) : -INFINITY;
+        expect(std::isinf(want_lse) ? lse[row] == want_lse : std::fabs(lse[row] - want_lse) <= tol * (1 + std::fabs(want_lse)),
+               tag + ": lse of batch " + std::to_string(b) + " head " + std::to_string(h) + " row " + std::to_string(i) +
+                   " got " + std::to_string(lse[row]) + " want " + std::to_string(want_lse));
+        for (int64_t e = 0; e < Ev; ++e) {
+          double o = 0;
+          for (int64_t j = 0; j < S; ++j) o += (sum > 0 ? P[j] / sum : 0) * to_d(v.p[(b * cap + j) * Hkv * Ev + hk * Ev + e]);
+          const double got = to_d(out.p[row * Ev + e]);
+          worst_out = std::max(worst_out, std::fabs(got - o) / (tol * (1 + std::fabs(o))));
+          expect(std::fabs(got - o) <= tol * (1 + std::fabs(o)), tag + ": out of batch " + std::to_string(b) +
+                                                                     " head " + std::to_string(h) + " row " +
+                                                                     std::to_string(i) + " got " + std::to_string(got) +
+                                                                     " want " + std::to_string(o));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_kvcache_all(double tol, bool quick = false) {
+  // one token, GQA 4:1, batches of different lengths (an empty cache, one past a split, the whole capacity)
+  KvCase one{{0, 129, 300}, 8, 2, 1, 300, 128, 128};
+  one.right = 0, one.keys_per_split = 64;
+  run_kvcache_case<T>(one, tol);
+  if (quick) return;
+  KvCase unsplit{{37, 5}, 4, 4, 1, 64, 64, 64};  // MHA, one split
+  run_kvcache_case<T>(unsplit, tol);
+  KvCase several{{90, 200}, 6, 2, 3, 256, 64, 48};  // 3 queries (speculative), 9 rows, Ev < E
+  several.right = 0, several.left = 40, several.keys_per_split = 50;
+  run_kvcache_case<T>(several, tol);
+  KvCase shaped{{150, 33, 1}, 4, 1, 2, 160, 256, 256};  // MQA at head dim 256: two row groups
+  shaped.right = 0, shaped.softcap = 3.f, shaped.alibi = true, shaped.keys_per_split = 64;
+  run_kvcache_case<T>(shaped, tol);
+  KvCase prefill{{70, 130}, 4, 2, 20, 160, 64, 64};  // 40 rows per key head: the forward kernels
+  prefill.right = 0, prefill.alibi = true;
+  run_kvcache_case<T>(prefill, tol);
+}
+
 // The op's rule for reading a tensor in place (launchers.h): a contiguous
 // view at an odd storage offset must be refused, so that it gets copied.
 static void check_layout_rule() {
@@ -642,6 +771,7 @@ int main(int argc, char** argv) {
     run_all<float>(5e-6, /*quick=*/true);
     run_varlen_all<__nv_bfloat16>(6e-3, /*quick=*/true);
     run_varlen_all<float>(5e-6, /*quick=*/true);
+    run_kvcache_all<__nv_bfloat16>(6e-3, /*quick=*/true);
     std::printf("%d checks, %d failures\n", checks, failures);
     return failures != 0;
   }
@@ -650,6 +780,7 @@ int main(int argc, char** argv) {
   check_fragments();
   run_all<__nv_bfloat16>(6e-3);
   run_varlen_all<__nv_bfloat16>(6e-3);
+  run_kvcache_all<__nv_bfloat16>(6e-3);
   std::printf("bf16: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   worst_out = worst_grad = 0;
   run_all<__half>(1e-3);
@@ -657,10 +788,12 @@ int main(int argc, char** argv) {
   worst_out = worst_grad = 0;
   run_all<float>(5e-6);
   run_varlen_all<float>(5e-6);
+  run_kvcache_all<float>(5e-6);
   std::printf("fp32: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   worst_out = worst_grad = 0;
   run_all<double>(1e-13, /*quick=*/true);
   run_varlen_all<double>(1e-13, /*quick=*/true);
+  run_kvcache_all<double>(1e-13);
   std::printf("fp64: worst error %.3f of the tolerance (output), %.3f (gradients)\n", worst_out, worst_grad);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures != 0;
