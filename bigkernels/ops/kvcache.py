@@ -1,8 +1,7 @@
 """Decoding attention against a KV cache, flash-attention's
 flash_attn_with_kvcache: the new keys and values written into the cache in
 place (contiguous or paged), rotary embedding, softcap and ALiBi; the
-bigkernels::attention_kvcache_forward op (csrc/attention/) attends (on CUDA
-contiguous caches only, for now: paged ones run the reference). Forward
+bigkernels::attention_kvcache_forward op (csrc/attention/) attends. Forward
 only (inference).
 """
 
@@ -65,8 +64,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, rotary_interleaved,
                        positions_per_query=right >= 0 or left >= 0)
     refusal = _kernel_refusal(q, v_cache)
-    if refusal is None and paged and q.device.type == "cuda":
-        refusal = "paged caches on CUDA"
     if refusal is None:
         # the op writes k and v into the caches, checking cache_seqlens and the pages in use
         out, lse = torch.ops.bigkernels.attention_kvcache_forward(q, k_cache, v_cache, k, v, seqlens, block_table,

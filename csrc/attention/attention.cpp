@@ -211,6 +211,20 @@ at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, in
   return lens;
 }
 
+at::Tensor kvcache_pages(const at::Tensor& block_table, const at::Tensor& lengths, int64_t page_size,
+                         int64_t num_pages) {
+  const at::Tensor table = block_table.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* entry = table.const_data_ptr<int64_t>();
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < table.size(0); ++b)
+    for (int64_t j = 0; j < (len[b] + page_size - 1) / page_size; ++j) {
+      const int64_t page = entry[b * table.size(1) + j];
+      TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "bigkernels.attention_with_kvcache: block_table[", b, ", ", j,
+                        "] is ", page, ", not a page of the caches' ", num_pages);
+    }
+  return table;
+}
+
 int64_t VarlenSequences::longest_L() const {
   int64_t n = 0;
   for (int64_t b = 0; b < count(); ++b) n = std::max(n, L(b));

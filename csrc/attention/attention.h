@@ -73,6 +73,12 @@ VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor&
 // cache_seqlens).
 at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, int64_t Lk);
 
+// block_table as int64 on the CPU, its pages in use (those holding each
+// batch's first lengths[b] keys, page_size a page) checked to be pages of
+// the caches' num_pages (the others are never read).
+at::Tensor kvcache_pages(const at::Tensor& block_table, const at::Tensor& lengths, int64_t page_size,
+                         int64_t num_pages);
+
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).
 at::ScalarType lse_dtype(const at::Tensor& query);

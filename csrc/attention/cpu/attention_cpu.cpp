@@ -447,19 +447,9 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cpu(
   at::Tensor lens = kvcache_lengths(cache_seqlens, capacity, Lk);  // each batch's keys after the append
   int64_t* len = lens.mutable_data_ptr<int64_t>();
   s.S = s.B > 0 ? *std::max_element(len, len + s.B) : 0;
-  at::Tensor table;
   const int64_t page_size = k_cache.size(1);
-  if (block_table.has_value()) {  // the pages in use must exist (the others are never read)
-    const int64_t pages = block_table->size(1);
-    table = block_table->to(at::kLong).contiguous();
-    const int64_t* entry = table.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < s.B; ++b)
-      for (int64_t j = 0; j < (len[b] + page_size - 1) / page_size; ++j) {
-        const int64_t page = entry[b * pages + j];
-        TORCH_CHECK_VALUE(page >= 0 && page < k_cache.size(0), "bigkernels.attention_with_kvcache: block_table[",
-                          b, ", ", j, "] is ", page, ", not a page of the caches' ", k_cache.size(0));
-      }
-  }
+  const at::Tensor table =
+      block_table.has_value() ? kvcache_pages(*block_table, lens, page_size, k_cache.size(0)) : at::Tensor();
   at::Tensor mask4, slopes;
   // [B, H, L, D] views of q and the output in flash-attention's [B, L, H, D];
   // the caches' strides taken as (batch or page, head, row)

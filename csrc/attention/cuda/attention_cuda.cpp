@@ -348,11 +348,11 @@ cudaError_t launch_decode_for(const cuda::AttentionParams& p, cudaStream_t strea
 // the forward kernels' 64-row tiles have rows enough.
 constexpr int64_t kMaxDecodeRows = 16;
 
-// Decoding against a contiguous KV cache [B, capacity, Hkv, D]: the new keys
-// appended in place (PyTorch's index_put_), then the decoding kernel (few
-// rows per key head: the keys split over the SMs) or the forward kernels
-// with per-batch key counts (AttentionParams::seqlens_k). Paged caches run
-// the PyTorch reference (bigkernels/ops/kvcache.py).
+// Decoding against a KV cache [B, capacity, Hkv, D] or pages [num_pages,
+// page_size, Hkv, D] (block_table): the new keys appended in place
+// (PyTorch's index_put_), then the decoding kernel (few rows per key head,
+// or a paged cache: the keys split over the SMs) or the forward kernels with
+// per-batch key counts (AttentionParams::seqlens_k).
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
     const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
@@ -360,17 +360,21 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   AttentionShape s = check_kvcache_args(query, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                                         window_left, window_right, softcap, alibi_slopes);
-  TORCH_CHECK_NOT_IMPLEMENTED(!block_table.has_value(), "bigkernels.attention_with_kvcache: paged caches have no "
-                              "CUDA kernel yet (the Python front runs them on the PyTorch reference)");
   const c10::cuda::CUDAGuard guard(query.device());
-  const int64_t Lk = k_new.has_value() ? k_new->size(1) : 0;
+  const int64_t Lk = k_new.has_value() ? k_new->size(1) : 0, page_size = k_cache.size(1);
   const at::Tensor lens = kvcache_lengths(cache_seqlens, s.S, Lk);  // checked on the host
+  const bool paged = block_table.has_value();
+  const at::Tensor table =
+      paged ? kvcache_pages(*block_table, lens, page_size, k_cache.size(0)).to(query.device()) : at::Tensor();
   if (Lk > 0) {
     const at::Tensor start = cache_seqlens.to(at::kLong).unsqueeze(1);
     const at::Tensor positions = start + at::arange(Lk, start.options()).unsqueeze(0);
     const at::Tensor batch = at::arange(s.B, start.options()).unsqueeze(1);
-    k_cache.index_put_({batch, positions}, *k_new);
-    v_cache.index_put_({batch, positions}, *v_new);
+    // (paged: key position n of batch b is row n % page_size of page table[b, n / page_size])
+    const at::Tensor block = paged ? table.gather(1, positions.floor_divide(page_size)) : batch;
+    const at::Tensor row = paged ? positions.remainder(page_size) : positions;
+    k_cache.index_put_({block, row}, *k_new);
+    v_cache.index_put_({block, row}, *v_new);
   }
   s.S = s.B > 0 ? lens.max().item<int64_t>() : 0;
   at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, query.options());
@@ -380,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
   const at::Tensor seqlens_k = lens.to(query.device());
   // [B, H, L|S, D] views of q and the caches
   const at::Tensor q4 = query.transpose(1, 2), k4 = k_cache.transpose(1, 2), v4 = v_cache.transpose(1, 2);
-  const bool decode = s.Hq / s.Hkv * s.L <= kMaxDecodeRows;
+  const bool decode = paged || s.Hq / s.Hkv * s.L <= kMaxDecodeRows;
   // the decoding kernel reads any strides with a contiguous last dim; the
   // forward kernels want 16-byte rows (kernel_layout pads or copies)
   const auto unit_last = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
@@ -388,6 +392,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
   const at::Tensor v = decode ? v4 : kernel_layout(v4);
   cuda::AttentionParams p = make_params(s, q, k, v, at::Tensor(), scale, window_left, window_right, 0, 0.0, 0);
   p.seqlens_k = seqlens_k.const_data_ptr<int64_t>();
+  if (paged) {
+    p.block_table = table.const_data_ptr<int64_t>();
+    p.block_table_stride = table.size(1), p.page_size = page_size;  // (k4, v4: strides page, head, row)
+  }
   at::Tensor slopes;
   set_score_options(p, query, softcap, alibi_slopes, slopes);
   at::Tensor out_k = decode ? out : at::empty({s.B, s.Hq, s.L, p.Ev}, query.options());  // (padded Ev)

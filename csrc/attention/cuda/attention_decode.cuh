@@ -64,8 +64,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttentionParams 
   const Sequence seq = sequence_of(p, b);
   const int64_t j_begin = split * p.keys_per_split;
   const int64_t j_end = j_begin + p.keys_per_split < seq.S ? j_begin + p.keys_per_split : seq.S;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  // key j's row of K or V: through the page table when paged
+  const auto key_row = [&](const void* base, const int64_t* strides, int64_t j) {
+    int64_t block = b, row = j;
+    if (p.block_table != nullptr) {
+      block = p.block_table[b * p.block_table_stride + j / p.page_size], row = j % p.page_size;
+    }
+    return static_cast<const T*>(base) + block * strides[0] + hk * strides[1] + row * strides[2];
+  };
   const int d0 = lane * kPer;
 
   // per row: q and the output sums (this lane's dims), the running max and
@@ -88,8 +94,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttentionParams 
   }
   for (int64_t j = j_begin + warp; j < j_end; j += kWarps) {
     A kv[kPer];
+    const T* k_row = key_row(p.k, p.k_strides, j);
 #pragma unroll
-    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.E ? to_acc(k[j * p.k_strides[2] + d0 + e]) : A(0);
+    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.E ? to_acc(k_row[d0 + e]) : A(0);
     A prob[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -111,8 +118,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttentionParams 
 #pragma unroll
       for (int e = 0; e < kPer; ++e) acc[r][e] *= alpha;
     }
+    const T* v_row = key_row(p.v, p.v_strides, j);
 #pragma unroll
-    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.Ev ? to_acc(v[j * p.v_strides[2] + d0 + e]) : A(0);
+    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.Ev ? to_acc(v_row[d0 + e]) : A(0);
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
 #pragma unroll

@@ -55,6 +55,12 @@ struct AttentionParams {
   // append; null: S for every batch): batch b attends to its first
   // seqlens_k[b] keys, bottom-right (diagonal seqlens_k[b] - L). Forward only.
   const int64_t* seqlens_k;
+  // A paged K and V (vLLM's [pages, page_size, Hkv, D]; k_strides and
+  // v_strides are then page, head, row): key j of batch b is row
+  // j % page_size of page block_table[b * block_table_stride + j / page_size].
+  // Null: K and V are [B, Hkv, S, D] views. The decoding kernel only.
+  const int64_t* block_table;
+  int64_t block_table_stride, page_size;
   // Decoding (launch_attention_decode): the keys in `splits` ranges of
   // keys_per_split; with more than one, each split's normalised rows and lse
   // go to split_out [splits, B, Hq, L, Ev] and split_lse [splits, B, Hq, L]

@@ -517,8 +517,9 @@ struct KvCase {
   float softcap = 0.f;
   bool alibi = false;
   int64_t keys_per_split = 0;  // 0: no split
+  int page_size = 0;           // > 0: the caches as shuffled pages of this many keys (block_table)
   std::string name() const {
-    std::string s = "kvcache S";
+    std::string s = page_size > 0 ? "paged" + std::to_string(page_size) + " kvcache S" : "kvcache S";
     for (int64_t n : seqlens) s += " " + std::to_string(n);
     char rest[140];
     std::snprintf(rest, sizeof rest, " H%d/%d Lq%d cap%d E%d Ev%d window(%lld,%lld) cap%.1f alibi%d split%lld", Hq,
@@ -536,10 +537,12 @@ void run_kvcache_case(const KvCase& c, double tol) {
   std::mt19937 gen(cap * 13 + L * 7 + E);
   std::normal_distribution<double> nd;
   std::uniform_real_distribution<double> ud;
-  Buffer<T> q(B * L * Hq * E), k(B * cap * Hkv * E), v(B * cap * Hkv * Ev), out(B * Hq * L * Ev);
+  const int64_t ps = c.page_size, per_batch = ps > 0 ? (cap + ps - 1) / ps : 0;
+  const int64_t cache_rows = ps > 0 ? B * per_batch * ps : B * cap;
+  Buffer<T> q(B * L * Hq * E), k(cache_rows * Hkv * E), v(cache_rows * Hkv * Ev), out(B * Hq * L * Ev);
   for (int64_t i = 0; i < B * L * Hq * E; ++i) q.p[i] = from_d<T>(nd(gen));
-  for (int64_t i = 0; i < B * cap * Hkv * E; ++i) k.p[i] = from_d<T>(nd(gen));
-  for (int64_t i = 0; i < B * cap * Hkv * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < cache_rows * Hkv * E; ++i) k.p[i] = from_d<T>(nd(gen));
+  for (int64_t i = 0; i < cache_rows * Hkv * Ev; ++i) v.p[i] = from_d<T>(nd(gen));
   std::vector<A> slopes(Hq);
   for (auto& s : slopes) s = static_cast<A>(0.05 + 0.3 * ud(gen));
   AttentionParams p{};
@@ -555,9 +558,22 @@ void run_kvcache_case(const KvCase& c, double tol) {
   p.softcap = c.softcap;
   if (c.alibi) p.alibi_slopes = slopes.data();
   p.seqlens_k = c.seqlens.data();
+  // paged: batch b's key block j is page table[b][j], the pages shuffled; key
+  // n of batch b then sits at row table[b][n / ps] * ps + n % ps of the caches'
+  // [pages * ps, Hkv, D] rows, which the reference reads through key_at
+  std::vector<int64_t> table(B * per_batch);
+  for (int64_t x = 0; x < B * per_batch; ++x) table[x] = (x * 7 + 3) % (B * per_batch);  // a permutation (7 coprime)
+  if (ps > 0) {
+    p.block_table = table.data(), p.block_table_stride = per_batch, p.page_size = ps;
+    const int64_t kp[3] = {ps * Hkv * E, E, Hkv * E}, vp[3] = {ps * Hkv * Ev, Ev, Hkv * Ev};
+    std::memcpy(p.k_strides, kp, sizeof kp), std::memcpy(p.v_strides, vp, sizeof vp);
+  }
+  const auto key_at = [&](int64_t b, int64_t n) {  // row of key n of batch b in the [rows, Hkv, D] caches
+    return ps > 0 ? table[b * per_batch + n / ps] * ps + n % ps : b * cap + n;
+  };
   std::vector<A> lse(B * Hq * L);
   p.out = out.p, p.lse = lse.data();
-  const bool decode = Hq / Hkv * L <= 16;
+  const bool decode = ps > 0 || Hq / Hkv * L <= 16;
   std::vector<A> split_out, split_lse;
   if (decode) {
     p.keys_per_split = c.keys_per_split > 0 ? c.keys_per_split : std::max<int64_t>(1, longest);
@@ -587,7 +603,7 @@ void run_kvcache_case(const KvCase& c, double tol) {
           if ((c.left >= 0 && j < pos - c.left) || (c.right >= 0 && j > pos + c.right)) { P[j] = -INFINITY; continue; }
           double x = 0;
           for (int64_t e = 0; e < E; ++e)
-            x += to_d(q.p[(b * L + i) * Hq * E + h * E + e]) * to_d(k.p[(b * cap + j) * Hkv * E + hk * E + e]);
+            x += to_d(q.p[(b * L + i) * Hq * E + h * E + e]) * to_d(k.p[key_at(b, j) * Hkv * E + hk * E + e]);
           x *= scale;
           if (c.softcap > 0) x = c.softcap * std::tanh(x / c.softcap);
           if (c.alibi) x -= slopes[h] * std::fabs(double(pos - j));
@@ -602,7 +618,7 @@ void run_kvcache_case(const KvCase& c, double tol) {
                    " got " + std::to_string(lse[row]) + " want " + std::to_string(want_lse));
         for (int64_t e = 0; e < Ev; ++e) {
           double o = 0;
-          for (int64_t j = 0; j < S; ++j) o += (sum > 0 ? P[j] / sum : 0) * to_d(v.p[(b * cap + j) * Hkv * Ev + hk * Ev + e]);
+          for (int64_t j = 0; j < S; ++j) o += (sum > 0 ? P[j] / sum : 0) * to_d(v.p[key_at(b, j) * Hkv * Ev + hk * Ev + e]);
           const double got = to_d(out.p[row * Ev + e]);
           worst_out = std::max(worst_out, std::fabs(got - o) / (tol * (1 + std::fabs(o))));
           expect(std::fabs(got - o) <= tol * (1 + std::fabs(o)), tag + ": out of batch " + std::to_string(b) +
@@ -633,6 +649,11 @@ void run_kvcache_all(double tol, bool quick = false) {
   KvCase prefill{{70, 130}, 4, 2, 20, 160, 64, 64};  // 40 rows per key head: the forward kernels
   prefill.right = 0, prefill.alibi = true;
   run_kvcache_case<T>(prefill, tol);
+  for (int ps : {16, 48}) {  // paged, pages shuffled, splits across page boundaries
+    KvCase paged{{0, 100, 157}, 8, 2, 2, 160, 64, 64};
+    paged.right = 0, paged.keys_per_split = 40, paged.page_size = ps;
+    run_kvcache_case<T>(paged, tol);
+  }
 }
 
 // The op's rule for reading a tensor in place (launchers.h): a contiguous
