@@ -92,39 +92,56 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttentionParams 
     }
     m[r] = -INFINITY, l[r] = A(0);
   }
-  for (int64_t j = j_begin + warp; j < j_end; j += kWarps) {
-    A kv[kPer];
-    const T* k_row = key_row(p.k, p.k_strides, j);
+  // kKeys keys per warp and step (keys j, j + kWarps, ...), their K and V
+  // rows all requested before any is used: one row in flight per warp left
+  // the loop waiting on memory latency (docs/PERFORMANCE.md, stop 31).
+  constexpr int kKeys = 2;
+  for (int64_t j0 = j_begin + warp; j0 < j_end; j0 += kKeys * kWarps) {
+    A kr[kKeys][kPer], vr[kKeys][kPer];
 #pragma unroll
-    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.E ? to_acc(k_row[d0 + e]) : A(0);
-    A prob[kRows];
+    for (int u = 0; u < kKeys; ++u) {
+      const int64_t j = j0 + u * kWarps;
+      const bool in = j < j_end;
+      const T* k_row = key_row(p.k, p.k_strides, in ? j : j0);
+      const T* v_row = key_row(p.v, p.v_strides, in ? j : j0);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        kr[u][e] = in && d0 + e < p.E ? to_acc(k_row[d0 + e]) : A(0);
+        vr[u][e] = in && d0 + e < p.Ev ? to_acc(v_row[d0 + e]) : A(0);
+      }
+    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      A dot = 0;
+      A x[kKeys], top = m[r];
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) dot += q[r][e] * kv[e];
-      dot = warp_sum(dot) * static_cast<A>(p.scale);
-      if (shaped) dot = shaped_score(p, dot, slope[r], at[r] - j);
-      const bool allowed = r < rows && (p.window_left < 0 || j >= at[r] - p.window_left) &&
-                           (p.window_right < 0 || j <= at[r] + p.window_right);
-      const A x = allowed ? dot : A(-INFINITY);
-      // online softmax: a row that has seen only masked keys shifts by 0 (its exp(-inf) are 0)
-      const A m_new = x > m[r] ? x : m[r];
-      const A shift = m_new == A(-INFINITY) ? A(0) : m_new;
+      for (int u = 0; u < kKeys; ++u) {
+        const int64_t j = j0 + u * kWarps;
+        A dot = 0;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) dot += q[r][e] * kr[u][e];
+        dot = warp_sum(dot) * static_cast<A>(p.scale);
+        if (shaped) dot = shaped_score(p, dot, slope[r], at[r] - j);
+        const bool allowed = r < rows && j < j_end && (p.window_left < 0 || j >= at[r] - p.window_left) &&
+                             (p.window_right < 0 || j <= at[r] + p.window_right);
+        x[u] = allowed ? dot : A(-INFINITY);
+        top = x[u] > top ? x[u] : top;
+      }
+      // online softmax over the step's keys: a row that has seen only masked
+      // keys shifts by 0 (its exp(-inf) are 0)
+      const A shift = top == A(-INFINITY) ? A(0) : top;
       const A alpha = exp_acc(m[r] - shift);
-      prob[r] = exp_acc(x - shift);
-      l[r] = l[r] * alpha + prob[r];
-      m[r] = m_new;
+      m[r] = top;
+      l[r] *= alpha;
 #pragma unroll
       for (int e = 0; e < kPer; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) {
+        const A prob = exp_acc(x[u] - shift);
+        l[r] += prob;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) acc[r][e] += prob * vr[u][e];
+      }
     }
-    const T* v_row = key_row(p.v, p.v_strides, j);
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) kv[e] = d0 + e < p.Ev ? to_acc(v_row[d0 + e]) : A(0);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) acc[r][e] += prob[r] * kv[e];
   }
 
   // The warps' softmaxes merged: shared [warp][row] = (sums [kD], max, total).
