@@ -89,9 +89,9 @@ run_tests() {
 }
 run_tests rnn 120 -m cuda tests/test_rnn_cuda.py
 run_tests dense 75 -m cuda tests/test_dense.py
-run_tests attention 90 -m cuda tests/test_attention_cuda.py
+run_tests attention 110 -m cuda tests/test_attention_cuda.py
 run_tests losses 75 -m cuda tests/test_losses.py
-run_tests others 45 -m cuda tests --ignore=tests/test_rnn_cuda.py --ignore=tests/test_dense.py \
+run_tests others 60 -m cuda tests --ignore=tests/test_rnn_cuda.py --ignore=tests/test_dense.py \
   --ignore=tests/test_attention_cuda.py --ignore=tests/test_losses.py --ignore=tests/test_cuda_emulation.py
 
 # ---- memcheck on a few small cases of each family ----
