@@ -143,14 +143,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 _WARNED = set()
 
 
-def _warn_reference_once(reason):
-    """Says once per reason that a call runs on the slow reference."""
+def _warn_reference_once(reason, op="scaled_dot_product_attention", how="which materialises the L x S scores"):
+    """Says once per op and reason that a call runs on the slow reference."""
     if not _ext.LOADED:
         return  # importing bigkernels already warned
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"bigkernels.scaled_dot_product_attention: no kernel for {reason}; this runs on the "
-                      "pure-PyTorch reference, which materialises the L x S scores", stacklevel=3)
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"bigkernels.{op}: no kernel for {reason}; this runs on the pure-PyTorch reference, {how}",
+                      stacklevel=3)
 
 
 def _check_score_options(softcap, alibi_slopes, query):

@@ -6,12 +6,12 @@ only (inference).
 """
 
 import numbers
-import warnings
 
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe, _kernel_refusal
+from .attention import (_FLOAT_DTYPES, _check_score_options, _check_window, _describe, _kernel_refusal,
+                        _warn_reference_once)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -69,23 +69,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         out, lse = torch.ops.bigkernels.attention_kvcache_forward(q, k_cache, v_cache, k, v, seqlens, block_table,
                                                                   scale, left, right, float(softcap), alibi_slopes)
     else:
-        _warn_reference_once(refusal)
+        _warn_reference_once(refusal, "attention_with_kvcache", "one batch at a time")
         seqlens_k = _append_checked(q, k_cache, v_cache, k, v, seqlens, block_table, capacity)
         out, lse = reference.attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, scale,
                                                     window=(left, right), softcap=float(softcap),
                                                     alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
-
-
-_WARNED = set()
-
-
-def _warn_reference_once(reason):
-    if not _ext.LOADED or reason in _WARNED:
-        return  # importing bigkernels already warned about a missing extension
-    _WARNED.add(reason)
-    warnings.warn(f"bigkernels.attention_with_kvcache: no kernel for {reason}; this runs on the pure-PyTorch "
-                  "reference, one batch at a time", stacklevel=3)
 
 
 def _compiling():

@@ -6,12 +6,12 @@ its block loops; on CUDA its tiles, a sequence per batch index).
 """
 
 import numbers
-import warnings
 
 import torch
 
 from .. import _ext, reference
-from .attention import _FLOAT_DTYPES, _check_score_options, _check_window, _describe, _dropout_seed, _kernel_refusal
+from .attention import (_FLOAT_DTYPES, _check_score_options, _check_window, _describe, _dropout_seed, _kernel_refusal,
+                        _warn_reference_once)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -64,7 +64,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, float(dropout_p),
             seed, float(softcap), alibi_slopes)
     else:
-        _warn_reference_once(refusal)
+        _warn_reference_once(refusal, "varlen_attention", "one sequence at a time")
         _check_sequences(cu_seqlens_q, q.shape[0], max_seqlen_q, "q")
         _check_sequences(cu_seqlens_k, k.shape[0], max_seqlen_k, "k")
         masks = None
@@ -76,17 +76,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                               softcap=float(softcap), alibi_slopes=alibi_slopes,
                                               dropout_masks=masks, dropout_p=dropout_p)
     return (out, lse) if return_lse else out
-
-
-_WARNED = set()
-
-
-def _warn_reference_once(reason):
-    if not _ext.LOADED or reason in _WARNED:
-        return  # importing bigkernels already warned about a missing extension
-    _WARNED.add(reason)
-    warnings.warn(f"bigkernels.varlen_attention: no kernel for {reason}; this runs on the pure-PyTorch "
-                  "reference, one sequence at a time", stacklevel=3)
 
 
 def _check_tensors(q, k, v):

@@ -199,6 +199,18 @@ VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor&
   return seqs;
 }
 
+void check_varlen_backward_args(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& lse,
+                                const at::Tensor& query, const AttentionShape& s) {
+  const int64_t total_q = query.size(0);
+  const std::vector<int64_t> out_shape{total_q, s.Hq, s.Ev};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
+                    "bigkernels.varlen_attention backward: grad_output ", grad_output.sizes(), " and output ",
+                    output.sizes(), " must be [total_q, H, Dv] = ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.Hq, total_q}),
+                    "bigkernels.varlen_attention backward: lse must be ", lse_dtype(query), " [H, total_q], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+}
+
 at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, int64_t Lk) {
   at::Tensor lens = cache_seqlens.to(at::kCPU, at::kLong, /*non_blocking=*/false, /*copy=*/true).contiguous();
   int64_t* len = lens.mutable_data_ptr<int64_t>();

@@ -79,6 +79,11 @@ at::Tensor kvcache_lengths(const at::Tensor& cache_seqlens, int64_t capacity, in
 at::Tensor kvcache_pages(const at::Tensor& block_table, const at::Tensor& lengths, int64_t page_size,
                          int64_t num_pages);
 
+// varlen_attention_backward's own inputs: grad_output and output
+// [total_q, H, Dv], lse of lse_dtype [H, total_q].
+void check_varlen_backward_args(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& lse,
+                                const at::Tensor& query, const AttentionShape& s);
+
 // The log-sum-exp's dtype on every device: float32, float64 for float64
 // inputs (a float32 lse would limit a float64 backward to float32 precision).
 at::ScalarType lse_dtype(const at::Tensor& query);

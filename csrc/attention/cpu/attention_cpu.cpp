@@ -688,14 +688,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
     double dropout_p, int64_t dropout_seed, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_varlen_args(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                              max_seqlen_k, window_left, window_right, dropout_p, softcap, alibi_slopes);
+  check_varlen_backward_args(grad_output, output, lse, query, s);
   const int64_t total_q = query.size(0), total_k = key.size(0);
-  const std::vector<int64_t> out_shape{total_q, s.Hq, s.Ev};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == grad_output.sizes(),
-                    "bigkernels.varlen_attention backward: grad_output ", grad_output.sizes(), " and output ",
-                    output.sizes(), " must be [total_q, H, Dv] = ", at::IntArrayRef(out_shape));
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(query) && lse.sizes() == at::IntArrayRef({s.Hq, total_q}),
-                    "bigkernels.varlen_attention backward: lse must be ", lse_dtype(query), " [H, total_q], got ",
-                    lse.scalar_type(), " ", lse.sizes());
   const VarlenSequences seqs =
       read_sequences(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k);
   at::Tensor grad_q = attention_grad_like(query), grad_k = attention_grad_like(key);

@@ -23,6 +23,11 @@ __device__ __forceinline__ int64_t clamp(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : x > hi ? hi : x;
 }
 
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
 // tanh for the softcap: in float as 1 - 2 / (e^2x + 1), one exp2 and one
 // division (exact at both ends: e^2x overflows to inf or underflows to 0).
 // tanhf's own polynomial-and-branches took the dQ kernel from 168 to 207

@@ -29,11 +29,6 @@ namespace cuda {
 namespace attention {
 namespace decode {
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
 template <typename T, int kD>
 struct Shape {
   static constexpr int kPerLane = kD / 32;

@@ -25,11 +25,6 @@ namespace cuda {
 namespace attention {
 namespace simt {
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
 template <typename T, int kD>
 struct Shape {
   static constexpr int kE = attention_simt_dims_per_thread(sizeof(T));  // head dims a thread owns
