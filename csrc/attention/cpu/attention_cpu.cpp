@@ -295,7 +295,6 @@ void run_forward_parts(std::vector<ForwardPart>& parts, const at::TensorOptions&
     split_out = at::empty({split_rows, Ev}, compute), split_lse = at::empty({split_rows}, compute);
     int64_t row = 0;
     for (ForwardPart& part : parts) {
-      part.p.splits = part.plan.splits;
       if (part.plan.splits == 1) continue;
       part.p.split_out = static_cast<char*>(split_out.mutable_data_ptr()) + row * Ev * size;
       part.p.split_lse = static_cast<char*>(split_lse.mutable_data_ptr()) + row * size;
@@ -305,8 +304,13 @@ void run_forward_parts(std::vector<ForwardPart>& parts, const at::TensorOptions&
   // tasks numbered part by part, the costliest parts first
   std::vector<size_t> order(parts.size());
   std::iota(order.begin(), order.end(), 0);
-  const auto cost = [&](size_t k) { return parts[k].s.B * parts[k].s.Hq * parts[k].s.L * std::max<int64_t>(1, parts[k].s.S); };
-  if (parts.size() > 1) std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost(a) > cost(b); });
+  const auto cost = [&](size_t k) {
+    const AttentionShape& s = parts[k].s;
+    return s.B * s.Hq * s.L * std::max<int64_t>(1, s.S);
+  };
+  if (parts.size() > 1) {
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost(a) > cost(b); });
+  }
   std::vector<int64_t> first(parts.size() + 1, 0);
   for (size_t k = 0; k < parts.size(); ++k) {
     ForwardPart& part = parts[order[k]];

@@ -323,7 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
   p.grad_out = grad_out.const_data_ptr();
   p.grad_q = grad_q.mutable_data_ptr(), p.grad_k = grad_k.mutable_data_ptr(), p.grad_v = grad_v.mutable_data_ptr();
   launch<false>(p);
-  const auto packed = [](const at::Tensor& g, int64_t dim) { return g.narrow(-1, 0, dim).transpose(0, 1).contiguous(); };
+  const auto packed = [](const at::Tensor& g, int64_t dim) {
+    return g.narrow(-1, 0, dim).transpose(0, 1).contiguous();  // back to [total, H, dim]
+  };
   return {packed(grad_q, s.E), packed(grad_k, s.E), packed(grad_v, s.Ev)};
 }
 

@@ -185,7 +185,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const AttentionParams
   const int64_t row = blockIdx.x, rows_total = p.B * p.Hq * p.L;
   const A* split_lse = static_cast<const A*>(p.split_lse);
   A top = -INFINITY;
-  for (int64_t s = 0; s < p.splits; ++s) top = split_lse[s * rows_total + row] > top ? split_lse[s * rows_total + row] : top;
+  for (int64_t s = 0; s < p.splits; ++s) {
+    const A x = split_lse[s * rows_total + row];
+    top = x > top ? x : top;
+  }
   A total = 0;
   if (top != A(-INFINITY))
     for (int64_t s = 0; s < p.splits; ++s) total += exp_acc(split_lse[s * rows_total + row] - top);
