@@ -63,6 +63,9 @@ struct VarlenSequences {
   int64_t S(int64_t b) const { return k_start[b + 1] - k_start[b]; }
   int64_t longest_L() const;
   int64_t longest_S() const;
+  // Each sequence's first dropout counter: the sequences before it count
+  // H * L_b * S_b elements each (the ops' schema comment).
+  std::vector<int64_t> dropout_offsets(int64_t H) const;
 };
 
 VarlenSequences read_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,

@@ -555,8 +555,10 @@ P* advance(P* ptr, int64_t n, int64_t size) {
 // their gradients, k_c and v_c), lse sequence by sequence ([H, L_b] each, at
 // H * q_start[b]). The block loops then run unchanged over the sequence's
 // rows and lengths, with its own bottom-right diagonal, its ALiBi slopes and
-// its share of the dropout counters.
-AttentionCpuParams sequence_params(const AttentionCpuParams& all, const VarlenSequences& seqs, int64_t b) {
+// its share of the dropout counters (from dropout_offset: the sequences'
+// dropout_offsets).
+AttentionCpuParams sequence_params(const AttentionCpuParams& all, const VarlenSequences& seqs, int64_t b,
+                                   int64_t dropout_offset) {
   AttentionCpuParams p = all;
   const int64_t q0 = seqs.q_start[b], k0 = seqs.k_start[b];
   const int64_t size = c10::elementSize(all.dtype), c_size = all.dtype == at::kDouble ? 8 : 4;
@@ -574,8 +576,7 @@ AttentionCpuParams sequence_params(const AttentionCpuParams& all, const VarlenSe
   p.grad_k = advance(all.grad_k, k0 * all.grad_k_strides[2], size);
   p.grad_v = advance(all.grad_v, k0 * all.grad_v_strides[2], size);
   p.alibi_slopes = advance(all.alibi_slopes, b * all.alibi_batch_stride, c_size);
-  for (int64_t before = 0; before < b; ++before)
-    p.dropout_offset += static_cast<uint64_t>(all.Hq * seqs.L(before) * seqs.S(before));
+  p.dropout_offset = static_cast<uint64_t>(dropout_offset);
   return p;
 }
 
@@ -635,10 +636,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cpu(
   all.lse = lse_blocks.mutable_data_ptr();
   std::vector<ForwardPart> parts;
   int64_t tasks = 0;
+  const std::vector<int64_t> dropout_offsets = seqs.dropout_offsets(s.Hq);
   for (int64_t b = 0; b < s.B; ++b) {
     if (seqs.L(b) == 0) continue;
     const AttentionShape sb = sequence_shape(s, seqs, b);
-    parts.push_back({sequence_params(all, seqs, b), sb, plan_forward(sb)});
+    parts.push_back({sequence_params(all, seqs, b, dropout_offsets[b]), sb, plan_forward(sb)});
     tasks += forward_tasks(sb, parts.back().plan);
   }
   for (ForwardPart& part : parts) split_keys(part.plan, part.s.S, tasks);  // by the whole call's tasks
@@ -724,23 +726,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
   // K and V in the compute type (converted once for all such sequences).
   const bool can_pack = q.scalar_type() == at::kBFloat16 && s.E % 2 == 0 && s.Ev % 2 == 0 && dropout_p == 0 &&
                         packed_micro_kernel(at::kBFloat16);
-  std::vector<AttentionCpuParams> parts(s.B);
+  const auto packed = [&](int64_t b) { return can_pack && seqs.L(b) >= kMinPackedQueries; };
   bool any_unpacked = false;
-  for (int64_t b = 0; b < s.B; ++b) {
-    const AttentionShape sb = sequence_shape(s, seqs, b);
-    any_unpacked = any_unpacked || !(can_pack && sb.L >= kMinPackedQueries);
-  }
+  for (int64_t b = 0; b < s.B; ++b) any_unpacked = any_unpacked || !packed(b);
   at::Tensor k_c, v_c;
   if (any_unpacked) {
     k_c = unit_last_stride(k.to(compute_dtype(query))), v_c = unit_last_stride(v.to(compute_dtype(query)));
     all.k_c = k_c.const_data_ptr(), all.v_c = v_c.const_data_ptr();
     for (int d = 0; d < 3; ++d) all.k_c_strides[d] = k_c.stride(d), all.v_c_strides[d] = v_c.stride(d);
   }
+  std::vector<AttentionCpuParams> parts(s.B);
+  const std::vector<int64_t> dropout_offsets = seqs.dropout_offsets(s.Hq);
   for (int64_t b = 0; b < s.B; ++b) {
-    const AttentionShape sb = sequence_shape(s, seqs, b);
-    parts[b] = sequence_params(all, seqs, b);
-    parts[b].packed_backward = can_pack && sb.L >= kMinPackedQueries;
-    parts[b].heads_per_task = plan_forward(sb).heads_per_task;
+    parts[b] = sequence_params(all, seqs, b, dropout_offsets[b]);
+    parts[b].packed_backward = packed(b);
+    parts[b].heads_per_task = plan_forward(sequence_shape(s, seqs, b)).heads_per_task;
   }
   // tasks (sequence, key head), the costliest sequences first
   std::vector<int64_t> order(s.B);

@@ -8,6 +8,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_put.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -226,9 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
 // A varlen call's params: the packed [total, H, D] tensors as the kernels'
 // [1, H, total, D] views (kernel_layout; their batch strides 0), the
 // sequences' offsets on the device (int64), their lengths as L and S, and,
-// with dropout, each sequence's first counter (the sequences before it
-// count Hq * L_b * S_b each, as on the CPU). Keeps what it allocates alive
-// in `keep`.
+// with dropout, each sequence's first counter (VarlenSequences::
+// dropout_offsets, as on the CPU). Keeps what it allocates alive in `keep`.
 cuda::AttentionParams varlen_params(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     const VarlenSequences& seqs, const AttentionShape& s, double scale,
@@ -244,10 +244,8 @@ cuda::AttentionParams varlen_params(const at::Tensor& query, const at::Tensor& k
   p.total_q = query.size(0), p.total_k = key.size(0);
   keep = {q, k, v, cu_q, cu_k};
   if (dropout_p > 0) {
-    at::Tensor offsets = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));
-    int64_t* o = offsets.mutable_data_ptr<int64_t>();
-    for (int64_t b = 0, counters = 0; b < s.B; counters += s.Hq * seqs.L(b) * seqs.S(b), ++b) o[b] = counters;
-    keep.push_back(offsets.to(query.device()));
+    const std::vector<int64_t> offsets = seqs.dropout_offsets(s.Hq);
+    keep.push_back(at::tensor(offsets, at::TensorOptions().dtype(at::kLong)).to(query.device()));
     p.dropout_offsets = keep.back().const_data_ptr<int64_t>();
   }
   return p;
