@@ -384,35 +384,74 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
   }
 }
 
-// s[i * lds + jj] = q[i] . k[jj] for NR rows (E values each, contiguous)
-// and four keys (ldk apart): each key's vector widened once for all NR rows,
-// the 4 * NR sums in registers (NR a constant, so that none is spilled).
-template <int NR, typename C, typename TK>
-BK_VEC_INLINE void dot_four_keys(const C* q, int64_t E, const TK* k, int64_t ldk, C* s, int64_t lds) {
+// Decoding's bf16 scores on AVX512-BF16's dot products of pairs (vdpbf16ps):
+// half the instructions of widening K and FMAs in float, and no widening at
+// all. Q then stays bf16 and unscaled (exact: the call's own values), the
+// scale applied to the sums. Where the CPU has the extension
+// (use_pair_dots), and compiled in the AVX-512 kernels only.
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename TQ, typename TK>
+constexpr bool kPairDots = std::is_same_v<TQ, c10::BFloat16> && std::is_same_v<TK, c10::BFloat16>;
+
+template <typename T, typename C>
+bool use_pair_dots() {
+  return kPairDots<T, T> && std::is_same_v<C, float> && has_avx512_bf16();
+}
+#else
+template <typename TQ, typename TK>
+constexpr bool kPairDots = false;
+
+template <typename T, typename C>
+bool use_pair_dots() {
+  return false;
+}
+#endif
+
+// s[i * lds + jj] = scale * q[i] . k[jj] for NR rows (E values each,
+// contiguous) and four keys (ldk apart): each key's vector widened once for
+// all NR rows (or, bf16 with bf16 Q, multiplied by pairs: kPairDots), the
+// 4 * NR sums in registers (NR a constant, so that none is spilled).
+template <int NR, typename C, typename TQ, typename TK>
+BK_VEC_INLINE void dot_four_keys(const TQ* q, int64_t E, const TK* k, int64_t ldk, C* s, int64_t lds, C scale) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   V x[NR][4];
 #pragma GCC unroll 4
   for (int i = 0; i < NR; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = V(0);
-  for (int64_t e = 0; e < E; e += W) {
-    const int64_t c = std::min<int64_t>(W, E - e);
-    const V k0 = load_as<C>(k + e, c), k1 = load_as<C>(k + ldk + e, c);
-    const V k2 = load_as<C>(k + 2 * ldk + e, c), k3 = load_as<C>(k + 3 * ldk + e, c);
+  if constexpr (kPairDots<TQ, TK>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int64_t e = 0; e < E; e += 2 * W) {  // 32 bf16 lanes, those past E loaded as zeros
+      const __mmask32 m = E - e >= 2 * W ? ~__mmask32(0) : (__mmask32(1) << (E - e)) - 1;
+      const __m512i k0 = _mm512_maskz_loadu_epi16(m, k + e), k1 = _mm512_maskz_loadu_epi16(m, k + ldk + e);
+      const __m512i k2 = _mm512_maskz_loadu_epi16(m, k + 2 * ldk + e);
+      const __m512i k3 = _mm512_maskz_loadu_epi16(m, k + 3 * ldk + e);
 #pragma GCC unroll 4
-    for (int i = 0; i < NR; ++i) {
-      const V qv = V::loadu(q + i * E + e, c);  // lanes past c are zero
-      x[i][0] = at::vec::fmadd(qv, k0, x[i][0]);
-      x[i][1] = at::vec::fmadd(qv, k1, x[i][1]);
-      x[i][2] = at::vec::fmadd(qv, k2, x[i][2]);
-      x[i][3] = at::vec::fmadd(qv, k3, x[i][3]);
+      for (int i = 0; i < NR; ++i) {
+        const __m512i qv = _mm512_maskz_loadu_epi16(m, q + i * E + e);
+        x[i][0] = dot_bf16_pairs(x[i][0], qv, k0);
+        x[i][1] = dot_bf16_pairs(x[i][1], qv, k1);
+        x[i][2] = dot_bf16_pairs(x[i][2], qv, k2);
+        x[i][3] = dot_bf16_pairs(x[i][3], qv, k3);
+      }
+    }
+#endif
+  } else {
+    for (int64_t e = 0; e < E; e += W) {
+      const int64_t c = std::min<int64_t>(W, E - e);
+      const V k0 = load_as<C>(k + e, c), k1 = load_as<C>(k + ldk + e, c);
+      const V k2 = load_as<C>(k + 2 * ldk + e, c), k3 = load_as<C>(k + 3 * ldk + e, c);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) {
+        const V qv = load_as<C>(q + i * E + e, c);  // lanes past c are zero
+        x[i][0] = at::vec::fmadd(qv, k0, x[i][0]);
+        x[i][1] = at::vec::fmadd(qv, k1, x[i][1]);
+        x[i][2] = at::vec::fmadd(qv, k2, x[i][2]);
+        x[i][3] = at::vec::fmadd(qv, k3, x[i][3]);
+      }
     }
   }
-  const auto sum = [](const V& v) { return at::vec::vec_reduce_all<C>([](V a, V b) { return a + b; }, v); };
 #pragma GCC unroll 4
-  for (int i = 0; i < NR; ++i) {
-    C* si = s + i * lds;
-    si[0] = sum(x[i][0]), si[1] = sum(x[i][1]), si[2] = sum(x[i][2]), si[3] = sum(x[i][3]);
-  }
+  for (int i = 0; i < NR; ++i) store_four_sums(x[i], s + i * lds, scale);
 }
 
 // s[r * lds + jj] = q[r] . k[jj] for rows r < rows and keys jj < n: dot
@@ -432,10 +471,12 @@ BK_VEC_INLINE void dot_four_keys(const C* q, int64_t E, const TK* k, int64_t ldk
 // the same keys' V rows, spread over the loop, into L2 (prefetch_bytes_to_l2).
 // A block-sized burst of prefetches instead filled the core's line-fill
 // buffers and left a decoding call at ~10 GB/s.
-template <typename C, typename TK>
-void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, int64_t ldk, C* s, int64_t lds,
+// Each score is times `scale` (1 where Q comes scaled; bf16 Q comes as it is:
+// kPairDots).
+template <typename C, typename TQ, typename TK>
+void scores_by_dot(int64_t rows, int64_t n, int64_t E, const TQ* q, const TK* k, int64_t ldk, C* s, int64_t lds,
                    const char* v_rows = nullptr, int64_t v_stride = 0, int64_t v_bytes = 0, int64_t groups = 1,
-                   int64_t k_head = 0, int64_t v_head = 0) {
+                   int64_t k_head = 0, int64_t v_head = 0, C scale = C(1)) {
   using V = at::vec::Vectorized<C>;
   constexpr int64_t W = V::size();
   // rows per pass: 4 x 4 sums + 4 keys + a query in AVX-512's 32 registers, 2 x 4 + 5 in AVX2's 16
@@ -451,13 +492,13 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, 
       for (int64_t key = jj; v_rows != nullptr && key < jj + 4; ++key)
         prefetch_bytes_to_l2(v_rows + g * v_head + key * v_stride, v_bytes);
       for (int64_t r0 = g * rows; r0 < (g + 1) * rows; r0 += kDotRows) {
-        const C* qr = q + r0 * E;
+        const TQ* qr = q + r0 * E;
         C* sr = s + r0 * lds + jj;
         switch (std::min<int64_t>(kDotRows, (g + 1) * rows - r0)) {
-          case 4: dot_four_keys<4>(qr, E, k0, ldk, sr, lds); break;
-          case 3: dot_four_keys<3>(qr, E, k0, ldk, sr, lds); break;
-          case 2: dot_four_keys<2>(qr, E, k0, ldk, sr, lds); break;
-          default: dot_four_keys<1>(qr, E, k0, ldk, sr, lds); break;
+          case 4: dot_four_keys<4>(qr, E, k0, ldk, sr, lds, scale); break;
+          case 3: dot_four_keys<3>(qr, E, k0, ldk, sr, lds, scale); break;
+          case 2: dot_four_keys<2>(qr, E, k0, ldk, sr, lds, scale); break;
+          default: dot_four_keys<1>(qr, E, k0, ldk, sr, lds, scale); break;
         }
       }
     }
@@ -468,9 +509,9 @@ void scores_by_dot(int64_t rows, int64_t n, int64_t E, const C* q, const TK* k, 
         V x(0);
         for (int64_t e = 0; e < E; e += W) {
           const int64_t c = std::min<int64_t>(W, E - e);
-          x = at::vec::fmadd(V::loadu(q + r * E + e, c), load_as<C>(k + g * k_head + jj * ldk + e, c), x);
+          x = at::vec::fmadd(load_as<C>(q + r * E + e, c), load_as<C>(k + g * k_head + jj * ldk + e, c), x);
         }
-        s[r * lds + jj] = sum(x);
+        s[r * lds + jj] = sum(x) * scale;
       }
     }
   }
@@ -571,6 +612,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const int64_t groups = (t.h1 - t.h0 + group - 1) / group, group_rows = rows / groups;
   const bool packed = p.k_vnni != nullptr;  // both products on the BLAS micro-kernel, scores by rows
   const bool transposed = !packed && rows >= W && groups == 1;
+  const bool pair_dots = !packed && !transposed && use_pair_dots<T, C>();  // bf16 Q as it is (kPairDots)
   // keys per block: more when packed, so fewer per-block softmax steps per key
   const int64_t block = packed ? p.vnni_keys : kBlockK;
   const int64_t ld = transposed ? (rows + W - 1) / W * W : rows;  // columns of qt and of the scores' rows
@@ -587,9 +629,10 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const bool convert = transposed && !std::is_same_v<T, C>;
   const auto k_scratch = filled(0, C(0), convert ? kBlockK * E : 0);
   const auto v_scratch = filled(0, C(0), convert ? kBlockK * Ev : 0);
-  // packed: Q's rows as they are ([rows, E]; the scale is applied to the
-  // scores), and a block's probabilities rounded to T ([rows, block])
-  const auto q_rows = filled(0, T(0), packed ? rows * E : 0), p_rows = filled(0, T(0), packed ? rows * block : 0);
+  // packed (and pair_dots): Q's rows as they are ([rows, E]; the scale is
+  // applied to the scores); packed: a block's probabilities rounded to T ([rows, block])
+  const auto q_rows = filled(0, T(0), packed || pair_dots ? rows * E : 0);
+  const auto p_rows = filled(0, T(0), packed ? rows * block : 0);
   const auto mask_bias = filled(0, C(0), block);  // a shared mask row over one block's keys
   const int64_t key_blocks = (p.S + block - 1) / block;
   const T* k_vnni = packed ? static_cast<const T*>(p.k_vnni) + (t.b * p.Hkv + hk) * key_blocks * E * block : nullptr;
@@ -611,7 +654,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   } else {
     for (int64_t r = 0; r < rows; ++r) {  // Q scaled: [E, ld] when transposed, else [rows, E]
       const T* qr = q_row(r);
-      if (packed) {
+      if (packed || pair_dots) {
         std::copy(qr, qr + E, q_rows.get() + r * E);
         continue;
       }
@@ -680,9 +723,16 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
       gemm_acc(jn, ld, E, kb, k_ld, 1, q_scaled.get(), ld, st.get(), ld, false);
     } else {  // K and V read in place: the V rows' prefetches ride along
       const char* v_rows = reinterpret_cast<const char*>(v_at(j0));
-      scores_by_dot(group_rows, jn, E, q_scaled.get(), k_at(j0), p.k_strides[2], st.get(), block, v_rows,
-                    p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)), groups,
-                    p.k_strides[1], p.v_strides[1] * static_cast<int64_t>(sizeof(T)));
+      const auto scores = [&](const auto* q_rows_in, C q_scale) {
+        scores_by_dot(group_rows, jn, E, q_rows_in, k_at(j0), p.k_strides[2], st.get(), block, v_rows,
+                      p.v_strides[2] * static_cast<int64_t>(sizeof(T)), Ev * static_cast<int64_t>(sizeof(T)), groups,
+                      p.k_strides[1], p.v_strides[1] * static_cast<int64_t>(sizeof(T)), q_scale);
+      };
+      if (pair_dots) {
+        scores(q_rows.get(), scale);
+      } else {
+        scores(q_scaled.get(), C(1));
+      }
     }
     if (shaped) {  // (the packed product's scores come unscaled: scaled there)
       shape_scores(p, alibi, st.get(), rows, ld, row_step, key_step, j0, jn, static_cast<C*>(nullptr),
