@@ -46,6 +46,26 @@ def test_large_logits_stay_finite():
     check(torch.bfloat16, "causal", L=40, S=40, E=64, Ev=64, logit_scale=2500.0, device="cuda")
 
 
+# Decoding shapes (up to 16 rows per key head, no mask, no dropout: a generate()
+# step) run on attention_with_kvcache's decoding kernel, its keys split over
+# the SMs and merged; the backward is the training kernels', from out and lse.
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal", "causal_bottom_right", "window", "gqa",
+                                     "softcap_alibi_causal"])
+@pytest.mark.parametrize("L,S,E", [(1, 4099, 128), (3, 700, 40), (1, 1, 256), (8, 333, 64)], ids=str)
+def test_decoding_shapes(dtype, feature, L, S, E):
+    check(dtype, feature, L=L, S=S, E=E, Ev=E, seed=L + S, device="cuda")
+
+
+def test_decoding_shape_large_logits_and_strided_cache():
+    check(torch.bfloat16, "gqa", L=1, S=2000, E=64, Ev=64, logit_scale=2500.0, device="cuda")
+    # a [B, S, H, D] cache seen as [B, H, S, D] (flash-attention's layout, HF's transposed views): read in place
+    q, k, v, _ = (t.cuda().bfloat16() for t in make_inputs(2, 8, 2, 1, 999, 128, 128, seed=13))
+    kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    torch.testing.assert_close(attention(q, kt, vt, enable_gqa=True), attention(q, k, v, enable_gqa=True),
+                               atol=0, rtol=0)
+
+
 def test_strided_inputs_match_contiguous():
     q, k, v, grad = (t.cuda().half() for t in make_inputs(2, 3, 3, 33, 47, 64, 64, seed=5))
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))

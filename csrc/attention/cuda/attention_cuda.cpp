@@ -159,6 +159,59 @@ void set_score_options(cuda::AttentionParams& p, const at::Tensor& query, double
   p.alibi_batch_stride = slopes.dim() == 2 ? p.Hq : 0;
 }
 
+// The decoding kernel for the dtype and the head-dim bucket.
+template <typename T>
+cudaError_t launch_decode_for(const cuda::AttentionParams& p, cudaStream_t stream, int bucket) {
+  switch (bucket) {
+    case 64: return cuda::launch_attention_decode<T, 64>(p, stream);
+    case 128: return cuda::launch_attention_decode<T, 128>(p, stream);
+    default: return cuda::launch_attention_decode<T, 256>(p, stream);
+  }
+}
+
+// Rows per key head (a GQA group's heads x the new queries) up to which a
+// call runs the decoding kernel (two of its row groups); past it, the forward
+// kernels' 64-row tiles have rows enough.
+constexpr int64_t kMaxDecodeRows = 16;
+
+bool decoding_shape(const AttentionShape& s) { return s.Hq / s.Hkv * s.L <= kMaxDecodeRows; }
+
+// t, or a contiguous copy when its last dim is strided: the decoding kernel
+// reads any other strides.
+at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// The decoding kernel over p (q, k, v, out [B, Hq, L, Ev] and lse [B, Hq, L]
+// set): the keys split until the blocks fill every SM twice, each split of
+// 256+ keys, the splits then merged by the combine kernel.
+void launch_decode(cuda::AttentionParams& p, const AttentionShape& s, const at::Tensor& query) {
+  const int bucket = cuda::attention_head_dim_bucket(std::max(s.E, s.Ev));
+  const int64_t rows_per_block = cuda::attention_decode_rows_per_block(query.element_size(), bucket);
+  const int64_t row_groups = (s.Hq / s.Hkv * s.L + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = s.B * s.Hkv * row_groups, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.splits = std::max<int64_t>(1, std::min((2 * sms + blocks - 1) / blocks, (s.S + 255) / 256));
+  p.keys_per_split = std::max<int64_t>(1, (s.S + p.splits - 1) / p.splits);
+  p.splits = std::max<int64_t>(1, (s.S + p.keys_per_split - 1) / p.keys_per_split);
+  TORCH_CHECK_VALUE(p.splits <= 65535, "bigkernels attention: too many keys for the CUDA decoding grid");
+  TORCH_CHECK_VALUE(blocks <= INT32_MAX, "bigkernels attention: batch x key heads = ", s.B * s.Hkv,
+                    " is too many for the CUDA decoding grid");
+  at::Tensor split_out, split_lse;
+  if (p.splits > 1) {
+    const at::TensorOptions acc = query.options().dtype(lse_dtype(query));  // the kernel's accumulator type
+    split_out = at::empty({p.splits, s.B, s.Hq, s.L, s.Ev}, acc);
+    split_lse = at::empty({p.splits, s.B, s.Hq, s.L}, acc);
+    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = cudaSuccess;
+  switch (p.dtype) {
+    case cuda::AttentionDType::kFloat16: e = launch_decode_for<__half>(p, stream, bucket); break;
+    case cuda::AttentionDType::kBFloat16: e = launch_decode_for<__nv_bfloat16>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat32: e = launch_decode_for<float>(p, stream, bucket); break;
+    case cuda::AttentionDType::kFloat64: e = launch_decode_for<double>(p, stream, bucket); break;
+  }
+  C10_CUDA_CHECK(e);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value,
                                                           const std::optional<at::Tensor>& attn_mask,
@@ -172,6 +225,21 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, query.options().dtype(lse_dtype(query)));
   if (s.B * s.Hq * s.L == 0) return {at::empty({s.B, s.Hq, s.L, s.Ev}, query.options()), lse};
+  if (!attn_mask.has_value() && dropout_p == 0 && decoding_shape(s)) {
+    // Decoding shapes (a few rows per key head against many keys, e.g. a
+    // generate() step): the decoding kernel, attention_with_kvcache's, reads
+    // each K and V row once over every SM. The backward needs only out and lse.
+    const at::Tensor q = unit_last(query), k = unit_last(key), v = unit_last(value);
+    cuda::AttentionParams p = make_params(s, q, k, v, at::Tensor(), scale, window_left, window_right,
+                                          diagonal_offset, 0.0, 0);
+    at::Tensor slopes;
+    set_score_options(p, query, softcap, alibi_slopes, slopes);
+    at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Ev}, query.options());
+    p.out = out.mutable_data_ptr();
+    p.lse = lse.mutable_data_ptr();
+    launch_decode(p, s, query);
+    return {out, lse};
+  }
   const at::Tensor q = kernel_layout(query), k = kernel_layout(key), v = kernel_layout(value);
   const at::Tensor mask4 = attn_mask.has_value() ? broadcast_mask(*attn_mask, s) : at::Tensor();
   cuda::AttentionParams p = make_params(s, q, k, v, mask4, scale, window_left, window_right, diagonal_offset,
@@ -327,21 +395,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
   return {packed(grad_q, s.E), packed(grad_k, s.E), packed(grad_v, s.Ev)};
 }
 
-// The decoding kernel for the dtype and the head-dim bucket.
-template <typename T>
-cudaError_t launch_decode_for(const cuda::AttentionParams& p, cudaStream_t stream, int bucket) {
-  switch (bucket) {
-    case 64: return cuda::launch_attention_decode<T, 64>(p, stream);
-    case 128: return cuda::launch_attention_decode<T, 128>(p, stream);
-    default: return cuda::launch_attention_decode<T, 256>(p, stream);
-  }
-}
-
-// Rows per key head (a GQA group's heads x the new queries) up to which a
-// KV-cache call runs the decoding kernel (two of its row groups); past it,
-// the forward kernels' 64-row tiles have rows enough.
-constexpr int64_t kMaxDecodeRows = 16;
-
 // Decoding against a KV cache [B, capacity, Hkv, D] or pages [num_pages,
 // page_size, Hkv, D] (block_table): the new keys appended in place
 // (PyTorch's index_put_), then the decoding kernel (few rows per key head,
@@ -378,10 +431,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
   const at::Tensor seqlens_k = lens.to(query.device());
   // [B, H, L|S, D] views of q and the caches
   const at::Tensor q4 = query.transpose(1, 2), k4 = k_cache.transpose(1, 2), v4 = v_cache.transpose(1, 2);
-  const bool decode = paged || s.Hq / s.Hkv * s.L <= kMaxDecodeRows;
-  // the decoding kernel reads any strides with a contiguous last dim; the
-  // forward kernels want 16-byte rows (kernel_layout pads or copies)
-  const auto unit_last = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
+  const bool decode = paged || decoding_shape(s);
+  // (the forward kernels want 16-byte rows: kernel_layout pads or copies)
   const at::Tensor q = decode ? unit_last(q4) : kernel_layout(q4), k = decode ? k4 : kernel_layout(k4);
   const at::Tensor v = decode ? v4 : kernel_layout(v4);
   cuda::AttentionParams p = make_params(s, q, k, v, at::Tensor(), scale, window_left, window_right, 0, 0.0, 0);
@@ -399,30 +450,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_forward_cuda(
     launch<true>(p);
     return {out_k.narrow(-1, 0, s.Ev).transpose(1, 2).contiguous(), lse};
   }
-  // Splits of the keys until the blocks fill every SM twice, each of 256+ keys.
-  const int bucket = cuda::attention_head_dim_bucket(std::max(s.E, s.Ev));
-  const int64_t row_groups = (s.Hq / s.Hkv * s.L + cuda::attention_decode_rows_per_block(query.element_size(), bucket) -
-                              1) / cuda::attention_decode_rows_per_block(query.element_size(), bucket);
-  const int64_t blocks = s.B * s.Hkv * row_groups, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.splits = std::max<int64_t>(1, std::min((2 * sms + blocks - 1) / blocks, (s.S + 255) / 256));
-  p.keys_per_split = std::max<int64_t>(1, (s.S + p.splits - 1) / p.splits);
-  p.splits = std::max<int64_t>(1, (s.S + p.keys_per_split - 1) / p.keys_per_split);
-  TORCH_CHECK_VALUE(p.splits <= 65535, "bigkernels.attention_with_kvcache: too many keys for the CUDA grid");
-  at::Tensor split_out, split_lse;
-  if (p.splits > 1) {
-    split_out = at::empty({p.splits, s.B, s.Hq, s.L, s.Ev}, lse.options());
-    split_lse = at::empty({p.splits, s.B, s.Hq, s.L}, lse.options());
-    p.split_out = split_out.mutable_data_ptr(), p.split_lse = split_lse.mutable_data_ptr();
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t e = cudaSuccess;
-  switch (p.dtype) {
-    case cuda::AttentionDType::kFloat16: e = launch_decode_for<__half>(p, stream, bucket); break;
-    case cuda::AttentionDType::kBFloat16: e = launch_decode_for<__nv_bfloat16>(p, stream, bucket); break;
-    case cuda::AttentionDType::kFloat32: e = launch_decode_for<float>(p, stream, bucket); break;
-    case cuda::AttentionDType::kFloat64: e = launch_decode_for<double>(p, stream, bucket); break;
-  }
-  C10_CUDA_CHECK(e);
+  launch_decode(p, s, query);
   return {out.transpose(1, 2).contiguous(), lse};
 }
 

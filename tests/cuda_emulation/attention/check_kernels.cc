@@ -518,8 +518,13 @@ struct KvCase {
   bool alibi = false;
   int64_t keys_per_split = 0;  // 0: no split
   int page_size = 0;           // > 0: the caches as shuffled pages of this many keys (block_table)
+  // dense: no seqlens_k, every batch's S = seqlens[b] = capacity, this
+  // diagonal (scaled_dot_product_attention's decoding shapes)
+  bool dense = false;
+  int64_t diagonal = 0;
   std::string name() const {
     std::string s = page_size > 0 ? "paged" + std::to_string(page_size) + " kvcache S" : "kvcache S";
+    if (dense) s = "dense diagonal " + std::to_string(diagonal) + " S";
     for (int64_t n : seqlens) s += " " + std::to_string(n);
     char rest[140];
     std::snprintf(rest, sizeof rest, " H%d/%d Lq%d cap%d E%d Ev%d window(%lld,%lld) cap%.1f alibi%d split%lld", Hq,
@@ -557,7 +562,9 @@ void run_kvcache_case(const KvCase& c, double tol) {
   p.window_left = c.left, p.window_right = c.right;
   p.softcap = c.softcap;
   if (c.alibi) p.alibi_slopes = slopes.data();
-  p.seqlens_k = c.seqlens.data();
+  p.seqlens_k = c.dense ? nullptr : c.seqlens.data();
+  p.diagonal_offset = c.diagonal;
+  for (int64_t n : c.seqlens) expect(!c.dense || n == cap, tag + ": a dense case's lengths are its capacity");
   // paged: batch b's key block j is page table[b][j], the pages shuffled; key
   // n of batch b then sits at row table[b][n / ps] * ps + n % ps of the caches'
   // [pages * ps, Hkv, D] rows, which the reference reads through key_at
@@ -597,7 +604,7 @@ void run_kvcache_case(const KvCase& c, double tol) {
     for (int64_t h = 0; h < Hq; ++h) {
       const int64_t hk = h / (Hq / Hkv);
       for (int64_t i = 0; i < L; ++i) {
-        const int64_t pos = i + S - L, row = (b * Hq + h) * L + i;
+        const int64_t pos = i + (c.dense ? c.diagonal : S - L), row = (b * Hq + h) * L + i;
         double mx = -INFINITY;
         for (int64_t j = 0; j < S; ++j) {
           if ((c.left >= 0 && j < pos - c.left) || (c.right >= 0 && j > pos + c.right)) { P[j] = -INFINITY; continue; }
@@ -649,6 +656,13 @@ void run_kvcache_all(double tol, bool quick = false) {
   KvCase prefill{{70, 130}, 4, 2, 20, 160, 64, 64};  // 40 rows per key head: the forward kernels
   prefill.right = 0, prefill.alibi = true;
   run_kvcache_case<T>(prefill, tol);
+  KvCase top_left{{200, 200}, 8, 2, 3, 200, 64, 64};  // dense, causal from the top left: row i sees keys 0..i
+  top_left.dense = true, top_left.right = 0, top_left.keys_per_split = 64;
+  run_kvcache_case<T>(top_left, tol);
+  KvCase dense_mqa{{333}, 4, 1, 2, 333, 128, 128};  // dense, bottom-right, softcap and ALiBi
+  dense_mqa.dense = true, dense_mqa.diagonal = 331, dense_mqa.right = 0, dense_mqa.softcap = 2.f;
+  dense_mqa.alibi = true, dense_mqa.keys_per_split = 100;
+  run_kvcache_case<T>(dense_mqa, tol);
   for (int ps : {16, 48}) {  // paged, pages shuffled, splits across page boundaries
     KvCase paged{{0, 100, 157}, 8, 2, 2, 160, 64, 64};
     paged.right = 0, paged.keys_per_split = 40, paged.page_size = ps;
