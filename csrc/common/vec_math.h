@@ -163,13 +163,12 @@ constexpr bool widens_in_registers = false;
 inline std::array<at::vec::Vectorized<double>, 2> widen(const at::vec::Vectorized<float>&) { return {}; }
 #endif
 
-// out[0:4] = the lane sums of x[0], ..., x[3]. For float on AVX2/AVX-512 the
-// four reductions run as one transposing tree (pairs interleaved, then
-// 128-bit lanes folded): 13 instructions instead of four separate
-// reductions' ~36, which were half of a bf16 decoding step's score loop
-// (docs/PERFORMANCE.md). The lanes are summed in another order than
+// out[0:4] = scale times the lane sums of x[0], ..., x[3]. For float on
+// AVX2/AVX-512 the four reductions run as one transposing tree (pairs
+// interleaved, then 128-bit lanes folded): 13 instructions instead of four
+// separate reductions' ~36, which were half of a bf16 decoding step's score
+// loop (docs/PERFORMANCE.md). The lanes are summed in another order than
 // vec_reduce_all's.
-// (Each sum times `scale`.)
 template <typename C>
 BK_VEC_INLINE void store_four_sums(const at::vec::Vectorized<C>* x, C* out, C scale = C(1)) {
   using V = at::vec::Vectorized<C>;
@@ -202,9 +201,10 @@ BK_VEC_INLINE void store_four_sums(const at::vec::Vectorized<C>* x, C* out, C sc
 
 #if defined(CPU_CAPABILITY_AVX512)
 // AVX512-BF16 (vdpbf16ps): acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1] for 16
-// pairs of bf16 lanes, the products exact in float. As inline assembly, so
-// that the capability's compiler flags (ATen's, without the extension) stay
-// as they are; run only where has_avx512_bf16().
+// pairs of bf16 lanes, the products exact in float (denormal inputs count
+// as zero, as the instruction defines). As inline assembly, so that the
+// capability's compiler flags (ATen's, without the extension) stay as they
+// are; run only where has_avx512_bf16().
 BK_VEC_INLINE __m512 dot_bf16_pairs(__m512 acc, __m512i a, __m512i b) {
   asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
