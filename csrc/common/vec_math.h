@@ -211,7 +211,10 @@ BK_VEC_INLINE __m512 dot_bf16_pairs(__m512 acc, __m512i a, __m512i b) {
 }
 
 inline bool has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
+  static const bool has = [] {
+    __builtin_cpu_init();  // (a no-op once libgcc's constructor has run it)
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
   return has;
 }
 #endif
