@@ -620,7 +620,7 @@ void forward_task(const AttentionCpuParams& p, const AttentionForwardTask& t) {
   const int64_t row_step = transposed ? 1 : block, key_step = transposed ? ld : 1;
   // Scratch: only the output sums, the running max and sum, and Q's padding
   // columns need initial values; everything else is written before it is read.
-  const auto q_scaled = filled(!packed && rows < ld ? E * ld : 0, C(0), packed ? 0 : E * ld);
+  const auto q_scaled = filled(!packed && rows < ld ? E * ld : 0, C(0), packed || pair_dots ? 0 : E * ld);
   const auto st = filled(0, C(0), block * ld);
   const auto acc = filled(rows * Ev, C(0)), m = filled(ld, kNegInf), l = filled(ld, C(0));
   const auto alpha = filled(0, C(0), ld);
