@@ -243,16 +243,16 @@ int64_t VarlenSequences::longest_L() const {
   return n;
 }
 
-std::vector<int64_t> VarlenSequences::dropout_offsets(int64_t H) const {
-  std::vector<int64_t> offsets(count());
-  for (int64_t b = 0, counters = 0; b < count(); counters += H * L(b) * S(b), ++b) offsets[b] = counters;
-  return offsets;
-}
-
 int64_t VarlenSequences::longest_S() const {
   int64_t n = 0;
   for (int64_t b = 0; b < count(); ++b) n = std::max(n, S(b));
   return n;
+}
+
+std::vector<int64_t> VarlenSequences::dropout_offsets(int64_t H) const {
+  std::vector<int64_t> offsets(count());
+  for (int64_t b = 0, counters = 0; b < count(); counters += H * L(b) * S(b), ++b) offsets[b] = counters;
+  return offsets;
 }
 
 at::ScalarType lse_dtype(const at::Tensor& query) {

@@ -217,6 +217,8 @@ inline bool has_avx512_bf16() {
   }();
   return has;
 }
+#else
+constexpr bool has_avx512_bf16() { return false; }  // (only the AVX-512 kernels use it)
 #endif
 
 // Storage type T as vectors of its compute type C (float; double for

@@ -390,22 +390,18 @@ void round_row(const C* src, T* dst, int64_t n, int64_t width) {
 // scale applied to the sums. Where the CPU has the extension
 // (use_pair_dots), and compiled in the AVX-512 kernels only.
 #if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kPairDotsCompiled = true;
+#else
+constexpr bool kPairDotsCompiled = false;
+#endif
 template <typename TQ, typename TK>
-constexpr bool kPairDots = std::is_same_v<TQ, c10::BFloat16> && std::is_same_v<TK, c10::BFloat16>;
+constexpr bool kPairDots =
+    kPairDotsCompiled && std::is_same_v<TQ, c10::BFloat16> && std::is_same_v<TK, c10::BFloat16>;
 
 template <typename T, typename C>
 bool use_pair_dots() {
   return kPairDots<T, T> && std::is_same_v<C, float> && has_avx512_bf16();
 }
-#else
-template <typename TQ, typename TK>
-constexpr bool kPairDots = false;
-
-template <typename T, typename C>
-bool use_pair_dots() {
-  return false;
-}
-#endif
 
 // s[i * lds + jj] = scale * q[i] . k[jj] for NR rows (E values each,
 // contiguous) and four keys (ldk apart): each key's vector widened once for
